@@ -1,0 +1,343 @@
+"""Apply a CompressionPlan to a fresh copy of the adapter's model.
+
+Order of application (documented in docs/ARCHITECTURE.md):
+  1. sharing     - each group's first layer supplies the modules of the shared scope to the others;
+  2. structure   - attention heads and FFN neurons pruned by weight-norm importance (matrices shrink);
+  3. low rank    - truncated SVD (optionally activation-weighted) into two factors;
+  4. sparsity    - magnitude (unstructured) or 2:4 masks on each stored matrix;
+  5. precision   - fp16 rounding or symmetric int8/int4 per channel or per group, masks kept.
+Shared modules are compressed once. Units whose spec is the identity are left untouched, so the
+identity plan reproduces the original outputs exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import replace
+
+import torch
+from torch import Tensor, nn
+
+from slimformer.compression import ops
+from slimformer.compression.modules import (
+    FactorizedEmbedding,
+    LowRankLinear,
+    SlimEmbedding,
+    SlimLinear,
+    WeightFormat,
+    sparse_format,
+)
+from slimformer.compression.plan import CompressionPlan, LayerSpec, UnitSpec
+from slimformer.errors import PlanError
+from slimformer.models.base import Batch, LayerInfo, ModelAdapter, Unit
+
+
+class DecompositionCache:
+    """SVDs computed once per (weights, activation scale) and reused by every trial."""
+
+    def __init__(self) -> None:
+        self._store: dict[tuple[str, str], ops.SVDResult] = {}
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def _key(t: Tensor | None) -> str:
+        if t is None:
+            return "-"
+        h = hashlib.blake2b(digest_size=16)
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def svd(self, w: Tensor, act_scale: Tensor | None) -> ops.SVDResult:
+        key = (self._key(w), self._key(act_scale))
+        res = self._store.get(key)
+        if res is None:
+            self.misses += 1
+            res = ops.svd(w, act_scale)
+            self._store[key] = res
+        else:
+            self.hits += 1
+        return res
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+
+# -- module tree helpers ---------------------------------------------------------------------------
+def get_module(model: nn.Module, path: str) -> nn.Module:
+    return model.get_submodule(path) if path else model
+
+
+def set_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = get_module(model, parent_path)
+    if isinstance(parent, (nn.ModuleList, nn.Sequential)) and name.isdigit():
+        parent[int(name)] = new
+    else:
+        setattr(parent, name, new)
+
+
+def layer_path_swap(name: str, src: LayerInfo, dst: LayerInfo) -> str:
+    """The same module path in another layer (e.g. encoder.layer.0.x -> encoder.layer.3.x)."""
+    return dst.path + name[len(src.path):]
+
+
+def scope_paths(layer: LayerInfo, scope: str) -> tuple[str, ...]:
+    if scope == "block":
+        return (layer.path,)
+    return layer.attention_scope if scope == "attention" else layer.ffn_scope
+
+
+def unit_in_scope(unit: Unit, layer: LayerInfo, scope: str) -> bool:
+    return any(unit.name == p or unit.name.startswith(p + ".") for p in scope_paths(layer, scope))
+
+
+# -- plan normalisation ----------------------------------------------------------------------------
+def canonical_plan(adapter: ModelAdapter, plan: CompressionPlan) -> CompressionPlan:
+    """Validate a plan against the model and give shared units/layers their representative's spec."""
+    names = set(adapter.unit_names)
+    unknown = sorted(set(plan.units) - names)
+    if unknown:
+        raise PlanError(f"plan names unit(s) the model lacks: {unknown[:3]}; run `slimformer inspect` "
+                        "to list the model's units")
+    n_layers = len(adapter.layers)
+    for g in plan.sharing.groups:
+        bad = [i for i in g if not 0 <= i < n_layers]
+        if bad:
+            raise PlanError(f"sharing group {list(g)} names layer(s) {bad}; the model has layers 0..{n_layers-1}")
+    for i, ls in plan.layers.items():
+        if not 0 <= i < n_layers:
+            raise PlanError(f"layer spec for layer {i}; the model has layers 0..{n_layers - 1}")
+        info = adapter.layers[i]
+        if ls.heads_kept is not None and ls.heads_kept > info.num_heads:
+            raise PlanError(f"layer {i}: heads_kept {ls.heads_kept} > {info.num_heads} heads")
+        if ls.neurons_kept is not None and ls.neurons_kept > info.intermediate:
+            raise PlanError(f"layer {i}: neurons_kept {ls.neurons_kept} > {info.intermediate} neurons")
+    units = dict(plan.units)
+    layers = dict(plan.layers)
+    scope = plan.sharing.scope
+    for g in plan.sharing.groups:
+        rep = adapter.layers[g[0]]
+        for j in g[1:]:
+            other = adapter.layers[j]
+            for u in adapter.units:
+                if u.layer == rep.index and unit_in_scope(u, rep, scope):
+                    twin = layer_path_swap(u.name, rep, other)
+                    if u.name in units:
+                        units[twin] = units[u.name]
+                    else:
+                        units.pop(twin, None)
+            rl, ol = plan.layer(rep.index), plan.layer(j)
+            heads = rl.heads_kept if scope in ("attention", "block") else ol.heads_kept
+            neurons = rl.neurons_kept if scope in ("ffn", "block") else ol.neurons_kept
+            layers[j] = LayerSpec(heads, neurons)
+    units = {k: v for k, v in units.items() if not v.is_identity}
+    layers = {k: v for k, v in layers.items() if v != LayerSpec()}
+    return replace(plan, units=units, layers=layers)
+
+
+# -- calibration -----------------------------------------------------------------------------------
+@torch.no_grad()
+def collect_activation_scales(adapter: ModelAdapter, batches: Sequence[Batch]) -> dict[str, Tensor]:
+    """Mean |input activation| per input feature of every linear unit, from the reference model."""
+    sums: dict[str, Tensor] = {}
+    counts: dict[str, int] = {}
+    hooks = []
+    for u in adapter.units:
+        if u.kind != "linear":
+            continue
+        mod = get_module(adapter.model, u.name)
+
+        def hook(_m: nn.Module, args: tuple[Tensor, ...], _out: Tensor, name: str = u.name) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).abs().to(torch.float64)
+            sums[name] = sums.get(name, 0) + x.sum(0)
+            counts[name] = counts.get(name, 0) + x.shape[0]
+
+        hooks.append(mod.register_forward_hook(hook))
+    try:
+        for b in batches:
+            adapter.output(adapter.model, b)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: ops.activation_scale((sums[k] / counts[k]).to(torch.float32)) for k in sums}
+
+
+# -- transforms ------------------------------------------------------------------------------------
+def _prune_heads(model: nn.Module, info: LayerInfo, keep: Tensor) -> None:
+    hd = info.head_dim
+    idx = (keep[:, None] * hd + torch.arange(hd)[None, :]).reshape(-1)
+    if len(info.qkv_units) == 1:  # fused [3, heads, head_dim] rows
+        full = info.num_heads * hd
+        idx = torch.cat([idx + k * full for k in range(3)])
+        _select_rows(model, info.qkv_units[0], idx)
+    else:
+        for name in info.qkv_units:
+            _select_rows(model, name, idx)
+    _select_cols(model, info.attn_out_unit, idx)
+    attn = get_module(model, info.attention_path)
+    setattr(attn, info.heads_attr, int(keep.numel()))
+    for attr in ("all_head_size", "attn_dim"):
+        if hasattr(attn, attr):
+            setattr(attn, attr, int(keep.numel()) * hd)
+
+
+def _select_rows(model: nn.Module, path: str, idx: Tensor) -> None:
+    old = get_module(model, path)
+    new = nn.Linear(old.in_features, idx.numel(), bias=old.bias is not None)
+    with torch.no_grad():
+        new.weight.copy_(old.weight[idx])
+        if old.bias is not None:
+            new.bias.copy_(old.bias[idx])
+    set_module(model, path, new)
+
+
+def _select_cols(model: nn.Module, path: str, idx: Tensor) -> None:
+    old = get_module(model, path)
+    new = nn.Linear(idx.numel(), old.out_features, bias=old.bias is not None)
+    with torch.no_grad():
+        new.weight.copy_(old.weight[:, idx])
+        if old.bias is not None:
+            new.bias.copy_(old.bias)
+    set_module(model, path, new)
+
+
+def _weight_format(spec: UnitSpec, shape: tuple[int, int], nnz: int) -> WeightFormat:
+    numel = shape[0] * shape[1]
+    return WeightFormat(spec.bits, spec.group_size if spec.quantized else None,
+                        sparse_format(numel, nnz, spec.bits, spec.pattern) if spec.sparsity > 0 else "dense")
+
+
+def _mask(w: Tensor, spec: UnitSpec) -> Tensor | None:
+    if spec.sparsity == 0:
+        return None
+    return ops.mask_2_4(w) if spec.pattern == "2:4" else ops.magnitude_mask(w, spec.sparsity)
+
+
+def _store(target: SlimLinear | SlimEmbedding, w: Tensor, spec: UnitSpec) -> None:
+    mask = _mask(w, spec)
+    nnz = w.numel() if mask is None else int(mask.sum())
+    target.set_weight(w, mask, _weight_format(spec, tuple(w.shape), nnz))
+
+
+def effective_rank(spec: UnitSpec, shape: tuple[int, int]) -> int | None:
+    return None if spec.rank is None else min(spec.rank, shape[0], shape[1])
+
+
+def _compress_linear(model: nn.Module, unit: Unit, spec: UnitSpec, cache: DecompositionCache,
+                     act_scale: Tensor | None) -> None:
+    old = get_module(model, unit.name)
+    w = old.weight.detach()
+    bias = old.bias
+    shape = (w.shape[0], w.shape[1])
+    rank = effective_rank(spec, shape)
+    if rank is not None:
+        a, b = ops.lowrank_factors(cache.svd(w, act_scale), rank)
+        new: nn.Module = LowRankLinear(shape[1], shape[0], rank, bias=bias is not None)
+        _store(new.down, b, spec)
+        _store(new.up, a, spec)
+        target_bias = new.up.bias
+    else:
+        new = SlimLinear(shape[1], shape[0], bias=bias is not None)
+        _store(new, w, spec)
+        target_bias = new.bias
+    if bias is not None:
+        with torch.no_grad():
+            target_bias.copy_(bias.detach())
+    set_module(model, unit.name, new.to(w.device))
+
+
+def _compress_embedding(model: nn.Module, unit: Unit, spec: UnitSpec, cache: DecompositionCache) -> None:
+    old = get_module(model, unit.name)
+    w = old.weight.detach()
+    pad = old.padding_idx
+    rank = effective_rank(spec, (w.shape[0], w.shape[1]))
+    if rank is not None:
+        a, b = ops.lowrank_factors(cache.svd(w, None), rank)
+        new: nn.Module = FactorizedEmbedding(w.shape[0], w.shape[1], rank, padding_idx=pad)
+        _store(new.table, a, spec)
+        _store(new.proj, b.t().contiguous(), spec)
+    else:
+        new = SlimEmbedding(w.shape[0], w.shape[1], padding_idx=pad)
+        _store(new, w, spec)
+    set_module(model, unit.name, new.to(w.device))
+
+
+@torch.no_grad()
+def apply_plan(adapter: ModelAdapter, plan: CompressionPlan, cache: DecompositionCache | None = None,
+               act_scales: dict[str, Tensor] | None = None, model: nn.Module | None = None) -> nn.Module:
+    """A freshly compressed copy of the adapter's model (the reference model is never touched).
+
+    act_scales (from `collect_activation_scales`) switches low rank to the activation-weighted SVD.
+    """
+    plan = canonical_plan(adapter, plan)
+    cache = cache or DecompositionCache()
+    model = adapter.fresh_model() if model is None else model
+    scope = plan.sharing.scope
+    shared_away: set[int] = set()  # layers whose scope modules come from their representative
+    for g in plan.sharing.groups:
+        rep = adapter.layers[g[0]]
+        for j in g[1:]:
+            other = adapter.layers[j]
+            for p in scope_paths(rep, scope):
+                set_module(model, layer_path_swap(p, rep, other), get_module(model, p))
+            shared_away.add(j)
+
+    in_index: dict[str, Tensor] = {}
+    for info in adapter.layers:
+        ls = plan.layer(info.index)
+        skip_attn = info.index in shared_away and scope in ("attention", "block")
+        skip_ffn = info.index in shared_away and scope in ("ffn", "block")
+        if ls.heads_kept is not None and ls.heads_kept < info.num_heads and not skip_attn:
+            q = [get_module(model, n).weight for n in info.qkv_units]
+            scores = ops.head_importance(q if len(q) > 1 else q[0], get_module(model, info.attn_out_unit).weight,
+                                         info.num_heads, fused_qkv=len(q) == 1)
+            keep = ops.top_k_sorted(scores, ls.heads_kept)
+            hd = info.head_dim
+            in_index[info.attn_out_unit] = (keep[:, None] * hd + torch.arange(hd)[None, :]).reshape(-1)
+            _prune_heads(model, info, keep)
+        if ls.neurons_kept is not None and ls.neurons_kept < info.intermediate and not skip_ffn:
+            w_in = get_module(model, info.ffn_in_unit).weight
+            w_out = get_module(model, info.ffn_out_unit).weight
+            keep = ops.top_k_sorted(ops.neuron_importance(w_in, w_out), ls.neurons_kept)
+            in_index[info.ffn_out_unit] = keep
+            _select_rows(model, info.ffn_in_unit, keep)
+            _select_cols(model, info.ffn_out_unit, keep)
+
+    done: set[int] = set()
+    for unit in adapter.units:
+        spec = plan.unit(unit.name)
+        if spec.is_identity:
+            continue
+        mod = get_module(model, unit.name)
+        if id(mod) in done:
+            continue
+        if unit.kind == "embedding":
+            _compress_embedding(model, unit, spec, cache)
+        else:
+            scale = None if act_scales is None else act_scales.get(unit.name)
+            if scale is not None and unit.name in in_index:
+                scale = scale[in_index[unit.name]]
+            _compress_linear(model, unit, spec, cache, scale)
+        done.add(id(get_module(model, unit.name)))
+        _realias(model, adapter, plan, unit, shared_away)
+    return model.eval()
+
+
+def _realias(model: nn.Module, adapter: ModelAdapter, plan: CompressionPlan, unit: Unit,
+             shared_away: set[int]) -> None:
+    """After replacing a shared unit's module, point its twins in the group at the new module."""
+    if unit.layer is None or not plan.sharing.groups:
+        return
+    for g in plan.sharing.groups:
+        if unit.layer != g[0]:
+            continue
+        rep = adapter.layers[g[0]]
+        if not unit_in_scope(unit, rep, plan.sharing.scope):
+            return
+        new = get_module(model, unit.name)
+        for j in g[1:]:
+            if j in shared_away:
+                set_module(model, layer_path_swap(unit.name, rep, adapter.layers[j]), new)

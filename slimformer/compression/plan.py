@@ -1,0 +1,144 @@
+"""Compression plans as plain value objects: what to do to each unit, layer and sharing group.
+
+A plan holds no tensors and does no compute; it is what the search samples, what memory accounting
+prices and what a recipe serialises. Identity values (full rank, no sparsity, 32 bits, all heads and
+neurons, no sharing) are the defaults, so an empty plan leaves the model exactly as it was.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from slimformer.errors import PlanError
+
+SparsityPattern = Literal["unstructured", "2:4"]
+SharingScope = Literal["attention", "ffn", "block"]
+VALID_BITS = (32, 16, 8, 4)
+
+
+@dataclass(frozen=True)
+class UnitSpec:
+    """How one weight matrix is compressed.
+
+    rank: keep this many singular values (None = full matrix, no factorisation).
+    sparsity: share of weights zeroed by magnitude (unstructured) or 0.5 exactly for 2:4.
+    bits: 32 (fp32), 16 (fp16), 8 or 4 (symmetric integer, weight-only).
+    group_size: quantisation group along the input dimension; None = one scale per output channel.
+    """
+
+    rank: int | None = None
+    sparsity: float = 0.0
+    pattern: SparsityPattern = "unstructured"
+    bits: int = 32
+    group_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.rank is not None and self.rank < 1:
+            raise PlanError(f"rank must be >= 1 (got {self.rank}); use null for full rank")
+        if not 0.0 <= self.sparsity < 1.0:
+            raise PlanError(f"sparsity must be in [0, 1) (got {self.sparsity})")
+        if self.pattern not in ("unstructured", "2:4"):
+            raise PlanError(f"pattern must be 'unstructured' or '2:4' (got {self.pattern!r})")
+        if self.pattern == "2:4" and self.sparsity not in (0.0, 0.5):
+            raise PlanError(f"pattern '2:4' means sparsity 0.5 (got {self.sparsity}); set sparsity: 0.5")
+        if self.bits not in VALID_BITS:
+            raise PlanError(f"bits must be one of {VALID_BITS} (got {self.bits})")
+        if self.group_size is not None and (self.group_size < 2 or self.group_size % 2):
+            raise PlanError(f"group_size must be an even number >= 2 or null (got {self.group_size})")
+
+    @property
+    def is_identity(self) -> bool:
+        return self.rank is None and self.sparsity == 0.0 and self.bits == 32
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits in (8, 4)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """Structured pruning of one Transformer block: heads and FFN neurons kept (None = all)."""
+
+    heads_kept: int | None = None
+    neurons_kept: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("heads_kept", "neurons_kept"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise PlanError(f"{name} must be >= 1 (got {v}); use null to keep all")
+
+
+@dataclass(frozen=True)
+class SharingSpec:
+    """Cross-layer weight sharing: each group's lowest layer supplies the weights of the whole group."""
+
+    groups: tuple[tuple[int, ...], ...] = ()
+    scope: SharingScope = "block"
+
+    def __post_init__(self) -> None:
+        if self.scope not in ("attention", "ffn", "block"):
+            raise PlanError(f"sharing scope must be attention, ffn or block (got {self.scope!r})")
+        object.__setattr__(self, "groups", tuple(tuple(sorted(g)) for g in self.groups))
+        seen: set[int] = set()
+        for g in self.groups:
+            if len(g) < 2:
+                raise PlanError(f"a sharing group needs at least two layers (got {list(g)})")
+            if seen & set(g):
+                raise PlanError(f"layer(s) {sorted(seen & set(g))} appear in two sharing groups")
+            seen |= set(g)
+
+    def representative(self, layer: int) -> int:
+        """The layer whose weights `layer` uses (itself when it is not shared)."""
+        for g in self.groups:
+            if layer in g:
+                return g[0]
+        return layer
+
+
+def sharing_pattern(pattern: str, num_layers: int, scope: SharingScope = "block") -> SharingSpec:
+    """Named sharing patterns: 'none', 'pairs' (0-1, 2-3, ...), 'cycleK' (layer i shares with i mod K)."""
+    if pattern == "none":
+        return SharingSpec()
+    if pattern == "pairs":
+        groups = tuple((i, i + 1) for i in range(0, num_layers - 1, 2))
+        return SharingSpec(groups=groups, scope=scope)
+    if pattern.startswith("cycle") and pattern[5:].isdigit():
+        k = int(pattern[5:])
+        if not 1 <= k < num_layers:
+            raise PlanError(f"sharing pattern {pattern!r} needs 1 <= K < {num_layers} layers")
+        groups = tuple(
+            tuple(range(r, num_layers, k)) for r in range(k) if len(range(r, num_layers, k)) > 1
+        )
+        return SharingSpec(groups=groups, scope=scope)
+    raise PlanError(f"unknown sharing pattern {pattern!r}; use none, pairs or cycleK (e.g. cycle3)")
+
+
+@dataclass(frozen=True)
+class CompressionPlan:
+    """A full assignment: unit name -> UnitSpec, layer index -> LayerSpec, and sharing.
+
+    Units and layers that are absent keep their identity setting.
+    """
+
+    units: dict[str, UnitSpec] = field(default_factory=dict)
+    layers: dict[int, LayerSpec] = field(default_factory=dict)
+    sharing: SharingSpec = field(default_factory=SharingSpec)
+
+    def unit(self, name: str) -> UnitSpec:
+        return self.units.get(name, UnitSpec())
+
+    def layer(self, index: int) -> LayerSpec:
+        return self.layers.get(index, LayerSpec())
+
+    def with_units(self, **changes: UnitSpec) -> CompressionPlan:
+        return replace(self, units={**self.units, **changes})
+
+    @property
+    def is_identity(self) -> bool:
+        return (
+            all(s.is_identity for s in self.units.values())
+            and all(v == LayerSpec() for v in self.layers.values())
+            and not self.sharing.groups
+        )

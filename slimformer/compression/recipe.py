@@ -1,0 +1,191 @@
+"""Recipes: the versioned YAML document that re-applies a chosen plan (see docs/RECIPES.md).
+
+Rules match unit names exactly or by `re:` regex; the first matching rule wins; a rule that matches
+no unit of the model is an error (it names a unit the model lacks). Unknown keys are rejected.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from slimformer.compression.plan import CompressionPlan, LayerSpec, SharingSpec, UnitSpec
+from slimformer.errors import PlanError, RecipeError
+from slimformer.models.base import ModelAdapter
+
+RECIPE_VERSION = 1
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SpecModel(_Strict):
+    rank: int | None = None
+    sparsity: float = 0.0
+    pattern: Literal["unstructured", "2:4"] = "unstructured"
+    bits: Literal[32, 16, 8, 4] = 32
+    group_size: int | None = None
+
+    def to_spec(self) -> UnitSpec:
+        return UnitSpec(self.rank, self.sparsity, self.pattern, self.bits, self.group_size)
+
+    @classmethod
+    def from_spec(cls, s: UnitSpec) -> SpecModel:
+        return cls(rank=s.rank, sparsity=s.sparsity, pattern=s.pattern, bits=s.bits, group_size=s.group_size)
+
+
+class Rule(_Strict):
+    match: str
+    spec: SpecModel
+
+    @field_validator("match")
+    @classmethod
+    def _valid_regex(cls, v: str) -> str:
+        if v.startswith("re:"):
+            try:
+                re.compile(v[3:])
+            except re.error as exc:
+                raise ValueError(f"invalid regex {v[3:]!r}: {exc}") from None
+        return v
+
+    def matches(self, name: str) -> bool:
+        return re.fullmatch(self.match[3:], name) is not None if self.match.startswith("re:") else \
+            self.match == name
+
+
+class LayerRule(_Strict):
+    layer: int = Field(ge=0)
+    heads_kept: int | None = Field(default=None, ge=1)
+    neurons_kept: int | None = Field(default=None, ge=1)
+
+
+class SharingModel(_Strict):
+    groups: list[list[int]]
+    scope: Literal["attention", "ffn", "block"] = "block"
+
+
+class ModelRef(_Strict):
+    id: str
+    sha256: str | None = None
+
+
+class Recipe(_Strict):
+    """A compression recipe. `provenance` records where it came from (free-form metrics allowed)."""
+
+    slimformer_recipe: int = RECIPE_VERSION
+    model: ModelRef
+    hardware_profile: str | None = None
+    rules: list[Rule] = []
+    layers: list[LayerRule] = []
+    sharing: SharingModel | None = None
+    provenance: dict[str, Any] = {}
+
+    @field_validator("slimformer_recipe")
+    @classmethod
+    def _version(cls, v: int) -> int:
+        if v != RECIPE_VERSION:
+            raise ValueError(f"unsupported recipe version {v}; this slimformer reads version {RECIPE_VERSION}")
+        return v
+
+    # -- plan <-> recipe ---------------------------------------------------------------------------
+    def to_plan(self, adapter: ModelAdapter) -> CompressionPlan:
+        """Resolve rules against the model's units (first match wins); unmatched rules are errors."""
+        units: dict[str, UnitSpec] = {}
+        used = [False] * len(self.rules)
+        try:
+            for name in adapter.unit_names:
+                for i, rule in enumerate(self.rules):
+                    if rule.matches(name):
+                        used[i] = True
+                        units[name] = rule.spec.to_spec()
+                        break
+            unmatched = [r.match for r, u in zip(self.rules, used) if not u]
+            if unmatched:
+                raise RecipeError(f"recipe rule(s) match no unit of {adapter.model_id}: {unmatched[:3]}; "
+                                  "run `slimformer inspect MODEL` for the unit names")
+            n = len(adapter.layers)
+            bad = [lr.layer for lr in self.layers if lr.layer >= n]
+            if bad:
+                raise RecipeError(f"recipe layers {bad} do not exist; {adapter.model_id} has layers 0..{n - 1}")
+            layers = {lr.layer: LayerSpec(lr.heads_kept, lr.neurons_kept) for lr in self.layers}
+            sharing = SharingSpec() if self.sharing is None else SharingSpec(
+                tuple(tuple(g) for g in self.sharing.groups), self.sharing.scope)
+            plan = CompressionPlan(units, layers, sharing)
+        except PlanError as exc:
+            raise RecipeError(f"recipe does not fit {adapter.model_id}: {exc}") from None
+        from slimformer.compression.apply import canonical_plan
+
+        try:
+            return canonical_plan(adapter, plan)
+        except PlanError as exc:
+            raise RecipeError(f"recipe does not fit {adapter.model_id}: {exc}") from None
+
+    @classmethod
+    def from_plan(cls, plan: CompressionPlan, adapter: ModelAdapter, hardware_profile: str | None = None,
+                  provenance: dict[str, Any] | None = None) -> Recipe:
+        """One exact-name rule per compressed unit, in model order."""
+        rules = [Rule(match=n, spec=SpecModel.from_spec(plan.units[n])) for n in adapter.unit_names
+                 if n in plan.units and not plan.units[n].is_identity]
+        layers = [LayerRule(layer=i, heads_kept=s.heads_kept, neurons_kept=s.neurons_kept)
+                  for i, s in sorted(plan.layers.items()) if s != LayerSpec()]
+        sharing = None if not plan.sharing.groups else SharingModel(
+            groups=[list(g) for g in plan.sharing.groups], scope=plan.sharing.scope)
+        return cls(model=ModelRef(id=adapter.model_id, sha256=adapter.weights_sha256()),
+                   hardware_profile=hardware_profile, rules=rules, layers=layers, sharing=sharing,
+                   provenance=provenance or {})
+
+    # -- YAML ----------------------------------------------------------------------------------------
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=False), sort_keys=False, width=120)
+
+    @classmethod
+    def from_yaml(cls, text: str, source: str = "recipe") -> Recipe:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"{source}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise RecipeError(f"{source}: a recipe is a YAML mapping with slimformer_recipe, model and rules")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise RecipeError(f"{source}: {_first_error(exc)}") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> Recipe:
+        p = Path(path)
+        if not p.is_file():
+            raise RecipeError(f"recipe file {p} does not exist")
+        return cls.from_yaml(p.read_text(), source=str(p))
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_text(Path(path), self.to_yaml())
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(x) for x in err["loc"])
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key (remove it or check its spelling)"
+    return f"{loc}: {msg}"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temp file and rename, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,118 @@
+"""Packed serialisation of a compressed model: safetensors of the deployable tensors plus the recipe.
+
+A compressed directory holds `model.safetensors` (int codes packed, fp32 scales, sparse masks or 2:4
+indices, fp32/fp16 values; every shared module once), `slimformer.yaml` (the recipe) and the base
+model's config/tokenizer, so `load_compressed` rebuilds the model with no access to the original weights.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from slimformer.compression.apply import apply_plan
+from slimformer.compression.modules import SlimEmbedding, SlimLinear
+from slimformer.compression.recipe import Recipe
+from slimformer.errors import ModelLoadError
+from slimformer.models.base import ModelAdapter
+
+MODEL_FILE = "model.safetensors"
+RECIPE_FILE = "slimformer.yaml"
+
+
+def pack_model(model: nn.Module) -> dict[str, Tensor]:
+    """Deployable tensors of a (compressed) model; shared modules and parameters appear once."""
+    out: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    slim_params: set[int] = set()
+    for path, mod in model.named_modules():  # named_modules yields a shared module once
+        if isinstance(mod, (SlimLinear, SlimEmbedding)):
+            out.update(mod.pack(path))
+            slim_params.add(id(mod.weight))
+            bias = getattr(mod, "bias", None)
+            if bias is not None:
+                out[f"{path}.bias"] = bias.detach().to(torch.float32).contiguous()
+                slim_params.add(id(bias))
+    for name, p in model.named_parameters():
+        if id(p) in slim_params or id(p) in seen:
+            continue
+        seen.add(id(p))
+        out[name] = p.detach().to(torch.float32).contiguous()
+    return {k: v.cpu() for k, v in out.items()}
+
+
+def packed_bytes(tensors: dict[str, Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def save_compressed(adapter: ModelAdapter, model: nn.Module, recipe: Recipe, out_dir: Path) -> Path:
+    """Write a compressed model directory atomically (a temp dir renamed into place)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not (out_dir / RECIPE_FILE).exists():
+            raise ModelLoadError(f"--out {out_dir} exists and is not a slimformer output; choose an empty path")
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent if out_dir.parent.exists() else None,
+                                prefix=f".{out_dir.name}."))
+    try:
+        adapter.save_base(tmp)
+        if adapter.source_dir is not None and adapter.family == "hf":
+            from slimformer.models.hf import copy_st_files
+
+            copy_st_files(adapter.source_dir, tmp)
+        save_file(pack_model(model), str(tmp / MODEL_FILE), metadata={"format": "slimformer-packed-v1"})
+        recipe.save(tmp / RECIPE_FILE)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def load_compressed(model_dir: Path) -> ModelAdapter:
+    """Rebuild a compressed model: architecture from config, structure from the recipe, weights unpacked.
+
+    The returned adapter's `model` is the compressed model and its `recipe` attribute the recipe.
+    """
+    meta_file = model_dir / "slimformer_model.json"
+    if not meta_file.exists():
+        raise ModelLoadError(f"{model_dir}: missing slimformer_model.json; not a slimformer output directory")
+    family = json.loads(meta_file.read_text())["family"]
+    if family == "timm":
+        from slimformer.models.vit import TimmViTAdapter as cls
+    else:
+        from slimformer.models.hf import HFEncoderAdapter as cls  # type: ignore[assignment]
+    adapter = cls.skeleton(model_dir)
+    recipe = Recipe.load(model_dir / RECIPE_FILE)
+    plan = recipe.to_plan(adapter)
+    model = apply_plan(adapter, plan)
+    tensors = load_file(str(model_dir / MODEL_FILE))
+    for path, mod in model.named_modules():
+        if isinstance(mod, (SlimLinear, SlimEmbedding)):
+            mod.unpack(path, tensors)
+            if getattr(mod, "bias", None) is not None:
+                with torch.no_grad():
+                    mod.bias.copy_(tensors[f"{path}.bias"])
+    slim = {id(m.weight) for m in model.modules() if isinstance(m, (SlimLinear, SlimEmbedding))}
+    slim |= {id(m.bias) for m in model.modules() if isinstance(m, SlimLinear) and m.bias is not None}
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
+        if id(p) in slim or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if name not in tensors:
+            raise ModelLoadError(f"{model_dir / MODEL_FILE}: tensor {name} is missing; the file is damaged")
+        with torch.no_grad():
+            p.copy_(tensors[name])
+    adapter.model = model.eval()
+    adapter.model_id = recipe.model.id
+    adapter.recipe = recipe  # type: ignore[attr-defined]
+    return adapter
