@@ -156,9 +156,10 @@ def collect_activation_scales(adapter: ModelAdapter, batches: Sequence[Batch]) -
             counts[name] = counts.get(name, 0) + x.shape[0]
 
         hooks.append(mod.register_forward_hook(hook))
+    device = next(adapter.model.parameters()).device
     try:
         for b in batches:
-            adapter.output(adapter.model, b)
+            adapter.output(adapter.model, b.to(device))
     finally:
         for h in hooks:
             h.remove()

@@ -1,0 +1,237 @@
+"""Regenerate the small data samples shipped in ``slimformer/data``.
+
+Sources (Debian packages, installed system-wide):
+
+* ``fortunes`` / ``fortunes-min`` (source package ``fortune-mod``): plain-text fortune files in
+  ``/usr/share/games/fortunes``, entries separated by lines holding only ``%``.
+  Output: ``slimformer/data/fortunes.jsonl`` (one ``{"text", "category"}`` object per line).
+* ``dataset-fashion-mnist``: the Fashion-MNIST IDX files in ``/usr/share/datasets/fashion-mnist``.
+  Output: ``slimformer/data/fashion_mnist_sample.npz`` (first 2,000 train and 1,000 test images).
+
+The output is deterministic: running this script twice gives byte-identical ``fortunes.jsonl``
+and identical arrays in the ``.npz``.
+
+Usage::
+
+    python benchmarks/make_data_samples.py [--fortunes-dir DIR] [--fashion-dir DIR] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import random
+import re
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = REPO_ROOT / "slimformer" / "data"
+DEFAULT_FORTUNES_DIR = Path("/usr/share/games/fortunes")
+DEFAULT_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+# Fortune sampling parameters.
+SEED = 0
+TARGET_FORTUNES = 1200
+MIN_CHARS = 40
+MAX_CHARS = 400
+MIN_ALNUM_FRACTION = 0.6  # letters+digits / non-space characters; below this an entry is ascii art
+# Categories left out on purpose: non-English quotes without translations.
+EXCLUDED_CATEGORIES = frozenset({"translate-me"})
+
+# Fashion-MNIST sample sizes and class names (in label order, from the Fashion-MNIST README).
+N_TRAIN_IMAGES = 2000
+N_TEST_IMAGES = 1000
+FASHION_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+
+_OVERSTRIKE = re.compile(r"[^\n]\x08")  # "_\bX" (underline) and "X\bX" (bold) -> "X"
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+_WHITESPACE = re.compile(r"\s+")
+
+
+# ----------------------------------------------------------------------------------------------
+# fortunes
+
+
+def fortune_files(fortunes_dir: Path) -> list[Path]:
+    """The plain-text fortune files in ``fortunes_dir`` (no ``.dat``/``.u8`` indexes, no sub-folders)."""
+    files = [
+        p
+        for p in sorted(fortunes_dir.iterdir())
+        if p.is_file() and p.suffix not in {".dat", ".u8"} and p.name not in EXCLUDED_CATEGORIES
+    ]
+    if not files:
+        raise SystemExit(f"no fortune files in {fortunes_dir}; install the Debian package 'fortunes'")
+    return files
+
+
+def split_entries(raw: str) -> list[str]:
+    """Split a fortune file into raw entries (separator: a line holding only ``%``)."""
+    entries: list[str] = []
+    current: list[str] = []
+    for line in raw.splitlines():
+        if line.strip() == "%":
+            entries.append("\n".join(current))
+            current = []
+        else:
+            current.append(line)
+    entries.append("\n".join(current))
+    return entries
+
+
+def clean_entry(entry: str) -> str | None:
+    """Normalise one fortune to a single line; ``None`` when it should be dropped."""
+    text = _OVERSTRIKE.sub("", entry)
+    text = _CONTROL.sub("", text)
+    text = _WHITESPACE.sub(" ", text).strip()
+    if not MIN_CHARS <= len(text) <= MAX_CHARS:
+        return None
+    if "\ufffd" in text:  # undecodable bytes
+        return None
+    visible = [c for c in text if not c.isspace()]
+    alnum = sum(c.isalnum() for c in visible)
+    if alnum / len(visible) < MIN_ALNUM_FRACTION:
+        return None
+    return text
+
+
+def collect_fortunes(fortunes_dir: Path) -> dict[str, list[str]]:
+    """Cleaned, globally de-duplicated fortunes per category, in file order."""
+    seen: set[str] = set()
+    by_category: dict[str, list[str]] = {}
+    for path in fortune_files(fortunes_dir):
+        raw = path.read_bytes().decode("utf-8", errors="replace")
+        kept: list[str] = []
+        for entry in split_entries(raw):
+            text = clean_entry(entry)
+            if text is None:
+                continue
+            key = text.casefold()
+            if key in seen:
+                continue
+            seen.add(key)
+            kept.append(text)
+        if kept:
+            by_category[path.name] = kept
+    return by_category
+
+
+def per_category_quota(sizes: dict[str, int], target: int) -> dict[str, int]:
+    """Stratified quota: the same cap for every category (water-filling), exactly ``target`` in total.
+
+    Small categories are taken whole; the cap is the smallest value whose total reaches ``target``,
+    and any surplus is removed one entry at a time from the capped categories in name order.
+    """
+    total = sum(sizes.values())
+    if total <= target:
+        return dict(sizes)
+    cap = 0
+    while sum(min(n, cap) for n in sizes.values()) < target:
+        cap += 1
+    quota = {name: min(n, cap) for name, n in sizes.items()}
+    surplus = sum(quota.values()) - target
+    for name in sorted(quota):
+        if surplus == 0:
+            break
+        if quota[name] == cap:
+            quota[name] -= 1
+            surplus -= 1
+    return quota
+
+
+def sample_fortunes(by_category: dict[str, list[str]], target: int, seed: int) -> list[dict[str, str]]:
+    """Stratified, seeded sample of ``target`` fortunes, shuffled deterministically."""
+    rng = random.Random(seed)
+    quota = per_category_quota({name: len(texts) for name, texts in by_category.items()}, target)
+    rows: list[dict[str, str]] = []
+    for name in sorted(by_category):
+        texts = by_category[name]
+        picked = sorted(rng.sample(range(len(texts)), quota[name]))
+        rows.extend({"text": texts[i], "category": name} for i in picked)
+    rng.shuffle(rows)
+    return rows
+
+
+def write_jsonl(rows: Iterable[dict[str, str]], path: Path) -> None:
+    with path.open("w", encoding="utf-8", newline="\n") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# Fashion-MNIST
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read a gzip-compressed IDX file of unsigned bytes (the MNIST / Fashion-MNIST format)."""
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype_code != 0x08:
+        raise SystemExit(f"{path}: not an unsigned-byte IDX file (magic {data[:4].hex()})")
+    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if array.size != int(np.prod(shape)):
+        raise SystemExit(f"{path}: header says {shape}, found {array.size} bytes of data")
+    return array.reshape(shape)
+
+
+def make_fashion_sample(fashion_dir: Path, out: Path) -> dict[str, tuple[int, ...]]:
+    train_images = read_idx(fashion_dir / "train-images-idx3-ubyte.gz")[:N_TRAIN_IMAGES]
+    train_labels = read_idx(fashion_dir / "train-labels-idx1-ubyte.gz")[:N_TRAIN_IMAGES]
+    test_images = read_idx(fashion_dir / "t10k-images-idx3-ubyte.gz")[:N_TEST_IMAGES]
+    test_labels = read_idx(fashion_dir / "t10k-labels-idx1-ubyte.gz")[:N_TEST_IMAGES]
+    arrays = {
+        "train_images": np.ascontiguousarray(train_images, dtype=np.uint8),
+        "train_labels": np.ascontiguousarray(train_labels, dtype=np.uint8),
+        "test_images": np.ascontiguousarray(test_images, dtype=np.uint8),
+        "test_labels": np.ascontiguousarray(test_labels, dtype=np.uint8),
+        "classes": np.array(FASHION_CLASSES, dtype=np.str_),
+    }
+    np.savez_compressed(out, **arrays)
+    return {name: a.shape for name, a in arrays.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fortunes-dir", type=Path, default=DEFAULT_FORTUNES_DIR)
+    parser.add_argument("--fashion-dir", type=Path, default=DEFAULT_FASHION_DIR)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    by_category = collect_fortunes(args.fortunes_dir)
+    rows = sample_fortunes(by_category, TARGET_FORTUNES, SEED)
+    fortunes_path = args.out / "fortunes.jsonl"
+    write_jsonl(rows, fortunes_path)
+    n_categories = len({row["category"] for row in rows})
+    print(
+        f"{fortunes_path}: {len(rows)} fortunes from {n_categories} categories "
+        f"({sum(len(t) for t in by_category.values())} eligible), {fortunes_path.stat().st_size} bytes"
+    )
+
+    fashion_path = args.out / "fashion_mnist_sample.npz"
+    shapes = make_fashion_sample(args.fashion_dir, fashion_path)
+    print(f"{fashion_path}: {shapes}, {fashion_path.stat().st_size} bytes")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""The Python API; the CLI is a thin shell over these functions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from slimformer.compression.apply import apply_plan, collect_activation_scales
+from slimformer.compression.memory import MemoryReport, plan_memory
+from slimformer.compression.plan import CompressionPlan
+from slimformer.compression.recipe import Recipe
+from slimformer.compression.saving import save_compressed
+from slimformer.errors import ConfigError
+from slimformer.models import ModelAdapter, load
+from slimformer.search import SearchConfig, SearchResult, run_search
+
+
+def load_model(model: str, max_length: int | None = None) -> ModelAdapter:
+    """Load a model directory, hub id, `timm:ARCH`, or compressed slimformer output."""
+    return load(model, max_length=max_length)
+
+
+@dataclass(frozen=True)
+class UnitRow:
+    name: str
+    role: str
+    layer: int | None
+    shape: tuple[int, int]
+    params: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class InspectReport:
+    model_id: str
+    kind: str
+    units: list[UnitRow]
+    memory: MemoryReport
+    num_layers: int
+    heads: int
+    intermediate: int
+
+    def format(self) -> str:
+        lines = [f"model {self.model_id} ({self.kind}): {self.num_layers} layers, {self.heads} heads, "
+                 f"FFN width {self.intermediate}", "",
+                 f"{'unit':58s} {'role':10s} {'layer':>5s} {'shape':>13s} {'params':>10s} {'bytes':>11s}"]
+        for u in self.units:
+            layer = "-" if u.layer is None else str(u.layer)
+            lines.append(f"{u.name:58s} {u.role:10s} {layer:>5s} {str(u.shape[0]) + 'x' + str(u.shape[1]):>13s} "
+                         f"{u.params:>10,d} {u.bytes:>11,d}")
+        total = self.memory.total_bytes
+        lines += ["", "memory breakdown (fp32 weights):"]
+        for g, b in self.memory.by_group.items():
+            lines.append(f"  {g:11s} {b:>13,d} bytes  {100 * b / total:5.1f}%")
+        lines.append(f"  {'total':11s} {total:>13,d} bytes  ({total / 1e6:.2f} MB)")
+        return "\n".join(lines)
+
+
+def inspect_model(model: str | ModelAdapter) -> InspectReport:
+    """Each compressible unit (name, role, layer, shape, parameters, bytes) and the memory breakdown."""
+    adapter = load(model) if isinstance(model, str) else model
+    mem = plan_memory(adapter, CompressionPlan())
+    rows = [UnitRow(u.name, u.role, u.layer, u.shape, u.params, mem.per_unit[u.name]) for u in adapter.units]
+    first = adapter.layers[0]
+    return InspectReport(adapter.model_id, adapter.kind, rows, mem, len(adapter.layers), first.num_heads,
+                         first.intermediate)
+
+
+def search(config: str | Path | SearchConfig | None = None, **overrides: Any) -> SearchResult:
+    """Run or resume a search; `config` None uses the embedded Quickstart defaults."""
+    cfg = config if isinstance(config, SearchConfig) else SearchConfig.load(config)
+    return run_search(cfg, **overrides)
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    out_dir: Path | None
+    memory: MemoryReport
+    fidelity: dict[str, float]
+    n_samples: int
+
+
+def _fidelity_batches(adapter: ModelAdapter, data: str, samples: int) -> list[Any]:
+    from slimformer import data as data_mod
+
+    if adapter.family == "timm":
+        x, y = data_mod.load_fashion_mnist("test", limit=samples)
+        return adapter.make_batches(x, 32, y)
+    if data == "fortunes":
+        _, texts = data_mod.text_splits(0, samples)
+    else:
+        texts = data_mod.load_texts(data, limit=samples)
+    return adapter.make_batches(texts, 32)
+
+
+def apply_recipe(recipe: str | Path | Recipe, model: str, out_dir: str | Path | None = None,
+                 data: str = "fortunes", samples: int = 256, calibration: int = 64) -> ApplyResult:
+    """Compress `model` as the recipe says, measure memory and fidelity, optionally save to `out_dir`.
+
+    Fidelity is measured against the uncompressed model on held-out data (never the search set for
+    the packaged corpus). The recipe's provenance is kept; applying twice gives identical weights.
+    """
+    from slimformer.evaluators.quality import FidelityEvaluator
+
+    rec = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
+    adapter = load(model)
+    plan = rec.to_plan(adapter)
+    if rec.model.sha256 and rec.model.sha256 != adapter.weights_sha256():
+        import warnings
+
+        warnings.warn(f"recipe was made for weights {rec.model.sha256[:12]}…, this model has "
+                      f"{adapter.weights_sha256()[:12]}…; applying anyway", stacklevel=2)
+    if out_dir is not None and Path(out_dir).exists() and any(Path(out_dir).iterdir()) \
+            and not (Path(out_dir) / "slimformer.yaml").exists():
+        raise ConfigError(f"--out {out_dir} exists and is not a slimformer output; choose an empty path")
+    act = None
+    if any(s.rank is not None for s in plan.units.values()):
+        from slimformer import data as data_mod
+
+        if adapter.family == "timm":
+            cx, _ = data_mod.load_fashion_mnist("train", limit=calibration)
+            act = collect_activation_scales(adapter, adapter.make_batches(cx, 32))
+        else:
+            ctexts, _ = data_mod.text_splits(calibration, 0) if data == "fortunes" else \
+                (data_mod.load_texts(data, limit=calibration), [])
+            act = collect_activation_scales(adapter, adapter.make_batches(ctexts, 32))
+    compressed = apply_plan(adapter, plan, act_scales=act)
+    evaluator = FidelityEvaluator(adapter, _fidelity_batches(adapter, data, samples))
+    result = evaluator.evaluate(compressed)
+    mem = plan_memory(adapter, plan)
+    saved = None
+    if out_dir is not None:
+        saved = save_compressed(adapter, compressed, rec, Path(out_dir))
+    return ApplyResult(saved, mem, result.metrics, result.n_samples)
+
+
+def _context_for_run(run_dir: Path) -> tuple[Any, Any, Any]:
+    from slimformer.search.context import prepare
+    from slimformer.search.runner import default_storage, open_study
+
+    cfg_file = run_dir / "config.yaml"
+    if not cfg_file.exists():
+        raise ConfigError(f"{run_dir} is not a slimformer run directory (no config.yaml)")
+    cfg = SearchConfig.load(cfg_file)
+    ctx = prepare(cfg)
+    url = cfg.storage or default_storage(run_dir)
+    if cfg.storage is None and not (run_dir / "study.db").exists():
+        raise ConfigError(f"{run_dir}: no study.db; the search has not run yet")
+    return ctx, open_study(ctx, url, cfg.study_name), url
+
+
+def export_recipe(run_dir: str | Path, trial: int, out: str | Path | None = None) -> Recipe:
+    """The recipe of any finished, feasible trial of a run (written to `out` when given)."""
+    from slimformer.search.runner import is_feasible, trial_plan
+
+    rd = Path(run_dir)
+    ctx, study, url = _context_for_run(rd)
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    if trial not in trials:
+        raise ConfigError(f"trial {trial} is not in {rd} (trials 0..{max(trials, default=-1)})")
+    t = trials[trial]
+    if not is_feasible(t):
+        raise ConfigError(f"trial {trial} is {t.state.name} and "
+                          f"{'over the memory budget' if t.user_attrs.get('feasible') is False else 'not evaluated'}; "
+                          "pick a completed trial within the budget")
+    rec = Recipe.from_plan(trial_plan(ctx, t), ctx.adapter, hardware_profile=ctx.profile.name, provenance={
+        "study": ctx.config.study_name, "storage": url, "trial": trial,
+        "metrics": {"memory_bytes": t.user_attrs["memory_bytes"], "latency_ms_estimate": t.user_attrs["latency_ms"],
+                    **{f"search_{k}": v for k, v in t.user_attrs.get("metrics", {}).items()}}})
+    if out is not None:
+        rec.save(out)
+    return rec
+
+
+def report(run_dir: str | Path) -> Path:
+    """Rewrite pareto.json, recipes, pareto.png and report.html from the study as it stands."""
+    from slimformer.search.rundir import BaselineResult, read_json, write_outputs
+
+    rd = Path(run_dir)
+    ctx, study, url = _context_for_run(rd)
+    baselines = [BaselineResult(**b) for b in read_json(rd / "baselines.json", [])]
+    prev = read_json(rd / "summary.json", {})
+    write_outputs(ctx, rd, study, baselines, ctx.config.study_name, url, float(prev.get("elapsed_s", 0.0)))
+    return rd / "report.html"

@@ -1,0 +1,153 @@
+"""`slimformer` command line: parses arguments, calls slimformer.api, prints. Bad input exits with 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+import click
+
+from slimformer.errors import SlimformerError
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except Exception:  # pragma: no cover - transformers is a dependency; logging tweaks are optional
+        pass
+
+
+def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn input errors into one line on stderr and exit code 2."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _quiet_libraries()
+        try:
+            return fn(*args, **kwargs)
+        except SlimformerError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+def _log(msg: str) -> None:
+    click.echo(f"[slimformer] {msg}", err=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="slimformer")
+def main() -> None:
+    """Hardware-aware compression search for Transformers (rank, sparsity, bits, sharing)."""
+
+
+@main.command()
+@click.argument("config", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--trials", type=click.IntRange(min=1), help="Total trials in the study (resumes count).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Stop starting trials after S seconds.")
+@click.option("--storage", help="Optuna storage URL (default: SQLite in the run directory).")
+@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path), help="Output directory.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@_errors
+def search(config: Path | None, trials: int | None, timeout: float | None, storage: str | None,
+           run_dir: Path | None, no_progress: bool) -> None:
+    """Search compression plans under a memory budget. CONFIG defaults to the embedded Quickstart."""
+    from slimformer.api import search as run
+
+    res = run(config, trials=trials, timeout=timeout, storage=storage, run_dir=run_dir,
+              progress=not no_progress, log=_log)
+    s = res.summary
+    m = s["quality_metric"]
+    click.echo(f"run directory: {res.run_dir}")
+    click.echo(f"trials: {s['trial_states']} ({s['infeasible_trials']} over budget, not evaluated)")
+    if s["best_recipe"]:
+        b = s["best_recipe"]
+        click.echo(f"best recipe: {res.run_dir / b['recipe']}  {b['memory_percent']:.2f}% of fp32, "
+                   f"held-out {m} {b[f'heldout_{m}']:.4f}")
+    if s["best_baseline"]:
+        b = s["best_baseline"]
+        click.echo(f"best uniform baseline in budget: {b['name']}  {b['memory_percent']:.2f}% of fp32, "
+                   f"held-out {m} {b[f'heldout_{m}']:.4f}")
+    click.echo(f"report: {res.run_dir / 'report.html'}")
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--model", required=True, help="Model directory or id the recipe is applied to.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Write the compressed model here.")
+@click.option("--data", default="fortunes", show_default=True, help="Held-out data for the fidelity check.")
+@click.option("--samples", default=256, show_default=True, type=click.IntRange(min=2))
+@_errors
+def apply(recipe: Path, model: str, out: Path | None, data: str, samples: int) -> None:
+    """Apply RECIPE to a model, print memory and fidelity, and optionally save it."""
+    from slimformer.api import apply_recipe
+
+    res = apply_recipe(recipe, model, out_dir=out, data=data, samples=samples)
+    mem = res.memory
+    click.echo(f"memory: {mem.total_bytes:,d} bytes = {mem.percent:.2f}% of fp32 ({mem.fp32_bytes:,d})")
+    click.echo("fidelity on %d held-out samples: %s" % (
+        res.n_samples, ", ".join(f"{k} {v:.4f}" for k, v in res.fidelity.items())))
+    if res.out_dir:
+        click.echo(f"wrote {res.out_dir}")
+
+
+@main.command("export-recipe")
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--trial", required=True, type=int, help="Trial number.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="File to write (default: stdout).")
+@_errors
+def export_recipe(run_dir: Path, trial: int, out: Path | None) -> None:
+    """Write the recipe of one trial of a run."""
+    from slimformer.api import export_recipe as export
+
+    rec = export(run_dir, trial, out)
+    if out is None:
+        click.echo(rec.to_yaml(), nl=False)
+    else:
+        click.echo(f"wrote {out}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@_errors
+def report(run_dir: Path) -> None:
+    """Rebuild pareto.json, recipes and report.html of a run from its study."""
+    from slimformer.api import report as rebuild
+
+    click.echo(f"wrote {rebuild(run_dir)}")
+
+
+@main.command()
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_errors
+def inspect(model: str, as_json: bool) -> None:
+    """List MODEL's compressible units and its memory breakdown."""
+    from dataclasses import asdict
+
+    from slimformer.api import inspect_model
+
+    rep = inspect_model(model)
+    if as_json:
+        click.echo(json.dumps({"model": rep.model_id, "units": [asdict(u) for u in rep.units],
+                               "memory": rep.memory.by_group, "total_bytes": rep.memory.total_bytes}, indent=2))
+    else:
+        click.echo(rep.format())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

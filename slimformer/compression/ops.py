@@ -1,0 +1,335 @@
+"""Pure tensor kernels behind the compression transforms: SVD, pruning masks, quantisation, packing.
+
+Every function takes float 2-D weights W of shape (out, in) (an embedding table is (vocab, dim) and "in"
+means dim), works on W's device, is deterministic and returns new tensors without touching its inputs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from slimformer.errors import PlanError
+
+CLIP_RATIOS: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
+
+
+def _check_2d(W: Tensor, name: str = "W") -> None:
+    if W.dim() != 2:
+        raise PlanError(f"{name} must be a 2-D (out, in) weight tensor (got shape {tuple(W.shape)})")
+
+
+def _check_mask(mask: Tensor, W: Tensor) -> None:
+    if mask.dtype != torch.bool or mask.shape != W.shape:
+        raise PlanError(
+            f"mask must be a bool tensor shaped like W {tuple(W.shape)} "
+            f"(got {mask.dtype} {tuple(mask.shape)})"
+        )
+
+
+# ----------------------------------------------------------------------------------------------- SVD
+
+
+@dataclass(frozen=True)
+class SVDResult:
+    """Thin SVD of W (or of W @ diag(col_scale) when data-aware); col_scale is None for plain SVD."""
+
+    U: Tensor
+    S: Tensor
+    Vh: Tensor
+    col_scale: Tensor | None
+
+
+def svd(W: Tensor, act_scale: Tensor | None = None) -> SVDResult:
+    """Thin SVD of W in float64 (returned as float32); with act_scale s, decompose W @ diag(s) (ASVD)
+    so truncation minimises the activation-weighted error instead of the plain Frobenius error."""
+    _check_2d(W)
+    M = W.detach().to(torch.float64)
+    col_scale: Tensor | None = None
+    if act_scale is not None:
+        if act_scale.shape != (W.shape[1],):
+            raise PlanError(
+                f"act_scale must have shape ({W.shape[1]},) to match W {tuple(W.shape)} "
+                f"(got {tuple(act_scale.shape)})"
+            )
+        s = act_scale.detach().to(device=W.device, dtype=torch.float64)
+        if not bool(torch.isfinite(s).all()) or bool((s <= 0).any()):
+            raise PlanError(
+                "act_scale must be finite and strictly positive; pass it through activation_scale"
+            )
+        M = M * s[None, :]
+        col_scale = s.to(torch.float32)
+    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    return SVDResult(U.to(torch.float32), S.to(torch.float32), Vh.to(torch.float32), col_scale)
+
+
+def lowrank_factors(res: SVDResult, rank: int) -> tuple[Tensor, Tensor]:
+    """Balanced rank-r factors (A (out, r), B (r, in)) with A @ B the best rank-r approximation of W
+    (in the activation-weighted metric when col_scale is set); sqrt(S) is split so both quantise well."""
+    full = res.S.shape[0]
+    if not 1 <= rank <= full:
+        raise PlanError(f"rank must be between 1 and {full} = min(out, in) for this weight (got {rank})")
+    root = res.S[:rank].to(torch.float64).sqrt()
+    A = res.U[:, :rank].to(torch.float64) * root[None, :]
+    B = root[:, None] * res.Vh[:rank].to(torch.float64)
+    if res.col_scale is not None:
+        B = B / res.col_scale.to(torch.float64)[None, :]
+    return A.to(torch.float32), B.to(torch.float32)
+
+
+def activation_scale(x_abs_mean: Tensor, eps: float = 1e-6) -> Tensor:
+    """Per-feature mean |activation| -> strictly positive float32 scale with mean 1, so dead or
+    non-finite features cannot zero out (or blow up) columns in data-aware SVD."""
+    x = torch.nan_to_num(x_abs_mean.detach().to(torch.float32).abs(), nan=0.0, posinf=0.0)
+    mean = x.mean()
+    if not bool(mean > 0):
+        return torch.ones_like(x)
+    x = (x / mean).clamp_min(eps)
+    return x / x.mean()
+
+
+# ------------------------------------------------------------------------------------------- pruning
+
+
+def magnitude_mask(W: Tensor, sparsity: float) -> Tensor:
+    """Keep-mask zeroing exactly round(sparsity * numel) smallest-|w| entries; ties go to the lower
+    flat index first (stable sort), so the mask is reproducible."""
+    _check_2d(W)
+    if not 0.0 <= sparsity < 1.0:
+        raise PlanError(f"sparsity must be in [0, 1) (got {sparsity})")
+    n_prune = round(sparsity * W.numel())
+    keep = torch.ones(W.numel(), dtype=torch.bool, device=W.device)
+    if n_prune > 0:
+        order = torch.argsort(W.detach().abs().reshape(-1), stable=True)
+        keep[order[:n_prune]] = False
+    return keep.reshape(W.shape)
+
+
+def mask_2_4(W: Tensor) -> Tensor:
+    """2:4 keep-mask: in each group of 4 consecutive weights along the input dim keep the 2 largest |w|
+    (ties go to the lower position), the pattern sparse tensor cores accelerate."""
+    _check_2d(W)
+    out, n_in = W.shape
+    if n_in % 4:
+        raise PlanError(
+            f"2:4 sparsity needs the input dimension divisible by 4 (W has shape {tuple(W.shape)})"
+        )
+    groups = W.detach().abs().reshape(out, n_in // 4, 4)
+    top = torch.argsort(groups, dim=-1, descending=True, stable=True)[..., :2]
+    keep = torch.zeros(groups.shape, dtype=torch.bool, device=W.device)
+    keep.scatter_(-1, top, True)
+    return keep.reshape(W.shape)
+
+
+# -------------------------------------------------------------------------------------- quantisation
+
+
+@dataclass(frozen=True)
+class QuantResult:
+    """Symmetric weight-only quantisation: int8 codes (out, in) in [-(2^(b-1)-1), 2^(b-1)-1] and float32
+    scales (out, n_groups); group_size None means one scale per output row."""
+
+    codes: Tensor
+    scales: Tensor
+    bits: int
+    group_size: int | None
+
+
+def _group_view(x: Tensor, g: int, n_groups: int) -> Tensor:
+    pad = n_groups * g - x.shape[1]
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    return x.reshape(x.shape[0], n_groups, g)
+
+
+def quantize(W: Tensor, bits: int, group_size: int | None, mask: Tensor | None = None) -> QuantResult:
+    """Symmetric per-row or per-group quantisation with a max-abs scale refined by a small clipping search
+    (least squared error per group); masked-out weights get code 0 and do not influence the scales."""
+    _check_2d(W)
+    if bits not in (8, 4):
+        raise PlanError(f"integer quantisation supports bits 8 or 4 (got {bits})")
+    if group_size is not None and group_size < 1:
+        raise PlanError(f"group_size must be a positive integer or None (got {group_size})")
+    out, n_in = W.shape
+    g = n_in if group_size is None else group_size
+    n_groups = max(1, math.ceil(n_in / g))
+    qmax = float(2 ** (bits - 1) - 1)
+
+    w = W.detach().to(torch.float32)
+    if mask is not None:
+        _check_mask(mask, W)
+        w = w * mask
+    wg = _group_view(w, g, n_groups)  # (out, n_groups, g); padding and masked entries are 0
+    amax = wg.abs().amax(dim=-1)
+    nonzero = amax > 0
+    best_scale = torch.where(nonzero, amax / qmax, torch.ones_like(amax))
+    best_err = torch.full_like(amax, float("inf"))
+    for ratio in CLIP_RATIOS:
+        scale = torch.where(nonzero, amax * (ratio / qmax), torch.ones_like(amax))
+        deq = torch.round(wg / scale[..., None]).clamp_(-qmax, qmax) * scale[..., None]
+        err = (deq - wg).square_().sum(dim=-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+
+    codes = torch.round(wg / best_scale[..., None]).clamp_(-qmax, qmax)
+    codes = codes.reshape(out, n_groups * g)[:, :n_in].to(torch.int8)
+    if mask is not None:
+        codes = codes * mask.to(torch.int8)
+    return QuantResult(codes=codes, scales=best_scale, bits=bits, group_size=group_size)
+
+
+def dequantize(q: QuantResult) -> Tensor:
+    """Float32 W_hat = codes * scale of their group (masked entries stay exactly 0)."""
+    n_in = q.codes.shape[1]
+    g = n_in if q.group_size is None else q.group_size
+    scales = q.scales.repeat_interleave(g, dim=1)[:, :n_in]
+    return q.codes.to(torch.float32) * scales
+
+
+def fake_quant(W: Tensor, bits: int, group_size: int | None, mask: Tensor | None = None) -> Tensor:
+    """dequantize(quantize(...)): the float weights the quantised model will effectively use."""
+    return dequantize(quantize(W, bits, group_size, mask))
+
+
+# ------------------------------------------------------------------------------------------- packing
+
+
+def _pack_nibbles(vals: Tensor) -> Tensor:
+    """Flat values in [0, 15] -> uint8, element 2k in the low nibble and 2k+1 in the high nibble."""
+    v = vals.reshape(-1).to(torch.int16)
+    if v.numel() % 2:
+        v = torch.cat([v, v.new_zeros(1)])
+    pairs = v.reshape(-1, 2)
+    return (pairs[:, 0] | (pairs[:, 1] << 4)).to(torch.uint8)
+
+
+def _unpack_nibbles(packed: Tensor, n: int) -> Tensor:
+    """Inverse of _pack_nibbles: the first n nibbles as int16 values in [0, 15]."""
+    p = packed.reshape(-1).to(torch.int16)
+    if 2 * p.numel() < n:
+        raise PlanError(f"packed buffer holds {2 * p.numel()} 4-bit values, {n} requested")
+    return torch.stack([p & 0xF, p >> 4], dim=1).reshape(-1)[:n]
+
+
+def pack_int4(codes: Tensor) -> Tensor:
+    """Two signed 4-bit codes per byte (two's complement, flattened, odd length padded with 0): halves
+    int4 storage compared with int8 codes."""
+    if codes.numel() and (int(codes.min()) < -8 or int(codes.max()) > 7):
+        raise PlanError("int4 codes must lie in [-8, 7]; quantise with bits=4 before packing")
+    return _pack_nibbles(codes.to(torch.int16) & 0xF)
+
+
+def unpack_int4(packed: Tensor, numel: int, shape: Sequence[int]) -> Tensor:
+    """Inverse of pack_int4: the first numel signed codes as int8, reshaped to shape."""
+    if math.prod(shape) != numel:
+        raise PlanError(f"shape {tuple(shape)} does not hold numel={numel} codes")
+    v = _unpack_nibbles(packed, numel)
+    return torch.where(v >= 8, v - 16, v).to(torch.int8).reshape(tuple(shape))
+
+
+def pack_bitmask(mask: Tensor) -> Tensor:
+    """Eight bool flags per byte (flattened, little-endian bit order, padded with 0) for mask storage."""
+    flat = mask.reshape(-1).to(torch.int32)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    weights = 1 << torch.arange(8, dtype=torch.int32, device=flat.device)
+    return (flat.reshape(-1, 8) * weights).sum(dim=1).to(torch.uint8)
+
+
+def unpack_bitmask(packed: Tensor, shape: Sequence[int]) -> Tensor:
+    """Inverse of pack_bitmask: bool mask of the given shape."""
+    n = math.prod(shape)
+    p = packed.reshape(-1).to(torch.int32)
+    if 8 * p.numel() < n:
+        raise PlanError(f"packed bitmask holds {8 * p.numel()} flags, shape {tuple(shape)} needs {n}")
+    bits = (p[:, None] >> torch.arange(8, dtype=torch.int32, device=p.device)) & 1
+    return bits.reshape(-1)[:n].to(torch.bool).reshape(tuple(shape))
+
+
+def pack_2_4_indices(mask: Tensor) -> Tensor:
+    """Store a 2:4 mask as the two kept positions of each group (2 bits each, 4 bits per group, two
+    groups per byte): 1 bit per weight instead of 8."""
+    _check_2d(mask, "mask")
+    out, n_in = mask.shape
+    if n_in % 4:
+        raise PlanError(
+            f"2:4 mask needs the input dimension divisible by 4 (mask has shape {tuple(mask.shape)})"
+        )
+    groups = mask.to(torch.bool).reshape(out, n_in // 4, 4)
+    if not bool((groups.sum(dim=-1) == 2).all()):
+        raise PlanError("not a 2:4 mask: every group of 4 consecutive weights must keep exactly 2")
+    kept = torch.argsort((~groups).to(torch.int8), dim=-1, stable=True)[..., :2]  # ascending positions
+    return _pack_nibbles(kept[..., 0] | (kept[..., 1] << 2))
+
+
+def unpack_2_4_indices(packed: Tensor, shape: Sequence[int]) -> Tensor:
+    """Inverse of pack_2_4_indices: bool keep-mask of shape (out, in)."""
+    if len(shape) != 2 or shape[1] % 4:
+        raise PlanError(f"2:4 mask shape must be (out, in) with in divisible by 4 (got {tuple(shape)})")
+    out, n_in = shape
+    nib = _unpack_nibbles(packed, out * n_in // 4).to(torch.int64).reshape(out, n_in // 4)
+    idx = torch.stack([nib & 3, nib >> 2], dim=-1)
+    keep = torch.zeros(out, n_in // 4, 4, dtype=torch.bool, device=packed.device)
+    keep.scatter_(-1, idx, True)
+    return keep.reshape(out, n_in)
+
+
+# ------------------------------------------------------------------------------- structured pruning
+
+
+def head_importance(q_w: list[Tensor] | Tensor, o_w: Tensor, num_heads: int, fused_qkv: bool) -> Tensor:
+    """Per-head L2 norm of all its weights: its rows in query/key/value (fused out dim laid out
+    [3, heads, head_dim], timm style) together with its columns in the output projection."""
+    if num_heads < 1:
+        raise PlanError(f"num_heads must be >= 1 (got {num_heads})")
+    mats = [q_w] if isinstance(q_w, Tensor) else list(q_w)
+    if fused_qkv and len(mats) != 1:
+        raise PlanError(f"fused_qkv expects one (3*hidden, in) weight (got {len(mats)} tensors)")
+    sq = torch.zeros(num_heads, dtype=torch.float64, device=o_w.device)
+    for m in mats:
+        _check_2d(m, "query/key/value weight")
+        per = 3 * num_heads if fused_qkv else num_heads
+        if m.shape[0] % per:
+            raise PlanError(f"qkv weight rows {m.shape[0]} are not divisible by {per} ({num_heads} heads)")
+        m64 = m.detach().to(device=o_w.device, dtype=torch.float64)
+        if fused_qkv:
+            sq = sq + m64.reshape(3, num_heads, -1).square().sum(dim=(0, 2))
+        else:
+            sq = sq + m64.reshape(num_heads, -1).square().sum(dim=1)
+    _check_2d(o_w, "attention output weight")
+    if o_w.shape[1] % num_heads:
+        raise PlanError(f"output weight columns {o_w.shape[1]} are not divisible by {num_heads} heads")
+    o64 = o_w.detach().to(torch.float64).reshape(o_w.shape[0], num_heads, -1)
+    sq = sq + o64.square().sum(dim=(0, 2))
+    return sq.sqrt().to(torch.float32)
+
+
+def neuron_importance(in_w: Tensor, out_w: Tensor) -> Tensor:
+    """FFN neuron score ||row i of ffn_in (inter, hidden)|| * ||column i of ffn_out (hidden, inter)||:
+    how much signal can flow through neuron i."""
+    _check_2d(in_w, "ffn input weight")
+    _check_2d(out_w, "ffn output weight")
+    if in_w.shape[0] != out_w.shape[1]:
+        raise PlanError(
+            f"ffn weights disagree on the inner size: in {tuple(in_w.shape)} vs out {tuple(out_w.shape)}"
+        )
+    rows = in_w.detach().to(torch.float64).norm(dim=1)
+    cols = out_w.detach().to(device=in_w.device, dtype=torch.float64).norm(dim=0)
+    return (rows * cols).to(torch.float32)
+
+
+def top_k_sorted(scores: Tensor, k: int) -> Tensor:
+    """Indices (long) of the k largest scores, ascending so kept heads/neurons keep their order; ties go
+    to the lower index."""
+    if scores.dim() != 1:
+        raise PlanError(f"scores must be 1-D (got shape {tuple(scores.shape)})")
+    if not 1 <= k <= scores.numel():
+        raise PlanError(f"k must be between 1 and {scores.numel()} (got {k})")
+    order = torch.argsort(scores.detach(), descending=True, stable=True)[:k]
+    return torch.sort(order).values.to(torch.long)

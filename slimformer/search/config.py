@@ -1,0 +1,120 @@
+"""SearchConfig: the whole search as one validated document (unknown keys are errors)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from slimformer.errors import ConfigError
+from slimformer.spaces.config import SpaceConfig
+
+OBJECTIVES = ("quality", "latency", "memory")
+QUICKSTART_CONFIG = Path(__file__).resolve().parent.parent / "data" / "quickstart.yaml"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Strict):
+    """Where evaluation data comes from and how it is split (search vs held-out)."""
+
+    source: str = "fortunes"  # fortunes | fashion-mnist | path.txt | path.jsonl | hf:NAME[:CONFIG]:SPLIT:COLUMN
+    search_samples: int = Field(128, ge=4)
+    heldout_samples: int = Field(256, ge=4)
+    calibration_samples: int = Field(64, ge=1)
+    batch_size: int = Field(32, ge=1)
+    max_length: int = Field(128, ge=8)
+    seed: int = 0
+
+
+class BudgetConfig(_Strict):
+    """Hard memory budget: a percentage of the fp32 weights ('15%') or bytes ('12MB', '900KB', 12000000)."""
+
+    memory: str | int
+
+    def to_bytes(self, fp32_bytes: int) -> int:
+        v = self.memory
+        if isinstance(v, int):
+            return v
+        s = v.strip().upper().replace(" ", "")
+        m = re.fullmatch(r"([0-9.]+)%", s)
+        if m:
+            return int(float(m.group(1)) / 100.0 * fp32_bytes)
+        m = re.fullmatch(r"([0-9.]+)(B|KB|MB|GB|KIB|MIB|GIB)?", s)
+        if not m:
+            raise ConfigError(f"budget.memory {v!r}: write a percentage of fp32 like '15%' or a size like '12MB'")
+        unit = {"B": 1, None: 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
+        return int(float(m.group(1)) * unit[m.group(2)])
+
+
+class SamplerConfig(_Strict):
+    name: Literal["nsga2", "tpe", "random"] = "nsga2"
+    population_size: int = Field(16, ge=2)
+    seed: int | None = 0
+
+
+class LatencyConfig(_Strict):
+    batch: int = Field(1, ge=1)
+    seq: int = Field(128, ge=1)
+
+
+class SearchConfig(_Strict):
+    """Everything a search needs. Paths are relative to the working directory."""
+
+    model: str
+    data: DataConfig = DataConfig()
+    space: SpaceConfig
+    budget: BudgetConfig
+    objectives: list[Literal["quality", "latency", "memory"]] = ["quality", "latency", "memory"]
+    quality_metric: str | None = None  # cosine | neighbours (encoders); agreement | accuracy | neg_kl
+    sampler: SamplerConfig = SamplerConfig()
+    trials: int = Field(60, ge=1)
+    timeout: float | None = Field(None, gt=0)
+    storage: str | None = None
+    study_name: str = "slimformer"
+    run_dir: str = "runs/search"
+    hardware_profile: str = "amd-epyc-avx512-2t-torch"
+    latency: LatencyConfig = LatencyConfig()
+    baselines: bool = True
+    threads: int | None = Field(None, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @field_validator("objectives")
+    @classmethod
+    def _objectives(cls, v: list[str]) -> list[str]:
+        if "quality" not in v or len(set(v)) != len(v):
+            raise ValueError("objectives must include quality, without repeats (e.g. [quality, latency, memory])")
+        return v
+
+    @classmethod
+    def from_yaml(cls, text: str, source: str = "config") -> SearchConfig:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: a search config is a YAML mapping (model, space, budget, ...)")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            loc = ".".join(str(x) for x in err["loc"])
+            msg = "unknown key (remove it or check its spelling)" if err["type"] == "extra_forbidden" \
+                else err["msg"]
+            raise ConfigError(f"{source}: {loc}: {msg}") from None
+
+    @classmethod
+    def load(cls, path: str | Path | None) -> SearchConfig:
+        """Load a config file; None means the embedded Quickstart defaults."""
+        p = QUICKSTART_CONFIG if path is None else Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        return cls.from_yaml(p.read_text(), source=str(p))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

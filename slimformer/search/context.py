@@ -1,0 +1,132 @@
+"""Everything a search needs, built and validated before any file is written."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from slimformer import data as data_mod
+from slimformer.compression.apply import DecompositionCache, collect_activation_scales
+from slimformer.compression.memory import plan_memory
+from slimformer.compression.plan import CompressionPlan
+from slimformer.errors import BudgetError, ConfigError
+from slimformer.evaluators.quality import FidelityEvaluator
+from slimformer.hardware_profiles import HardwareProfile, load_profile
+from slimformer.models import ModelAdapter, load
+from slimformer.models.base import Batch
+from slimformer.search.config import SearchConfig
+from slimformer.spaces.space import SearchSpace
+
+
+@dataclass
+class EvalSets:
+    """Search, held-out and calibration batches (held-out is never used during the search)."""
+
+    search: list[Batch]
+    heldout: list[Batch]
+    calibration: list[Batch]
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: cuda was requested but torch sees no CUDA device; use auto or cpu")
+    return name
+
+
+def load_eval_sets(config: SearchConfig, adapter: ModelAdapter) -> EvalSets:
+    """Load and split the configured data for this model kind."""
+    d = config.data
+    if d.source in ("fashion-mnist", "fashion_mnist"):
+        if adapter.family != "timm":
+            raise ConfigError("data.source fashion-mnist holds images; use it with a timm ViT model")
+        train_x, train_y = data_mod.load_fashion_mnist("train", limit=max(d.search_samples, d.calibration_samples))
+        test_x, test_y = data_mod.load_fashion_mnist("test", limit=d.heldout_samples)
+        return EvalSets(
+            adapter.make_batches(train_x[: d.search_samples], d.batch_size, train_y[: d.search_samples]),
+            adapter.make_batches(test_x, d.batch_size, test_y),
+            adapter.make_batches(train_x[: d.calibration_samples], d.batch_size),
+        )
+    if adapter.family == "timm":
+        raise ConfigError(f"data.source {d.source!r}: a ViT needs images; use fashion-mnist")
+    if d.source == "fortunes":
+        search, heldout = data_mod.text_splits(d.search_samples, d.heldout_samples, seed=d.seed)
+    else:
+        texts = data_mod.load_texts(d.source)
+        if len(texts) < d.search_samples + d.heldout_samples:
+            raise ConfigError(f"data.source {d.source}: {len(texts)} texts, fewer than search_samples + "
+                              f"heldout_samples = {d.search_samples + d.heldout_samples}")
+        random.Random(d.seed).shuffle(texts)
+        search, heldout = texts[: d.search_samples], texts[d.search_samples: d.search_samples + d.heldout_samples]
+    return EvalSets(adapter.make_batches(search, d.batch_size), adapter.make_batches(heldout, d.batch_size),
+                    adapter.make_batches(search[: d.calibration_samples], d.batch_size))
+
+
+@dataclass
+class SearchContext:
+    """A prepared search: model, space, budget, evaluators, hardware profile and caches."""
+
+    config: SearchConfig
+    adapter: ModelAdapter
+    space: SearchSpace
+    profile: HardwareProfile
+    fp32_bytes: int
+    budget_bytes: int
+    min_bytes: int
+    sets: EvalSets
+    search_eval: FidelityEvaluator
+    heldout_eval: FidelityEvaluator
+    act_scales: dict[str, Tensor] | None
+    cache: DecompositionCache
+    quality_metric: str
+    device: str
+
+    def memory(self, plan: CompressionPlan) -> int:
+        return plan_memory(self.adapter, plan).total_bytes
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def prepare(config: SearchConfig, *, log: Any = None) -> SearchContext:
+    """Validate the config against the model and data; raise SlimformerError before anything is written."""
+    say = log or (lambda msg: None)
+    device = resolve_device(config.device)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    profile = load_profile(config.hardware_profile)
+    say(f"loading model {config.model}")
+    adapter = load(config.model, max_length=config.data.max_length)
+    metric_default = "cosine" if adapter.kind == "encoder" else "agreement"
+    metric = config.quality_metric or metric_default
+    space = SearchSpace(adapter, config.space)
+    fp32 = plan_memory(adapter, CompressionPlan()).total_bytes
+    budget = config.budget.to_bytes(fp32)
+    min_plan = space.min_memory_plan()
+    min_bytes = plan_memory(adapter, min_plan).total_bytes
+    if min_bytes > budget:
+        raise BudgetError(
+            f"budget.memory {config.budget.memory} = {budget / 1e6:.2f} MB, but the smallest plan in the space "
+            f"needs {min_bytes / 1e6:.2f} MB ({100 * min_bytes / fp32:.1f}% of fp32); raise the budget or add "
+            "cheaper choices (4 bits, lower rank_fraction) to the space"
+        )
+    seed_everything(config.data.seed)
+    say("loading data and computing teacher outputs")
+    sets = load_eval_sets(config, adapter)
+    search_eval = FidelityEvaluator(adapter, sets.search, device=device)
+    if metric not in search_eval.metric_names:
+        raise ConfigError(f"quality_metric {metric!r} is not available for this model/data; "
+                          f"choose one of {list(search_eval.metric_names)}")
+    heldout_eval = FidelityEvaluator(adapter, sets.heldout, device=device)
+    act_scales = collect_activation_scales(adapter, sets.calibration) if config.space.data_aware_lowrank else None
+    return SearchContext(config, adapter, space, profile, fp32, budget, min_bytes, sets, search_eval,
+                         heldout_eval, act_scales, DecompositionCache(), metric, device)

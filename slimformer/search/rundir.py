@@ -1,0 +1,199 @@
+"""The run directory: config, study, baselines, Pareto front, recipes, summary and report.
+
+  config.yaml        the resolved config (a re-run with another model/space/budget is refused)
+  study.db           the Optuna study (default SQLite storage)
+  baselines.json     uniform baselines: memory, fit, search-set and held-out metrics
+  heldout.json       held-out metrics of Pareto trials (cached across re-runs)
+  pareto.json        every feasible Pareto trial: metrics (search + held-out) and plan
+  pareto.png         the front against the baselines
+  report.html        front, baselines, per-layer choices of the best plans
+  recipes/trial-N.yaml  one recipe per Pareto trial
+  summary.json       best recipe vs best baseline on held-out data, timings
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+
+from slimformer import __version__
+from slimformer.compression.plan import CompressionPlan
+from slimformer.compression.recipe import Recipe, atomic_write_text
+from slimformer.errors import ConfigError
+from slimformer.search.baselines import uniform_baselines
+from slimformer.search.config import SearchConfig
+from slimformer.search.context import SearchContext
+from slimformer.search.runner import evaluate_plan, pareto_trials, trial_plan
+
+IDENTITY_KEYS = ("model", "space", "budget", "objectives", "quality_metric", "data")
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json(path: Path, default: Any) -> Any:
+    return json.loads(path.read_text()) if path.exists() else default
+
+
+def check_or_write_config(run_dir: Path, config: SearchConfig) -> None:
+    """A run dir belongs to one search: refuse to resume it with a different model/space/budget."""
+    f = run_dir / "config.yaml"
+    new = config.model_dump(mode="json")
+    if f.exists():
+        old = yaml.safe_load(f.read_text()) or {}
+        changed = [k for k in IDENTITY_KEYS if old.get(k) != new.get(k)]
+        if changed:
+            raise ConfigError(f"{run_dir} holds a search with a different {', '.join(changed)}; "
+                              "use another --run-dir to start a new search")
+    atomic_write_text(f, config.to_yaml())
+
+
+def plan_summary(plan: CompressionPlan) -> dict[str, Any]:
+    """A JSON-able plan: unit specs, layer specs and sharing."""
+    return {
+        "units": {k: {f: v for f, v in asdict(s).items() if v not in (None, 0.0, "unstructured") or f == "bits"}
+                  for k, s in plan.units.items()},
+        "layers": {str(i): asdict(s) for i, s in plan.layers.items()},
+        "sharing": {"groups": [list(g) for g in plan.sharing.groups], "scope": plan.sharing.scope}
+        if plan.sharing.groups else None,
+    }
+
+
+@dataclass
+class BaselineResult:
+    name: str
+    memory_bytes: int
+    memory_percent: float
+    fits: bool
+    latency_ms: float | None = None
+    search_metrics: dict[str, float] | None = None
+    heldout_metrics: dict[str, float] | None = None
+
+
+def run_baselines(ctx: SearchContext, run_dir: Path, log: Any) -> list[BaselineResult]:
+    """Evaluate (or reload) the uniform baselines that fit the budget."""
+    f = run_dir / "baselines.json"
+    cached = {b["name"]: b for b in read_json(f, [])}
+    groups = sorted({g for grp in ctx.config.space.groups for g in grp.group_size if g is not None})
+    results = []
+    for b in uniform_baselines(ctx.adapter, ctx.budget_bytes, groups or [32]):
+        if b.name in cached:
+            results.append(BaselineResult(**cached[b.name]))
+            continue
+        r = BaselineResult(b.name, b.memory_bytes, round(100 * b.memory_bytes / ctx.fp32_bytes, 4), b.fits)
+        if b.fits:
+            log(f"baseline {b.name} ({r.memory_percent:.2f}% of fp32)")
+            ev = evaluate_plan(ctx, b.plan)
+            r.latency_ms = ev.latency_ms
+            r.search_metrics = ev.metrics
+            r.heldout_metrics = evaluate_plan(ctx, b.plan, heldout=True).metrics
+        results.append(r)
+        write_json(f, [asdict(x) for x in results])
+    write_json(f, [asdict(x) for x in results])
+    return results
+
+
+def heldout_for_pareto(ctx: SearchContext, run_dir: Path, front: list[optuna.trial.FrozenTrial]
+                       ) -> dict[int, dict[str, float]]:
+    f = run_dir / "heldout.json"
+    cache = {int(k): v for k, v in read_json(f, {}).items()}
+    for t in front:
+        if t.number not in cache:
+            cache[t.number] = evaluate_plan(ctx, trial_plan(ctx, t), heldout=True).metrics
+            write_json(f, {str(k): v for k, v in sorted(cache.items())})
+    return cache
+
+
+def write_outputs(ctx: SearchContext, run_dir: Path, study: optuna.Study, baselines: list[BaselineResult],
+                  study_name: str, storage: str, elapsed_s: float) -> dict[str, Any]:
+    """Pareto front, recipes, summary and report, from the study as it stands."""
+    from slimformer.search.report import write_pareto_png, write_report
+
+    front = pareto_trials(study, ctx)
+    heldout = heldout_for_pareto(ctx, run_dir, front)
+    m = ctx.quality_metric
+    entries = []
+    recipes_dir = run_dir / "recipes"
+    recipes_dir.mkdir(exist_ok=True)
+    for t in front:
+        plan = trial_plan(ctx, t)
+        entry = {
+            "trial": t.number,
+            "memory_bytes": t.user_attrs["memory_bytes"],
+            "memory_percent": t.user_attrs["memory_percent"],
+            "latency_ms_estimate": t.user_attrs["latency_ms"],
+            "search_metrics": t.user_attrs.get("metrics", {}),
+            "heldout_metrics": heldout[t.number],
+            "params": t.params,
+            "plan": plan_summary(plan),
+            "recipe": f"recipes/trial-{t.number}.yaml",
+        }
+        entries.append(entry)
+        recipe = Recipe.from_plan(plan, ctx.adapter, hardware_profile=ctx.profile.name, provenance={
+            "study": study_name, "storage": storage, "trial": t.number,
+            "metrics": {"memory_bytes": entry["memory_bytes"], "memory_percent": entry["memory_percent"],
+                        "latency_ms_estimate": entry["latency_ms_estimate"],
+                        **{f"search_{k}": v for k, v in entry["search_metrics"].items()},
+                        **{f"heldout_{k}": v for k, v in entry["heldout_metrics"].items()}},
+            "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        })
+        recipe.save(recipes_dir / f"trial-{t.number}.yaml")
+    write_json(run_dir / "pareto.json", {"objectives": ctx.config.objectives, "quality_metric": m,
+                                          "budget_bytes": ctx.budget_bytes, "fp32_bytes": ctx.fp32_bytes,
+                                          "trials": entries})
+    summary = summarize(ctx, study, entries, baselines, elapsed_s)
+    write_json(run_dir / "summary.json", summary)
+    write_pareto_png(run_dir / "pareto.png", ctx, study, entries, baselines)
+    write_report(run_dir / "report.html", ctx, entries, baselines, summary)
+    return summary
+
+
+def summarize(ctx: SearchContext, study: optuna.Study, entries: list[dict[str, Any]],
+              baselines: list[BaselineResult], elapsed_s: float) -> dict[str, Any]:
+    m = ctx.quality_metric
+    states: dict[str, int] = {}
+    done = [t for t in study.get_trials(deepcopy=False)]
+    for t in done:
+        states[t.state.name] = states.get(t.state.name, 0) + 1
+    evaluated = [t for t in done if "trial_s" in t.user_attrs]
+    best = max(entries, key=lambda e: e["heldout_metrics"][m], default=None)
+    fitting = [b for b in baselines if b.fits and b.heldout_metrics]
+    best_base = max(fitting, key=lambda b: b.heldout_metrics[m], default=None)  # type: ignore[index]
+    mean = (lambda xs: sum(xs) / len(xs) if xs else None)
+    return {
+        "model": ctx.config.model,
+        "quality_metric": m,
+        "budget_bytes": ctx.budget_bytes,
+        "budget_percent": round(100 * ctx.budget_bytes / ctx.fp32_bytes, 3),
+        "fp32_bytes": ctx.fp32_bytes,
+        "trial_states": states,
+        "infeasible_trials": sum(1 for t in done if t.user_attrs.get("feasible") is False),
+        "evaluated_trials": len(evaluated),
+        "elapsed_s": round(elapsed_s, 1),
+        "mean_trial_s": mean([t.user_attrs["trial_s"] for t in evaluated]),
+        "mean_eval_s": mean([t.user_attrs["eval_s"] for t in evaluated]),
+        "mean_outside_forward_s": mean([t.user_attrs["trial_s"] - t.user_attrs["eval_s"] for t in evaluated]),
+        "best_recipe": None if best is None else {
+            "trial": best["trial"], "recipe": best["recipe"], "memory_percent": best["memory_percent"],
+            f"heldout_{m}": best["heldout_metrics"][m], "heldout_metrics": best["heldout_metrics"]},
+        "best_baseline": None if best_base is None else {
+            "name": best_base.name, "memory_percent": best_base.memory_percent,
+            f"heldout_{m}": best_base.heldout_metrics[m], "heldout_metrics": best_base.heldout_metrics},  # type: ignore[index]
+        "latency_label": "estimate (roofline)",
+        "hardware_profile": ctx.profile.name,
+    }
+
+
+def versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    return {"slimformer": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "optuna": optuna.__version__}

@@ -1,0 +1,122 @@
+"""The search-space declaration as written in YAML (validated, unknown keys rejected)."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from slimformer.models.base import ROLES
+
+SparsityChoice = float | Literal["2:4"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SelectConfig(_Strict):
+    """Which units a group covers: all conditions must hold (an empty select covers every unit)."""
+
+    role: list[str] | None = None
+    layers: str | list[int] | None = None  # "0-3", "2", or [0, 1]
+    regex: str | None = None
+
+    @field_validator("role")
+    @classmethod
+    def _roles(cls, v: list[str] | None) -> list[str] | None:
+        bad = [r for r in v or [] if r not in ROLES]
+        if bad:
+            raise ValueError(f"unknown role(s) {bad}; roles are {list(ROLES)}")
+        return v
+
+    @field_validator("regex")
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"invalid regex {v!r}: {exc}") from None
+        return v
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, v: str | list[int] | None) -> str | list[int] | None:
+        if isinstance(v, str) and not re.fullmatch(r"\d+(-\d+)?", v.strip()):
+            raise ValueError(f"layers {v!r}: write a range like '0-3', one layer like '2', or a list")
+        return v
+
+    def layer_set(self) -> set[int] | None:
+        if self.layers is None:
+            return None
+        if isinstance(self.layers, list):
+            return set(self.layers)
+        lo, _, hi = self.layers.strip().partition("-")
+        return set(range(int(lo), int(hi or lo) + 1))
+
+
+class GroupConfig(_Strict):
+    """Choices for the units a group selects. Each list is a categorical search dimension."""
+
+    select: SelectConfig = SelectConfig()
+    rank_fraction: list[float] = [1.0]
+    sparsity: list[SparsityChoice] = [0.0]
+    bits: list[Literal[32, 16, 8, 4]] = [32]
+    group_size: list[int | None] = [None]
+    heads_kept: list[int] | None = None
+    neurons_kept: list[float] | None = None  # <= 1.0: fraction of the FFN width; > 1: absolute count
+    per_layer: bool | None = None  # overrides the space-wide setting
+
+    @field_validator("rank_fraction")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        if not v or any(not 0 < f <= 1 for f in v):
+            raise ValueError("rank_fraction choices must be in (0, 1]; 1.0 means full rank")
+        return v
+
+    @field_validator("sparsity")
+    @classmethod
+    def _sparsity(cls, v: list[SparsityChoice]) -> list[SparsityChoice]:
+        if not v or any(isinstance(s, float) and not 0 <= s < 1 for s in v):
+            raise ValueError("sparsity choices must be in [0, 1) or the string '2:4'")
+        return v
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v: list[int | None]) -> list[int | None]:
+        if not v or any(g is not None and (g < 2 or g % 2) for g in v):
+            raise ValueError("group_size choices must be even numbers >= 2, or null for per-channel scales")
+        return v
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("bits needs at least one choice (32, 16, 8 or 4)")
+        return v
+
+
+class SpaceConfig(_Strict):
+    """A search space: unit groups, per-layer or per-group choices, and sharing patterns."""
+
+    groups: list[GroupConfig] = Field(min_length=1)
+    per_layer: bool = True
+    sharing: list[str] = ["none"]
+    sharing_scope: list[Literal["attention", "ffn", "block"]] = ["attention"]
+    data_aware_lowrank: bool = True
+
+    @field_validator("sharing")
+    @classmethod
+    def _sharing(cls, v: list[str]) -> list[str]:
+        for p in v:
+            if p not in ("none", "pairs") and not re.fullmatch(r"cycle\d+", p):
+                raise ValueError(f"sharing pattern {p!r}: use none, pairs or cycleK (e.g. cycle3)")
+        return v
+
+    @model_validator(mode="after")
+    def _nonempty(self) -> SpaceConfig:
+        if not self.sharing or not self.sharing_scope:
+            raise ValueError("sharing and sharing_scope need at least one choice")
+        return self

@@ -1,0 +1,218 @@
+"""SearchSpace: a SpaceConfig bound to a model's units, converted to Optuna categorical parameters.
+
+Each parameter controls a *bundle* of units (one group, or one group x layer when per_layer). The
+same parameters rebuild the plan from a stored trial (`plan_from_params`), so a Pareto trial's recipe
+is always reproducible from the study.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from optuna.distributions import CategoricalDistribution
+
+from slimformer.compression.memory import plan_memory, unit_bytes
+from slimformer.compression.plan import CompressionPlan, LayerSpec, UnitSpec, sharing_pattern
+from slimformer.errors import ConfigError
+from slimformer.models.base import ModelAdapter, Unit
+from slimformer.spaces.config import GroupConfig, SpaceConfig
+
+UNIT_KEYS = ("rank_fraction", "sparsity", "bits", "group_size")
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """Units decided together by one set of parameters (prefix + key)."""
+
+    prefix: str
+    group: GroupConfig
+    units: tuple[Unit, ...]
+    layers: tuple[int, ...]  # layers whose heads/neurons this bundle decides
+
+
+def rank_from_fraction(frac: float, shape: tuple[int, int]) -> int | None:
+    return None if frac >= 1.0 else max(1, round(frac * min(shape)))
+
+
+def spec_from_choice(choice: Mapping[str, Any], shape: tuple[int, int]) -> UnitSpec:
+    sparsity = choice.get("sparsity", 0.0)
+    pattern = "2:4" if sparsity == "2:4" else "unstructured"
+    bits = int(choice.get("bits", 32))
+    return UnitSpec(
+        rank=rank_from_fraction(float(choice.get("rank_fraction", 1.0)), shape),
+        sparsity=0.5 if pattern == "2:4" else float(sparsity),
+        pattern=pattern,  # type: ignore[arg-type]
+        bits=bits,
+        group_size=choice.get("group_size") if bits in (8, 4) else None,
+    )
+
+
+class SearchSpace:
+    """Bound search space. `suggest(trial)` samples a plan; `plan_from_params` replays one."""
+
+    def __init__(self, adapter: ModelAdapter, config: SpaceConfig) -> None:
+        self.adapter = adapter
+        self.config = config
+        self.bundles = self._bundles()
+        n = len(adapter.layers)
+        self.sharing_choices = [f"{p}/{s}" if p != "none" else "none"
+                                for p in config.sharing for s in config.sharing_scope]
+        self.sharing_choices = list(dict.fromkeys(self.sharing_choices))
+        for choice in self.sharing_choices:
+            self._sharing(choice, n)  # validate against the layer count now
+
+    def _bundles(self) -> list[Bundle]:
+        claimed: set[str] = set()
+        bundles: list[Bundle] = []
+        for gi, g in enumerate(self.config.groups):
+            sel = g.select
+            layer_set = sel.layer_set()
+            units = []
+            for u in self.adapter.units:
+                if u.name in claimed:
+                    continue
+                if sel.role is not None and u.role not in sel.role:
+                    continue
+                if layer_set is not None and u.layer not in layer_set:
+                    continue
+                if sel.regex is not None:
+                    import re
+
+                    if re.search(sel.regex, u.name) is None:
+                        continue
+                units.append(u)
+            if not units:
+                raise ConfigError(f"space.groups[{gi}].select matches no unit of {self.adapter.model_id}; "
+                                  "check role/layers/regex (`slimformer inspect MODEL` lists units)")
+            claimed |= {u.name for u in units}
+            per_layer = self.config.per_layer if g.per_layer is None else g.per_layer
+            if per_layer:
+                keys = sorted({u.layer for u in units}, key=lambda x: -1 if x is None else x)
+                for layer in keys:
+                    members = tuple(u for u in units if u.layer == layer)
+                    tag = "emb" if layer is None else f"L{layer}"
+                    bundles.append(Bundle(f"g{gi}.{tag}", g, members, () if layer is None else (layer,)))
+            else:
+                layers = tuple(sorted({u.layer for u in units if u.layer is not None}))
+                bundles.append(Bundle(f"g{gi}", g, tuple(units), layers))
+        return bundles
+
+    def _sharing(self, choice: str, n_layers: int):  # -> SharingSpec
+        if choice == "none":
+            return sharing_pattern("none", n_layers)
+        pattern, _, scope = choice.partition("/")
+        try:
+            return sharing_pattern(pattern, n_layers, scope)  # type: ignore[arg-type]
+        except ValueError as exc:
+            raise ConfigError(f"space.sharing: {exc}") from None
+
+    # -- Optuna ------------------------------------------------------------------------------------
+    def distributions(self) -> dict[str, CategoricalDistribution]:
+        """Every parameter of the space with its choices (Optuna categorical distributions)."""
+        out: dict[str, CategoricalDistribution] = {}
+        for b in self.bundles:
+            for key in UNIT_KEYS:
+                choices = getattr(b.group, key)
+                if len(choices) > 1:
+                    out[f"{b.prefix}.{key}"] = CategoricalDistribution(choices)
+            for key in ("heads_kept", "neurons_kept"):
+                choices = getattr(b.group, key)
+                if choices and len(choices) > 1 and b.layers:
+                    out[f"{b.prefix}.{key}"] = CategoricalDistribution(choices)
+        if len(self.sharing_choices) > 1:
+            out["sharing"] = CategoricalDistribution(self.sharing_choices)
+        return out
+
+    def suggest(self, trial: optuna.Trial) -> CompressionPlan:
+        params = {name: trial.suggest_categorical(name, list(d.choices))
+                  for name, d in self.distributions().items()}
+        return self.plan_from_params(params)
+
+    def plan_from_params(self, params: Mapping[str, Any]) -> CompressionPlan:
+        """Decode parameter values (from a trial, FixedTrial or stored params) into a plan."""
+        units: dict[str, UnitSpec] = {}
+        layers: dict[int, dict[str, int]] = {}
+        for b in self.bundles:
+            choice = {}
+            for key in UNIT_KEYS:
+                choices = getattr(b.group, key)
+                choice[key] = params.get(f"{b.prefix}.{key}", choices[0])
+            for u in b.units:
+                spec = spec_from_choice(choice, u.shape)
+                if not spec.is_identity:
+                    units[u.name] = spec
+            for key in ("heads_kept", "neurons_kept"):
+                choices = getattr(b.group, key)
+                if not choices:
+                    continue
+                value = params.get(f"{b.prefix}.{key}", choices[0])
+                for layer in b.layers:
+                    layers.setdefault(layer, {})[key] = self._structure_value(key, value, layer)
+        sharing = self._sharing(params.get("sharing", self.sharing_choices[0]), len(self.adapter.layers))
+        layer_specs = {i: LayerSpec(v.get("heads_kept"), v.get("neurons_kept")) for i, v in layers.items()}
+        return CompressionPlan(units, layer_specs, sharing)
+
+    def _structure_value(self, key: str, value: float, layer: int) -> int | None:
+        info = self.adapter.layers[layer]
+        if key == "heads_kept":
+            v = int(value)
+            if not 1 <= v <= info.num_heads:
+                raise ConfigError(f"heads_kept {v} is outside 1..{info.num_heads} for layer {layer}")
+            return None if v == info.num_heads else v
+        v = round(value * info.intermediate) if value <= 1.0 else int(value)
+        if not 1 <= v <= info.intermediate:
+            raise ConfigError(f"neurons_kept {value} is outside (0, {info.intermediate}] for layer {layer}")
+        return None if v == info.intermediate else v
+
+    # -- budget ------------------------------------------------------------------------------------
+    def min_memory_plan(self) -> CompressionPlan:
+        """The smallest plan in the space (each bundle's cheapest combination, fewest heads/neurons)."""
+        best_params: dict[str, Any] = {}
+        for b in self.bundles:
+            keys = [k for k in UNIT_KEYS if len(getattr(b.group, k)) > 1]
+            best, best_bytes = None, None
+            for combo in itertools.product(*(getattr(b.group, k) for k in keys)):
+                choice = {k: getattr(b.group, k)[0] for k in UNIT_KEYS} | dict(zip(keys, combo))
+                total = sum(unit_bytes(u, u.shape, spec_from_choice(choice, u.shape)) for u in b.units)
+                if best_bytes is None or total < best_bytes:
+                    best, best_bytes = combo, total
+            best_params |= {f"{b.prefix}.{k}": v for k, v in zip(keys, best or ())}
+            for key in ("heads_kept", "neurons_kept"):
+                choices = getattr(b.group, key)
+                if choices and len(choices) > 1 and b.layers:
+                    best_params[f"{b.prefix}.{key}"] = min(choices)
+        plans = []
+        for s in self.sharing_choices:
+            plans.append(self.plan_from_params(best_params | {"sharing": s}))
+        return min(plans, key=lambda p: plan_memory(self.adapter, p).total_bytes)
+
+    def uniform_params(self, **values: Any) -> dict[str, Any]:
+        """Parameters that set every dimension named in `values` to that value where it is a choice."""
+        params: dict[str, Any] = {}
+        for name, dist in self.distributions().items():
+            key = name.rsplit(".", 1)[-1]
+            if key in values and values[key] in dist.choices:
+                params[name] = values[key]
+        return params
+
+    def seed_params(self, budget_bytes: int) -> list[dict[str, Any]]:
+        """Feasible starting points: uniform 4-bit at each group size the space offers, then 8-bit."""
+        sizes = sorted({g for grp in self.config.groups for g in grp.group_size}, key=lambda g: (g is None, g))
+        candidates = [self.uniform_params(bits=4, group_size=g, rank_fraction=1.0, sparsity=0.0) for g in sizes]
+        candidates += [self.uniform_params(bits=8, group_size=g, rank_fraction=1.0, sparsity=0.0) for g in sizes]
+        seeds: list[dict[str, Any]] = []
+        for p in candidates:
+            full = {n: p.get(n, d.choices[0]) for n, d in self.distributions().items()}
+            if full not in seeds and plan_memory(self.adapter, self.plan_from_params(full)).total_bytes <= budget_bytes:
+                seeds.append(full)
+        return seeds
+
+    def size(self) -> int:
+        n = 1
+        for d in self.distributions().values():
+            n *= len(d.choices)
+        return n
