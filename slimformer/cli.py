@@ -99,8 +99,8 @@ def apply(recipe: Path, model: str, out: Path | None, data: str, samples: int) -
     res = apply_recipe(recipe, model, out_dir=out, data=data, samples=samples)
     mem = res.memory
     click.echo(f"memory: {mem.total_bytes:,d} bytes = {mem.percent:.2f}% of fp32 ({mem.fp32_bytes:,d})")
-    click.echo("fidelity on %d held-out samples: %s" % (
-        res.n_samples, ", ".join(f"{k} {v:.4f}" for k, v in res.fidelity.items())))
+    scores = ", ".join(f"{k} {v:.4f}" for k, v in res.fidelity.items())
+    click.echo(f"fidelity on {res.n_samples} held-out samples: {scores}")
     if res.out_dir:
         click.echo(f"wrote {res.out_dir}")
 

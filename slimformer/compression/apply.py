@@ -12,9 +12,13 @@ identity plan reproduces the original outputs exactly.
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import inspect
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -34,12 +38,36 @@ from slimformer.models.base import Batch, LayerInfo, ModelAdapter, Unit
 
 
 class DecompositionCache:
-    """SVDs computed once per (weights, activation scale) and reused by every trial."""
+    """SVDs computed once per (weights, activation scale) and reused by every trial; also the finished
+    compressed module of each (unit, spec, layer structure), which is a pure function of the reference
+    weights, so later trials copy it instead of re-quantising (bounded by `max_unit_bytes`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_unit_bytes: int = 2 * 1024**3) -> None:
         self._store: dict[tuple[str, str], ops.SVDResult] = {}
+        self._units: OrderedDict[tuple[Any, ...], tuple[nn.Module, int]] = OrderedDict()
+        self._unit_bytes = 0
+        self.max_unit_bytes = max_unit_bytes
         self.hits = 0
         self.misses = 0
+        self.unit_hits = 0
+
+    def get_unit(self, key: tuple[Any, ...]) -> nn.Module | None:
+        item = self._units.get(key)
+        if item is None:
+            return None
+        self._units.move_to_end(key)
+        self.unit_hits += 1
+        return copy.deepcopy(item[0])
+
+    def put_unit(self, key: tuple[Any, ...], module: nn.Module) -> None:
+        size = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+        if size > self.max_unit_bytes:
+            return
+        self._units[key] = (copy.deepcopy(module), size)
+        self._unit_bytes += size
+        while self._unit_bytes > self.max_unit_bytes:
+            _, (_, old) = self._units.popitem(last=False)
+            self._unit_bytes -= old
 
     @staticmethod
     def _key(t: Tensor | None) -> str:
@@ -141,17 +169,25 @@ def canonical_plan(adapter: ModelAdapter, plan: CompressionPlan) -> CompressionP
 # -- calibration -----------------------------------------------------------------------------------
 @torch.no_grad()
 def collect_activation_scales(adapter: ModelAdapter, batches: Sequence[Batch]) -> dict[str, Tensor]:
-    """Mean |input activation| per input feature of every linear unit, from the reference model."""
+    """Mean |input activation| per input feature of every linear unit, from the reference model.
+
+    Padding positions (attention_mask == 0) are left out: their activations never reach the output.
+    """
     sums: dict[str, Tensor] = {}
     counts: dict[str, int] = {}
     hooks = []
+    current: dict[str, Tensor | None] = {"mask": None}
     for u in adapter.units:
         if u.kind != "linear":
             continue
         mod = get_module(adapter.model, u.name)
 
         def hook(_m: nn.Module, args: tuple[Tensor, ...], _out: Tensor, name: str = u.name) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).abs().to(torch.float64)
+            x = args[0].detach()
+            m = current["mask"]
+            if m is not None and tuple(x.shape[:-1]) == tuple(m.shape):
+                x = x[m.bool()]
+            x = x.reshape(-1, x.shape[-1]).abs().to(torch.float64)
             sums[name] = sums.get(name, 0) + x.sum(0)
             counts[name] = counts.get(name, 0) + x.shape[0]
 
@@ -159,7 +195,9 @@ def collect_activation_scales(adapter: ModelAdapter, batches: Sequence[Batch]) -
     device = next(adapter.model.parameters()).device
     try:
         for b in batches:
-            adapter.output(adapter.model, b.to(device))
+            b = b.to(device)
+            current["mask"] = b.inputs.get("attention_mask")
+            adapter.output(adapter.model, b)
     finally:
         for h in hooks:
             h.remove()
@@ -172,8 +210,7 @@ def _prune_heads(model: nn.Module, info: LayerInfo, keep: Tensor) -> None:
     idx = (keep[:, None] * hd + torch.arange(hd)[None, :]).reshape(-1)
     if len(info.qkv_units) == 1:  # fused [3, heads, head_dim] rows
         full = info.num_heads * hd
-        idx = torch.cat([idx + k * full for k in range(3)])
-        _select_rows(model, info.qkv_units[0], idx)
+        _select_rows(model, info.qkv_units[0], torch.cat([idx + k * full for k in range(3)]))
     else:
         for name in info.qkv_units:
             _select_rows(model, name, idx)
@@ -183,6 +220,31 @@ def _prune_heads(model: nn.Module, info: LayerInfo, keep: Tensor) -> None:
     for attr in ("all_head_size", "attn_dim"):
         if hasattr(attn, attr):
             setattr(attn, attr, int(keep.numel()) * hd)
+    params = list(inspect.signature(attn.forward).parameters)
+    if "position_bias" in params:  # MPNet: one (batch, heads, q, k) bias for all layers, computed outside
+        attn.register_forward_pre_hook(_KeptHeadBias(keep, info.num_heads, params.index("position_bias")),
+                                       with_kwargs=True)
+
+
+class _KeptHeadBias:
+    """Forward pre-hook of a head-pruned attention module: slice the shared per-head `position_bias`
+    to the heads this layer kept."""
+
+    def __init__(self, keep: Tensor, num_heads: int, pos: int) -> None:
+        self.keep, self.num_heads, self.pos = keep, num_heads, pos
+
+    def _cut(self, t: Any) -> Any:
+        if isinstance(t, Tensor) and t.dim() == 4 and t.shape[1] == self.num_heads:
+            return t.index_select(1, self.keep.to(t.device))
+        return t
+
+    def __call__(self, _m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+                 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        if "position_bias" in kwargs:
+            kwargs = {**kwargs, "position_bias": self._cut(kwargs["position_bias"])}
+        elif len(args) > self.pos:
+            args = (*args[:self.pos], self._cut(args[self.pos]), *args[self.pos + 1:])
+        return args, kwargs
 
 
 def _select_rows(model: nn.Module, path: str, idx: Tensor) -> None:
@@ -274,7 +336,7 @@ def apply_plan(adapter: ModelAdapter, plan: CompressionPlan, cache: Decompositio
     act_scales (from `collect_activation_scales`) switches low rank to the activation-weighted SVD.
     """
     plan = canonical_plan(adapter, plan)
-    cache = cache or DecompositionCache()
+    cache = DecompositionCache() if cache is None else cache  # an empty cache is falsy (__len__)
     model = adapter.fresh_model() if model is None else model
     scope = plan.sharing.scope
     shared_away: set[int] = set()  # layers whose scope modules come from their representative
@@ -315,13 +377,19 @@ def apply_plan(adapter: ModelAdapter, plan: CompressionPlan, cache: Decompositio
         mod = get_module(model, unit.name)
         if id(mod) in done:
             continue
-        if unit.kind == "embedding":
-            _compress_embedding(model, unit, spec, cache)
+        scale = None if act_scales is None or unit.kind == "embedding" else act_scales.get(unit.name)
+        key = (unit.name, spec, None if unit.layer is None else plan.layer(unit.layer), scale is not None)
+        cached = cache.get_unit(key)
+        if cached is not None:
+            set_module(model, unit.name, cached.to(next(mod.parameters()).device))
         else:
-            scale = None if act_scales is None else act_scales.get(unit.name)
-            if scale is not None and unit.name in in_index:
-                scale = scale[in_index[unit.name]]
-            _compress_linear(model, unit, spec, cache, scale)
+            if unit.kind == "embedding":
+                _compress_embedding(model, unit, spec, cache)
+            else:
+                if scale is not None and unit.name in in_index:
+                    scale = scale[in_index[unit.name]]
+                _compress_linear(model, unit, spec, cache, scale)
+            cache.put_unit(key, get_module(model, unit.name))
         done.add(id(get_module(model, unit.name)))
         _realias(model, adapter, plan, unit, shared_away)
     return model.eval()

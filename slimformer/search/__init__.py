@@ -58,6 +58,6 @@ def run_search(config: SearchConfig, *, trials: int | None = None, timeout: floa
     baselines = run_baselines(ctx, out, say) if config.baselines else []
     say(f"searching: {config.trials} trials, storage {url}")
     study = run_trials(ctx, url, config.study_name, config.trials, config.timeout, progress=progress,
-                       single_driver=config.storage is None)
+                       single_driver=config.storage is None, log=say, sensitivity_path=out / "sensitivity.json")
     summary = write_outputs(ctx, out, study, baselines, config.study_name, url, time.perf_counter() - start)
     return SearchResult(out, url, summary)

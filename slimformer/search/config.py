@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 from pathlib import Path
 from typing import Literal
 
@@ -37,19 +38,38 @@ class BudgetConfig(_Strict):
 
     memory: str | int
 
+    @field_validator("memory")
+    @classmethod
+    def _parse(cls, v: str | int) -> str | int:
+        if _parse_budget(v, 10**15) is None:
+            raise ValueError(f"{v!r}: write a positive percentage of fp32 like '15%' or a size like '12MB'")
+        return v
+
     def to_bytes(self, fp32_bytes: int) -> int:
-        v = self.memory
-        if isinstance(v, int):
-            return v
-        s = v.strip().upper().replace(" ", "")
-        m = re.fullmatch(r"([0-9.]+)%", s)
-        if m:
-            return int(float(m.group(1)) / 100.0 * fp32_bytes)
-        m = re.fullmatch(r"([0-9.]+)(B|KB|MB|GB|KIB|MIB|GIB)?", s)
-        if not m:
-            raise ConfigError(f"budget.memory {v!r}: write a percentage of fp32 like '15%' or a size like '12MB'")
-        unit = {"B": 1, None: 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
-        return int(float(m.group(1)) * unit[m.group(2)])
+        out = _parse_budget(self.memory, fp32_bytes)
+        if out is None:
+            raise ConfigError(f"budget.memory {self.memory!r}: write a percentage of fp32 like '15%' or a "
+                              "size like '12MB'")
+        return out
+
+
+_UNITS = {"B": 1, "": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
+
+
+def _parse_budget(v: str | int, fp32_bytes: int) -> int | None:
+    """Exact bytes of a budget (Fraction arithmetic, so '29%' of 100 is 29), None when malformed."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int):
+        return v if v > 0 else None
+    s = v.strip().upper().replace(" ", "")
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+)(%|B|KB|MB|GB|KIB|MIB|GIB)?", s)
+    if not m:
+        return None
+    amount = Fraction(m.group(1))
+    unit = m.group(2) or ""
+    out = int(amount * fp32_bytes / 100) if unit == "%" else int(amount * _UNITS[unit])
+    return out if out > 0 else None
 
 
 class SamplerConfig(_Strict):
@@ -81,6 +101,7 @@ class SearchConfig(_Strict):
     hardware_profile: str = "amd-epyc-avx512-2t-torch"
     latency: LatencyConfig = LatencyConfig()
     baselines: bool = True
+    start_points: Literal["sensitivity", "random", "none"] = "sensitivity"  # first generation (search/start.py)
     threads: int | None = Field(None, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 

@@ -64,8 +64,14 @@ def load_eval_sets(config: SearchConfig, adapter: ModelAdapter) -> EvalSets:
                               f"heldout_samples = {d.search_samples + d.heldout_samples}")
         random.Random(d.seed).shuffle(texts)
         search, heldout = texts[: d.search_samples], texts[d.search_samples: d.search_samples + d.heldout_samples]
-    return EvalSets(adapter.make_batches(search, d.batch_size), adapter.make_batches(heldout, d.batch_size),
-                    adapter.make_batches(search[: d.calibration_samples], d.batch_size))
+    calibration = search[: d.calibration_samples]
+
+    def by_length(texts: list[str]) -> list[str]:  # less padding per batch; metrics are order-free
+        return sorted(texts, key=len)
+
+    return EvalSets(adapter.make_batches(by_length(search), d.batch_size),
+                    adapter.make_batches(by_length(heldout), d.batch_size),
+                    adapter.make_batches(by_length(calibration), d.batch_size))
 
 
 @dataclass
@@ -104,7 +110,6 @@ def prepare(config: SearchConfig, *, log: Any = None) -> SearchContext:
     if config.threads:
         torch.set_num_threads(config.threads)
     profile = load_profile(config.hardware_profile)
-    say(f"loading model {config.model}")
     adapter = load(config.model, max_length=config.data.max_length)
     metric_default = "cosine" if adapter.kind == "encoder" else "agreement"
     metric = config.quality_metric or metric_default
@@ -120,7 +125,8 @@ def prepare(config: SearchConfig, *, log: Any = None) -> SearchContext:
             "cheaper choices (4 bits, lower rank_fraction) to the space"
         )
     seed_everything(config.data.seed)
-    say("loading data and computing teacher outputs")
+    say(f"model {adapter.model_id}: {len(adapter.units)} units, fp32 {fp32 / 1e6:.2f} MB, budget "
+        f"{budget / 1e6:.2f} MB; computing teacher outputs")
     sets = load_eval_sets(config, adapter)
     search_eval = FidelityEvaluator(adapter, sets.search, device=device)
     if metric not in search_eval.metric_names:

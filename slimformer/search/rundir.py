@@ -166,7 +166,10 @@ def summarize(ctx: SearchContext, study: optuna.Study, entries: list[dict[str, A
     best = max(entries, key=lambda e: e["heldout_metrics"][m], default=None)
     fitting = [b for b in baselines if b.fits and b.heldout_metrics]
     best_base = max(fitting, key=lambda b: b.heldout_metrics[m], default=None)  # type: ignore[index]
-    mean = (lambda xs: sum(xs) / len(xs) if xs else None)
+
+    def mean(xs: list[float]) -> float | None:
+        return sum(xs) / len(xs) if xs else None
+
     return {
         "model": ctx.config.model,
         "quality_metric": m,

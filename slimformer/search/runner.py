@@ -140,15 +140,21 @@ def best_quality(study: optuna.Study, ctx: SearchContext) -> float | None:
 
 
 def run_trials(ctx: SearchContext, storage: str, study_name: str, trials: int, timeout: float | None,
-               progress: bool = True, single_driver: bool = True) -> optuna.Study:
+               progress: bool = True, single_driver: bool = True, log: Any = None,
+               sensitivity_path: Path | None = None) -> optuna.Study:
     """Run until the study holds `trials` finished trials (or the timeout passes)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(ctx, storage, study_name)
     if single_driver:
         fail_interrupted(study)
     if not study.get_trials(deepcopy=False):
-        for params in ctx.space.seed_params(ctx.budget_bytes):
-            study.enqueue_trial(params, user_attrs={"seed": "uniform in-space start point"})
+        from slimformer.search.start import enqueue_start_points
+
+        n, sens = enqueue_start_points(ctx, study, log=log)
+        if sens is not None and sensitivity_path is not None:
+            from slimformer.search.rundir import write_json
+
+            write_json(sensitivity_path, sens.to_json())
     done = sum(1 for t in study.get_trials(deepcopy=False) if t.state in FINISHED and
                t.user_attrs.get("fail_reason") != "interrupted (driver stopped)")
     remaining = max(0, trials - done)

@@ -64,6 +64,11 @@ class SearchSpace:
         self.sharing_choices = list(dict.fromkeys(self.sharing_choices))
         for choice in self.sharing_choices:
             self._sharing(choice, n)  # validate against the layer count now
+        for b in self.bundles:  # structure choices must fit every layer they apply to
+            for key in ("heads_kept", "neurons_kept"):
+                for value in getattr(b.group, key) or []:
+                    for layer in b.layers:
+                        self._structure_value(key, value, layer)
 
     def _bundles(self) -> list[Bundle]:
         claimed: set[str] = set()
@@ -184,7 +189,9 @@ class SearchSpace:
             for key in ("heads_kept", "neurons_kept"):
                 choices = getattr(b.group, key)
                 if choices and len(choices) > 1 and b.layers:
-                    best_params[f"{b.prefix}.{key}"] = min(choices)
+                    layer = b.layers[0]
+                    best_params[f"{b.prefix}.{key}"] = min(
+                        choices, key=lambda c, k=key, i=layer: self._structure_value(k, c, i) or 10**9)
         plans = []
         for s in self.sharing_choices:
             plans.append(self.plan_from_params(best_params | {"sharing": s}))
@@ -210,6 +217,44 @@ class SearchSpace:
             if full not in seeds and plan_memory(self.adapter, self.plan_from_params(full)).total_bytes <= budget_bytes:
                 seeds.append(full)
         return seeds
+
+    def choice_costs(self) -> dict[str, list[Any]]:
+        """Each parameter's choices ordered from cheapest to dearest in bytes (others held fixed)."""
+        dists = self.distributions()
+        base = {n: d.choices[0] for n, d in dists.items()}
+        order: dict[str, list[Any]] = {}
+        for name, d in dists.items():
+            cost = [plan_memory(self.adapter, self.plan_from_params(base | {name: c})).total_bytes
+                    for c in d.choices]
+            order[name] = [c for _, _, c in sorted(zip(cost, range(len(cost)), d.choices))]
+        return order
+
+    def random_feasible_params(self, budget_bytes: int, n: int, seed: int | None = 0, max_tries: int = 2000
+                               ) -> list[dict[str, Any]]:
+        """Up to n random parameter sets whose plans fit the budget.
+
+        Each draw picks a random thrift level and prefers cheaper choices accordingly, then keeps the
+        draw only if its exact memory fits (rejection sampling), so tight budgets still get diverse,
+        feasible start points spread from frugal to generous.
+        """
+        import math
+        import random
+
+        rng = random.Random(seed)
+        order = self.choice_costs()
+        found: list[dict[str, Any]] = []
+        for _ in range(max_tries):
+            if len(found) >= n:
+                break
+            tau = rng.uniform(0.0, 4.0)
+            params = {}
+            for name, choices in order.items():
+                weights = [math.exp(-tau * i) for i in range(len(choices))]
+                params[name] = rng.choices(choices, weights=weights)[0]
+            if params not in found and \
+                    plan_memory(self.adapter, self.plan_from_params(params)).total_bytes <= budget_bytes:
+                found.append(params)
+        return found
 
     def size(self) -> int:
         n = 1
