@@ -378,7 +378,8 @@ def apply_plan(adapter: ModelAdapter, plan: CompressionPlan, cache: Decompositio
         if id(mod) in done:
             continue
         scale = None if act_scales is None or unit.kind == "embedding" else act_scales.get(unit.name)
-        key = (unit.name, spec, None if unit.layer is None else plan.layer(unit.layer), scale is not None)
+        key = (adapter.weights_sha256(), unit.name, spec, None if unit.layer is None else plan.layer(unit.layer),
+               DecompositionCache._key(scale))
         cached = cache.get_unit(key)
         if cached is not None:
             set_module(model, unit.name, cached.to(next(mod.parameters()).device))

@@ -29,6 +29,8 @@ from slimformer.search.context import SearchContext
 DIRECTIONS = {"quality": "maximize", "latency": "minimize", "memory": "minimize"}
 WORST_QUALITY = -1.0
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+INTERRUPTED = "interrupted (driver stopped)"
+INFEASIBLE_CAP = 20  # stop after this many over-budget samples per requested trial
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,7 @@ def fail_interrupted(study: optuna.Study) -> int:
     """Mark trials left RUNNING by a killed driver as FAIL (single-driver storages only)."""
     n = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study._storage.set_trial_user_attr(t._trial_id, "fail_reason", "interrupted (driver stopped)")
+        study._storage.set_trial_user_attr(t._trial_id, "fail_reason", INTERRUPTED)
         study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
         n += 1
     return n
@@ -142,7 +144,8 @@ def best_quality(study: optuna.Study, ctx: SearchContext) -> float | None:
 def run_trials(ctx: SearchContext, storage: str, study_name: str, trials: int, timeout: float | None,
                progress: bool = True, single_driver: bool = True, log: Any = None,
                sensitivity_path: Path | None = None) -> optuna.Study:
-    """Run until the study holds `trials` finished trials (or the timeout passes)."""
+    """Run until the study holds `trials` evaluated trials, the timeout passes, or INFEASIBLE_CAP x trials
+    over-budget samples have been skipped."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(ctx, storage, study_name)
     if single_driver:
@@ -155,25 +158,42 @@ def run_trials(ctx: SearchContext, storage: str, study_name: str, trials: int, t
             from slimformer.search.rundir import write_json
 
             write_json(sensitivity_path, sens.to_json())
-    done = sum(1 for t in study.get_trials(deepcopy=False) if t.state in FINISHED and
-               t.user_attrs.get("fail_reason") != "interrupted (driver stopped)")
+    done = counted_trials(study)
     remaining = max(0, trials - done)
     if remaining == 0:
         return study
+    skipped_start = infeasible_trials(study)
+    cap = INFEASIBLE_CAP * trials
     bar = tqdm(total=remaining, desc="trials", unit="trial", disable=not progress, dynamic_ncols=True)
 
     def callback(st: optuna.Study, ft: optuna.trial.FrozenTrial) -> None:
-        bar.update(1)
+        if ft.user_attrs.get("feasible") is not False:
+            bar.update(1)
         best = best_quality(st, ctx)
-        bar.set_postfix_str(f"best {ctx.quality_metric} in budget: {best:.4f}" if best is not None
-                            else "no plan in budget yet")
+        skipped = infeasible_trials(st) - skipped_start
+        bar.set_postfix_str((f"best {ctx.quality_metric} in budget: {best:.4f}" if best is not None
+                             else "no plan in budget yet") + f", {skipped} over budget skipped")
+        if counted_trials(st) >= trials or skipped >= cap:
+            st.stop()
 
     try:
-        study.optimize(make_objective(ctx), n_trials=remaining, timeout=timeout, callbacks=[callback],
+        study.optimize(make_objective(ctx), n_trials=None, timeout=timeout, callbacks=[callback],
                        catch=(RuntimeError, FloatingPointError, ValueError, MemoryError))
     finally:
         bar.close()
     return study
+
+
+def counted_trials(study: optuna.Study) -> int:
+    """Finished trials that count toward `trials`: evaluated (or failed) plans; over-budget samples are
+    free (never evaluated) and do not count; trials a killed driver left behind do not count."""
+    return sum(1 for t in study.get_trials(deepcopy=False) if t.state in FINISHED
+               and t.user_attrs.get("feasible") is not False
+               and t.user_attrs.get("fail_reason") != INTERRUPTED)
+
+
+def infeasible_trials(study: optuna.Study) -> int:
+    return sum(1 for t in study.get_trials(deepcopy=False) if t.user_attrs.get("feasible") is False)
 
 
 def trial_plan(ctx: SearchContext, trial: optuna.trial.FrozenTrial) -> CompressionPlan:
