@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from slimformer.compression.apply import apply_plan, collect_activation_scales
+from slimformer.compression.apply import apply_plan
+from slimformer.compression.calibration import collect_activation_scales, collect_hessians
 from slimformer.compression.memory import MemoryReport, plan_memory
 from slimformer.compression.plan import CompressionPlan
 from slimformer.compression.recipe import Recipe
@@ -94,6 +95,17 @@ def _fidelity_batches(adapter: ModelAdapter, data: str, samples: int) -> list[An
     return adapter.make_batches(texts, 32)
 
 
+def _calibration_batches(adapter: ModelAdapter, data: str, n: int) -> list[Any]:
+    """Calibration data for data-aware transforms: the start of the search split (never the held-out one)."""
+    from slimformer import data as data_mod
+
+    if adapter.family == "timm":
+        cx, _ = data_mod.load_fashion_mnist("train", limit=n)
+        return adapter.make_batches(cx, 32)
+    texts = data_mod.text_splits(n, 0)[0] if data == "fortunes" else data_mod.load_texts(data, limit=n)
+    return adapter.make_batches(sorted(texts, key=len), 32)
+
+
 def apply_recipe(recipe: str | Path | Recipe, model: str, out_dir: str | Path | None = None,
                  data: str = "fortunes", samples: int = 256, calibration: int = 64) -> ApplyResult:
     """Compress `model` as the recipe says, measure memory and fidelity, optionally save to `out_dir`.
@@ -114,18 +126,14 @@ def apply_recipe(recipe: str | Path | Recipe, model: str, out_dir: str | Path | 
     if out_dir is not None and Path(out_dir).exists() and any(Path(out_dir).iterdir()) \
             and not (Path(out_dir) / "slimformer.yaml").exists():
         raise ConfigError(f"--out {out_dir} exists and is not a slimformer output; choose an empty path")
-    act = None
-    if any(s.rank is not None for s in plan.units.values()):
-        from slimformer import data as data_mod
-
-        if adapter.family == "timm":
-            cx, _ = data_mod.load_fashion_mnist("train", limit=calibration)
-            act = collect_activation_scales(adapter, adapter.make_batches(cx, 32))
-        else:
-            ctexts, _ = data_mod.text_splits(calibration, 0) if data == "fortunes" else \
-                (data_mod.load_texts(data, limit=calibration), [])
-            act = collect_activation_scales(adapter, adapter.make_batches(ctexts, 32))
-    compressed = apply_plan(adapter, plan, act_scales=act)
+    act = hessians = None
+    needs_act = any(s.rank is not None for s in plan.units.values())
+    needs_h = any(s.quantized and s.method == "gptq" for s in plan.units.values())
+    if needs_act or needs_h:
+        cal = _calibration_batches(adapter, data, calibration)
+        act = collect_activation_scales(adapter, cal) if needs_act else None
+        hessians = collect_hessians(adapter, cal) if needs_h else None
+    compressed = apply_plan(adapter, plan, act_scales=act, hessians=hessians)
     evaluator = FidelityEvaluator(adapter, _fidelity_batches(adapter, data, samples))
     result = evaluator.evaluate(compressed)
     mem = plan_memory(adapter, plan)

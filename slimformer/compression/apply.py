@@ -16,7 +16,6 @@ import copy
 import hashlib
 import inspect
 from collections import OrderedDict
-from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -24,6 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from slimformer.compression import ops
+from slimformer.compression.calibration import collect_activation_scales, collect_hessians  # noqa: F401
+from slimformer.compression.gptq import gptq_quantize
 from slimformer.compression.modules import (
     FactorizedEmbedding,
     LowRankLinear,
@@ -34,7 +35,7 @@ from slimformer.compression.modules import (
 )
 from slimformer.compression.plan import CompressionPlan, LayerSpec, UnitSpec
 from slimformer.errors import PlanError
-from slimformer.models.base import Batch, LayerInfo, ModelAdapter, Unit
+from slimformer.models.base import LayerInfo, ModelAdapter, Unit
 
 
 class DecompositionCache:
@@ -166,44 +167,6 @@ def canonical_plan(adapter: ModelAdapter, plan: CompressionPlan) -> CompressionP
     return replace(plan, units=units, layers=layers)
 
 
-# -- calibration -----------------------------------------------------------------------------------
-@torch.no_grad()
-def collect_activation_scales(adapter: ModelAdapter, batches: Sequence[Batch]) -> dict[str, Tensor]:
-    """Mean |input activation| per input feature of every linear unit, from the reference model.
-
-    Padding positions (attention_mask == 0) are left out: their activations never reach the output.
-    """
-    sums: dict[str, Tensor] = {}
-    counts: dict[str, int] = {}
-    hooks = []
-    current: dict[str, Tensor | None] = {"mask": None}
-    for u in adapter.units:
-        if u.kind != "linear":
-            continue
-        mod = get_module(adapter.model, u.name)
-
-        def hook(_m: nn.Module, args: tuple[Tensor, ...], _out: Tensor, name: str = u.name) -> None:
-            x = args[0].detach()
-            m = current["mask"]
-            if m is not None and tuple(x.shape[:-1]) == tuple(m.shape):
-                x = x[m.bool()]
-            x = x.reshape(-1, x.shape[-1]).abs().to(torch.float64)
-            sums[name] = sums.get(name, 0) + x.sum(0)
-            counts[name] = counts.get(name, 0) + x.shape[0]
-
-        hooks.append(mod.register_forward_hook(hook))
-    device = next(adapter.model.parameters()).device
-    try:
-        for b in batches:
-            b = b.to(device)
-            current["mask"] = b.inputs.get("attention_mask")
-            adapter.output(adapter.model, b)
-    finally:
-        for h in hooks:
-            h.remove()
-    return {k: ops.activation_scale((sums[k] / counts[k]).to(torch.float32)) for k in sums}
-
-
 # -- transforms ------------------------------------------------------------------------------------
 def _prune_heads(model: nn.Module, info: LayerInfo, keep: Tensor) -> None:
     hd = info.head_dim
@@ -279,10 +242,13 @@ def _mask(w: Tensor, spec: UnitSpec) -> Tensor | None:
     return ops.mask_2_4(w) if spec.pattern == "2:4" else ops.magnitude_mask(w, spec.sparsity)
 
 
-def _store(target: SlimLinear | SlimEmbedding, w: Tensor, spec: UnitSpec) -> None:
+def _store(target: SlimLinear | SlimEmbedding, w: Tensor, spec: UnitSpec, hessian: Tensor | None = None) -> None:
     mask = _mask(w, spec)
     nnz = w.numel() if mask is None else int(mask.sum())
-    target.set_weight(w, mask, _weight_format(spec, tuple(w.shape), nnz))
+    quant = None
+    if spec.quantized and spec.method == "gptq" and hessian is not None:
+        quant = gptq_quantize(w, hessian, spec.bits, spec.group_size, mask)
+    target.set_weight(w, mask, _weight_format(spec, tuple(w.shape), nnz), quant=quant)
 
 
 def effective_rank(spec: UnitSpec, shape: tuple[int, int]) -> int | None:
@@ -290,7 +256,7 @@ def effective_rank(spec: UnitSpec, shape: tuple[int, int]) -> int | None:
 
 
 def _compress_linear(model: nn.Module, unit: Unit, spec: UnitSpec, cache: DecompositionCache,
-                     act_scale: Tensor | None) -> None:
+                     act_scale: Tensor | None, hessian: Tensor | None = None) -> None:
     old = get_module(model, unit.name)
     w = old.weight.detach()
     bias = old.bias
@@ -299,12 +265,13 @@ def _compress_linear(model: nn.Module, unit: Unit, spec: UnitSpec, cache: Decomp
     if rank is not None:
         a, b = ops.lowrank_factors(cache.svd(w, act_scale), rank)
         new: nn.Module = LowRankLinear(shape[1], shape[0], rank, bias=bias is not None)
-        _store(new.down, b, spec)
-        _store(new.up, a, spec)
+        _store(new.down, b, spec, hessian)
+        h_up = None if hessian is None else new.down.weight @ hessian.to(w.dtype) @ new.down.weight.T
+        _store(new.up, a, spec, h_up)
         target_bias = new.up.bias
     else:
         new = SlimLinear(shape[1], shape[0], bias=bias is not None)
-        _store(new, w, spec)
+        _store(new, w, spec, hessian)
         target_bias = new.bias
     if bias is not None:
         with torch.no_grad():
@@ -330,10 +297,13 @@ def _compress_embedding(model: nn.Module, unit: Unit, spec: UnitSpec, cache: Dec
 
 @torch.no_grad()
 def apply_plan(adapter: ModelAdapter, plan: CompressionPlan, cache: DecompositionCache | None = None,
-               act_scales: dict[str, Tensor] | None = None, model: nn.Module | None = None) -> nn.Module:
+               act_scales: dict[str, Tensor] | None = None, model: nn.Module | None = None,
+               hessians: dict[str, Tensor] | None = None, rtn_fallback: bool = False) -> nn.Module:
     """A freshly compressed copy of the adapter's model (the reference model is never touched).
 
-    act_scales (from `collect_activation_scales`) switches low rank to the activation-weighted SVD.
+    act_scales (from `collect_activation_scales`) switches low rank to the activation-weighted SVD;
+    hessians (from `collect_hessians`) are required by units whose spec says method "gptq" unless
+    `rtn_fallback` (used when the values are about to be overwritten, e.g. loading a saved model).
     """
     plan = canonical_plan(adapter, plan)
     cache = DecompositionCache() if cache is None else cache  # an empty cache is falsy (__len__)
@@ -378,8 +348,14 @@ def apply_plan(adapter: ModelAdapter, plan: CompressionPlan, cache: Decompositio
         if id(mod) in done:
             continue
         scale = None if act_scales is None or unit.kind == "embedding" else act_scales.get(unit.name)
+        hessian = None
+        if spec.quantized and spec.method == "gptq" and unit.kind == "linear":
+            hessian = None if hessians is None else hessians.get(unit.name)
+            if hessian is None and not rtn_fallback:
+                raise PlanError(f"{unit.name}: method gptq needs calibration data (hessians); pass calibration "
+                                "batches or use method rtn")
         key = (adapter.weights_sha256(), unit.name, spec, None if unit.layer is None else plan.layer(unit.layer),
-               DecompositionCache._key(scale))
+               DecompositionCache._key(scale), hessian is not None)
         cached = cache.get_unit(key)
         if cached is not None:
             set_module(model, unit.name, cached.to(next(mod.parameters()).device))
@@ -387,9 +363,11 @@ def apply_plan(adapter: ModelAdapter, plan: CompressionPlan, cache: Decompositio
             if unit.kind == "embedding":
                 _compress_embedding(model, unit, spec, cache)
             else:
-                if scale is not None and unit.name in in_index:
-                    scale = scale[in_index[unit.name]]
-                _compress_linear(model, unit, spec, cache, scale)
+                if unit.name in in_index:
+                    idx = in_index[unit.name]
+                    scale = None if scale is None else scale[idx]
+                    hessian = None if hessian is None else hessian[idx][:, idx]
+                _compress_linear(model, unit, spec, cache, scale, hessian)
             cache.put_unit(key, get_module(model, unit.name))
         done.add(id(get_module(model, unit.name)))
         _realias(model, adapter, plan, unit, shared_away)

@@ -65,13 +65,15 @@ class _Stored:
         self.register_buffer("scales", None)  # type: ignore[attr-defined]
         self.register_buffer("mask", None)  # type: ignore[attr-defined]
 
-    def set_weight(self, w: Tensor, mask: Tensor | None, fmt: WeightFormat) -> None:
-        """Quantise / round `w` as `fmt` says (masked weights stay zero) and store both forms."""
+    def set_weight(self, w: Tensor, mask: Tensor | None, fmt: WeightFormat, quant: ops.QuantResult | None = None
+                   ) -> None:
+        """Quantise / round `w` as `fmt` says (masked weights stay zero) and store both forms;
+        `quant` supplies codes and scales computed elsewhere (e.g. GPTQ)."""
         self.fmt = fmt
         self.mask = None if fmt.sparse == "dense" or mask is None else mask.clone()
         w = w if mask is None else w * mask
         if fmt.bits in (8, 4):
-            q = ops.quantize(w, fmt.bits, fmt.group_size, mask=mask)
+            q = quant if quant is not None else ops.quantize(w, fmt.bits, fmt.group_size, mask=mask)
             self.codes, self.scales = q.codes, q.scales
             eff = ops.dequantize(q)
         elif fmt.bits == 16:

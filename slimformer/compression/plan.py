@@ -13,6 +13,7 @@ from typing import Literal
 from slimformer.errors import PlanError
 
 SparsityPattern = Literal["unstructured", "2:4"]
+QuantMethod = Literal["rtn", "gptq"]
 SharingScope = Literal["attention", "ffn", "block"]
 VALID_BITS = (32, 16, 8, 4)
 
@@ -25,6 +26,8 @@ class UnitSpec:
     sparsity: share of weights zeroed by magnitude (unstructured) or 0.5 exactly for 2:4.
     bits: 32 (fp32), 16 (fp16), 8 or 4 (symmetric integer, weight-only).
     group_size: quantisation group along the input dimension; None = one scale per output channel.
+    method: rounding for 8/4 bits: "rtn" (round to nearest, clipping search) or "gptq" (error-compensating,
+        needs calibration Hessians). Storage and memory are the same for both.
     """
 
     rank: int | None = None
@@ -32,6 +35,7 @@ class UnitSpec:
     pattern: SparsityPattern = "unstructured"
     bits: int = 32
     group_size: int | None = None
+    method: QuantMethod = "rtn"
 
     def __post_init__(self) -> None:
         if self.rank is not None and self.rank < 1:
@@ -44,6 +48,8 @@ class UnitSpec:
             raise PlanError(f"pattern '2:4' means sparsity 0.5 (got {self.sparsity}); set sparsity: 0.5")
         if self.bits not in VALID_BITS:
             raise PlanError(f"bits must be one of {VALID_BITS} (got {self.bits})")
+        if self.method not in ("rtn", "gptq"):
+            raise PlanError(f"method must be 'rtn' or 'gptq' (got {self.method!r})")
         if self.group_size is not None and (self.group_size < 2 or self.group_size % 2):
             raise PlanError(f"group_size must be an even number >= 2 or null (got {self.group_size})")
 

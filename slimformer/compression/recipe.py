@@ -32,13 +32,15 @@ class SpecModel(_Strict):
     pattern: Literal["unstructured", "2:4"] = "unstructured"
     bits: Literal[32, 16, 8, 4] = 32
     group_size: int | None = None
+    method: Literal["rtn", "gptq"] = "rtn"
 
     def to_spec(self) -> UnitSpec:
-        return UnitSpec(self.rank, self.sparsity, self.pattern, self.bits, self.group_size)
+        return UnitSpec(self.rank, self.sparsity, self.pattern, self.bits, self.group_size, self.method)
 
     @classmethod
     def from_spec(cls, s: UnitSpec) -> SpecModel:
-        return cls(rank=s.rank, sparsity=s.sparsity, pattern=s.pattern, bits=s.bits, group_size=s.group_size)
+        return cls(rank=s.rank, sparsity=s.sparsity, pattern=s.pattern, bits=s.bits, group_size=s.group_size,
+                   method=s.method)
 
 
 class Rule(_Strict):

@@ -1,6 +1,7 @@
 """Uniform baselines every search is compared with: one setting on every unit of the model.
 
-uniform-int8 (per channel) and uniform-int4 (each group size the space offers); uniform-rank and
+uniform-int8 (per channel) and uniform-int4 (each group size the space offers; round to nearest, and
+GPTQ when calibration Hessians exist, embeddings round to nearest in both); uniform-rank and
 uniform-sparsity at the mildest level that fits the budget (found by bisection on exact memory).
 Baselines that do not fit the budget are listed with their memory and not evaluated.
 """
@@ -48,7 +49,8 @@ def _mildest(adapter: ModelAdapter, budget: int, make: Callable[[float], Compres
     return good, make(good)
 
 
-def uniform_baselines(adapter: ModelAdapter, budget: int, group_sizes: list[int | None]) -> list[Baseline]:
+def uniform_baselines(adapter: ModelAdapter, budget: int, group_sizes: list[int | None], gptq: bool = False
+                      ) -> list[Baseline]:
     out: list[Baseline] = []
 
     def add(name: str, plan: CompressionPlan) -> None:
@@ -58,6 +60,10 @@ def uniform_baselines(adapter: ModelAdapter, budget: int, group_sizes: list[int 
     add("uniform-int8", _uniform(adapter, lambda u: UnitSpec(bits=8)))
     for g in sorted({g for g in group_sizes if g is not None}) or [32]:
         add(f"uniform-int4-g{g}", _uniform(adapter, lambda u, g=g: UnitSpec(bits=4, group_size=g)))
+    if gptq:
+        for g in sorted({g for g in group_sizes if g is not None}) or [32]:
+            add(f"uniform-int4-g{g}-gptq", _uniform(adapter, lambda u, g=g: UnitSpec(
+                bits=4, group_size=g, method="gptq" if u.kind == "linear" else "rtn")))
 
     def rank_plan(frac: float) -> CompressionPlan:
         return _uniform(adapter, lambda u: UnitSpec(rank=rank_from_fraction(frac, u.shape)))

@@ -8,10 +8,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from slimformer import data as data_mod
-from slimformer.compression.apply import DecompositionCache, collect_activation_scales
+from slimformer.compression.apply import DecompositionCache, apply_plan
+from slimformer.compression.calibration import collect_activation_scales, collect_hessians
 from slimformer.compression.memory import plan_memory
 from slimformer.compression.plan import CompressionPlan
 from slimformer.errors import BudgetError, ConfigError
@@ -92,9 +93,14 @@ class SearchContext:
     cache: DecompositionCache
     quality_metric: str
     device: str
+    hessians: dict[str, Tensor] | None = None
 
     def memory(self, plan: CompressionPlan) -> int:
         return plan_memory(self.adapter, plan).total_bytes
+
+    def compress(self, plan: CompressionPlan) -> nn.Module:
+        """A fresh compressed copy of the model, with this search's caches and calibration statistics."""
+        return apply_plan(self.adapter, plan, self.cache, self.act_scales, hessians=self.hessians)
 
 
 def seed_everything(seed: int) -> None:
@@ -134,5 +140,7 @@ def prepare(config: SearchConfig, *, log: Any = None) -> SearchContext:
                           f"choose one of {list(search_eval.metric_names)}")
     heldout_eval = FidelityEvaluator(adapter, sets.heldout, device=device)
     act_scales = collect_activation_scales(adapter, sets.calibration) if config.space.data_aware_lowrank else None
+    uses_gptq = any("gptq" in g.method for g in config.space.groups) or config.baselines
+    hessians = collect_hessians(adapter, sets.calibration) if uses_gptq else None
     return SearchContext(config, adapter, space, profile, fp32, budget, min_bytes, sets, search_eval,
-                         heldout_eval, act_scales, DecompositionCache(), metric, device)
+                         heldout_eval, act_scales, DecompositionCache(), metric, device, hessians)

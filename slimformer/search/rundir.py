@@ -83,7 +83,7 @@ def run_baselines(ctx: SearchContext, run_dir: Path, log: Any) -> list[BaselineR
     cached = {b["name"]: b for b in read_json(f, [])}
     groups = sorted({g for grp in ctx.config.space.groups for g in grp.group_size if g is not None})
     results = []
-    for b in uniform_baselines(ctx.adapter, ctx.budget_bytes, groups or [32]):
+    for b in uniform_baselines(ctx.adapter, ctx.budget_bytes, groups or [32], gptq=ctx.hessians is not None):
         if b.name in cached:
             results.append(BaselineResult(**cached[b.name]))
             continue

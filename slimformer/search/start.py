@@ -18,7 +18,6 @@ from typing import Any
 
 import optuna
 
-from slimformer.compression.apply import apply_plan
 from slimformer.compression.memory import plan_memory
 from slimformer.evaluators.quality import FidelityEvaluator
 from slimformer.search.context import SearchContext
@@ -66,7 +65,7 @@ def measure_sensitivity(ctx: SearchContext, batches: int = 1) -> Sensitivity | N
     quick = FidelityEvaluator(ctx.adapter, ctx.sets.search[:batches], device=ctx.device)
 
     def quality(params: dict[str, Any]) -> float:
-        model = apply_plan(ctx.adapter, space.plan_from_params(params), ctx.cache, ctx.act_scales)
+        model = ctx.compress(space.plan_from_params(params))
         return quick.evaluate(model).value(ctx.quality_metric)
 
     q0 = quality(base)

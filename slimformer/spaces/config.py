@@ -65,6 +65,7 @@ class GroupConfig(_Strict):
     sparsity: list[SparsityChoice] = [0.0]
     bits: list[Literal[32, 16, 8, 4]] = [32]
     group_size: list[int | None] = [None]
+    method: list[Literal["rtn", "gptq"]] = ["rtn"]  # rounding for 8/4 bits (gptq uses calibration Hessians)
     heads_kept: list[int] | None = None
     neurons_kept: list[float] | None = None  # <= 1.0: fraction of the FFN width; > 1: absolute count
     per_layer: bool | None = None  # overrides the space-wide setting

@@ -21,7 +21,7 @@ from slimformer.errors import ConfigError
 from slimformer.models.base import ModelAdapter, Unit
 from slimformer.spaces.config import GroupConfig, SpaceConfig
 
-UNIT_KEYS = ("rank_fraction", "sparsity", "bits", "group_size")
+UNIT_KEYS = ("rank_fraction", "sparsity", "bits", "group_size", "method")
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,7 @@ def spec_from_choice(choice: Mapping[str, Any], shape: tuple[int, int]) -> UnitS
         pattern=pattern,  # type: ignore[arg-type]
         bits=bits,
         group_size=choice.get("group_size") if bits in (8, 4) else None,
+        method=choice.get("method", "rtn") if bits in (8, 4) else "rtn",
     )
 
 
@@ -209,8 +210,9 @@ class SearchSpace:
     def seed_params(self, budget_bytes: int) -> list[dict[str, Any]]:
         """Feasible starting points: uniform 4-bit at each group size the space offers, then 8-bit."""
         sizes = sorted({g for grp in self.config.groups for g in grp.group_size}, key=lambda g: (g is None, g))
-        candidates = [self.uniform_params(bits=4, group_size=g, rank_fraction=1.0, sparsity=0.0) for g in sizes]
-        candidates += [self.uniform_params(bits=8, group_size=g, rank_fraction=1.0, sparsity=0.0) for g in sizes]
+        base = {"rank_fraction": 1.0, "sparsity": 0.0}
+        candidates = [self.uniform_params(bits=b, group_size=g, method=m, **base)
+                      for b in (4, 8) for g in sizes for m in ("gptq", "rtn")]
         seeds: list[dict[str, Any]] = []
         for p in candidates:
             full = {n: p.get(n, d.choices[0]) for n, d in self.distributions().items()}

@@ -1,0 +1,73 @@
+"""Calibration statistics of the reference model's linear-layer inputs, from a few real batches.
+
+- activation scales (mean |x| per input feature): the activation-weighted SVD for low rank;
+- Hessians H = sum x x^T (input dim squared): GPTQ rounding.
+Padding positions (attention_mask == 0) are left out: their activations never reach the output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from slimformer.compression import ops
+from slimformer.models.base import Batch, ModelAdapter
+
+
+def _run_hooks(adapter: ModelAdapter, batches: Sequence[Batch],
+               observe: Callable[[str, Tensor], None]) -> None:
+    """Run the reference model on batches, calling observe(unit, rows of real-token inputs) per linear unit."""
+    current: dict[str, Tensor | None] = {"mask": None}
+    hooks = []
+    for u in adapter.units:
+        if u.kind != "linear":
+            continue
+        mod = adapter.model.get_submodule(u.name)
+
+        def hook(_m: nn.Module, args: tuple[Tensor, ...], _out: Tensor, name: str = u.name) -> None:
+            x = args[0].detach()
+            m = current["mask"]
+            if m is not None and tuple(x.shape[:-1]) == tuple(m.shape):
+                x = x[m.bool()]
+            observe(name, x.reshape(-1, x.shape[-1]))
+
+        hooks.append(mod.register_forward_hook(hook))
+    device = next(adapter.model.parameters()).device
+    try:
+        with torch.no_grad():
+            for b in batches:
+                b = b.to(device)
+                current["mask"] = b.inputs.get("attention_mask")
+                adapter.output(adapter.model, b)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def collect_activation_scales(adapter: ModelAdapter, batches: Sequence[Batch]) -> dict[str, Tensor]:
+    """Mean |input activation| per input feature of every linear unit (normalised to mean 1)."""
+    sums: dict[str, Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def observe(name: str, x: Tensor) -> None:
+        sums[name] = sums.get(name, 0) + x.abs().to(torch.float64).sum(0)
+        counts[name] = counts.get(name, 0) + x.shape[0]
+
+    _run_hooks(adapter, batches, observe)
+    return {k: ops.activation_scale((sums[k] / counts[k]).to(torch.float32)) for k in sums}
+
+
+def collect_hessians(adapter: ModelAdapter, batches: Sequence[Batch]) -> dict[str, Tensor]:
+    """Mean x x^T of every linear unit's input (float32, in x in), for GPTQ."""
+    sums: dict[str, Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def observe(name: str, x: Tensor) -> None:
+        x = x.to(torch.float64)
+        sums[name] = sums.get(name, 0) + x.T @ x
+        counts[name] = counts.get(name, 0) + x.shape[0]
+
+    _run_hooks(adapter, batches, observe)
+    return {k: (sums[k] / max(counts[k], 1)).to(torch.float32) for k in sums}
