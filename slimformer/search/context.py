@@ -49,6 +49,9 @@ def load_eval_sets(config: SearchConfig, adapter: ModelAdapter) -> EvalSets:
             raise ConfigError("data.source fashion-mnist holds images; use it with a timm ViT model")
         train_x, train_y = data_mod.load_fashion_mnist("train", limit=max(d.search_samples, d.calibration_samples))
         test_x, test_y = data_mod.load_fashion_mnist("test", limit=d.heldout_samples)
+        if len(train_x) < d.search_samples or len(test_x) < d.heldout_samples:
+            raise ConfigError(f"data: the packaged Fashion-MNIST sample has {len(train_x)} train and {len(test_x)} "
+                              "test images; lower search_samples / heldout_samples")
         return EvalSets(
             adapter.make_batches(train_x[: d.search_samples], d.batch_size, train_y[: d.search_samples]),
             adapter.make_batches(test_x, d.batch_size, test_y),

@@ -110,7 +110,7 @@ def enqueue_start_points(ctx: SearchContext, study: optuna.Study, log: Any = Non
     points: list[tuple[dict[str, Any], str]] = []
 
     def add(params: dict[str, Any], source: str) -> None:
-        full = {name: params.get(name, d.choices[0]) for name, d in ctx.space.distributions().items()}
+        full = ctx.space.default_params() | params
         if len(points) < want and all(full != p for p, _ in points):
             points.append((full, source))
 

@@ -198,6 +198,26 @@ class SearchSpace:
             plans.append(self.plan_from_params(best_params | {"sharing": s}))
         return min(plans, key=lambda p: plan_memory(self.adapter, p).total_bytes)
 
+    def default_params(self) -> dict[str, Any]:
+        """A value for every parameter that compresses least on the structural axes (all heads/neurons,
+        full rank, no sparsity where offered) and takes the first listed choice elsewhere."""
+        out: dict[str, Any] = {}
+        for name, d in self.distributions().items():
+            key = name.rsplit(".", 1)[-1]
+            choices = list(d.choices)
+            if key in ("heads_kept", "neurons_kept", "rank_fraction"):
+                layer = next((b.layers[0] for b in self.bundles if name.startswith(b.prefix + ".") and b.layers),
+                             None)
+                if key == "rank_fraction" or layer is None:
+                    out[name] = max(choices)
+                else:
+                    out[name] = max(choices, key=lambda c: self._structure_value(key, c, layer) or 10**9)
+            elif key == "sparsity" and 0.0 in choices:
+                out[name] = 0.0
+            else:
+                out[name] = choices[0]
+        return out
+
     def uniform_params(self, **values: Any) -> dict[str, Any]:
         """Parameters that set every dimension named in `values` to that value where it is a choice."""
         params: dict[str, Any] = {}
@@ -215,7 +235,7 @@ class SearchSpace:
                       for b in (4, 8) for g in sizes for m in ("gptq", "rtn")]
         seeds: list[dict[str, Any]] = []
         for p in candidates:
-            full = {n: p.get(n, d.choices[0]) for n, d in self.distributions().items()}
+            full = self.default_params() | p
             if full not in seeds and plan_memory(self.adapter, self.plan_from_params(full)).total_bytes <= budget_bytes:
                 seeds.append(full)
         return seeds

@@ -144,6 +144,7 @@ def test_tiny_search_on_the_trained_vit(trained, tmp_path) -> None:
         "sampler": {"name": "nsga2", "population_size": 4, "seed": 0},
         "trials": 8,
         "threads": 1,
+        "baselines": False,  # the uniform baselines are covered elsewhere; keep this test short
     })
     res = run_search(cfg, run_dir=tmp_path / "run", progress=False)
     pareto = json.loads((res.run_dir / "pareto.json").read_text())
@@ -192,3 +193,21 @@ def test_missing_dataset_dir_falls_back(tmp_path) -> None:
     from slimformer.models.vit_train import load_full_fashion_mnist
 
     assert load_full_fashion_mnist("train", root=Path(tmp_path)) is None
+
+
+def test_training_is_deterministic_under_the_seed(tmp_path) -> None:
+    kw = dict(epochs=1, train_limit=256, threads=1, full_dataset=False, log=None, model_args=TINY, batch_size=32)
+    a = train_fashion_mnist_vit(tmp_path / "a", seed=3, **kw)
+    b = train_fashion_mnist_vit(tmp_path / "b", seed=3, **kw)
+    c = train_fashion_mnist_vit(tmp_path / "c", seed=4, **kw)
+    wa, wb, wc = ((r.out_dir / "model.safetensors").read_bytes() for r in (a, b, c))
+    assert wa == wb and wa != wc
+    assert a.final_train_loss == b.final_train_loss and a.train_size == 256
+    # an existing output is replaced; a directory holding anything else is refused
+    train_fashion_mnist_vit(tmp_path / "a", seed=3, **kw)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("x")
+    with pytest.raises(ValueError, match="not a vit_train output"):
+        train_fashion_mnist_vit(other, seed=3, **kw)
+    assert (other / "keep.txt").exists()
