@@ -132,7 +132,11 @@ class Recipe(_Strict):
     @classmethod
     def from_plan(cls, plan: CompressionPlan, adapter: ModelAdapter, hardware_profile: str | None = None,
                   provenance: dict[str, Any] | None = None) -> Recipe:
-        """One exact-name rule per compressed unit, in model order."""
+        """One exact-name rule per compressed unit, in model order (of the canonical plan: units shared
+        away carry their representative's spec)."""
+        from slimformer.compression.apply import canonical_plan
+
+        plan = canonical_plan(adapter, plan)
         rules = [Rule(match=n, spec=SpecModel.from_spec(plan.units[n])) for n in adapter.unit_names
                  if n in plan.units and not plan.units[n].is_identity]
         layers = [LayerRule(layer=i, heads_kept=s.heads_kept, neurons_kept=s.neurons_kept)

@@ -122,6 +122,10 @@ def write_outputs(ctx: SearchContext, run_dir: Path, study: optuna.Study, baseli
     entries = []
     recipes_dir = run_dir / "recipes"
     recipes_dir.mkdir(exist_ok=True)
+    current = {f"trial-{t.number}.yaml" for t in front}
+    for stale in recipes_dir.glob("trial-*.yaml"):  # trials that have left the front
+        if stale.name not in current:
+            stale.unlink()
     for t in front:
         plan = trial_plan(ctx, t)
         entry = {

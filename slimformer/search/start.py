@@ -114,6 +114,8 @@ def enqueue_start_points(ctx: SearchContext, study: optuna.Study, log: Any = Non
         if len(points) < want and all(full != p for p, _ in points):
             points.append((full, source))
 
+    if ctx.config.start_points == "none":
+        return 0, None
     for p in ctx.space.seed_params(ctx.budget_bytes):
         add(p, "uniform")
     sens = None
@@ -123,9 +125,8 @@ def enqueue_start_points(ctx: SearchContext, study: optuna.Study, log: Any = Non
         if sens is not None:
             for p in greedy_plans(ctx, sens, max(1, (want - len(points) + 1) // 2)):
                 add(p, "sensitivity-greedy")
-    if ctx.config.start_points != "none":
-        for p in ctx.space.random_feasible_params(ctx.budget_bytes, want - len(points), seed=ctx.config.sampler.seed):
-            add(p, "random-feasible")
+    for p in ctx.space.random_feasible_params(ctx.budget_bytes, want - len(points), seed=ctx.config.sampler.seed):
+        add(p, "random-feasible")
     for params, source in points:
         study.enqueue_trial(params, user_attrs={"start_point": source})
     return len(points), sens

@@ -20,7 +20,7 @@ class SelectConfig(_Strict):
     """Which units a group covers: all conditions must hold (an empty select covers every unit)."""
 
     role: list[str] | None = None
-    layers: str | list[int] | None = None  # "0-3", "2", or [0, 1]
+    layers: str | int | list[int] | None = None  # "0-3", "2", 2, or [0, 1]
     regex: str | None = None
 
     @field_validator("role")
@@ -43,14 +43,18 @@ class SelectConfig(_Strict):
 
     @field_validator("layers")
     @classmethod
-    def _layers(cls, v: str | list[int] | None) -> str | list[int] | None:
-        if isinstance(v, str) and not re.fullmatch(r"\d+(-\d+)?", v.strip()):
-            raise ValueError(f"layers {v!r}: write a range like '0-3', one layer like '2', or a list")
+    def _layers(cls, v: str | int | list[int] | None) -> str | int | list[int] | None:
+        if isinstance(v, str):
+            m = re.fullmatch(r"(\d+)(?:-(\d+))?", v.strip())
+            if not m or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):
+                raise ValueError(f"layers {v!r}: write a range like '0-3', one layer like '2', or a list")
         return v
 
     def layer_set(self) -> set[int] | None:
         if self.layers is None:
             return None
+        if isinstance(self.layers, int):
+            return {self.layers}
         if isinstance(self.layers, list):
             return set(self.layers)
         lo, _, hi = self.layers.strip().partition("-")
