@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from slimformer.compression import ops
 from slimformer.compression.calibration import collect_activation_scales, collect_hessians  # noqa: F401
-from slimformer.compression.gptq import gptq_quantize
+from slimformer.compression.gptq import gptq_quantize, inverse_hessian
 from slimformer.compression.modules import (
     FactorizedEmbedding,
     LowRankLinear,
@@ -46,11 +46,19 @@ class DecompositionCache:
     def __init__(self, max_unit_bytes: int = 2 * 1024**3) -> None:
         self._store: dict[tuple[str, str], ops.SVDResult] = {}
         self._units: OrderedDict[tuple[Any, ...], tuple[nn.Module, int]] = OrderedDict()
+        self._hinv: dict[tuple[str, str], Tensor | None] = {}
         self._unit_bytes = 0
         self.max_unit_bytes = max_unit_bytes
         self.hits = 0
         self.misses = 0
         self.unit_hits = 0
+
+    def inverse_hessian(self, h: Tensor) -> Tensor | None:
+        """GPTQ's inverse-Hessian factor, computed once per Hessian (shared by every bits/group choice)."""
+        key = ("hinv", self._key(h))
+        if key not in self._hinv:
+            self._hinv[key] = inverse_hessian(h)
+        return self._hinv[key]
 
     def get_unit(self, key: tuple[Any, ...]) -> nn.Module | None:
         item = self._units.get(key)
@@ -242,12 +250,14 @@ def _mask(w: Tensor, spec: UnitSpec) -> Tensor | None:
     return ops.mask_2_4(w) if spec.pattern == "2:4" else ops.magnitude_mask(w, spec.sparsity)
 
 
-def _store(target: SlimLinear | SlimEmbedding, w: Tensor, spec: UnitSpec, hessian: Tensor | None = None) -> None:
+def _store(target: SlimLinear | SlimEmbedding, w: Tensor, spec: UnitSpec, hessian: Tensor | None = None,
+           cache: DecompositionCache | None = None) -> None:
     mask = _mask(w, spec)
     nnz = w.numel() if mask is None else int(mask.sum())
     quant = None
     if spec.quantized and spec.method == "gptq" and hessian is not None:
-        quant = gptq_quantize(w, hessian, spec.bits, spec.group_size, mask)
+        hinv = None if cache is None else cache.inverse_hessian(hessian)
+        quant = gptq_quantize(w, hessian, spec.bits, spec.group_size, mask, hinv=hinv)
     target.set_weight(w, mask, _weight_format(spec, tuple(w.shape), nnz), quant=quant)
 
 
@@ -265,13 +275,13 @@ def _compress_linear(model: nn.Module, unit: Unit, spec: UnitSpec, cache: Decomp
     if rank is not None:
         a, b = ops.lowrank_factors(cache.svd(w, act_scale), rank)
         new: nn.Module = LowRankLinear(shape[1], shape[0], rank, bias=bias is not None)
-        _store(new.down, b, spec, hessian)
+        _store(new.down, b, spec, hessian, cache)
         h_up = None if hessian is None else new.down.weight @ hessian.to(w.dtype) @ new.down.weight.T
-        _store(new.up, a, spec, h_up)
+        _store(new.up, a, spec, h_up, cache)
         target_bias = new.up.bias
     else:
         new = SlimLinear(shape[1], shape[0], bias=bias is not None)
-        _store(new, w, spec, hessian)
+        _store(new, w, spec, hessian, cache)
         target_bias = new.bias
     if bias is not None:
         with torch.no_grad():

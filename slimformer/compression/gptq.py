@@ -18,8 +18,20 @@ from slimformer.compression import ops
 from slimformer.errors import PlanError
 
 
+def inverse_hessian(H: Tensor, damp: float = 0.01) -> Tensor | None:
+    """Upper Cholesky factor of the damped inverse Hessian (None if not positive definite); cacheable."""
+    h = H.detach().to(torch.float64).clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    try:
+        return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).to(torch.float32)
+    except RuntimeError:
+        return None
+
+
 def gptq_quantize(W: Tensor, H: Tensor, bits: int, group_size: int | None, mask: Tensor | None = None,
-                  damp: float = 0.01, block: int = 128) -> ops.QuantResult:
+                  damp: float = 0.01, block: int = 128, hinv: Tensor | None = None) -> ops.QuantResult:
     """Quantise W (out, in) with GPTQ given the input Hessian H (in, in); returns codes and scales.
 
     Group scales are chosen (with the same clipping search as round-to-nearest) when the sweep reaches
@@ -34,16 +46,11 @@ def gptq_quantize(W: Tensor, H: Tensor, bits: int, group_size: int | None, mask:
     w = W.detach().to(torch.float32).clone()
     if mask is not None:
         w = w * mask
-    h = H.detach().to(device=device, dtype=torch.float64).clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(in_f, dtype=h.dtype, device=device)
-    try:
-        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    except RuntimeError:  # not positive definite even after damping: fall back to plain rounding
+    w[:, torch.diag(H) == 0] = 0.0
+    if hinv is None:
+        hinv = inverse_hessian(H.to(device), damp)
+    if hinv is None:  # not positive definite even after damping: fall back to plain rounding
         return ops.quantize(W, bits, group_size, mask)
-    hinv = hinv.to(torch.float32)
     g = in_f if group_size is None else group_size
     n_groups = max(1, math.ceil(in_f / g))
     qmax = float(2 ** (bits - 1) - 1)
