@@ -1,0 +1,287 @@
+"""Rewrite an exported fp32 ONNX graph so every compressed matrix runs as a low-bit kernel.
+
+Weights are matched to their slim module by exact content: the exporter writes a linear layer's
+weight as an fp32 initializer W^T (MatMul) or W (Gemm), and an embedding table as W (Gather), so the
+float32 bytes of both orientations of every SlimLinear / SlimEmbedding's effective weight are hashed
+and looked up. This survives the exporter's renaming, constant folding and content de-duplication
+(identical initializers become `Identity` aliases, which are inlined first). Modules whose weight is
+used by any other kind of node keep that fp32 use (reported in `unconverted`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+from onnx import numpy_helper as nh
+from torch import Tensor, nn
+
+from slimformer.compression.modules import SlimEmbedding, SlimLinear
+from slimformer.export import kernels as K
+
+Int8Kernel = Literal["auto", "dequantize", "matmulnbits"]
+_FLOAT_TYPES = (TensorProto.FLOAT,)
+
+
+@dataclass
+class RewriteReport:
+    kernels: dict[str, str] = field(default_factory=dict)  # module path -> kernel used
+    unconverted: list[str] = field(default_factory=list)  # compressed modules left as fp32 somewhere
+    max_opset_needed: int = 0
+
+
+def _digest(a: np.ndarray) -> tuple[tuple[int, ...], str]:
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    return tuple(a.shape), hashlib.blake2b(a.tobytes(), digest_size=16).hexdigest()
+
+
+def _tensor_digest(t: TensorProto) -> tuple[int, tuple[int, ...], str]:
+    raw = t.raw_data if t.HasField("raw_data") else nh.to_array(t).tobytes()
+    return t.data_type, tuple(t.dims), hashlib.blake2b(raw, digest_size=16).hexdigest()
+
+
+def compressed_modules(model: nn.Module) -> list[tuple[str, SlimLinear | SlimEmbedding]]:
+    """Slim modules whose stored form differs from fp32 (int8/int4/fp16), each object once."""
+    out = []
+    for path, mod in model.named_modules():  # a shared module is yielded once
+        if isinstance(mod, (SlimLinear, SlimEmbedding)) and mod.fmt.bits in (4, 8, 16):
+            out.append((path, mod))
+    return out
+
+
+def _rename_inputs(graph: onnx.GraphProto, mapping: dict[str, str]) -> None:
+    if not mapping:
+        return
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in mapping:
+                node.input[i] = mapping[name]
+    for out in graph.output:
+        if out.name in mapping:  # keep graph outputs: alias back through an Identity
+            graph.node.append(onnx.helper.make_node("Identity", [mapping[out.name]], [out.name]))
+
+
+def normalise(graph: onnx.GraphProto) -> None:
+    """Inline `Identity(initializer)` aliases and turn large Constant nodes into initializers."""
+    inits = {t.name for t in graph.initializer}
+    mapping: dict[str, str] = {}
+    keep = []
+    outputs = {o.name for o in graph.output}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output[0] not in outputs and len(node.attribute) == 1 \
+                and node.attribute[0].name == "value" and int(np.prod(node.attribute[0].t.dims)) >= 64:
+            t = TensorProto()
+            t.CopyFrom(node.attribute[0].t)
+            t.name = node.output[0]
+            graph.initializer.append(t)
+            inits.add(t.name)
+            continue
+        if node.op_type == "Identity" and node.input[0] in (inits | set(mapping)) and node.output[0] not in outputs:
+            src = node.input[0]
+            mapping[node.output[0]] = mapping.get(src, src)
+            continue
+        keep.append(node)
+    del graph.node[:]
+    graph.node.extend(keep)
+    _rename_inputs(graph, mapping)
+
+
+def dedup_initializers(graph: onnx.GraphProto) -> int:
+    """Store tensors with identical content once (other names are renamed to the first); returns
+    the number of initializers removed."""
+    first: dict[tuple, str] = {}
+    mapping: dict[str, str] = {}
+    keep = []
+    for t in graph.initializer:
+        key = _tensor_digest(t)
+        if key in first:
+            mapping[t.name] = first[key]
+        else:
+            first[key] = t.name
+            keep.append(t)
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    _rename_inputs(graph, mapping)
+    return len(mapping)
+
+
+def prune_initializers(graph: onnx.GraphProto) -> None:
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    keep = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+
+
+def _attr(node: onnx.NodeProto, name: str, default: float | int) -> float | int:
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def _np(t: Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
+def _stored(path: str, mod: SlimLinear | SlimEmbedding) -> tuple[np.ndarray, np.ndarray]:
+    """The module's codes and scales, checked to reproduce its effective weight exactly."""
+    codes, scales = _np(mod.codes), _np(mod.scales)
+    w = _np(mod.weight)
+    if codes.shape != w.shape or not np.array_equal(K.dequantized(codes, scales, mod.fmt.group_size), w):
+        raise ValueError(f"{path}: codes * scales do not reproduce the module's weight; it cannot be exported "
+                         "as an exact integer kernel")
+    return codes, scales
+
+
+class _Rewriter:
+    def __init__(self, graph: onnx.GraphProto, model: nn.Module, int8_kernel: Int8Kernel) -> None:
+        self.g, self.int8_kernel = graph, int8_kernel
+        self.report = RewriteReport()
+        self.inits = {t.name: t for t in graph.initializer}
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for n in graph.node:
+            for i in n.input:
+                self.consumers[i].append(n)
+        self.outputs = {o.name for o in graph.output}
+        # content digest -> (module path, module, whether the tensor is W^T); a square symmetric weight
+        # (or two modules with equal weights) gives several candidates, the node's form picks one
+        lookup: dict[tuple, list[tuple[str, SlimLinear | SlimEmbedding, bool]]] = defaultdict(list)
+        for path, mod in compressed_modules(model):
+            w = _np(mod.weight)
+            lookup[_digest(w)].append((path, mod, False))
+            if isinstance(mod, SlimLinear):
+                lookup[_digest(w.T)].append((path, mod, True))
+        self.matched: dict[str, list[tuple[str, SlimLinear | SlimEmbedding, bool]]] = {}
+        for t in graph.initializer:
+            if t.data_type in _FLOAT_TYPES and len(t.dims) == 2:
+                hits = lookup.get(_digest(nh.to_array(t)))
+                if hits:
+                    self.matched[t.name] = hits
+        self.new_inits: dict[str, TensorProto] = {}
+        self.uses: Counter[str] = Counter()
+        self.dropped: set[tuple[str, ...]] = set()  # output names of folded Add nodes
+
+    # -- helpers ------------------------------------------------------------------------------------
+    def _bias_add(self, node: onnx.NodeProto, n_out: int) -> tuple[str | None, onnx.NodeProto | None]:
+        """A single `Add(matmul_out, bias[N])` consumer whose bias is a constant: fold it into the kernel."""
+        out = node.output[0]
+        users = self.consumers.get(out, [])
+        if out in self.outputs or len(users) != 1 or users[0].op_type != "Add":
+            return None, None
+        add = users[0]
+        other = add.input[1] if add.input[0] == out else add.input[0]
+        t = self.inits.get(other)
+        if t is None or t.data_type != TensorProto.FLOAT or tuple(t.dims) != (n_out,):
+            return None, None
+        return other, add
+
+    def _prefix(self, path: str) -> str:
+        """Names of one use of a module (a shared module is used by several nodes; its tensors are
+        identical and merged by content afterwards)."""
+        n = self.uses[path]
+        self.uses[path] += 1
+        return path if n == 0 else f"{path}.use{n}"
+
+    def _add(self, low: K.Lowered) -> list[onnx.NodeProto]:
+        for t in low.initializers:
+            self.new_inits.setdefault(t.name, t)
+        return low.nodes
+
+    # -- lowering -----------------------------------------------------------------------------------
+    def linear(self, x: str, mod: SlimLinear, path: str, bias: str | None, y: str) -> list[onnx.NodeProto]:
+        fmt = mod.fmt
+        p = self._prefix(path or "linear")
+        if fmt.bits == 16:
+            nodes = self._add(K.fp16_matmul(x, y if bias is None else f"{p}/mm", p, _np(mod.weight).T))
+            if bias is not None:
+                nodes.append(onnx.helper.make_node("Add", [f"{p}/mm", bias], [y], name=f"{p}/Add"))
+            self.report.kernels[path] = "fp16 weight + Cast + MatMul"
+            return nodes
+        codes, scales = _stored(path, mod)
+        low, need = K.lower_linear(x, y, p, codes, scales, fmt.bits, fmt.group_size, bias, self.int8_kernel)
+        self.report.max_opset_needed = max(self.report.max_opset_needed, need)
+        self.report.kernels[path] = low.kernel
+        return self._add(low)
+
+    def embedding(self, ids: str, y: str, mod: SlimEmbedding, path: str) -> list[onnx.NodeProto]:
+        fmt = mod.fmt
+        p = self._prefix(path or "embedding")
+        w = _np(mod.weight)
+        if fmt.bits == 16:
+            low = K.fp16_gather(ids, y, p, w)
+        else:
+            codes, scales = _stored(path, mod)
+            low = K.lower_embedding(ids, y, p, codes, scales, fmt.bits, fmt.group_size)
+        self.report.kernels[path] = low.kernel
+        return self._add(low)
+
+    def run(self) -> RewriteReport:
+        out_nodes: list[onnx.NodeProto] = []
+        for node in self.g.node:
+            if node.op_type == "Add" and tuple(node.output) in self.dropped:  # folded into its MatMul's kernel
+                continue
+            repl = self._lower(node)
+            out_nodes.extend([node] if repl is None else repl)
+        del self.g.node[:]
+        self.g.node.extend(out_nodes)
+        self.g.initializer.extend(self.new_inits.values())
+        prune_initializers(self.g)
+        left = {t.name for t in self.g.initializer}
+        self.report.unconverted = sorted({hits[0][0] for name, hits in self.matched.items() if name in left})
+        return self.report
+
+    def _pick(self, name: str, cls: type, transposed: bool | None) -> tuple[str, Any] | None:
+        for path, mod, t in self.matched.get(name, ()):
+            if isinstance(mod, cls) and (transposed is None or t == transposed):
+                return path, mod
+        return None
+
+    def _lower(self, node: onnx.NodeProto) -> list[onnx.NodeProto] | None:
+        if node.op_type == "MatMul" and len(node.input) == 2:
+            hit = self._pick(node.input[1], SlimLinear, True)  # MatMul(x, W^T)
+            if hit is None:
+                return None
+            path, mod = hit
+            bias, add = self._bias_add(node, mod.out_features)
+            y = node.output[0]
+            if add is not None:
+                self.dropped.add(tuple(add.output))
+                y = add.output[0]
+            return self.linear(node.input[0], mod, path, bias, y)
+        if node.op_type == "Gemm":
+            if _attr(node, "transA", 0) or _attr(node, "alpha", 1.0) != 1.0 or _attr(node, "beta", 1.0) != 1.0:
+                return None
+            hit = self._pick(node.input[1], SlimLinear, not _attr(node, "transB", 0))  # Gemm(x, W, transB=1)
+            if hit is None:
+                return None
+            path, mod = hit
+            bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+            if bias is not None and (bias not in self.inits or tuple(self.inits[bias].dims) != (mod.out_features,)):
+                return None
+            return self.linear(node.input[0], mod, path, bias, node.output[0])
+        if node.op_type == "Gather" and _attr(node, "axis", 0) == 0:
+            hit = self._pick(node.input[0], SlimEmbedding, False)
+            if hit is None:
+                return None
+            path, mod = hit
+            return self.embedding(node.input[1], node.output[0], mod, path)
+        return None
+
+
+def rewrite(model_proto: onnx.ModelProto, model: nn.Module, int8_kernel: Int8Kernel = "auto") -> RewriteReport:
+    """Lower every compressed matrix of `model` in its exported graph (in place)."""
+    g = model_proto.graph
+    normalise(g)
+    report = _Rewriter(g, model, int8_kernel).run()
+    dedup_initializers(g)
+    prune_initializers(g)
+    return report
+
+
+def op_counts(model_proto: onnx.ModelProto) -> Counter:
+    return Counter(n.op_type for n in model_proto.graph.node)

@@ -1,0 +1,247 @@
+"""ONNX Runtime kernels for slimformer's stored weight formats, built from a module's integer codes/scales.
+
+Every builder is exact with respect to the torch model's effective weight `codes * scale` (the
+kernels run fp32 activations; none of them quantises activations), and returns the initializers and
+nodes that replace one fp32 MatMul / Gemm / Gather. Layouts (verified numerically against numpy in
+tests/export):
+
+* `com.microsoft.MatMulNBits` (bits 4 or 8): B uint8 (N, k_blocks, block*bits/8), codes stored as
+  code + 2^(bits-1) (the kernel's default zero point when no zero_points input is given: 8 for 4 bits,
+  128 for 8 bits), 4-bit pairs low nibble first; scales float32 (N, k_blocks); K need not be a multiple
+  of the block (the last block is zero padded: code 0 -> stored 8/128 -> 0). block_size must be a power
+  of two >= 16, so a group that is not one is re-blocked with its scale repeated g/block times (exact)
+  and one scale per row is re-blocked with the block that minimises bytes (exact: every block of a row
+  has the same scale). accuracy_level=1 (fp32 compute); level 4 quantises activations to int8 (faster,
+  not exact).
+* `DequantizeLinear` (int8 codes (N, K), one scale per row, axis 0) -> `Gemm(transB=1)` on the input
+  flattened to 2-D. ORT fuses `DequantizeLinear -> MatMul` into an accuracy-level-4 MatMulNBits (int8
+  activations, ~6e-3 relative error per matmul), but not `DequantizeLinear -> Gemm`, so this form stays
+  exact; the int8 weight stays resident and is dequantised per call into a transient buffer.
+* `DequantizeLinear` with `block_size` (opset 21, int4 or int8 codes): any group size, the fallback
+  for groups without a power-of-two factor >= 16.
+* `com.microsoft.GatherBlockQuantized` (embedding tables, bits 4 or 8): data uint8 (V, D*bits/8) with
+  the same +2^(bits-1) offset (its default zero point for uint8 data), scales (V, ceil(D/block)).
+* int8 table with one scale per row: Gather(codes) -> Cast -> Mul(Gather(scales)), no repeated scales.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+from onnx import numpy_helper as nh
+
+MS_DOMAIN = "com.microsoft"
+MIN_BLOCK, MAX_BLOCK = 16, 256  # MatMulNBits / GatherBlockQuantized blocks: powers of two, MLAS up to 256
+
+
+@dataclass
+class Lowered:
+    """What replaces one weight use: new initializers, nodes, and the kernel's name."""
+
+    kernel: str
+    initializers: list[TensorProto] = field(default_factory=list)
+    nodes: list[onnx.NodeProto] = field(default_factory=list)
+
+
+# -- block choice ------------------------------------------------------------------------------------
+def nbits_block(k: int, group: int | None, bits: int) -> int | None:
+    """Power-of-two block (16..256) that reproduces the unit's scales exactly, or None.
+
+    Per-group scales: the largest power of two dividing the group (its scale repeated group/block
+    times). One scale per row: the block whose (padded codes + repeated scales) bytes are smallest.
+    """
+    if group is not None and group < k:
+        b = group & -group
+        return min(b, MAX_BLOCK) if b >= MIN_BLOCK else None
+    best, best_bytes = MIN_BLOCK, None
+    b = MIN_BLOCK
+    while b <= MAX_BLOCK:
+        nb = -(-k // b)
+        cost = nb * (b * bits // 8 + 4)
+        if best_bytes is None or cost <= best_bytes:
+            best, best_bytes = b, cost
+        b *= 2
+    return best
+
+
+def block_scales(scales: np.ndarray, k: int, group: int | None, block: int) -> np.ndarray:
+    """(rows, n_groups) scales -> (rows, ceil(k/block)) scales of `block`-wide blocks (exact when each
+    block lies inside one group)."""
+    g = k if group is None else group
+    starts = np.arange(-(-k // block)) * block
+    return np.ascontiguousarray(scales[:, starts // g], dtype=np.float32)
+
+
+def dequantized(codes: np.ndarray, scales: np.ndarray, group: int | None) -> np.ndarray:
+    """codes * scale of their group, float32 (what every kernel here computes with)."""
+    k = codes.shape[1]
+    g = k if group is None else group
+    return codes.astype(np.float32) * np.repeat(scales, g, axis=1)[:, :k]
+
+
+def _offset_codes(codes: np.ndarray, bits: int, width: int) -> np.ndarray:
+    """int codes (rows, k) -> uint8 code + 2^(bits-1), zero padded (code 0) to `width` columns."""
+    rows, k = codes.shape
+    out = np.full((rows, width), 1 << (bits - 1), dtype=np.uint8)
+    out[:, :k] = (codes.astype(np.int16) + (1 << (bits - 1))).astype(np.uint8)
+    return out
+
+
+def _pack_nibbles(u: np.ndarray) -> np.ndarray:
+    """uint8 values < 16, last axis even -> bytes with element 2i in the low nibble."""
+    return (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
+
+
+def int4_tensor(name: str, codes: np.ndarray) -> TensorProto:
+    """ONNX INT4 tensor (two's complement nibbles, first element low) from int codes in [-8, 7]."""
+    t = TensorProto()
+    t.name, t.data_type = name, TensorProto.INT4
+    t.dims.extend(codes.shape)
+    flat = codes.reshape(-1).astype(np.int16) & 0xF
+    if flat.size % 2:
+        flat = np.concatenate([flat, np.zeros(1, np.int16)])
+    t.raw_data = _pack_nibbles(flat.astype(np.uint8)).tobytes()
+    return t
+
+
+def f32(name: str, a: np.ndarray) -> TensorProto:
+    return nh.from_array(np.ascontiguousarray(a, dtype=np.float32), name)
+
+
+def i64(name: str, values: list[int]) -> TensorProto:
+    return nh.from_array(np.asarray(values, dtype=np.int64), name)
+
+
+# -- linear ------------------------------------------------------------------------------------------
+def matmul_nbits(x: str, y: str, p: str, codes: np.ndarray, scales: np.ndarray, bits: int,
+                 group: int | None, block: int, bias: str | None = None) -> Lowered:
+    """y = x @ W^T (+ bias) with W (N, K) = codes * scales, as one MatMulNBits."""
+    n, k = codes.shape
+    nb = -(-k // block)
+    u = _offset_codes(codes, bits, nb * block).reshape(n, nb, block)
+    packed = _pack_nibbles(u) if bits == 4 else u
+    inits = [nh.from_array(np.ascontiguousarray(packed), f"{p}.qweight"),
+             f32(f"{p}.scales", block_scales(scales, k, group, block))]
+    inputs = [x, f"{p}.qweight", f"{p}.scales"]
+    if bias is not None:
+        inputs += ["", "", bias]
+    node = helper.make_node("MatMulNBits", inputs, [y], name=f"{p}/MatMulNBits", domain=MS_DOMAIN,
+                            K=k, N=n, bits=bits, block_size=block, accuracy_level=1)
+    return Lowered(f"MatMulNBits(bits={bits},block={block})", inits, [node])
+
+
+def dequant_gemm(x: str, y: str, p: str, codes: np.ndarray, scales: np.ndarray, bits: int,
+                 group: int | None, bias: str | None = None) -> Lowered:
+    """y = x @ W^T (+ bias): DequantizeLinear(codes (N, K)) -> Gemm(transB=1) on x reshaped to 2-D.
+
+    One scale per row uses DequantizeLinear axis 0 (opset 13); groups use axis 1 with block_size
+    (opset 21; int4 codes are an INT4 tensor, opset 21 too)."""
+    n, k = codes.shape
+    q = int4_tensor(f"{p}.qweight", codes) if bits == 4 else nh.from_array(
+        np.ascontiguousarray(codes, dtype=np.int8), f"{p}.qweight")
+    if group is None or group >= k:
+        s = f32(f"{p}.scales", scales[:, 0])
+        dq = helper.make_node("DequantizeLinear", [q.name, s.name], [f"{p}/w"], name=f"{p}/Dequantize", axis=0)
+    else:
+        s = f32(f"{p}.scales", scales)
+        dq = helper.make_node("DequantizeLinear", [q.name, s.name], [f"{p}/w"], name=f"{p}/Dequantize",
+                              axis=1, block_size=group)
+    flat, out_shape = f"shape.-1x{k}", f"shape.{n}"
+    inits = [q, s, i64(flat, [-1, k]), i64(out_shape, [n])]
+    gemm_in = [f"{p}/x2d", f"{p}/w"] + ([bias] if bias is not None else [])
+    nodes = [
+        dq,
+        helper.make_node("Reshape", [x, flat], [f"{p}/x2d"], name=f"{p}/Flatten"),
+        helper.make_node("Gemm", gemm_in, [f"{p}/y2d"], name=f"{p}/Gemm", transB=1),
+        helper.make_node("Shape", [x], [f"{p}/lead"], name=f"{p}/Shape", start=0, end=-1),
+        helper.make_node("Concat", [f"{p}/lead", out_shape], [f"{p}/yshape"], name=f"{p}/Concat", axis=0),
+        helper.make_node("Reshape", [f"{p}/y2d", f"{p}/yshape"], [y], name=f"{p}/Unflatten"),
+    ]
+    kind = "per-row" if group is None or group >= k else f"group={group}"
+    return Lowered(f"DequantizeLinear(int{bits},{kind})+Gemm", inits, nodes)
+
+
+def fp16_matmul(x: str, y: str, p: str, w_t: np.ndarray) -> Lowered:
+    """fp16 weight (K, N) cast to fp32 for the MatMul (ORT folds the Cast at load: fp32 resident)."""
+    w = nh.from_array(np.ascontiguousarray(w_t, dtype=np.float16), f"{p}.weight_fp16")
+    nodes = [helper.make_node("Cast", [w.name], [f"{p}/w"], name=f"{p}/Cast", to=TensorProto.FLOAT),
+             helper.make_node("MatMul", [x, f"{p}/w"], [y], name=f"{p}/MatMul")]
+    return Lowered("fp16 weight + Cast + MatMul", [w], nodes)
+
+
+# -- embedding ---------------------------------------------------------------------------------------
+def gather_block_quantized(ids: str, y: str, p: str, codes: np.ndarray, scales: np.ndarray, bits: int,
+                           group: int | None, block: int) -> Lowered:
+    """y = table[ids] with table (V, D) = codes * scales, as one GatherBlockQuantized."""
+    v, d = codes.shape
+    u = _offset_codes(codes, bits, d + (d % 2 if bits == 4 else 0))
+    data = _pack_nibbles(u) if bits == 4 else u
+    inits = [nh.from_array(np.ascontiguousarray(data), f"{p}.qweight"),
+             f32(f"{p}.scales", block_scales(scales, d, group, block))]
+    node = helper.make_node("GatherBlockQuantized", [inits[0].name, ids, inits[1].name], [y], name=f"{p}/Gather",
+                            domain=MS_DOMAIN, bits=bits, block_size=block, gather_axis=0, quantize_axis=1)
+    return Lowered(f"GatherBlockQuantized(bits={bits},block={block})", inits, [node])
+
+
+def gather_dequant(ids: str, y: str, p: str, codes: np.ndarray, scales: np.ndarray, group: int | None
+                   ) -> Lowered:
+    """y = Cast(codes[ids]) * scales[ids] with int8 codes (any group size; int4 codes stored as int8)."""
+    v, d = codes.shape
+    q = nh.from_array(np.ascontiguousarray(codes, dtype=np.int8), f"{p}.qweight")
+    s = f32(f"{p}.scales", scales)
+    nodes = [helper.make_node("Gather", [q.name, ids], [f"{p}/q"], name=f"{p}/GatherCodes", axis=0),
+             helper.make_node("Cast", [f"{p}/q"], [f"{p}/qf"], name=f"{p}/Cast", to=TensorProto.FLOAT),
+             helper.make_node("Gather", [s.name, ids], [f"{p}/s"], name=f"{p}/GatherScales", axis=0)]
+    inits = [q, s]
+    scale_out = f"{p}/s"
+    if scales.shape[1] > 1:
+        g = d if group is None else group
+        gidx = i64(f"{p}.group_index", list(np.arange(d) // g))
+        inits.append(gidx)
+        nodes.append(helper.make_node("Gather", [f"{p}/s", gidx.name], [f"{p}/sx"], name=f"{p}/ExpandScales",
+                                      axis=-1))
+        scale_out = f"{p}/sx"
+    nodes.append(helper.make_node("Mul", [f"{p}/qf", scale_out], [y], name=f"{p}/Mul"))
+    return Lowered("Gather(int8)+Cast+Mul", inits, nodes)
+
+
+def fp16_gather(ids: str, y: str, p: str, table: np.ndarray) -> Lowered:
+    """fp16 table gathered then cast (the table stays fp16 in memory)."""
+    w = nh.from_array(np.ascontiguousarray(table, dtype=np.float16), f"{p}.weight_fp16")
+    nodes = [helper.make_node("Gather", [w.name, ids], [f"{p}/h"], name=f"{p}/Gather", axis=0),
+             helper.make_node("Cast", [f"{p}/h"], [y], name=f"{p}/Cast", to=TensorProto.FLOAT)]
+    return Lowered("fp16 Gather + Cast", [w], nodes)
+
+
+# -- choice ------------------------------------------------------------------------------------------
+def lower_linear(x: str, y: str, p: str, codes: np.ndarray, scales: np.ndarray, bits: int, group: int | None,
+                 bias: str | None = None, int8_kernel: str = "auto") -> tuple[Lowered, int]:
+    """The kernel for one int4/int8 linear and the minimum default-domain opset it needs.
+
+    int4: MatMulNBits whenever a power-of-two block represents the scales exactly, else blocked
+    DequantizeLinear + Gemm. int8 ('auto'): one scale per row -> DequantizeLinear + Gemm (measured
+    fastest exact int8 form); groups -> MatMulNBits(bits=8) (or blocked DequantizeLinear + Gemm).
+    """
+    k = codes.shape[1]
+    per_row = group is None or group >= k
+    block = nbits_block(k, group, bits)
+    use_nbits = block is not None and not (bits == 8 and (int8_kernel == "dequantize"
+                                                           or (int8_kernel == "auto" and per_row)))
+    if use_nbits:
+        return matmul_nbits(x, y, p, codes, scales, bits, group, block, bias), 1  # type: ignore[arg-type]
+    return dequant_gemm(x, y, p, codes, scales, bits, group, bias), 21 if (bits == 4 or not per_row) else 13
+
+
+def lower_embedding(ids: str, y: str, p: str, codes: np.ndarray, scales: np.ndarray, bits: int,
+                    group: int | None) -> Lowered:
+    """The kernel for one int4/int8 table: GatherBlockQuantized when a power-of-two block is exact,
+    an int8 table with one scale per row (or no exact block) as Gather + Cast + Mul."""
+    d = codes.shape[1]
+    block = nbits_block(d, group, bits)
+    per_row = group is None or group >= d
+    if (bits == 8 and per_row) or block is None or (bits == 4 and d % 2):
+        return gather_dequant(ids, y, p, codes, scales, group)
+    return gather_block_quantized(ids, y, p, codes, scales, bits, group, block)
