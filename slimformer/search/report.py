@@ -29,11 +29,21 @@ def write_pareto_png(path: Path, ctx: SearchContext, study: optuna.Study, entrie
                c="#b0b0b0", label="evaluated trials (search set)")
     ax.scatter([e["memory_percent"] for e in entries], [e["heldout_metrics"][m] for e in entries], s=36,
                c="#d62728", label="Pareto trials (held-out)", zorder=3)
+    shown = [e["heldout_metrics"][m] for e in entries]
+    floor = (min(shown) - 0.05) if shown else None  # keep the front readable; far-off baselines noted
     for b in baselines:
         if b.fits and b.heldout_metrics:
-            ax.scatter([b.memory_percent], [b.heldout_metrics[m]], marker="s", s=50, zorder=4,
-                       label=f"{b.name} (held-out)")
+            q = b.heldout_metrics[m]
+            if floor is not None and q < floor:
+                ax.scatter([], [], marker="s", s=50, label=f"{b.name}: {q:.3f} (below the plotted range)")
+                continue
+            ax.scatter([b.memory_percent], [q], marker="s", s=50, zorder=4, label=f"{b.name} (held-out)")
+            shown.append(q)
     ax.axvline(100 * ctx.budget_bytes / ctx.fp32_bytes, color="k", ls="--", lw=1, label="memory budget")
+    if shown:
+        lo, hi = min(shown), max(shown)
+        pad = max(0.002, 0.1 * (hi - lo))
+        ax.set_ylim(lo - pad, hi + pad)
     ax.set_xlabel("memory, % of fp32 weights")
     ax.set_ylabel(m)
     ax.set_title(f"{ctx.config.model}: quality vs memory")
