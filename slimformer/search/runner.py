@@ -19,7 +19,6 @@ import optuna
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
-from slimformer.compression.apply import apply_plan
 from slimformer.compression.memory import plan_memory
 from slimformer.compression.plan import CompressionPlan
 from slimformer.errors import ConfigError
@@ -50,7 +49,7 @@ def evaluate_plan(ctx: SearchContext, plan: CompressionPlan, heldout: bool = Fal
     mem = plan_memory(ctx.adapter, plan).total_bytes
     lat = latency_ms(ctx, plan)
     t0 = time.perf_counter()
-    model = apply_plan(ctx.adapter, plan, ctx.cache, ctx.act_scales)
+    model = ctx.compress(plan)
     t1 = time.perf_counter()
     result = (ctx.heldout_eval if heldout else ctx.search_eval).evaluate(model)
     t2 = time.perf_counter()
