@@ -75,11 +75,23 @@ def search(config: str | Path | SearchConfig | None = None, **overrides: Any) ->
 
 
 @dataclass(frozen=True)
+class OnnxExportResult:
+    """`model.onnx` written next to a compressed model: sizes and agreement with the torch model."""
+
+    path: Path
+    file_bytes: int
+    resident_bytes: int
+    cosine: float  # mean cosine of ONNX outputs to the torch compressed model's on the fidelity data
+    max_abs_diff: float
+
+
+@dataclass(frozen=True)
 class ApplyResult:
     out_dir: Path | None
     memory: MemoryReport
     fidelity: dict[str, float]
     n_samples: int
+    onnx: OnnxExportResult | None = None
 
 
 def _fidelity_batches(adapter: ModelAdapter, data: str, samples: int) -> list[Any]:
@@ -107,14 +119,18 @@ def _calibration_batches(adapter: ModelAdapter, data: str, n: int) -> list[Any]:
 
 
 def apply_recipe(recipe: str | Path | Recipe, model: str, out_dir: str | Path | None = None,
-                 data: str = "fortunes", samples: int = 256, calibration: int = 64) -> ApplyResult:
+                 data: str = "fortunes", samples: int = 256, calibration: int = 64,
+                 onnx: bool = False) -> ApplyResult:
     """Compress `model` as the recipe says, measure memory and fidelity, optionally save to `out_dir`.
 
     Fidelity is measured against the uncompressed model on held-out data (never the search set for
     the packaged corpus). The recipe's provenance is kept; applying twice gives identical weights.
+    `onnx=True` (needs `out_dir`) also writes `out_dir/model.onnx` and checks it against the torch model.
     """
     from slimformer.evaluators.quality import FidelityEvaluator
 
+    if onnx and out_dir is None:
+        raise ConfigError("--onnx needs --out: model.onnx is written into the output directory")
     rec = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
     adapter = load(model)
     plan = rec.to_plan(adapter)
@@ -138,9 +154,89 @@ def apply_recipe(recipe: str | Path | Recipe, model: str, out_dir: str | Path | 
     result = evaluator.evaluate(compressed)
     mem = plan_memory(adapter, plan)
     saved = None
+    exported = None
     if out_dir is not None:
         saved = save_compressed(adapter, compressed, rec, Path(out_dir))
-    return ApplyResult(saved, mem, result.metrics, result.n_samples)
+        if onnx:
+            exported = _export_checked(adapter, compressed, saved / "model.onnx", evaluator.batches)
+    return ApplyResult(saved, mem, result.metrics, result.n_samples, exported)
+
+
+def _export_checked(adapter: ModelAdapter, model: Any, path: Path, batches: list[Any]) -> OnnxExportResult:
+    """Export `model` to `path` and compare the ONNX outputs with the torch model's on `batches`."""
+    import numpy as np
+    import torch
+
+    from slimformer.export import export_onnx, onnx_outputs, resident_weight_bytes
+
+    info = export_onnx(adapter, model, path)
+    with torch.no_grad():
+        model.eval()
+        ref = torch.cat([adapter.output(model, b).to(torch.float32) for b in batches]).cpu().numpy()
+    out = onnx_outputs(info.path, batches)
+    cos = (out * ref).sum(-1) / np.maximum(np.linalg.norm(out, axis=-1) * np.linalg.norm(ref, axis=-1), 1e-12)
+    return OnnxExportResult(info.path, info.file_bytes, resident_weight_bytes(info.path), float(cos.mean()),
+                            float(np.abs(out - ref).max()))
+
+
+def export_model(model_dir: str | Path, out: str | Path | None = None) -> OnnxExportResult:
+    """Export a compressed model directory (written by `apply --out`) to ONNX, `model_dir/model.onnx` by default.
+
+    The agreement check runs the torch and ONNX models on 64 held-out fortunes texts (or test images).
+    """
+    from slimformer.compression.saving import RECIPE_FILE, load_compressed
+
+    d = Path(model_dir)
+    if not (d / RECIPE_FILE).is_file():
+        raise ConfigError(f"{d} is not a compressed slimformer model directory (no {RECIPE_FILE})")
+    adapter = load_compressed(d)
+    return _export_checked(adapter, adapter.model, Path(out) if out is not None else d / "model.onnx",
+                           _fidelity_batches(adapter, "fortunes", 64))
+
+
+def bench(target: str | Path, model: str | None = None, data: str = "fortunes", samples: int = 256,
+          threads: int = 1, seqs: tuple[int, ...] = (64, 128), batches: tuple[int, ...] = (1, 32), runs: int = 30,
+          warmup: int = 3, work_dir: str | Path | None = None, log: Any = None) -> Any:
+    """Benchmark a compressed model (a recipe, a compressed directory or an .onnx file) against fp32 and
+    onnxruntime dynamic-int8 baselines; returns `slimformer.export.bench.BenchResult`.
+
+    A recipe needs `model` (what it is applied to); an .onnx file needs `model` (the uncompressed model:
+    tokenizer and fp32 teacher); a compressed directory uses `model` or else the recipe's model id.
+    """
+    import tempfile
+
+    from slimformer.compression.saving import RECIPE_FILE, load_compressed
+    from slimformer.export import export_onnx
+    from slimformer.export.bench import bench_models
+
+    t = Path(target)
+    say = log or (lambda _msg: None)
+    opts = dict(data=data, samples=samples, threads=threads, seqs=seqs, batches=batches, runs=runs,
+                warmup=warmup, work_dir=work_dir, log=log)
+    with tempfile.TemporaryDirectory() as tmp:
+        if t.is_dir():
+            if not (t / RECIPE_FILE).is_file():
+                raise ConfigError(f"{t} is not a compressed slimformer model directory (no {RECIPE_FILE})")
+            compressed = load_compressed(t)
+            ref_id = model or compressed.recipe.model.id  # type: ignore[attr-defined]
+            say(f"exporting {t} to ONNX")
+            onnx_path = export_onnx(compressed, compressed.model, Path(tmp) / "target.onnx").path
+        elif t.suffix.lower() == ".onnx":
+            if not t.is_file():
+                raise ConfigError(f"{t} does not exist")
+            if model is None:
+                raise ConfigError(f"bench on an .onnx file needs --model (the uncompressed model {t.name} was "
+                                  "made from: tokenizer and fp32 teacher)")
+            ref_id, onnx_path = model, t
+        else:
+            if model is None:
+                raise ConfigError(f"bench on a recipe needs --model (the model {t.name} is applied to)")
+            say(f"applying {t} to {model}")
+            res = apply_recipe(t, model, out_dir=Path(tmp) / "compressed", data=data, samples=samples, onnx=True)
+            assert res.onnx is not None
+            ref_id, onnx_path = model, res.onnx.path
+        reference = load(ref_id)
+        return bench_models(reference, onnx_path, target_name=str(t), **opts)  # type: ignore[arg-type]
 
 
 def _context_for_run(run_dir: Path) -> tuple[Any, Any, Any]:

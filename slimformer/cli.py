@@ -62,14 +62,21 @@ def main() -> None:
 @click.option("--storage", help="Optuna storage URL (default: SQLite in the run directory).")
 @click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path), help="Output directory.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Run trials in this process, or in Ray workers sharing the study.")
+@click.option("--address", help="Ray cluster to join (with --backend ray; needs a database --storage).")
+@click.option("--workers", type=click.IntRange(min=1), help="Ray workers (with --backend ray; default: CPUs).")
 @_errors
 def search(config: Path | None, trials: int | None, timeout: float | None, storage: str | None,
-           run_dir: Path | None, no_progress: bool) -> None:
-    """Search compression plans under a memory budget. CONFIG defaults to the embedded Quickstart."""
+           run_dir: Path | None, no_progress: bool, backend: str, address: str | None, workers: int | None) -> None:
+    """Search compression plans under a memory budget. CONFIG defaults to the embedded Quickstart.
+
+    Several processes given one --storage URL (postgresql://..., journal:PATH) and study work on one study.
+    """
     from slimformer.api import search as run
 
     res = run(config, trials=trials, timeout=timeout, storage=storage, run_dir=run_dir,
-              progress=not no_progress, log=_log)
+              progress=not no_progress, log=_log, backend=backend, address=address, workers=workers)
     s = res.summary
     m = s["quality_metric"]
     click.echo(f"run directory: {res.run_dir}")
@@ -91,18 +98,74 @@ def search(config: Path | None, trials: int | None, timeout: float | None, stora
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Write the compressed model here.")
 @click.option("--data", default="fortunes", show_default=True, help="Held-out data for the fidelity check.")
 @click.option("--samples", default=256, show_default=True, type=click.IntRange(min=2))
+@click.option("--onnx", "to_onnx", is_flag=True, help="Also write OUT/model.onnx (needs --out).")
 @_errors
-def apply(recipe: Path, model: str, out: Path | None, data: str, samples: int) -> None:
+def apply(recipe: Path, model: str, out: Path | None, data: str, samples: int, to_onnx: bool) -> None:
     """Apply RECIPE to a model, print memory and fidelity, and optionally save it."""
     from slimformer.api import apply_recipe
 
-    res = apply_recipe(recipe, model, out_dir=out, data=data, samples=samples)
+    res = apply_recipe(recipe, model, out_dir=out, data=data, samples=samples, onnx=to_onnx)
     mem = res.memory
     click.echo(f"memory: {mem.total_bytes:,d} bytes = {mem.percent:.2f}% of fp32 ({mem.fp32_bytes:,d})")
     scores = ", ".join(f"{k} {v:.4f}" for k, v in res.fidelity.items())
     click.echo(f"fidelity on {res.n_samples} held-out samples: {scores}")
     if res.out_dir:
         click.echo(f"wrote {res.out_dir}")
+    if res.onnx is not None:
+        _echo_onnx(res.onnx)
+
+
+def _echo_onnx(o: Any) -> None:
+    click.echo(f"wrote {o.path}: {o.file_bytes:,d} bytes on disk, {o.resident_bytes:,d} resident weight bytes; "
+               f"ONNX vs torch: mean cosine {o.cosine:.6f}, max abs diff {o.max_abs_diff:.2e}")
+
+
+@main.command("export")
+@click.argument("model_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="ONNX file (default MODEL_DIR/model.onnx).")
+@_errors
+def export_cmd(model_dir: Path, out: Path | None) -> None:
+    """Export a compressed model directory (from `apply --out`) to ONNX with physical int4/int8 kernels."""
+    from slimformer.api import export_model
+
+    _echo_onnx(export_model(model_dir, out))
+
+
+def _int_list(ctx: Any, param: Any, value: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+    if not vals or min(vals) < 1:
+        raise click.BadParameter(f"expected comma-separated integers >= 1, got {value!r}")
+    return vals
+
+
+@main.command("bench")
+@click.argument("target", type=click.Path(path_type=Path))
+@click.option("--model", help="Uncompressed model (needed for a recipe or an .onnx TARGET).")
+@click.option("--data", default="fortunes", show_default=True, help="Held-out data for fidelity and inputs.")
+@click.option("--samples", default=256, show_default=True, type=click.IntRange(min=2))
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1), help="Intra-op threads.")
+@click.option("--seq", "seqs", default="64,128", show_default=True, callback=_int_list, help="Sequence lengths.")
+@click.option("--batch", "batches", default="1,32", show_default=True, callback=_int_list, help="Batch sizes.")
+@click.option("--runs", default=30, show_default=True, type=click.IntRange(min=1), help="Timed runs per model.")
+@click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0))
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write results as JSON.")
+@_errors
+def bench(target: Path, model: str | None, data: str, samples: int, threads: int, seqs: tuple[int, ...],
+          batches: tuple[int, ...], runs: int, warmup: int, json_out: Path | None) -> None:
+    """Benchmark TARGET (recipe, compressed directory or .onnx) against fp32 and ORT dynamic int8 in ONNX Runtime."""
+    from slimformer.api import bench as run
+
+    res = run(target, model, data=data, samples=samples, threads=threads, seqs=seqs, batches=batches, runs=runs,
+              warmup=warmup, log=_log)
+    click.echo(res.format())
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(res.to_dict(), indent=2) + "\n")
+        click.echo(f"wrote {json_out}")
 
 
 @main.command("export-recipe")

@@ -10,7 +10,8 @@ from typing import Any
 from slimformer.search.config import SearchConfig
 from slimformer.search.context import SearchContext, prepare
 from slimformer.search.rundir import check_or_write_config, run_baselines, write_outputs
-from slimformer.search.runner import default_storage, run_trials
+from slimformer.search.runner import run_trials
+from slimformer.search.storage import close_storage, hide_password, lock_run_dir, make_storage, unlock_run_dir
 
 __all__ = ["SearchConfig", "SearchContext", "SearchResult", "prepare", "run_search"]
 
@@ -24,8 +25,14 @@ class SearchResult:
 
 def run_search(config: SearchConfig, *, trials: int | None = None, timeout: float | None = None,
                storage: str | None = None, run_dir: str | Path | None = None, progress: bool = True,
-               log: Any = None) -> SearchResult:
-    """Run (or resume) a search and write its run directory. Bad input raises before anything is written."""
+               log: Any = None, backend: str = "local", address: str | None = None,
+               workers: int | None = None) -> SearchResult:
+    """Run (or resume) a search and write its run directory. Bad input raises before anything is written.
+
+    backend "local" runs the trials in this process; "ray" runs them in `workers` Ray workers sharing the
+    study (search/ray_backend.py; `address` joins a running Ray cluster, which needs a network `storage`).
+    Several processes given one shared `storage` URL and study name work on one study together.
+    """
     say = log or (lambda msg: None)
     start = time.perf_counter()
     updates: dict[str, Any] = {}
@@ -38,26 +45,52 @@ def run_search(config: SearchConfig, *, trials: int | None = None, timeout: floa
     if run_dir is not None:
         updates["run_dir"] = str(run_dir)
     config = SearchConfig.model_validate({**config.model_dump(), **updates})
-    ctx = prepare(config, log=say)
     out = Path(config.run_dir)
     if out.exists() and not out.is_dir():
         from slimformer.errors import ConfigError
 
         raise ConfigError(f"--run-dir {out} is a file; pass a directory path")
+    if backend != "local" or address is not None or workers is not None:
+        from slimformer.search.ray_backend import check_options
+
+        check_options(backend, address, workers, config.storage)
+    # a shared storage is opened (validated) before anything is written; the default one lives in the run dir
+    shared = make_storage(config.storage, out) if config.storage is not None else None
+    ctx = prepare(config, log=say)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    lock = None
     try:
+        lock = lock_run_dir(out) if shared is None else None  # one driver per run-dir study
         check_or_write_config(out, config)
     except Exception:
+        unlock_run_dir(lock)
         if created:
             import shutil
 
             shutil.rmtree(out, ignore_errors=True)
         raise
-    url = config.storage or default_storage(out)
-    baselines = run_baselines(ctx, out, say) if config.baselines else []
-    say(f"searching: {config.trials} trials, storage {url}")
-    study = run_trials(ctx, url, config.study_name, config.trials, config.timeout, progress=progress,
-                       single_driver=config.storage is None, log=say, sensitivity_path=out / "sensitivity.json")
-    summary = write_outputs(ctx, out, study, baselines, config.study_name, url, time.perf_counter() - start)
-    return SearchResult(out, url, summary)
+    try:
+        study_storage, url, exclusive = shared or make_storage(None, out)
+    except Exception:
+        unlock_run_dir(lock)
+        raise
+    shown = hide_password(url)
+    try:
+        baselines = run_baselines(ctx, out, say) if config.baselines else []
+        say(f"searching: {config.trials} trials, storage {shown}")
+        if backend == "ray":
+            from slimformer.search.ray_backend import run_ray
+
+            study = run_ray(ctx, study_storage, url, exclusive, config.study_name, config.trials, config.timeout,
+                            workers=workers, address=address, progress=progress, log=say,
+                            sensitivity_path=out / "sensitivity.json")
+        else:
+            study = run_trials(ctx, study_storage, config.study_name, config.trials, config.timeout,
+                               progress=progress, single_driver=exclusive, log=say,
+                               sensitivity_path=out / "sensitivity.json", label=shown)
+        summary = write_outputs(ctx, out, study, baselines, config.study_name, shown, time.perf_counter() - start)
+    finally:
+        close_storage(study_storage)
+        unlock_run_dir(lock)
+    return SearchResult(out, shown, summary)

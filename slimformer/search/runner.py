@@ -4,14 +4,21 @@ Infeasible plans (over the memory budget) are never evaluated: they are told to 
 positive `memory` constraint (Optuna's constrained domination steers away from them) and the worst
 quality, and they are never Pareto points. Re-running the same command resumes: finished trials are
 kept, trials left RUNNING by a killed driver are marked FAIL and replaced, the total reaches `trials`.
+
+Several drivers (processes, Ray workers) may share one study on a shared storage (search/storage.py):
+the start points are queued once per study (`ensure_start_points`), each driver starts a trial only while
+the study's counted trials plus the trials running elsewhere stay below `trials` (so the study ends with
+exactly `trials` counted trials), and a dead driver's running trial is failed by heartbeat and retried.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
+import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +31,54 @@ from slimformer.compression.plan import CompressionPlan
 from slimformer.errors import ConfigError
 from slimformer.evaluators.latency import estimate_latency
 from slimformer.search.context import SearchContext
+from slimformer.search.storage import (
+    GRACE_PERIOD,
+    WORKER_ATTR,
+    default_url,
+    fail_stale_trials,
+    open_storage,
+    worker_id,
+)
 
 DIRECTIONS = {"quality": "maximize", "latency": "minimize", "memory": "minimize"}
 WORST_QUALITY = -1.0
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 INTERRUPTED = "interrupted (driver stopped)"
+SURPLUS = "interrupted (surplus: other drivers' trials completed the study's count as this one started)"
 INFEASIBLE_CAP = 20  # stop after this many over-budget samples per requested trial
+START_ATTR = "slimformer_start_points"  # study user attr: {"by": claimant, "at": time, "queued": n or None}
+SENSITIVITY_ATTR = "slimformer_sensitivity"  # study user attr: the sensitivity measured for the start points
+START_WAIT_S = 900.0  # longest wait for another driver to queue the start points
+POLL_S = 1.0  # how often a driver waiting on other drivers' trials looks at the study
+
+
+class SurplusTrial(RuntimeError):
+    """A trial started after the study's count was already met by trials with lower numbers."""
+
+
+class _QuietSurplus(logging.Filter):
+    """Drop Optuna's two "Trial N failed ..." warnings for surplus trials (they are no failure to report)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.surplus: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        number = msg.split(" ", 2)[1] if msg.startswith("Trial ") else ""
+        if "SurplusTrial" in msg:
+            self.surplus.add(number)
+            return False
+        if number in self.surplus and " failed with value " in msg:
+            self.surplus.discard(number)
+            return False
+        return True
+
+
+logging.getLogger("optuna.study._optimize").addFilter(_QuietSurplus())  # a surplus trial is no failure to report
+
+
+CATCH = (RuntimeError, FloatingPointError, ValueError, MemoryError)
 
 
 @dataclass(frozen=True)
@@ -71,15 +120,22 @@ def make_sampler(ctx: SearchContext) -> optuna.samplers.BaseSampler:
     return optuna.samplers.RandomSampler(seed=s.seed)
 
 
-def open_study(ctx: SearchContext, storage: str, study_name: str) -> optuna.Study:
+def open_study(ctx: SearchContext, storage: str | optuna.storages.BaseStorage, study_name: str,
+               label: str | None = None) -> optuna.Study:
+    """Create or load the study; `storage` is a URL (opened with storage.open_storage) or a storage
+    object (from storage.make_storage; `label` names it in messages)."""
+    if isinstance(storage, str):
+        label = label or storage
+        storage, _ = open_storage(storage)
+    label = label or type(storage).__name__
     directions = [DIRECTIONS[o] for o in ctx.config.objectives]
     try:
         study = optuna.create_study(storage=storage, study_name=study_name, directions=directions,
                                     sampler=make_sampler(ctx), load_if_exists=True)
     except ValueError as exc:
-        raise ConfigError(f"storage {storage}: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"storage {label}: {str(exc).splitlines()[0]}") from None
     if [d.name.lower() for d in study.directions] != directions:
-        raise ConfigError(f"study {study_name!r} in {storage} has other objectives; use a new --run-dir "
+        raise ConfigError(f"study {study_name!r} in {label} has other objectives; use a new --run-dir "
                           "or study_name")
     return study
 
@@ -99,9 +155,21 @@ def objective_values(ctx: SearchContext, quality: float, lat: float, mem: int) -
     return [vals[o] for o in ctx.config.objectives]
 
 
-def make_objective(ctx: SearchContext) -> Callable[[optuna.Trial], list[float]]:
+def make_objective(ctx: SearchContext, limit: int | None = None) -> Callable[[optuna.Trial], list[float]]:
+    """The trial function. With `limit` (the study's trial count), a trial that finds the count already met
+    by finished trials and running trials numbered below it is surplus: it fails at once with fail_reason
+    SURPLUS and does not count (several drivers can start trials in the same instant)."""
+    me = worker_id()
+
     def objective(trial: optuna.Trial) -> list[float]:
         t0 = time.perf_counter()
+        trial.study._storage.set_trial_system_attr(trial._trial_id, WORKER_ATTR, me)
+        if limit is not None:
+            now = trial.study.get_trials(deepcopy=False)
+            ahead = sum(1 for t in now if t.number < trial.number and is_in_flight(t))
+            if counted_trials(now) + ahead >= limit:
+                trial.set_user_attr("fail_reason", SURPLUS)
+                raise SurplusTrial(SURPLUS)
         plan = ctx.space.suggest(trial)
         mem = plan_memory(ctx.adapter, plan)
         lat = latency_ms(ctx, plan)
@@ -140,59 +208,139 @@ def best_quality(study: optuna.Study, ctx: SearchContext) -> float | None:
     return max(vals) if vals else None
 
 
-def run_trials(ctx: SearchContext, storage: str, study_name: str, trials: int, timeout: float | None,
-               progress: bool = True, single_driver: bool = True, log: Any = None,
-               sensitivity_path: Path | None = None) -> optuna.Study:
+def run_trials(ctx: SearchContext, storage: str | optuna.storages.BaseStorage, study_name: str, trials: int,
+               timeout: float | None, progress: bool = True, single_driver: bool = True, log: Any = None,
+               sensitivity_path: Path | None = None, label: str | None = None) -> optuna.Study:
     """Run until the study holds `trials` evaluated trials, the timeout passes, or INFEASIBLE_CAP x trials
-    over-budget samples have been skipped."""
+    over-budget samples have been skipped. `single_driver`: this process owns the storage (trials left
+    RUNNING are a killed driver's and are failed now); otherwise other drivers may be working on the study."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = open_study(ctx, storage, study_name)
+    study = open_study(ctx, storage, study_name, label)
     if single_driver:
         fail_interrupted(study)
-    if not study.get_trials(deepcopy=False):
-        from slimformer.search.start import enqueue_start_points
+    ensure_start_points(ctx, study, log=log, sensitivity_path=sensitivity_path)
+    return trial_loop(ctx, study, trials, timeout, progress=progress)
 
-        n, sens = enqueue_start_points(ctx, study, log=log)
-        if sens is not None and sensitivity_path is not None:
+
+def ensure_start_points(ctx: SearchContext, study: optuna.Study, log: Any = None,
+                        sensitivity_path: Path | None = None) -> int:
+    """Queue the first generation (search/start.py) once per study, whichever driver gets there first.
+
+    A driver claims the job by writing the study user attr START_ATTR and reading it back; one that finds
+    it set (or finds trials in the study: a study from before this attr) queues nothing, and waits up to
+    START_WAIT_S for the claimant to finish queueing, so that the start points are the first trials run.
+    Race (accepted): two drivers that both read "unset" within one storage round trip of each other both
+    queue the start points; that evaluates some plans twice, and loses or duplicates no trial.
+    Returns how many start points this driver queued.
+    """
+    say = log or (lambda msg: None)
+    queued = 0
+    claim = study.user_attrs.get(START_ATTR)
+    if claim is None and not study.get_trials(deepcopy=False):
+        token = f"{worker_id()}:{uuid.uuid4().hex[:8]}"
+        study.set_user_attr(START_ATTR, {"by": token, "at": time.time(), "queued": None})
+        if study.user_attrs[START_ATTR]["by"] == token:
+            from slimformer.search.start import enqueue_start_points
+
+            try:
+                try:
+                    queued, sens = enqueue_start_points(ctx, study, log=log)
+                except CATCH as exc:  # a plan measured for sensitivity failed (e.g. NaN outputs)
+                    say(f"start points: sensitivity measurement failed ({exc.__class__.__name__}: "
+                        f"{str(exc)[:200]}); using uniform and random start points")
+                    plain = replace(ctx, config=ctx.config.model_copy(update={"start_points": "random"}))
+                    queued, sens = enqueue_start_points(plain, study, log=log)
+                if sens is not None:
+                    study.set_user_attr(SENSITIVITY_ATTR, sens.to_json())
+            finally:  # drivers waiting for the start points go on even if this one failed
+                study.set_user_attr(START_ATTR, {"by": token, "at": time.time(), "queued": queued})
+    elif claim is None:
+        study.set_user_attr(START_ATTR, {"by": "none (the study already held trials)", "at": time.time(),
+                                         "queued": 0})
+    else:
+        t0 = time.monotonic()
+        if claim.get("queued") is None:
+            say(f"waiting for {claim.get('by')} to queue the start points")
+        while study.user_attrs[START_ATTR].get("queued") is None and time.monotonic() - t0 < START_WAIT_S:
+            time.sleep(POLL_S)
+    if sensitivity_path is not None and not sensitivity_path.exists():
+        sens_json = study.user_attrs.get(SENSITIVITY_ATTR)
+        if sens_json:
             from slimformer.search.rundir import write_json
 
-            write_json(sensitivity_path, sens.to_json())
-    done = counted_trials(study)
-    remaining = max(0, trials - done)
+            write_json(sensitivity_path, sens_json)
+    return queued
+
+
+def is_in_flight(t: optuna.trial.FrozenTrial) -> bool:
+    """Running now (in any driver) and may still count. A running trial of a slimformer driver is failed by
+    heartbeat when its driver dies; one without a driver mark counts only for GRACE_PERIOD s."""
+    return t.state == TrialState.RUNNING and (
+        WORKER_ATTR in t.system_attrs
+        or (t.datetime_start is not None and time.time() - t.datetime_start.timestamp() < GRACE_PERIOD))
+
+
+def in_flight(trials: list[optuna.trial.FrozenTrial]) -> int:
+    return sum(1 for t in trials if is_in_flight(t))
+
+
+def trial_loop(ctx: SearchContext, study: optuna.Study, trials: int, timeout: float | None,
+               progress: bool = True) -> optuna.Study:
+    """Run trials one at a time until the study (all drivers together) counts `trials`."""
+    done0 = counted_trials(study)
+    remaining = max(0, trials - done0)
     if remaining == 0:
         return study
+    deadline = None if timeout is None else time.monotonic() + timeout
     skipped_start = infeasible_trials(study)
     cap = INFEASIBLE_CAP * trials
+    objective = make_objective(ctx, limit=trials)
     bar = tqdm(total=remaining, desc="trials", unit="trial", disable=not progress, dynamic_ncols=True)
 
-    def callback(st: optuna.Study, ft: optuna.trial.FrozenTrial) -> None:
-        if ft.user_attrs.get("feasible") is not False:
-            bar.update(1)
+    def show(st: optuna.Study, done: int, skipped: int) -> None:
+        bar.update(max(0, min(done, trials) - done0 - bar.n))
         best = best_quality(st, ctx)
-        skipped = infeasible_trials(st) - skipped_start
         bar.set_postfix_str((f"best {ctx.quality_metric} in budget: {best:.4f}" if best is not None
                              else "no plan in budget yet") + f", {skipped} over budget skipped")
-        if counted_trials(st) >= trials or skipped >= cap:
-            st.stop()
 
     try:
-        study.optimize(make_objective(ctx), n_trials=None, timeout=timeout, callbacks=[callback],
-                       catch=(RuntimeError, FloatingPointError, ValueError, MemoryError))
+        while True:
+            now = study.get_trials(deepcopy=False)
+            done = counted_trials(now)
+            skipped = infeasible_trials(now) - skipped_start
+            show(study, done, skipped)
+            if done >= trials or skipped >= cap or (deadline is not None and time.monotonic() >= deadline):
+                break
+            if done + in_flight(now) >= trials:
+                # the trials other drivers are running may complete the count: wait for them (a dead
+                # driver's trial is failed by heartbeat and re-queued, then this driver runs it)
+                fail_stale_trials(study)
+                time.sleep(POLL_S)
+                continue
+            study.optimize(objective, n_trials=1, catch=CATCH)
     finally:
         bar.close()
     return study
 
 
-def counted_trials(study: optuna.Study) -> int:
+def _trials(study: optuna.Study | list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
+    return study if isinstance(study, list) else study.get_trials(deepcopy=False)
+
+
+def was_interrupted(t: optuna.trial.FrozenTrial) -> bool:
+    """Failed because its driver died (killed exclusive driver, or a worker without heartbeat)."""
+    return str(t.user_attrs.get("fail_reason", "")).startswith("interrupted")
+
+
+def counted_trials(study: optuna.Study | list[optuna.trial.FrozenTrial]) -> int:
     """Finished trials that count toward `trials`: evaluated (or failed) plans; over-budget samples are
     free (never evaluated) and do not count; trials a killed driver left behind do not count."""
-    return sum(1 for t in study.get_trials(deepcopy=False) if t.state in FINISHED
-               and t.user_attrs.get("feasible") is not False
-               and t.user_attrs.get("fail_reason") != INTERRUPTED)
+    return sum(1 for t in _trials(study) if t.state in FINISHED
+               and t.user_attrs.get("feasible") is not False and not was_interrupted(t))
 
 
-def infeasible_trials(study: optuna.Study) -> int:
-    return sum(1 for t in study.get_trials(deepcopy=False) if t.user_attrs.get("feasible") is False)
+def infeasible_trials(study: optuna.Study | list[optuna.trial.FrozenTrial]) -> int:
+    return sum(1 for t in _trials(study) if t.user_attrs.get("feasible") is False)
 
 
 def trial_plan(ctx: SearchContext, trial: optuna.trial.FrozenTrial) -> CompressionPlan:
@@ -201,7 +349,8 @@ def trial_plan(ctx: SearchContext, trial: optuna.trial.FrozenTrial) -> Compressi
 
 
 def default_storage(run_dir: Path) -> str:
-    return f"sqlite:///{(run_dir / 'study.db').resolve()}"
+    """URL of the run directory's own SQLite study (storage.default_url)."""
+    return default_url(run_dir)
 
 
 def pareto_trials(study: optuna.Study, ctx: SearchContext) -> list[optuna.trial.FrozenTrial]:

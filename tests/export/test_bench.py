@@ -1,0 +1,133 @@
+"""`slimformer bench` / `apply --onnx` / `export`: fp32 and ORT dynamic-int8 baselines against the target."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+ort = pytest.importorskip("onnxruntime")
+
+from slimformer.cli import main  # noqa: E402
+from slimformer.export.bench import BASELINES, FP32, INT8_CHANNEL, INT8_TENSOR, TARGET  # noqa: E402
+
+FAST = ("--samples", "16", "--runs", "3", "--warmup", "1", "--seq", "8,16", "--batch", "1,4", "--threads", "1")
+
+
+def invoke(*args: object):
+    try:
+        runner = CliRunner(mix_stderr=False)  # click < 8.2
+    except TypeError:
+        runner = CliRunner()
+    return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, minilm_tokenizer) -> Path:
+    """The conftest tiny BERT (hidden 32, 4 heads, FFN 64, MiniLM tokenizer) saved as a model directory, with
+    128 positions: a loaded directory encodes up to 128 tokens (make_tiny's adapter caps at 32)."""
+    import torch
+    import transformers as tr
+
+    cfg = tr.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                        vocab_size=30522, max_position_embeddings=128)
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("tiny-bert")
+    tr.BertModel(cfg, add_pooling_layer=False).eval().save_pretrained(d)
+    minilm_tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory, tiny_dir) -> Path:
+    rules = [{"match": "embeddings.word_embeddings", "spec": {"bits": 4, "group_size": 32}},
+             {"match": "re:.*attention.*", "spec": {"bits": 8}},
+             {"match": "re:.*(intermediate|output).*", "spec": {"bits": 4, "group_size": 32}}]
+    p = tmp_path_factory.mktemp("recipe") / "recipe.yaml"
+    p.write_text(yaml.safe_dump({"slimformer_recipe": 1, "model": {"id": str(tiny_dir)}, "rules": rules}))
+    return p
+
+
+@pytest.fixture(scope="module")
+def applied(tmp_path_factory, tiny_dir, recipe):
+    out = tmp_path_factory.mktemp("applied") / "out"
+    res = invoke("apply", recipe, "--model", tiny_dir, "--out", out, "--onnx", "--samples", 16)
+    assert res.exit_code == 0, res.output
+    return out, res.stdout
+
+
+def test_apply_onnx_writes_a_plain_session_model(applied) -> None:
+    out, stdout = applied
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert {i.name for i in sess.get_inputs()} >= {"input_ids", "attention_mask"}
+    line = next(x for x in stdout.splitlines() if "model.onnx" in x)
+    assert "bytes on disk" in line and "resident weight bytes" in line and "mean cosine" in line
+    cos = float(line.split("mean cosine ")[1].split(",")[0])
+    assert cos > 0.999
+
+
+def test_export_command_rewrites_model_onnx(applied, tmp_path: Path) -> None:
+    out, _ = applied
+    target = tmp_path / "again.onnx"
+    res = invoke("export", out, "--out", target)
+    assert res.exit_code == 0, res.output
+    assert target.stat().st_size == (out / "model.onnx").stat().st_size
+
+
+def test_bench_json_has_four_models_with_all_fields(applied, tiny_dir, tmp_path: Path) -> None:
+    out, _ = applied
+    js = tmp_path / "bench.json"
+    res = invoke("bench", out / "model.onnx", "--model", tiny_dir, *FAST, "--json", js)
+    assert res.exit_code == 0, res.output
+    d = json.loads(js.read_text())
+    for key in ("threads", "cpu", "onnxruntime", "date", "runs", "batches", "seqs", "target_ratios"):
+        assert key in d
+    assert d["threads"] == 1 and d["onnxruntime"] == ort.__version__ and d["cpu"]
+    models = {m["name"]: m for m in d["models"]}
+    assert set(models) == {FP32, INT8_TENSOR, INT8_CHANNEL, TARGET}
+    for m in models.values():
+        assert m["file_bytes"] > 0 and m["resident_bytes"] > 0
+        assert 0.5 < m["fidelity"]["cosine"] <= 1.0 + 1e-6 and "neighbours" in m["fidelity"]
+        assert {(x["batch"], x["seq"]) for x in m["latency"]} == {(1, 8), (1, 16), (4, 8), (4, 16)}
+        for x in m["latency"]:
+            assert x["ms"]["n"] == 3 and x["ms"]["median"] > 0 and x["ms"]["iqr"] >= 0
+            assert x["ratio_to_fp32"]["median"] > 0
+    assert models[FP32]["fidelity"]["cosine"] == pytest.approx(1.0, abs=1e-6)
+    for name in (INT8_TENSOR, INT8_CHANNEL):
+        assert models[name]["file_bytes"] < models[FP32]["file_bytes"]
+        assert models[name]["resident_bytes"] < models[FP32]["resident_bytes"]
+    assert models[TARGET]["resident_bytes"] < models[FP32]["resident_bytes"]
+    assert {r["baseline"] for r in d["target_ratios"]} == set(BASELINES)
+    assert len(d["target_ratios"]) == 3 * 4
+    assert all(r["ratio"]["median"] > 0 and r["ratio"]["q1"] > 0 for r in d["target_ratios"])
+    assert "target / baseline" in res.stdout
+
+
+def test_bench_recipe_and_directory_targets(applied, recipe, tiny_dir) -> None:
+    from slimformer.api import bench
+
+    out, _ = applied
+    fast = dict(samples=8, runs=1, warmup=0, seqs=(8,), batches=(2,))
+    from_dir = bench(out, **fast)  # the model comes from the recipe in the directory
+    from_recipe = bench(recipe, str(tiny_dir), **fast)
+    for r in (from_dir, from_recipe):
+        assert [m.name for m in r.models] == [FP32, INT8_TENSOR, INT8_CHANNEL, TARGET]
+        assert r.model_named(TARGET).fidelity["cosine"] > 0.99
+    assert from_dir.model_named(TARGET).resident_bytes == from_recipe.model_named(TARGET).resident_bytes
+
+
+def test_bench_onnx_without_model_exits_2_with_one_line(applied) -> None:
+    out, _ = applied
+    res = invoke("bench", out / "model.onnx", "--runs", 3)
+    assert res.exit_code == 2
+    err = res.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "--model" in err[0]
+
+
+def test_apply_onnx_without_out_exits_2(recipe, tiny_dir) -> None:
+    res = invoke("apply", recipe, "--model", tiny_dir, "--onnx", "--samples", 8)
+    assert res.exit_code == 2
+    assert "--onnx needs --out" in res.stderr
