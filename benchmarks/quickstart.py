@@ -13,22 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import time
 from pathlib import Path
 
+from slimformer.export.bench import cpu_model
+
 ROOT = Path(__file__).resolve().parent.parent
 
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> int:
@@ -60,7 +52,7 @@ def main() -> int:
     result = {
         "command": "python benchmarks/quickstart.py" + (f" --trials {args.trials}" if args.trials else ""),
         "date": time.strftime("%Y-%m-%d"),
-        "cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+        "cpu": cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "optuna": optuna.__version__,
         "wall_s": round(wall, 1),
         "trials": len(trials), "evaluated_trials": s["evaluated_trials"],

@@ -26,18 +26,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from slimformer.export.bench import cpu_model
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULT_FILE = ROOT / "benchmarks" / "results" / "vit_fashion_mnist.json"
 
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def search_config(teacher_dir: Path, run_dir: Path, trials: int, threads: int | None) -> Any:
@@ -120,7 +113,7 @@ def main() -> int:
     result = {
         "benchmark": "vit_fashion_mnist",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "machine": {"cpu": cpu_name(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+        "machine": {"cpu": cpu_model(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                     "timm": timm.__version__, "optuna": optuna.__version__, "python": platform.python_version()},
         "teacher": {"dir": str(args.teacher_dir), "trained_in_this_run": trained_now, **teacher},
         "search": {
