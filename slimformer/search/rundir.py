@@ -75,6 +75,7 @@ class BaselineResult:
     latency_ms: float | None = None
     search_metrics: dict[str, float] | None = None
     heldout_metrics: dict[str, float] | None = None
+    error: str | None = None
 
 
 def run_baselines(ctx: SearchContext, run_dir: Path, log: Any) -> list[BaselineResult]:
@@ -90,10 +91,14 @@ def run_baselines(ctx: SearchContext, run_dir: Path, log: Any) -> list[BaselineR
         r = BaselineResult(b.name, b.memory_bytes, round(100 * b.memory_bytes / ctx.fp32_bytes, 4), b.fits)
         if b.fits:
             log(f"baseline {b.name} ({r.memory_percent:.2f}% of fp32)")
-            ev = evaluate_plan(ctx, b.plan)
-            r.latency_ms = ev.latency_ms
-            r.search_metrics = ev.metrics
-            r.heldout_metrics = evaluate_plan(ctx, b.plan, heldout=True).metrics
+            try:
+                ev = evaluate_plan(ctx, b.plan)
+                r.latency_ms = ev.latency_ms
+                r.search_metrics = ev.metrics
+                r.heldout_metrics = evaluate_plan(ctx, b.plan, heldout=True).metrics
+            except (RuntimeError, FloatingPointError, ValueError, MemoryError) as exc:  # a baseline, not the run
+                r.error = f"{exc.__class__.__name__}: {str(exc)[:300]}"
+                log(f"baseline {b.name} failed: {r.error}")
         results.append(r)
         write_json(f, [asdict(x) for x in results])
     write_json(f, [asdict(x) for x in results])
