@@ -6,9 +6,7 @@ no unit of the model is an error (it names a unit the model lacks). Unknown keys
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from slimformer.compression.plan import CompressionPlan, LayerSpec, SharingSpec, UnitSpec
 from slimformer.errors import PlanError, RecipeError
+from slimformer.fileio import atomic_write, first_validation_error, yaml_mapping
 from slimformer.models.base import ModelAdapter
 
 RECIPE_VERSION = 1
@@ -153,16 +152,12 @@ class Recipe(_Strict):
 
     @classmethod
     def from_yaml(cls, text: str, source: str = "recipe") -> Recipe:
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise RecipeError(f"{source}: not valid YAML ({str(exc).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise RecipeError(f"{source}: a recipe is a YAML mapping with slimformer_recipe, model and rules")
+        data = yaml_mapping(text, source, RecipeError,
+                            "a recipe is a YAML mapping with slimformer_recipe, model and rules")
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise RecipeError(f"{source}: {_first_error(exc)}") from None
+            raise RecipeError(f"{source}: {first_validation_error(exc)}") from None
 
     @classmethod
     def load(cls, path: str | Path) -> Recipe:
@@ -172,26 +167,5 @@ class Recipe(_Strict):
         return cls.from_yaml(p.read_text(), source=str(p))
 
     def save(self, path: str | Path) -> None:
-        atomic_write_text(Path(path), self.to_yaml())
+        atomic_write(Path(path), self.to_yaml())
 
-
-def _first_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    loc = ".".join(str(x) for x in err["loc"])
-    msg = err["msg"]
-    if err["type"] == "extra_forbidden":
-        msg = "unknown key (remove it or check its spelling)"
-    return f"{loc}: {msg}"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file and rename, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -42,7 +42,6 @@ there, int codes as stored. It was validated against the RSS growth of creating 
 
 from __future__ import annotations
 
-import os
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -56,6 +55,7 @@ import torch
 from torch import nn
 
 from slimformer.export import graph as G
+from slimformer.fileio import atomic_write
 from slimformer.models.base import Batch, ModelAdapter
 
 DEFAULT_OPSET = 21
@@ -150,18 +150,7 @@ def _set_opsets(proto: onnx.ModelProto, opset: int) -> None:
 
 
 def _write_atomic(proto: onnx.ModelProto, path: Path) -> int:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = proto.SerializeToString()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return len(data)
+    return atomic_write(Path(path), proto.SerializeToString())
 
 
 def _tensor_bytes(t: onnx.TensorProto) -> int:

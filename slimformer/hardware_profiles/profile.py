@@ -9,7 +9,6 @@ live in `profiles/*.yaml` and are loaded by name, any other profile by path. Fil
 from __future__ import annotations
 
 import os
-import tempfile
 from datetime import date
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from slimformer.errors import ConfigError
+from slimformer.fileio import atomic_write
 
 SCHEMA_VERSION = 1
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
@@ -136,18 +136,5 @@ def load_profile(name_or_path: str | os.PathLike[str]) -> HardwareProfile:
 def save_profile(profile: HardwareProfile, path: str | os.PathLike[str]) -> Path:
     """Write `profile` as plain YAML (atomically: temp file in the same folder, then rename)."""
     dest = Path(path).expanduser()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(profile.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a profile is meant to be shared
-        os.replace(tmp, dest)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write(dest, yaml.safe_dump(profile.model_dump(mode="json"), sort_keys=False, allow_unicode=True))
     return dest

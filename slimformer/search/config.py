@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from slimformer.errors import ConfigError
+from slimformer.fileio import first_validation_error, yaml_mapping
 from slimformer.spaces.config import SpaceConfig
 
 OBJECTIVES = ("quality", "latency", "memory")
@@ -114,20 +115,11 @@ class SearchConfig(_Strict):
 
     @classmethod
     def from_yaml(cls, text: str, source: str = "config") -> SearchConfig:
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{source}: not valid YAML ({str(exc).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source}: a search config is a YAML mapping (model, space, budget, ...)")
+        data = yaml_mapping(text, source, ConfigError, "a search config is a YAML mapping (model, space, budget, ...)")
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            err = exc.errors()[0]
-            loc = ".".join(str(x) for x in err["loc"])
-            msg = "unknown key (remove it or check its spelling)" if err["type"] == "extra_forbidden" \
-                else err["msg"]
-            raise ConfigError(f"{source}: {loc}: {msg}") from None
+            raise ConfigError(f"{source}: {first_validation_error(exc)}") from None
 
     @classmethod
     def load(cls, path: str | Path | None) -> SearchConfig:

@@ -9,7 +9,7 @@ from typing import Any
 
 import optuna
 
-from slimformer.compression.recipe import atomic_write_text
+from slimformer.fileio import atomic_write
 from slimformer.search.context import SearchContext
 from slimformer.search.runner import is_feasible
 
@@ -150,4 +150,4 @@ mean trial {_fmt(summary['mean_trial_s'])} s, of which outside forward passes
 {layers_html}
 </body></html>
 """
-    atomic_write_text(path, doc)
+    atomic_write(path, doc)

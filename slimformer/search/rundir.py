@@ -24,8 +24,9 @@ import yaml
 
 from slimformer import __version__
 from slimformer.compression.plan import CompressionPlan
-from slimformer.compression.recipe import Recipe, atomic_write_text
+from slimformer.compression.recipe import Recipe
 from slimformer.errors import ConfigError
+from slimformer.fileio import atomic_write
 from slimformer.search.baselines import uniform_baselines
 from slimformer.search.config import SearchConfig
 from slimformer.search.context import SearchContext
@@ -35,7 +36,7 @@ IDENTITY_KEYS = ("model", "space", "budget", "objectives", "quality_metric", "da
 
 
 def write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def read_json(path: Path, default: Any) -> Any:
@@ -52,7 +53,7 @@ def check_or_write_config(run_dir: Path, config: SearchConfig) -> None:
         if changed:
             raise ConfigError(f"{run_dir} holds a search with a different {', '.join(changed)}; "
                               "use another --run-dir to start a new search")
-    atomic_write_text(f, config.to_yaml())
+    atomic_write(f, config.to_yaml())
 
 
 def plan_summary(plan: CompressionPlan) -> dict[str, Any]:
