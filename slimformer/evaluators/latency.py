@@ -36,6 +36,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from slimformer.compression.modules import WeightFormat, matrix_bytes
 from slimformer.compression.plan import CompressionPlan, UnitSpec
 from slimformer.errors import ConfigError, PlanError
 from slimformer.hardware_profiles.profile import HardwareProfile
@@ -86,12 +87,10 @@ class OpCost:
 
 
 def _weight_bytes(rows: int, cols: int, spec: UnitSpec) -> float:
-    """Bytes of a rows x cols weight at spec.bits, plus fp32 scales (per row or per group along cols)."""
-    b = rows * cols * spec.bits / 8.0
-    if spec.bits in (8, 4):
-        g = spec.group_size
-        b += _FP32 * rows * (1 if g is None else -(-cols // g))
-    return b
+    """Bytes the kernel reads for a rows x cols weight: stored densely (CPU kernels are dense), at
+    spec.bits with fp32 scales - the same accounting as compression.memory."""
+    fmt = WeightFormat(spec.bits, spec.group_size if spec.quantized else None)
+    return float(matrix_bytes((rows, cols), fmt, rows * cols))
 
 
 def _scaled(dim: int, kept: int | None, total: int) -> int:
