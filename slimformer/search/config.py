@@ -80,6 +80,14 @@ class SamplerConfig(_Strict):
 
 
 class LatencyConfig(_Strict):
+    """How the latency objective is priced, at one batch size and sequence length.
+
+    source: auto (the profile's calibrated model when it has one, else the roofline estimate) | estimate
+    (roofline) | calibrated (the profile's fitted kernel model; an error when it has none) | measured (export
+    each evaluated candidate to ONNX and time it with the bench protocol: slow, exact).
+    """
+
+    source: Literal["auto", "estimate", "calibrated", "measured"] = "auto"
     batch: int = Field(1, ge=1)
     seq: int = Field(128, ge=1)
 

@@ -106,7 +106,10 @@ def evaluate_plan(ctx: SearchContext, plan: CompressionPlan, heldout: bool = Fal
 
 
 def latency_ms(ctx: SearchContext, plan: CompressionPlan) -> float:
+    """The latency objective for `plan`, priced as `latency.source` says (see LatencyConfig)."""
     cfg = ctx.config.latency
+    if cfg.source in ("calibrated", "measured"):
+        raise ConfigError(f"latency.source {cfg.source!r} is not available yet; use auto or estimate")
     return estimate_latency(ctx.adapter.units, ctx.adapter.layers, plan, ctx.profile, batch=cfg.batch,
                             seq=cfg.seq).ms
 
