@@ -217,31 +217,82 @@ def fp16_gather(ids: str, y: str, p: str, table: np.ndarray) -> Lowered:
 
 
 # -- choice ------------------------------------------------------------------------------------------
-def lower_linear(x: str, y: str, p: str, codes: np.ndarray, scales: np.ndarray, bits: int, group: int | None,
-                 bias: str | None = None, int8_kernel: str = "auto") -> tuple[Lowered, int]:
-    """The kernel for one int4/int8 linear and the minimum default-domain opset it needs.
+LINEAR_KERNELS = ("matmul", "fp16_matmul", "matmulnbits", "dequant_gemm")
+EMBEDDING_KERNELS = ("gather", "fp16_gather", "gather_block_quantized", "gather_dequant")
 
-    int4: MatMulNBits whenever a power-of-two block represents the scales exactly, else blocked
-    DequantizeLinear + Gemm. int8 ('auto'): one scale per row -> DequantizeLinear + Gemm (measured
-    fastest exact int8 form); groups -> MatMulNBits(bits=8) (or blocked DequantizeLinear + Gemm).
+
+@dataclass(frozen=True)
+class KernelChoice:
+    """Which ONNX Runtime kernel one weight use lowers to, decided from its format and shape alone.
+
+    kind: the kernel class (one of LINEAR_KERNELS / EMBEDDING_KERNELS; what the latency model prices);
+    bits: 32, 16, 8 or 4; block: the MatMulNBits / GatherBlockQuantized block (None for other kernels);
+    group: the quantisation group as stored (None = one scale per row); opset: the minimum
+    default-domain opset the kernel needs.
     """
-    k = codes.shape[1]
-    per_row = group is None or group >= k
-    block = nbits_block(k, group, bits)
+
+    kind: str
+    bits: int
+    block: int | None = None
+    group: int | None = None
+    opset: int = 13
+
+
+def choose_linear_kernel(bits: int, group_size: int | None, in_features: int, out_features: int,
+                         int8_kernel: str = "auto") -> KernelChoice:
+    """The kernel an `out_features x in_features` linear stored at `bits` (groups along the input) runs as.
+
+    fp32 -> MatMul/Gemm; fp16 -> fp16 weight + Cast + MatMul (folded to fp32 at load); int4: MatMulNBits
+    whenever a power-of-two block represents the scales exactly, else blocked DequantizeLinear + Gemm;
+    int8 ('auto'): one scale per row -> DequantizeLinear + Gemm (measured fastest exact int8 form), groups
+    -> MatMulNBits(bits=8) (or blocked DequantizeLinear + Gemm). The exporter and the latency model both
+    use this, so they cannot disagree.
+    """
+    del out_features  # not needed by today's rules; part of the contract for shape-dependent choices
+    if bits == 32:
+        return KernelChoice("matmul", 32)
+    if bits == 16:
+        return KernelChoice("fp16_matmul", 16)
+    k = in_features
+    per_row = group_size is None or group_size >= k
+    group = None if per_row else group_size
+    block = nbits_block(k, group_size, bits)
     use_nbits = block is not None and not (bits == 8 and (int8_kernel == "dequantize"
                                                            or (int8_kernel == "auto" and per_row)))
     if use_nbits:
-        return matmul_nbits(x, y, p, codes, scales, bits, group, block, bias), 1  # type: ignore[arg-type]
-    return dequant_gemm(x, y, p, codes, scales, bits, group, bias), 21 if (bits == 4 or not per_row) else 13
+        return KernelChoice("matmulnbits", bits, block, group, 1)
+    return KernelChoice("dequant_gemm", bits, None, group, 21 if (bits == 4 or not per_row) else 13)
+
+
+def choose_embedding_kernel(bits: int, group_size: int | None, dim: int) -> KernelChoice:
+    """The kernel a `vocab x dim` table stored at `bits` runs as: GatherBlockQuantized when a power-of-two
+    block is exact, an int8 table with one scale per row (or no exact block) as Gather + Cast + Mul."""
+    if bits == 32:
+        return KernelChoice("gather", 32)
+    if bits == 16:
+        return KernelChoice("fp16_gather", 16)
+    block = nbits_block(dim, group_size, bits)
+    per_row = group_size is None or group_size >= dim
+    group = None if per_row else group_size
+    if (bits == 8 and per_row) or block is None or (bits == 4 and dim % 2):
+        return KernelChoice("gather_dequant", bits, None, group)
+    return KernelChoice("gather_block_quantized", bits, block, group, 1)
+
+
+def lower_linear(x: str, y: str, p: str, codes: np.ndarray, scales: np.ndarray, bits: int, group: int | None,
+                 bias: str | None = None, int8_kernel: str = "auto") -> tuple[Lowered, int]:
+    """The kernel for one int4/int8 linear (as `choose_linear_kernel` decides) and the opset it needs."""
+    n, k = codes.shape
+    choice = choose_linear_kernel(bits, group, k, n, int8_kernel)
+    if choice.kind == "matmulnbits":
+        return matmul_nbits(x, y, p, codes, scales, bits, group, choice.block, bias), choice.opset  # type: ignore[arg-type]
+    return dequant_gemm(x, y, p, codes, scales, bits, group, bias), choice.opset
 
 
 def lower_embedding(ids: str, y: str, p: str, codes: np.ndarray, scales: np.ndarray, bits: int,
                     group: int | None) -> Lowered:
-    """The kernel for one int4/int8 table: GatherBlockQuantized when a power-of-two block is exact,
-    an int8 table with one scale per row (or no exact block) as Gather + Cast + Mul."""
-    d = codes.shape[1]
-    block = nbits_block(d, group, bits)
-    per_row = group is None or group >= d
-    if (bits == 8 and per_row) or block is None or (bits == 4 and d % 2):
+    """The kernel for one int4/int8 table, as `choose_embedding_kernel` decides."""
+    choice = choose_embedding_kernel(bits, group, codes.shape[1])
+    if choice.kind == "gather_dequant":
         return gather_dequant(ids, y, p, codes, scales, group)
-    return gather_block_quantized(ids, y, p, codes, scales, bits, group, block)
+    return gather_block_quantized(ids, y, p, codes, scales, bits, group, choice.block)  # type: ignore[arg-type]
