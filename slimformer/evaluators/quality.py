@@ -70,15 +70,22 @@ class FidelityEvaluator:
         return CLASSIFIER_METRICS if self.has_labels else CLASSIFIER_METRICS[::2]
 
     @torch.no_grad()
-    def _run(self, model: nn.Module) -> Tensor:
+    def _run(self, model: nn.Module, start: int = 0, stop: int | None = None) -> Tensor:
         model.eval()
-        return torch.cat([self.adapter.output(model, b).to(torch.float32) for b in self.batches])
+        return torch.cat([self.adapter.output(model, b).to(torch.float32) for b in self.batches[start:stop]])
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> QualityResult:
-        model = model.to(self.device)
-        out = self._run(model)
-        t = self.teacher_out
+        return self.score(self.outputs(model))
+
+    def outputs(self, model: nn.Module, start: int = 0, stop: int | None = None) -> Tensor:
+        """The model's outputs on batches[start:stop] (multi-fidelity: a slice first, the rest if it goes on)."""
+        return self._run(model.to(self.device), start, stop)
+
+    @torch.no_grad()
+    def score(self, out: Tensor) -> QualityResult:
+        """Metrics of outputs for the first out.shape[0] samples (all batches, or a leading slice of them)."""
+        t = self.teacher_out[: out.shape[0]]
         if not torch.isfinite(out).all():
             raise FloatingPointError("compressed model produced NaN/inf outputs")
         if self.adapter.kind == "encoder":
@@ -92,7 +99,7 @@ class FidelityEvaluator:
                                 reduction="batchmean"))
             metrics = {"agreement": agreement, "neg_kl": -kl}
             if self.has_labels:
-                labels = torch.cat([b.labels for b in self.batches])  # type: ignore[misc]
+                labels = torch.cat([b.labels for b in self.batches])[: out.shape[0]]  # type: ignore[misc]
                 metrics["accuracy"] = float((out.argmax(-1) == labels).to(torch.float64).mean())
                 metrics["teacher_accuracy"] = float((t.argmax(-1) == labels).to(torch.float64).mean())
         return QualityResult(metrics, int(t.shape[0]))

@@ -92,6 +92,21 @@ class LatencyConfig(_Strict):
     seq: int = Field(128, ge=1)
 
 
+class MultiFidelityConfig(_Strict):
+    """Score each feasible plan on a leading slice of the search batches first and stop it (PRUNED) when even an
+    optimistic full-data prediction is beaten by a finished plan with no more memory and latency (search/fidelity.py).
+
+    slice: fraction of the search batches (at least one batch); margin: standard deviations of the observed
+    (full - slice) quality difference added to the prediction; min_observations: plans fully scored (with their
+    slice) before anything is pruned.
+    """
+
+    enabled: bool = False
+    slice: float = Field(0.25, gt=0, le=1)
+    margin: float = Field(3.0, ge=0)
+    min_observations: int = Field(8, ge=2)
+
+
 class SearchConfig(_Strict):
     """Everything a search needs. Paths are relative to the working directory."""
 
@@ -109,6 +124,7 @@ class SearchConfig(_Strict):
     run_dir: str = "runs/search"
     hardware_profile: str = "amd-epyc-avx512-2t-torch"
     latency: LatencyConfig = LatencyConfig()
+    multi_fidelity: MultiFidelityConfig = MultiFidelityConfig()
     baselines: bool = True
     start_points: Literal["sensitivity", "random", "none"] = "sensitivity"  # first generation (search/start.py)
     threads: int | None = Field(None, ge=1)

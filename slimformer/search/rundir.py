@@ -189,6 +189,8 @@ def summarize(ctx: SearchContext, study: optuna.Study, entries: list[dict[str, A
         "trial_states": states,
         "infeasible_trials": sum(1 for t in done if t.user_attrs.get("feasible") is False),
         "evaluated_trials": len(evaluated),
+        "pruned_trials": states.get("PRUNED", 0),  # multi-fidelity: stopped after the slice (search/fidelity.py)
+        "mean_pruned_trial_s": mean([t.user_attrs["pruned_s"] for t in done if "pruned_s" in t.user_attrs]),
         "elapsed_s": round(elapsed_s, 1),
         "mean_trial_s": mean([t.user_attrs["trial_s"] for t in evaluated]),
         "mean_eval_s": mean([t.user_attrs["eval_s"] for t in evaluated]),

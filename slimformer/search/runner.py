@@ -184,7 +184,14 @@ def make_objective(ctx: SearchContext, limit: int | None = None) -> Callable[[op
             trial.set_user_attr("feasible", False)
             return objective_values(ctx, WORST_QUALITY, lat, mem.total_bytes)
         try:
-            ev = evaluate_plan(ctx, plan)
+            if ctx.config.multi_fidelity.enabled:
+                from slimformer.search.fidelity import evaluate_or_prune
+
+                ev = evaluate_or_prune(ctx, plan, trial, lat, mem.total_bytes)  # raises TrialPruned when dominated
+            else:
+                ev = evaluate_plan(ctx, plan)
+        except optuna.TrialPruned:
+            raise
         except Exception as exc:
             trial.set_user_attr("fail_reason", f"{exc.__class__.__name__}: {str(exc)[:300]}")
             raise
