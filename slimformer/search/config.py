@@ -74,9 +74,13 @@ def _parse_budget(v: str | int, fp32_bytes: int) -> int | None:
 
 
 class SamplerConfig(_Strict):
+    """The Optuna sampler; repair: move over-budget proposals down to the budget before they are tried
+    (search/repair.py)."""
+
     name: Literal["nsga2", "tpe", "random"] = "nsga2"
     population_size: int = Field(16, ge=2)
     seed: int | None = 0
+    repair: bool = False
 
 
 class LatencyConfig(_Strict):

@@ -116,11 +116,18 @@ def latency_ms(ctx: SearchContext, plan: CompressionPlan) -> float:
 
 def make_sampler(ctx: SearchContext) -> optuna.samplers.BaseSampler:
     s = ctx.config.sampler
+    base: optuna.samplers.BaseSampler
     if s.name == "nsga2":
-        return optuna.samplers.NSGAIISampler(population_size=s.population_size, seed=s.seed)
-    if s.name == "tpe":
-        return optuna.samplers.TPESampler(seed=s.seed, multivariate=True, n_startup_trials=min(10, s.population_size))
-    return optuna.samplers.RandomSampler(seed=s.seed)
+        base = optuna.samplers.NSGAIISampler(population_size=s.population_size, seed=s.seed)
+    elif s.name == "tpe":
+        base = optuna.samplers.TPESampler(seed=s.seed, multivariate=True, n_startup_trials=min(10, s.population_size))
+    else:
+        base = optuna.samplers.RandomSampler(seed=s.seed)
+    if not s.repair:
+        return base
+    from slimformer.search.repair import BudgetRepairSampler
+
+    return BudgetRepairSampler(base, ctx)
 
 
 def open_study(ctx: SearchContext, storage: str | optuna.storages.BaseStorage, study_name: str,
