@@ -25,6 +25,7 @@ from slimformer.compression.modules import SlimEmbedding, SlimLinear
 from slimformer.export import kernels as K
 
 Int8Kernel = Literal["auto", "dequantize", "matmulnbits"]
+KernelMode = Literal["exact", "fast"]
 _FLOAT_TYPES = (TensorProto.FLOAT,)
 
 
@@ -139,8 +140,9 @@ def _stored(path: str, mod: SlimLinear | SlimEmbedding) -> tuple[np.ndarray, np.
 
 
 class _Rewriter:
-    def __init__(self, graph: onnx.GraphProto, model: nn.Module, int8_kernel: Int8Kernel) -> None:
-        self.g, self.int8_kernel = graph, int8_kernel
+    def __init__(self, graph: onnx.GraphProto, model: nn.Module, int8_kernel: Int8Kernel, mode: KernelMode = "exact",
+                 act_max: dict[str, np.ndarray] | None = None) -> None:
+        self.g, self.int8_kernel, self.mode, self.act_max = graph, int8_kernel, mode, act_max or {}
         self.report = RewriteReport()
         self.inits = {t.name: t for t in graph.initializer}
         self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
@@ -165,6 +167,7 @@ class _Rewriter:
         self.new_inits: dict[str, TensorProto] = {}
         self.uses: Counter[str] = Counter()
         self.dropped: set[tuple[str, ...]] = set()  # output names of folded Add nodes
+        self.produced: set[str] = set()  # outputs of the nodes added so far
 
     # -- helpers ------------------------------------------------------------------------------------
     def _bias_add(self, node: onnx.NodeProto, n_out: int) -> tuple[str | None, onnx.NodeProto | None]:
@@ -188,9 +191,14 @@ class _Rewriter:
         return path if n == 0 else f"{path}.use{n}"
 
     def _add(self, low: K.Lowered) -> list[onnx.NodeProto]:
+        """Register the kernel's initializers; nodes whose outputs an earlier use already computes (the
+        weight subgraph of a shared module's fast kernel) are dropped, so it is built and folded once."""
         for t in low.initializers:
             self.new_inits.setdefault(t.name, t)
-        return low.nodes
+        nodes = [n for n in low.nodes if not set(n.output) <= self.produced]
+        for n in nodes:
+            self.produced.update(n.output)
+        return nodes
 
     # -- lowering -----------------------------------------------------------------------------------
     def linear(self, x: str, mod: SlimLinear, path: str, bias: str | None, y: str) -> list[onnx.NodeProto]:
@@ -203,7 +211,11 @@ class _Rewriter:
             self.report.kernels[path] = "fp16 weight + Cast + MatMul"
             return nodes
         codes, scales = _stored(path, mod)
-        low, need = K.lower_linear(x, y, p, codes, scales, fmt.bits, fmt.group_size, bias, self.int8_kernel)
+        smooth = None
+        if self.mode == "fast" and path in self.act_max:
+            smooth = K.smoothing(self.act_max[path], K.dequantized(codes, scales, fmt.group_size))
+        low, need = K.lower_linear(x, y, p, codes, scales, fmt.bits, fmt.group_size, bias, self.int8_kernel,
+                                   self.mode, smooth, wp=path or "linear")
         self.report.max_opset_needed = max(self.report.max_opset_needed, need)
         self.report.kernels[path] = low.kernel
         return self._add(low)
@@ -273,11 +285,13 @@ class _Rewriter:
         return None
 
 
-def rewrite(model_proto: onnx.ModelProto, model: nn.Module, int8_kernel: Int8Kernel = "auto") -> RewriteReport:
-    """Lower every compressed matrix of `model` in its exported graph (in place)."""
+def rewrite(model_proto: onnx.ModelProto, model: nn.Module, int8_kernel: Int8Kernel = "auto",
+            mode: KernelMode = "exact", act_max: dict[str, np.ndarray] | None = None) -> RewriteReport:
+    """Lower every compressed matrix of `model` in its exported graph (in place). mode 'fast' uses
+    `act_max` (module path -> max |input| per input feature) for SmoothQuant factors."""
     g = model_proto.graph
     normalise(g)
-    report = _Rewriter(g, model, int8_kernel).run()
+    report = _Rewriter(g, model, int8_kernel, mode, act_max).run()
     dedup_initializers(g)
     prune_initializers(g)
     return report

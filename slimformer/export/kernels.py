@@ -22,6 +22,12 @@ tests/export):
 * `com.microsoft.GatherBlockQuantized` (embedding tables, bits 4 or 8): data uint8 (V, D*bits/8) with
   the same +2^(bits-1) offset (its default zero point for uint8 data), scales (V, ceil(D/block)).
 * int8 table with one scale per row: Gather(codes) -> Cast -> Mul(Gather(scales)), no repeated scales.
+
+Kernel modes: 'exact' (the above) and 'fast': every int4/int8 linear runs as
+`com.microsoft.DynamicQuantizeMatMul` (ORT's int8 GEMM, the kernel its dynamic int8 models use) on int8
+weights that a constant subgraph widens from the stored codes when the session loads (file: the codes as
+stored; memory: int8), with SmoothQuant factors from calibration activations. Activations are quantised
+per tensor at run time, so 'fast' is not exact (see `dynamic_int8`).
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ from onnx import numpy_helper as nh
 
 MS_DOMAIN = "com.microsoft"
 MIN_BLOCK, MAX_BLOCK = 16, 256  # MatMulNBits / GatherBlockQuantized blocks: powers of two, MLAS up to 256
+SMOOTH_ALPHA = 0.8  # SmoothQuant migration strength of the fast kernels (0.7-0.85 measured alike on MiniLM)
+KERNEL_MODES = ("exact", "fast")
 
 
 @dataclass
@@ -164,6 +172,69 @@ def dequant_gemm(x: str, y: str, p: str, codes: np.ndarray, scales: np.ndarray, 
     return Lowered(f"DequantizeLinear(int{bits},{kind})+Gemm", inits, nodes)
 
 
+def smoothing(act_max: np.ndarray, w: np.ndarray, alpha: float = SMOOTH_ALPHA) -> np.ndarray:
+    """SmoothQuant factors s (K,) for y = x W^T: x/s has flatter channels, W*s absorbs the outliers.
+    s = max|x_j|^alpha / max|W_:,j|^(1-alpha), geometric mean 1 (the int8 scales are scale-free)."""
+    a = np.maximum(np.asarray(act_max, dtype=np.float64), 1e-5)
+    wm = np.maximum(np.abs(w).max(axis=0).astype(np.float64), 1e-5)
+    s = a ** alpha / wm ** (1.0 - alpha)
+    return (s / np.exp(np.log(s).mean())).astype(np.float32)
+
+
+def dynamic_int8(x: str, y: str, p: str, codes: np.ndarray, scales: np.ndarray, bits: int, group: int | None,
+                 bias: str | None = None, smooth: np.ndarray | None = None, wp: str | None = None) -> Lowered:
+    """y ~ x @ W^T (+ bias) on onnxruntime's int8 GEMM (`com.microsoft.DynamicQuantizeMatMul`): NOT exact.
+
+    The file keeps the stored codes (INT4 / INT8 (N, K) and the group scales). A constant subgraph,
+    folded by ONNX Runtime when the session loads, widens them to W = codes * scale (times the smoothing
+    factors `smooth` when given), requantises W to int8 with one scale per output row and transposes it;
+    so the session holds int8 weights (a 4-bit unit costs twice its file bytes in memory). At run time
+    x (divided by `smooth`) is quantised to uint8 per tensor, like ORT's dynamic int8 models. The weight
+    subgraph is named by `wp` (default `p`): the uses of a shared module pass the same `wp`, so it is built
+    (and folded, and kept in memory) once.
+    """
+    use, p = p, wp or p
+    n, k = codes.shape
+    g = k if group is None or group >= k else group
+    ng = -(-k // g)
+    kp = ng * g
+    padded = np.zeros((n, kp), dtype=np.int8)
+    padded[:, :k] = codes
+    q = int4_tensor(f"{p}.qweight", padded) if bits == 4 else nh.from_array(padded, f"{p}.qweight")
+    inits = [q, f32(f"{p}.scales", np.asarray(scales, dtype=np.float32).reshape(n, ng, 1)),
+             i64(f"{p}.shape3", [n, ng, g]), i64(f"{p}.shape2", [n, kp]), i64("axes.1", [1]),
+             f32("const.127", np.asarray(127.0)), f32("const.tiny", np.asarray(1e-30))]
+    w = f"{p}/w"
+    nodes = [helper.make_node("Cast", [q.name], [f"{p}/codes"], name=f"{p}/Widen", to=TensorProto.FLOAT),
+             helper.make_node("Reshape", [f"{p}/codes", f"{p}.shape3"], [f"{p}/codes3"], name=f"{p}/Groups"),
+             helper.make_node("Mul", [f"{p}/codes3", f"{p}.scales"], [f"{p}/w3"], name=f"{p}/GroupScale"),
+             helper.make_node("Reshape", [f"{p}/w3", f"{p}.shape2"], [w], name=f"{p}/Ungroup")]
+    if kp != k:
+        inits += [i64("const.0", [0]), i64(f"shape.{k}", [k])]
+        nodes.append(helper.make_node("Slice", [w, "const.0", f"shape.{k}", "axes.1"], [f"{p}/wk"], name=f"{p}/Crop"))
+        w = f"{p}/wk"
+    if smooth is not None:
+        inits.append(f32(f"{p}.smooth", np.asarray(smooth, dtype=np.float32).reshape(1, k)))
+        nodes += [helper.make_node("Mul", [w, f"{p}.smooth"], [f"{p}/ws"], name=f"{p}/SmoothWeight"),
+                  helper.make_node("Reciprocal", [f"{p}.smooth"], [f"{p}/inv"], name=f"{p}/InvSmooth"),
+                  helper.make_node("Mul", [x, f"{p}/inv"], [f"{use}/xs"], name=f"{use}/SmoothInput")]
+        w, x = f"{p}/ws", f"{use}/xs"
+    nodes += [helper.make_node("Abs", [w], [f"{p}/absw"], name=f"{p}/Abs"),
+              helper.make_node("ReduceMax", [f"{p}/absw", "axes.1"], [f"{p}/rowmax"], name=f"{p}/RowMax",
+                               keepdims=0),
+              helper.make_node("Max", [f"{p}/rowmax", "const.tiny"], [f"{p}/rowmax1"], name=f"{p}/NonZero"),
+              helper.make_node("Div", [f"{p}/rowmax1", "const.127"], [f"{p}/s8"], name=f"{p}/Scale8"),
+              helper.make_node("Unsqueeze", [f"{p}/s8", "axes.1"], [f"{p}/s8col"], name=f"{p}/ScaleCol"),
+              helper.make_node("Div", [w, f"{p}/s8col"], [f"{p}/wq"], name=f"{p}/Requantise"),
+              helper.make_node("Round", [f"{p}/wq"], [f"{p}/wr"], name=f"{p}/Round"),
+              helper.make_node("Cast", [f"{p}/wr"], [f"{p}/w8"], name=f"{p}/ToInt8", to=TensorProto.INT8),
+              helper.make_node("Transpose", [f"{p}/w8"], [f"{p}/w8t"], name=f"{p}/Transpose", perm=[1, 0]),
+              helper.make_node("DynamicQuantizeMatMul", [x, f"{p}/w8t", f"{p}/s8", "", bias or ""], [y],
+                               name=f"{use}/DynamicQuantizeMatMul", domain=MS_DOMAIN)]
+    smooth_note = ",smoothed" if smooth is not None else ""
+    return Lowered(f"DynamicQuantizeMatMul(int{bits} stored,int8 resident{smooth_note})", inits, nodes)
+
+
 def fp16_matmul(x: str, y: str, p: str, w_t: np.ndarray) -> Lowered:
     """fp16 weight (K, N) cast to fp32 for the MatMul (ORT folds the Cast at load: fp32 resident)."""
     w = nh.from_array(np.ascontiguousarray(w_t, dtype=np.float16), f"{p}.weight_fp16")
@@ -217,7 +288,7 @@ def fp16_gather(ids: str, y: str, p: str, table: np.ndarray) -> Lowered:
 
 
 # -- choice ------------------------------------------------------------------------------------------
-LINEAR_KERNELS = ("matmul", "fp16_matmul", "matmulnbits", "dequant_gemm")
+LINEAR_KERNELS = ("matmul", "fp16_matmul", "matmulnbits", "dequant_gemm", "dynamic_int8")
 EMBEDDING_KERNELS = ("gather", "fp16_gather", "gather_block_quantized", "gather_dequant")
 
 
@@ -239,15 +310,21 @@ class KernelChoice:
 
 
 def choose_linear_kernel(bits: int, group_size: int | None, in_features: int, out_features: int,
-                         int8_kernel: str = "auto") -> KernelChoice:
+                         int8_kernel: str = "auto", mode: str = "exact") -> KernelChoice:
     """The kernel an `out_features x in_features` linear stored at `bits` (groups along the input) runs as.
 
     fp32 -> MatMul/Gemm; fp16 -> fp16 weight + Cast + MatMul (folded to fp32 at load); int4: MatMulNBits
     whenever a power-of-two block represents the scales exactly, else blocked DequantizeLinear + Gemm;
     int8 ('auto'): one scale per row -> DequantizeLinear + Gemm (measured fastest exact int8 form), groups
     -> MatMulNBits(bits=8) (or blocked DequantizeLinear + Gemm). The exporter and the latency model both
-    use this, so they cannot disagree.
+    use this, so they cannot disagree. mode 'fast': every int4/int8 linear -> DynamicQuantizeMatMul on int8
+    weights widened from the stored codes at load ("dynamic_int8": activations quantised, not exact).
     """
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"kernels must be one of {', '.join(KERNEL_MODES)} (got {mode!r})")
+    if mode == "fast" and bits in (4, 8):
+        per_row = group_size is None or group_size >= in_features
+        return KernelChoice("dynamic_int8", bits, None, None if per_row else group_size, 21 if bits == 4 else 18)
     del out_features  # not needed by today's rules; part of the contract for shape-dependent choices
     if bits == 32:
         return KernelChoice("matmul", 32)
@@ -280,10 +357,14 @@ def choose_embedding_kernel(bits: int, group_size: int | None, dim: int) -> Kern
 
 
 def lower_linear(x: str, y: str, p: str, codes: np.ndarray, scales: np.ndarray, bits: int, group: int | None,
-                 bias: str | None = None, int8_kernel: str = "auto") -> tuple[Lowered, int]:
-    """The kernel for one int4/int8 linear (as `choose_linear_kernel` decides) and the opset it needs."""
+                 bias: str | None = None, int8_kernel: str = "auto", mode: str = "exact",
+                 smooth: np.ndarray | None = None, wp: str | None = None) -> tuple[Lowered, int]:
+    """The kernel for one int4/int8 linear (as `choose_linear_kernel` decides) and the opset it needs;
+    `smooth` (SmoothQuant factors) applies to the fast kernel only."""
     n, k = codes.shape
-    choice = choose_linear_kernel(bits, group, k, n, int8_kernel)
+    choice = choose_linear_kernel(bits, group, k, n, int8_kernel, mode)
+    if choice.kind == "dynamic_int8":
+        return dynamic_int8(x, y, p, codes, scales, bits, group, bias, smooth, wp), choice.opset
     if choice.kind == "matmulnbits":
         return matmul_nbits(x, y, p, codes, scales, bits, group, choice.block, bias), choice.opset  # type: ignore[arg-type]
     return dequant_gemm(x, y, p, codes, scales, bits, group, bias), choice.opset

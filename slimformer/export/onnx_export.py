@@ -54,7 +54,10 @@ import onnx
 import torch
 from torch import nn
 
+from slimformer.compression.modules import SlimLinear
+from slimformer.errors import ConfigError
 from slimformer.export import graph as G
+from slimformer.export import kernels as K
 from slimformer.fileio import atomic_write
 from slimformer.models.base import Batch, ModelAdapter
 
@@ -78,6 +81,8 @@ class ExportInfo:
     domains: dict[str, int]
     kernels: dict[str, str] = field(default_factory=dict)  # compressed module -> kernel
     unconverted: tuple[str, ...] = ()  # compressed modules some node still reads as fp32
+    kernel_mode: str = "exact"  # exact (bit-faithful to torch) | fast (int8 GEMMs, activations quantised)
+    n_dynamic_int8: int = 0  # DynamicQuantizeMatMul kernels (fast mode)
 
     @property
     def weight_bytes(self) -> int:
@@ -171,6 +176,8 @@ def initializer_kinds(proto: onnx.ModelProto) -> dict[str, int]:
             role[scales] = "scales"
         elif n.op_type == "DequantizeLinear" or (n.op_type == "Gather" and n.name.endswith("/GatherScales")):
             role[n.input[1] if n.op_type == "DequantizeLinear" else n.input[0]] = "scales"
+        elif n.op_type == "Mul" and n.name.endswith(("/GroupScale", "/SmoothWeight")):  # fast kernels
+            role[n.input[1]] = "scales"
     out: dict[str, int] = {}
     for t in proto.graph.initializer:
         if t.name in role:
@@ -184,7 +191,8 @@ def initializer_kinds(proto: onnx.ModelProto) -> dict[str, int]:
     return out
 
 
-def _info(proto: onnx.ModelProto, path: Path, file_bytes: int, report: G.RewriteReport | None) -> ExportInfo:
+def _info(proto: onnx.ModelProto, path: Path, file_bytes: int, report: G.RewriteReport | None,
+          kernel_mode: str = "exact") -> ExportInfo:
     counts = G.op_counts(proto)
     dtype = {t.name: t.data_type for t in proto.graph.initializer}
     int8 = onnx.TensorProto.INT8
@@ -198,29 +206,66 @@ def _info(proto: onnx.ModelProto, path: Path, file_bytes: int, report: G.Rewrite
                       n_matmulnbits=counts.get("MatMulNBits", 0), n_int8=nbits8 + dq8, n_gather_quantized=gq,
                       opset=domains.get("ai.onnx", 0), domains=domains,
                       kernels=dict(report.kernels) if report else {},
-                      unconverted=tuple(report.unconverted) if report else ())
+                      unconverted=tuple(report.unconverted) if report else (), kernel_mode=kernel_mode,
+                      n_dynamic_int8=counts.get("DynamicQuantizeMatMul", 0))
 
 
 # -- public API ------------------------------------------------------------------------------------
+def input_abs_max(model: nn.Module, adapter: ModelAdapter, batches: Sequence[Batch]) -> dict[str, np.ndarray]:
+    """max |input| per input feature of every compressed linear (module path -> (in_features,)), over
+    `batches`: the activation statistics the fast kernels' SmoothQuant factors are computed from."""
+    stats: dict[str, np.ndarray] = {}
+
+    def hook(name: str) -> Any:
+        def record(_mod: nn.Module, inputs: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
+            x = inputs[0].detach().float()
+            m = x.reshape(-1, x.shape[-1]).abs().amax(0).cpu().numpy()
+            stats[name] = np.maximum(stats[name], m) if name in stats else m
+        return record
+
+    handles = [mod.register_forward_hook(hook(name)) for name, mod in G.compressed_modules(model)
+               if isinstance(mod, SlimLinear)]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()
+            for b in batches:
+                adapter.output(model, b)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return stats
+
+
 def export_onnx(adapter: ModelAdapter, model: nn.Module, path: Path | str, *, opset: int = DEFAULT_OPSET,
-                sample_texts: Sequence[Any] | None = None, int8_kernel: G.Int8Kernel = "auto") -> ExportInfo:
+                sample_texts: Sequence[Any] | None = None, int8_kernel: G.Int8Kernel = "auto",
+                kernels: G.KernelMode = "exact", calibration: Sequence[Batch] | None = None) -> ExportInfo:
     """Export a (compressed) model as ONNX with its compression physical (int4/int8 kernels).
 
     sample_texts: inputs to trace with (texts for HF models, uint8 images for timm); the graph has
     dynamic batch/sequence axes either way. int8_kernel: 'auto' (DequantizeLinear+Gemm for one scale
-    per row, MatMulNBits for groups), 'dequantize' or 'matmulnbits'.
+    per row, MatMulNBits for groups), 'dequantize' or 'matmulnbits'. kernels: 'exact' (outputs equal the
+    torch model's to float rounding) or 'fast' (int8 GEMMs with activations quantised; smoothing factors
+    from `calibration` batches, or from the trace batch when None).
     """
+    if kernels not in K.KERNEL_MODES:
+        raise ConfigError(f"kernels must be one of {', '.join(K.KERNEL_MODES)} (got {kernels!r})")
     path = Path(path)
-    proto = trace_onnx(adapter, model, sample_batch(adapter, sample_texts), opset)
-    report = G.rewrite(proto, model, int8_kernel=int8_kernel)
+    batch = sample_batch(adapter, sample_texts)
+    act_max = input_abs_max(model, adapter, list(calibration) if calibration else [batch]) \
+        if kernels == "fast" else None
+    proto = trace_onnx(adapter, model, batch, opset)
+    report = G.rewrite(proto, model, int8_kernel=int8_kernel, mode=kernels, act_max=act_max)
     if report.max_opset_needed > opset:
-        raise ValueError(f"this plan's quantisation groups need DequantizeLinear with block_size or int4 "
-                         f"tensors (opset {report.max_opset_needed}); export with opset={report.max_opset_needed}")
+        raise ValueError(f"this plan's kernels need opset {report.max_opset_needed} (DequantizeLinear with "
+                         f"block_size, int4 tensors, ReduceMax axes input); export with "
+                         f"opset={report.max_opset_needed}")
     _set_opsets(proto, opset)
     proto.producer_name = "slimformer"
     onnx.checker.check_model(proto)
     size = _write_atomic(proto, path)
-    return _info(proto, path, size, report)
+    return _info(proto, path, size, report, kernels)
 
 
 def export_fp32(adapter: ModelAdapter, path: Path | str, *, opset: int = DEFAULT_OPSET,

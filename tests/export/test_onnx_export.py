@@ -16,6 +16,7 @@ from slimformer.compression import ops  # noqa: E402
 from slimformer.compression.apply import apply_plan  # noqa: E402
 from slimformer.compression.memory import plan_memory  # noqa: E402
 from slimformer.compression.plan import CompressionPlan, LayerSpec, SharingSpec, UnitSpec  # noqa: E402
+from slimformer.errors import ConfigError  # noqa: E402
 from slimformer.export import (  # noqa: E402
     export_fp32,
     export_onnx,
@@ -285,3 +286,40 @@ def test_real_minilm_mixed_plan(minilm, tmp_path):
     assert abs(info.file_bytes - total) / total < 0.02
     assert abs(resident_weight_bytes(info.path) - total) / total < 0.02
     assert info.n_matmulnbits == 12 and info.n_int8 == 24 and info.n_gather_quantized == 1
+
+
+def test_fast_kernels_keep_codes_in_file_and_run_int8_gemms(bert64, text_batches, tmp_path):
+    """kernels='fast': every int4/int8 linear runs as DynamicQuantizeMatMul; the file keeps the stored
+    codes (plan bytes), the session widens them to int8; outputs within the documented tolerance."""
+    model = apply_plan(bert64, MIXED)
+    info = export_onnx(bert64, model, tmp_path / "fast.onnx", kernels="fast", calibration=text_batches)
+    ops_used = Counter(n.op_type for n in onnx.load(str(info.path)).graph.node)
+    assert info.kernel_mode == "fast" and info.n_dynamic_int8 == ops_used["DynamicQuantizeMatMul"] == 10
+    assert ops_used["MatMulNBits"] == 0 and ops_used["GatherBlockQuantized"] == 1  # tables are not affected
+    assert info.kernels[L1 + "attention.self.query"].startswith("DynamicQuantizeMatMul(int4 stored")
+    mem = plan_memory(bert64, MIXED)
+    assert abs(info.weight_bytes - mem.total_bytes) / mem.total_bytes < 0.05  # + smoothing vectors, padding
+    assert resident_weight_bytes(info.path) > info.weight_bytes + 64 * 128 // 2  # int4 codes resident as int8
+    out = onnx_outputs(_plain_session(info.path), text_batches)
+    ref = _torch_out(bert64, model, text_batches)
+    cos = (out * ref).sum(1) / np.linalg.norm(out, axis=1) / np.linalg.norm(ref, axis=1)
+    assert cos.mean() >= 0.99 and np.abs(out - ref).max() > 1e-5  # close, but activations are quantised
+
+
+def test_kernel_choice_modes_and_bad_mode(bert64, tmp_path):
+    assert K.choose_linear_kernel(4, 32, 384, 384, mode="fast").kind == "dynamic_int8"
+    assert K.choose_linear_kernel(8, None, 384, 384, mode="fast").kind == "dynamic_int8"
+    assert K.choose_linear_kernel(16, None, 384, 384, mode="fast").kind == "fp16_matmul"  # not integer: unchanged
+    assert K.choose_linear_kernel(4, 32, 384, 384).kind == "matmulnbits"
+    with pytest.raises(ConfigError, match="kernels must be one of exact, fast"):
+        export_onnx(bert64, bert64.model, tmp_path / "x.onnx", kernels="turbo")  # type: ignore[arg-type]
+
+
+def test_fast_kernels_build_a_shared_weight_once(bert64, text_batches, tmp_path):
+    units = {n: UnitSpec(bits=4, group_size=32) for n in bert64.unit_names if n.startswith(L0)}
+    plan = CompressionPlan(units=units, sharing=SharingSpec(groups=((0, 1),), scope="block"))
+    info = export_onnx(bert64, apply_plan(bert64, plan), tmp_path / "shared-fast.onnx", kernels="fast")
+    nodes = onnx.load(str(info.path)).graph.node
+    assert sum(n.op_type == "DynamicQuantizeMatMul" for n in nodes) == 12
+    assert sum(n.name.endswith("/Widen") for n in nodes) == 6  # one widened int8 weight per stored matrix
+    assert onnx_outputs(_plain_session(info.path), text_batches).shape == (16, 64)
