@@ -83,6 +83,7 @@ class OnnxExportResult:
     resident_bytes: int
     cosine: float  # mean cosine of ONNX outputs to the torch compressed model's on the fidelity data
     max_abs_diff: float
+    kernels: str = "exact"  # exact (cosine ~1.0 to torch) | fast (activations quantised: ~0.99, documented)
 
 
 @dataclass(frozen=True)
@@ -120,12 +121,13 @@ def _calibration_batches(adapter: ModelAdapter, data: str, n: int) -> list[Any]:
 
 def apply_recipe(recipe: str | Path | Recipe, model: str, out_dir: str | Path | None = None,
                  data: str = "fortunes", samples: int = 256, calibration: int = 64,
-                 onnx: bool = False) -> ApplyResult:
+                 onnx: bool = False, kernels: str = "exact") -> ApplyResult:
     """Compress `model` as the recipe says, measure memory and fidelity, optionally save to `out_dir`.
 
     Fidelity is measured against the uncompressed model on held-out data (never the search set for
     the packaged corpus). The recipe's provenance is kept; applying twice gives identical weights.
-    `onnx=True` (needs `out_dir`) also writes `out_dir/model.onnx` and checks it against the torch model.
+    `onnx=True` (needs `out_dir`) also writes `out_dir/model.onnx` and checks it against the torch model;
+    `kernels` ('exact' | 'fast') picks the ONNX kernels (slimformer.export.kernels).
     """
     from slimformer.evaluators.quality import FidelityEvaluator
 
@@ -158,28 +160,31 @@ def apply_recipe(recipe: str | Path | Recipe, model: str, out_dir: str | Path | 
     if out_dir is not None:
         saved = save_compressed(adapter, compressed, rec, Path(out_dir))
         if onnx:
-            exported = _export_checked(adapter, compressed, saved / "model.onnx", evaluator.batches)
+            cal_batches = _calibration_batches(adapter, data, calibration) if kernels == "fast" else None
+            exported = _export_checked(adapter, compressed, saved / "model.onnx", evaluator.batches, kernels,
+                                       cal_batches)
     return ApplyResult(saved, mem, result.metrics, result.n_samples, exported)
 
 
-def _export_checked(adapter: ModelAdapter, model: Any, path: Path, batches: list[Any]) -> OnnxExportResult:
+def _export_checked(adapter: ModelAdapter, model: Any, path: Path, batches: list[Any], kernels: str = "exact",
+                    calibration: list[Any] | None = None) -> OnnxExportResult:
     """Export `model` to `path` and compare the ONNX outputs with the torch model's on `batches`."""
     import numpy as np
     import torch
 
     from slimformer.export import export_onnx, onnx_outputs, resident_weight_bytes
 
-    info = export_onnx(adapter, model, path)
+    info = export_onnx(adapter, model, path, kernels=kernels, calibration=calibration)  # type: ignore[arg-type]
     with torch.no_grad():
         model.eval()
         ref = torch.cat([adapter.output(model, b).to(torch.float32) for b in batches]).cpu().numpy()
     out = onnx_outputs(info.path, batches)
     cos = (out * ref).sum(-1) / np.maximum(np.linalg.norm(out, axis=-1) * np.linalg.norm(ref, axis=-1), 1e-12)
     return OnnxExportResult(info.path, info.file_bytes, resident_weight_bytes(info.path), float(cos.mean()),
-                            float(np.abs(out - ref).max()))
+                            float(np.abs(out - ref).max()), kernels)
 
 
-def export_model(model_dir: str | Path, out: str | Path | None = None) -> OnnxExportResult:
+def export_model(model_dir: str | Path, out: str | Path | None = None, kernels: str = "exact") -> OnnxExportResult:
     """Export a compressed model directory (written by `apply --out`) to ONNX, `model_dir/model.onnx` by default.
 
     The agreement check runs the torch and ONNX models on 64 held-out fortunes texts (or test images).
@@ -190,18 +195,20 @@ def export_model(model_dir: str | Path, out: str | Path | None = None) -> OnnxEx
     if not (d / RECIPE_FILE).is_file():
         raise ConfigError(f"{d} is not a compressed slimformer model directory (no {RECIPE_FILE})")
     adapter = load_compressed(d)
+    cal = _calibration_batches(adapter, "fortunes", 64) if kernels == "fast" else None
     return _export_checked(adapter, adapter.model, Path(out) if out is not None else d / "model.onnx",
-                           _fidelity_batches(adapter, "fortunes", 64))
+                           _fidelity_batches(adapter, "fortunes", 64), kernels, cal)
 
 
 def bench(target: str | Path, model: str | None = None, data: str = "fortunes", samples: int = 256,
           threads: int = 1, seqs: tuple[int, ...] = (64, 128), batches: tuple[int, ...] = (1, 32), runs: int = 30,
-          warmup: int = 3, work_dir: str | Path | None = None, log: Any = None) -> Any:
+          warmup: int = 3, work_dir: str | Path | None = None, log: Any = None, kernels: str = "exact") -> Any:
     """Benchmark a compressed model (a recipe, a compressed directory or an .onnx file) against fp32 and
     onnxruntime dynamic-int8 baselines; returns `slimformer.export.bench.BenchResult`.
 
     A recipe needs `model` (what it is applied to); an .onnx file needs `model` (the uncompressed model:
     tokenizer and fp32 teacher); a compressed directory uses `model` or else the recipe's model id.
+    `kernels` ('exact' | 'fast') is how a recipe or directory target is exported (recorded in `extra`).
     """
     import tempfile
 
@@ -220,7 +227,9 @@ def bench(target: str | Path, model: str | None = None, data: str = "fortunes", 
             compressed = load_compressed(t)
             ref_id = model or compressed.recipe.model.id  # type: ignore[attr-defined]
             say(f"exporting {t} to ONNX")
-            onnx_path = export_onnx(compressed, compressed.model, Path(tmp) / "target.onnx").path
+            cal = _calibration_batches(compressed, data, 64) if kernels == "fast" else None
+            onnx_path = export_onnx(compressed, compressed.model, Path(tmp) / "target.onnx", kernels=kernels,  # type: ignore[arg-type]
+                                    calibration=cal).path
         elif t.suffix.lower() == ".onnx":
             if not t.is_file():
                 raise ConfigError(f"{t} does not exist")
@@ -232,11 +241,14 @@ def bench(target: str | Path, model: str | None = None, data: str = "fortunes", 
             if model is None:
                 raise ConfigError(f"bench on a recipe needs --model (the model {t.name} is applied to)")
             say(f"applying {t} to {model}")
-            res = apply_recipe(t, model, out_dir=Path(tmp) / "compressed", data=data, samples=samples, onnx=True)
+            res = apply_recipe(t, model, out_dir=Path(tmp) / "compressed", data=data, samples=samples, onnx=True,
+                               kernels=kernels)
             assert res.onnx is not None
             ref_id, onnx_path = model, res.onnx.path
         reference = load(ref_id)
-        return bench_models(reference, onnx_path, target_name=str(t), **opts)  # type: ignore[arg-type]
+        result = bench_models(reference, onnx_path, target_name=str(t), **opts)  # type: ignore[arg-type]
+        result.extra["kernels"] = "as stored in the file" if t.suffix.lower() == ".onnx" else kernels
+        return result
 
 
 def _context_for_run(run_dir: Path) -> tuple[Any, Any, Any]:

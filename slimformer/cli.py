@@ -92,6 +92,11 @@ def search(config: Path | None, trials: int | None, timeout: float | None, stora
     click.echo(f"report: {res.run_dir / 'report.html'}")
 
 
+_KERNELS_OPTION = click.option(
+    "--kernels", type=click.Choice(["exact", "fast"]), default="exact", show_default=True,
+    help="ONNX kernels: exact (bit-faithful to the torch model) or fast (int8 GEMMs, activations quantised).")
+
+
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--model", required=True, help="Model directory or id the recipe is applied to.")
@@ -99,12 +104,13 @@ def search(config: Path | None, trials: int | None, timeout: float | None, stora
 @click.option("--data", default="fortunes", show_default=True, help="Held-out data for the fidelity check.")
 @click.option("--samples", default=256, show_default=True, type=click.IntRange(min=2))
 @click.option("--onnx", "to_onnx", is_flag=True, help="Also write OUT/model.onnx (needs --out).")
+@_KERNELS_OPTION
 @_errors
-def apply(recipe: Path, model: str, out: Path | None, data: str, samples: int, to_onnx: bool) -> None:
+def apply(recipe: Path, model: str, out: Path | None, data: str, samples: int, to_onnx: bool, kernels: str) -> None:
     """Apply RECIPE to a model, print memory and fidelity, and optionally save it."""
     from slimformer.api import apply_recipe
 
-    res = apply_recipe(recipe, model, out_dir=out, data=data, samples=samples, onnx=to_onnx)
+    res = apply_recipe(recipe, model, out_dir=out, data=data, samples=samples, onnx=to_onnx, kernels=kernels)
     mem = res.memory
     click.echo(f"memory: {mem.total_bytes:,d} bytes = {mem.percent:.2f}% of fp32 ({mem.fp32_bytes:,d})")
     scores = ", ".join(f"{k} {v:.4f}" for k, v in res.fidelity.items())
@@ -116,20 +122,21 @@ def apply(recipe: Path, model: str, out: Path | None, data: str, samples: int, t
 
 
 def _echo_onnx(o: Any) -> None:
-    click.echo(f"wrote {o.path}: {o.file_bytes:,d} bytes on disk, {o.resident_bytes:,d} resident weight bytes; "
-               f"ONNX vs torch: mean cosine {o.cosine:.6f}, max abs diff {o.max_abs_diff:.2e}")
+    click.echo(f"wrote {o.path} ({o.kernels} kernels): {o.file_bytes:,d} bytes on disk, {o.resident_bytes:,d} "
+               f"resident weight bytes; ONNX vs torch: mean cosine {o.cosine:.6f}, max abs diff {o.max_abs_diff:.2e}")
 
 
 @main.command("export")
 @click.argument("model_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               help="ONNX file (default MODEL_DIR/model.onnx).")
+@_KERNELS_OPTION
 @_errors
-def export_cmd(model_dir: Path, out: Path | None) -> None:
+def export_cmd(model_dir: Path, out: Path | None, kernels: str) -> None:
     """Export a compressed model directory (from `apply --out`) to ONNX with physical int4/int8 kernels."""
     from slimformer.api import export_model
 
-    _echo_onnx(export_model(model_dir, out))
+    _echo_onnx(export_model(model_dir, out, kernels=kernels))
 
 
 def _int_list(ctx: Any, param: Any, value: str) -> tuple[int, ...]:
@@ -153,14 +160,15 @@ def _int_list(ctx: Any, param: Any, value: str) -> tuple[int, ...]:
 @click.option("--runs", default=30, show_default=True, type=click.IntRange(min=1), help="Timed runs per model.")
 @click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0))
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write results as JSON.")
+@_KERNELS_OPTION
 @_errors
 def bench(target: Path, model: str | None, data: str, samples: int, threads: int, seqs: tuple[int, ...],
-          batches: tuple[int, ...], runs: int, warmup: int, json_out: Path | None) -> None:
+          batches: tuple[int, ...], runs: int, warmup: int, json_out: Path | None, kernels: str) -> None:
     """Benchmark TARGET (recipe, compressed directory or .onnx) against fp32 and ORT dynamic int8 in ONNX Runtime."""
     from slimformer.api import bench as run
 
     res = run(target, model, data=data, samples=samples, threads=threads, seqs=seqs, batches=batches, runs=runs,
-              warmup=warmup, log=_log)
+              warmup=warmup, log=_log, kernels=kernels)
     click.echo(res.format())
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
