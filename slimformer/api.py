@@ -280,7 +280,8 @@ def export_recipe(run_dir: str | Path, trial: int, out: str | Path | None = None
         raise ConfigError(f"trial {trial} is {t.state.name} and "
                           f"{'over the memory budget' if t.user_attrs.get('feasible') is False else 'not evaluated'}; "
                           "pick a completed trial within the budget")
-    rec = Recipe.from_plan(trial_plan(ctx, t), ctx.adapter, hardware_profile=ctx.profile.name, provenance={
+    rec = Recipe.from_plan(trial_plan(ctx, t), ctx.adapter, hardware_profile=ctx.profile.name,
+                           hardware_profile_version=ctx.profile.version, provenance={
         "study": ctx.config.study_name, "storage": url, "trial": trial,
         "metrics": {"memory_bytes": t.user_attrs["memory_bytes"], "latency_ms_estimate": t.user_attrs["latency_ms"],
                     **{f"search_{k}": v for k, v in t.user_attrs.get("metrics", {}).items()}}})

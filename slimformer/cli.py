@@ -220,5 +220,10 @@ def inspect(model: str, as_json: bool) -> None:
         click.echo(rep.format())
 
 
+from slimformer.hardware_profiles.commands import calibrate_cmd, profile_group  # noqa: E402
+
+main.add_command(calibrate_cmd)
+main.add_command(profile_group)
+
 if __name__ == "__main__":  # pragma: no cover
     main()

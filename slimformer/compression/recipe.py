@@ -83,6 +83,7 @@ class Recipe(_Strict):
     slimformer_recipe: int = RECIPE_VERSION
     model: ModelRef
     hardware_profile: str | None = None
+    hardware_profile_version: str | None = None  # HardwareProfile.version: schema, date, fingerprint
     rules: list[Rule] = []
     layers: list[LayerRule] = []
     sharing: SharingModel | None = None
@@ -130,7 +131,7 @@ class Recipe(_Strict):
 
     @classmethod
     def from_plan(cls, plan: CompressionPlan, adapter: ModelAdapter, hardware_profile: str | None = None,
-                  provenance: dict[str, Any] | None = None) -> Recipe:
+                  provenance: dict[str, Any] | None = None, hardware_profile_version: str | None = None) -> Recipe:
         """One exact-name rule per compressed unit, in model order (of the canonical plan: units shared
         away carry their representative's spec)."""
         from slimformer.compression.apply import canonical_plan
@@ -143,7 +144,8 @@ class Recipe(_Strict):
         sharing = None if not plan.sharing.groups else SharingModel(
             groups=[list(g) for g in plan.sharing.groups], scope=plan.sharing.scope)
         return cls(model=ModelRef(id=adapter.model_id, sha256=adapter.weights_sha256()),
-                   hardware_profile=hardware_profile, rules=rules, layers=layers, sharing=sharing,
+                   hardware_profile=hardware_profile, hardware_profile_version=hardware_profile_version,
+                   rules=rules, layers=layers, sharing=sharing,
                    provenance=provenance or {})
 
     # -- YAML ----------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from slimformer.compression.modules import WeightFormat, matrix_bytes
 from slimformer.compression.plan import CompressionPlan, UnitSpec
@@ -45,8 +46,29 @@ from slimformer.models.base import LayerInfo, Unit
 LABEL = "estimate (roofline)"
 _FP32 = 4.0
 
-# (name, kind, flops, weight_bytes, activation_bytes)
-_Op = tuple[str, str, float, float, float]
+
+
+class ForwardOp(NamedTuple):
+    """One op of a forward pass: costs plus the shape a calibrated model needs.
+
+    linear: m tokens, k in, n out, spec the unit's spec (bias in has_bias); embedding: m rows gathered of
+    width n (k = rows of the table, or the rank for the projection); attention: m = batch * heads,
+    k = seq, n = head_dim; elementwise: m elements (of the op's largest tensor).
+    """
+
+    name: str
+    kind: str
+    flops: float
+    weight_bytes: float
+    activation_bytes: float
+    m: int = 0
+    k: int = 0
+    n: int = 0
+    spec: UnitSpec | None = None
+    has_bias: bool = False
+
+
+_Op = ForwardOp
 
 
 @dataclass(frozen=True)
@@ -102,30 +124,30 @@ def _scaled(dim: int, kept: int | None, total: int) -> int:
 def _linear_ops(name: str, out_f: int, in_f: int, spec: UnitSpec, bias: bool, m: int) -> Iterator[_Op]:
     bias_bytes = _FP32 * out_f if bias else 0.0
     if spec.rank is None:
-        yield (name, "linear", 2.0 * m * in_f * out_f, _weight_bytes(out_f, in_f, spec) + bias_bytes,
-               _FP32 * m * (in_f + out_f))
+        yield _Op(name, "linear", 2.0 * m * in_f * out_f, _weight_bytes(out_f, in_f, spec) + bias_bytes,
+                  _FP32 * m * (in_f + out_f), m, in_f, out_f, spec, bias)
         return
     r = min(spec.rank, in_f, out_f)
-    yield (f"{name}[in->r]", "linear", 2.0 * m * in_f * r, _weight_bytes(r, in_f, spec),
-           _FP32 * m * (in_f + r))
-    yield (f"{name}[r->out]", "linear", 2.0 * m * r * out_f, _weight_bytes(out_f, r, spec) + bias_bytes,
-           _FP32 * m * (r + out_f))
+    yield _Op(f"{name}[in->r]", "linear", 2.0 * m * in_f * r, _weight_bytes(r, in_f, spec),
+              _FP32 * m * (in_f + r), m, in_f, r, spec, False)
+    yield _Op(f"{name}[r->out]", "linear", 2.0 * m * r * out_f, _weight_bytes(out_f, r, spec) + bias_bytes,
+              _FP32 * m * (r + out_f), m, r, out_f, spec, bias)
 
 
 def _embedding_ops(unit: Unit, spec: UnitSpec, m: int) -> Iterator[_Op]:
-    _, dim = unit.shape
+    rows, dim = unit.shape
     if spec.rank is None:
-        yield (unit.name, "embedding", 0.0, _weight_bytes(m, dim, spec), _FP32 * m * dim)
+        yield _Op(unit.name, "embedding", 0.0, _weight_bytes(m, dim, spec), _FP32 * m * dim, m, rows, dim, spec)
         return
     r = min(spec.rank, unit.shape[0], dim)
-    yield (f"{unit.name}[gather]", "embedding", 0.0, _weight_bytes(m, r, spec), _FP32 * m * r)
-    yield (f"{unit.name}[r->dim]", "embedding", 2.0 * m * r * dim, _weight_bytes(dim, r, spec),
-           _FP32 * m * (r + dim))
+    yield _Op(f"{unit.name}[gather]", "embedding", 0.0, _weight_bytes(m, r, spec), _FP32 * m * r, m, rows, r, spec)
+    yield _Op(f"{unit.name}[r->dim]", "linear", 2.0 * m * r * dim, _weight_bytes(dim, r, spec),
+              _FP32 * m * (r + dim), m, r, dim, spec, False)
 
 
-def _ops(units: Sequence[Unit], layers: Sequence[LayerInfo], plan: CompressionPlan, batch: int,
-         seq: int) -> Iterator[_Op]:
-    """Every op of one forward pass as (name, kind, flops, weight_bytes, activation_bytes)."""
+def forward_ops(units: Sequence[Unit], layers: Sequence[LayerInfo], plan: CompressionPlan, batch: int,
+                seq: int) -> Iterator[ForwardOp]:
+    """Every op of one forward pass of the plan-compressed model, in order (see ForwardOp)."""
     if batch < 1 or seq < 1:
         raise ConfigError(f"batch and seq must be >= 1 for a latency estimate (got batch={batch}, seq={seq})")
     m = batch * seq
@@ -147,8 +169,8 @@ def _ops(units: Sequence[Unit], layers: Sequence[LayerInfo], plan: CompressionPl
         for u in embeddings:
             yield from _embedding_ops(u, plan.unit(u.name), m)
         for i in range(1, len(embeddings)):
-            yield (f"embeddings.add{i}", "elementwise", 0.0, 0.0, 3 * _FP32 * m * dim)
-        yield ("embeddings.layernorm", "elementwise", 0.0, 2 * _FP32 * dim, 2 * _FP32 * m * dim)
+            yield _Op(f"embeddings.add{i}", "elementwise", 0.0, 0.0, 3 * _FP32 * m * dim, m * dim)
+        yield _Op("embeddings.layernorm", "elementwise", 0.0, 2 * _FP32 * dim, 2 * _FP32 * m * dim, m * dim)
 
     for info in layers:
         spec = plan.layer(info.index)
@@ -184,15 +206,16 @@ def _ops(units: Sequence[Unit], layers: Sequence[LayerInfo], plan: CompressionPl
         scores = float(batch * heads * seq * seq)
         mm = 2.0 * scores * info.head_dim
         p = f"layer{info.index}"
-        yield (f"{p}.attn_scores", "attention", mm, 0.0, _FP32 * (2 * ctx + scores))
-        yield (f"{p}.attn_softmax", "attention", 0.0, 0.0, 2 * _FP32 * scores)
-        yield (f"{p}.attn_context", "attention", mm, 0.0, _FP32 * (scores + 2 * ctx))
+        bh, hd = batch * heads, info.head_dim
+        yield _Op(f"{p}.attn_scores", "attention", mm, 0.0, _FP32 * (2 * ctx + scores), bh, seq, hd)
+        yield _Op(f"{p}.attn_softmax", "attention", 0.0, 0.0, 2 * _FP32 * scores, bh, seq, hd)
+        yield _Op(f"{p}.attn_context", "attention", mm, 0.0, _FP32 * (scores + 2 * ctx), bh, seq, hd)
         act = _FP32 * m * hidden
-        yield (f"{p}.attn_residual", "elementwise", 0.0, 0.0, 3 * act)
-        yield (f"{p}.attn_layernorm", "elementwise", 0.0, 2 * _FP32 * hidden, 2 * act)
-        yield (f"{p}.ffn_gelu", "elementwise", 0.0, 0.0, 2 * _FP32 * m * inter)
-        yield (f"{p}.ffn_residual", "elementwise", 0.0, 0.0, 3 * act)
-        yield (f"{p}.ffn_layernorm", "elementwise", 0.0, 2 * _FP32 * hidden, 2 * act)
+        yield _Op(f"{p}.attn_residual", "elementwise", 0.0, 0.0, 3 * act, m * hidden)
+        yield _Op(f"{p}.attn_layernorm", "elementwise", 0.0, 2 * _FP32 * hidden, 2 * act, m * hidden)
+        yield _Op(f"{p}.ffn_gelu", "elementwise", 0.0, 0.0, 2 * _FP32 * m * inter, m * inter)
+        yield _Op(f"{p}.ffn_residual", "elementwise", 0.0, 0.0, 3 * act, m * hidden)
+        yield _Op(f"{p}.ffn_layernorm", "elementwise", 0.0, 2 * _FP32 * hidden, 2 * act, m * hidden)
 
     for u in loose:
         yield from _linear_ops(u.name, u.shape[0], u.shape[1], plan.unit(u.name), u.has_bias, m)
@@ -209,7 +232,7 @@ def estimate_latency(units: Sequence[Unit], layers: Sequence[LayerInfo], plan: C
     flops_per_ms, bytes_per_ms, overhead = _rates(profile)
     total = flops = wbytes = abytes = compute = memory = 0.0
     n = 0
-    for _, _, f, wb, ab in _ops(units, layers, plan, batch, seq):
+    for _, _, f, wb, ab, *_rest in forward_ops(units, layers, plan, batch, seq):
         c = f / flops_per_ms
         mem = (wb + ab) / bytes_per_ms
         total += c if c > mem else mem
@@ -232,11 +255,11 @@ def latency_breakdown(units: Sequence[Unit], layers: Sequence[LayerInfo], plan: 
     flops_per_ms, bytes_per_ms, overhead = _rates(profile)
     return [
         OpCost(name, kind, f, wb, ab, f / flops_per_ms, (wb + ab) / bytes_per_ms, overhead)
-        for name, kind, f, wb, ab in _ops(units, layers, plan, batch, seq)
+        for name, kind, f, wb, ab, *_rest in forward_ops(units, layers, plan, batch, seq)
     ]
 
 
 def flops_proxy(units: Sequence[Unit], layers: Sequence[LayerInfo], plan: CompressionPlan,
                 batch: int = 1, seq: int = 128) -> float:
     """Total matmul FLOPs of one forward pass of the plan-compressed model (the same ops as the estimate)."""
-    return sum(op[2] for op in _ops(units, layers, plan, batch, seq))
+    return sum(op.flops for op in forward_ops(units, layers, plan, batch, seq))

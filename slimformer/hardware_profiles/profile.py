@@ -1,13 +1,18 @@
-"""Hardware profiles: the few measured numbers a latency estimate needs, stored as plain YAML.
+"""Hardware profiles: what one machine + runtime + thread count costs, stored as plain YAML.
 
-A profile describes one machine *at one thread count with one runtime*: its fp32 GEMM rate, its memory
-bandwidth and the fixed cost of dispatching a small op. `measure.py` produces them; shipped profiles
-live in `profiles/*.yaml` and are loaded by name, any other profile by path. Files are read with
+A profile describes one machine *at one thread count with one runtime*. Schema v1 (torch `measure.py`)
+holds three roofline numbers: fp32 GEMM rate, memory bandwidth, per-op overhead. Schema v2 adds optional
+sections written by `slimformer calibrate` (calibrate.py): caches, providers, peak rate per data type,
+the fitted per-kernel-class latency model, the measured noise, how the calibration ran and validation
+results. v1 files still load (they are read as v2 without the optional sections). Shipped profiles live
+in `profiles/*.yaml` and are loaded by name, any other profile by path. Files are read with
 `yaml.safe_load` and written with `yaml.safe_dump`; nothing is ever pickled.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from datetime import date
 from pathlib import Path
@@ -18,10 +23,106 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from slimformer.errors import ConfigError
 from slimformer.fileio import atomic_write
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 DEFAULT_PROFILE = "amd-epyc-avx512-2t-torch"
 _SUFFIXES = (".yaml", ".yml")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Fit(_Strict):
+    """A linear model t_us = sum(coef[i] * feature_i) fitted by non-negative least squares.
+
+    features name the inputs (see predict.py); rmse_rel is the fit's relative RMS error; n the samples.
+    """
+
+    features: list[str]
+    coef: list[float]
+    rmse_rel: float = 0.0
+    n: int = 0
+
+
+class KernelTable(_Strict):
+    """One linear kernel class (e.g. `matmulnbits:4:32`), piecewise in M = batch x seq tokens.
+
+    fits[i] prices shapes (K, N) at m_values[i] (features 1, K*N, K, N); between grid points the
+    predicted times are interpolated linearly in M, beyond the last one extrapolated along the last segment.
+    """
+
+    m_values: list[int]
+    fits: list[Fit]
+
+
+class Residual(_Strict):
+    """Whole-graph correction for one model family, fitted on full exported reference models:
+    ms = scale * kernel_ms + layers * (per_layer_ms + tokens * per_layer_token_us / 1000) + const_ms
+    (glue ops, dispatch, cache effects)."""
+
+    scale: float = 1.0
+    per_layer_ms: float = 0.0
+    per_layer_token_us: float = 0.0
+    const_ms: float = 0.0
+    fitted_on: list[str] = Field(default_factory=list)
+    rmse_rel: float = 0.0
+
+
+class LatencyModel(_Strict):
+    """The calibrated latency model: per-kernel-class tables and fits, overheads and residuals."""
+
+    linear: dict[str, KernelTable] = Field(default_factory=dict)
+    embedding: dict[str, Fit] = Field(default_factory=dict)
+    attention: Fit | None = None
+    elementwise: dict[str, Fit] = Field(default_factory=dict)
+    call_overhead_us: float = 0.0
+    residual: dict[str, Residual] = Field(default_factory=dict)
+    flops_ms_per_gflop: float = 0.0  # the FLOPs proxy's single constant (fitted on the reference models)
+
+
+class Noise(_Strict):
+    """Run-to-run noise: relative spread of repeated timings of the same graph during calibration."""
+
+    median_rel_iqr: float
+    p95_rel_iqr: float
+    repeats: int
+    loadavg: list[float] = Field(default_factory=list)
+
+
+class CalibrationInfo(_Strict):
+    """How the latency model was made: command, duration, grid size, load average before/after."""
+
+    command: str
+    seconds: float
+    measurements: int
+    clock: str = "wall"  # thread_cpu: this thread's CPU time (1 thread; leaves out preemption) | wall
+    quick: bool = False
+    loadavg_before: list[float] = Field(default_factory=list)
+    loadavg_after: list[float] = Field(default_factory=list)
+
+
+class ValidationResult(_Strict):
+    """Held-out accuracy of the latency model on one model (see validate.py); errors are relative."""
+
+    model: str
+    batch: int
+    seq: int
+    configs: int
+    mape: float
+    within_5: float
+    within_10: float
+    p95_error: float
+    kendall_tau: float
+    noise_floor: float
+    flops_mape: float
+    flops_within_10: float
+    flops_kendall_tau: float
+    roofline_fraction_median: float = 0.0
+    date: str = ""
+    loadavg: list[float] = Field(default_factory=list)
+    fingerprint: str = ""
 
 
 class HardwareProfile(BaseModel):
@@ -30,6 +131,8 @@ class HardwareProfile(BaseModel):
     peak_gflops_fp32: best fp32 GEMM rate seen (GFLOP/s, 1e9) at `threads` threads.
     mem_bandwidth_gbs: best large-copy rate (GB/s, 1e9 bytes; bytes read + bytes written).
     per_op_overhead_us: median wall time of a tiny op (dispatch + allocation), microseconds.
+    v2 sections (all optional): providers, caches (bytes by level), peak_gflops (by kernel class),
+    latency_model (calibrated), noise, calibration, validation.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -47,13 +150,39 @@ class HardwareProfile(BaseModel):
     per_op_overhead_us: float = Field(ge=0)
     created: date
     notes: str = ""
+    providers: list[str] = Field(default_factory=list)
+    caches: dict[str, int] = Field(default_factory=dict)
+    peak_gflops: dict[str, float] = Field(default_factory=dict)
+    latency_model: LatencyModel | None = None
+    noise: Noise | None = None
+    calibration: CalibrationInfo | None = None
+    validation: list[ValidationResult] = Field(default_factory=list)
 
     @field_validator("schema_version")
     @classmethod
     def _known_schema(cls, v: int) -> int:
-        if v != SCHEMA_VERSION:
-            raise ValueError(f"schema_version {v} is not supported (this slimformer reads {SCHEMA_VERSION})")
-        return v
+        if v not in READABLE_SCHEMAS:
+            raise ValueError(f"schema_version {v} is not supported (this slimformer reads {READABLE_SCHEMAS})")
+        return SCHEMA_VERSION  # v1 documents are v2 documents without the optional sections
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the profile carries a calibrated latency model (else only the roofline numbers)."""
+        return self.latency_model is not None and bool(self.latency_model.linear)
+
+    @property
+    def fingerprint(self) -> str:
+        """12 hex digits identifying what prices plans: the machine numbers and the fitted model
+        (not notes or validation), so recipes can record exactly which calibration priced them."""
+        keys = ("name", "cpu", "threads", "runtime", "runtime_version", "peak_gflops_fp32", "mem_bandwidth_gbs",
+                "per_op_overhead_us", "latency_model")
+        blob = json.dumps(self.model_dump(mode="json", include=set(keys)), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    @property
+    def version(self) -> str:
+        """`schema v2, created date, fingerprint` as one string (what recipes record)."""
+        return f"v{self.schema_version}-{self.created.isoformat()}-{self.fingerprint}"
 
 
 def list_profiles() -> list[str]:
@@ -114,6 +243,19 @@ def _load_file(path: Path) -> HardwareProfile:
         raise ConfigError(f"hardware profile {path} is not valid: {_describe_validation(e)}") from e
 
 
+def resolve_path(name_or_path: str | os.PathLike[str]) -> Path:
+    """The file a profile name (shipped) or path refers to; ConfigError when there is none."""
+    s = os.fspath(name_or_path)
+    if not _looks_like_path(s):
+        shipped = _shipped_path(s)
+        if shipped is not None:
+            return shipped
+    path = Path(s).expanduser()
+    if path.is_file():
+        return path
+    raise ConfigError(f"hardware profile {s!r} is neither a shipped profile ({', '.join(list_profiles())}) nor a file")
+
+
 def load_profile(name_or_path: str | os.PathLike[str]) -> HardwareProfile:
     """Load a shipped profile by name (see `list_profiles()`) or any profile YAML file by path."""
     s = os.fspath(name_or_path)
@@ -136,5 +278,6 @@ def load_profile(name_or_path: str | os.PathLike[str]) -> HardwareProfile:
 def save_profile(profile: HardwareProfile, path: str | os.PathLike[str]) -> Path:
     """Write `profile` as plain YAML (atomically: temp file in the same folder, then rename)."""
     dest = Path(path).expanduser()
-    atomic_write(dest, yaml.safe_dump(profile.model_dump(mode="json"), sort_keys=False, allow_unicode=True))
+    data = profile.model_dump(mode="json", exclude_none=True)
+    atomic_write(dest, yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=120))
     return dest

@@ -94,6 +94,7 @@ class LatencyConfig(_Strict):
     source: Literal["auto", "estimate", "calibrated", "measured"] = "auto"
     batch: int = Field(1, ge=1)
     seq: int = Field(128, ge=1)
+    threads: int | None = Field(None, ge=1)  # deployment intra-op threads; differing from the profile's warns
 
 
 class MultiFidelityConfig(_Strict):

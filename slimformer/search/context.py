@@ -18,6 +18,7 @@ from slimformer.compression.plan import CompressionPlan
 from slimformer.errors import BudgetError, ConfigError
 from slimformer.evaluators.quality import FidelityEvaluator
 from slimformer.hardware_profiles import HardwareProfile, load_profile
+from slimformer.hardware_profiles.predict import resolved_source, warn_if_mismatched
 from slimformer.models import ModelAdapter, load
 from slimformer.models.base import Batch
 from slimformer.search.config import SearchConfig
@@ -128,6 +129,8 @@ def prepare(config: SearchConfig, *, log: Any = None) -> SearchContext:
     if config.threads:
         torch.set_num_threads(config.threads)
     profile = load_profile(config.hardware_profile)
+    if resolved_source(config.latency.source, profile) == "calibrated":  # ConfigError when it has no model
+        warn_if_mismatched(profile, config.latency.threads)
     adapter = load(config.model, max_length=config.data.max_length)
     metric_default = "cosine" if adapter.kind == "encoder" else "agreement"
     metric = config.quality_metric or metric_default

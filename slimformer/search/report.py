@@ -134,7 +134,8 @@ td,th{{border:1px solid #ccc;padding:3px 7px;font-size:13px}}th{{background:#f3f
 <p>model <b>{html.escape(ctx.config.model)}</b>; budget {summary['budget_percent']:.2f}% of fp32
 ({ctx.budget_bytes / 1e6:.2f} MB of {ctx.fp32_bytes / 1e6:.2f} MB); quality metric <b>{m}</b>;
 hardware profile {html.escape(ctx.profile.name)}.
-Latency values are an <b>estimate (roofline)</b>, not a measurement.</p>
+Latency values are priced by <b>{html.escape(str(summary.get('latency_label', 'estimate (roofline)')))}</b>,
+not measured.</p>
 <p><b>{html.escape(verdict)}</b></p>
 <p>trials: {html.escape(str(summary['trial_states']))}; {summary['infeasible_trials']} over budget (not evaluated);
 mean trial {_fmt(summary['mean_trial_s'])} s, of which outside forward passes

@@ -27,6 +27,7 @@ from slimformer.compression.plan import CompressionPlan
 from slimformer.compression.recipe import Recipe
 from slimformer.errors import ConfigError
 from slimformer.fileio import atomic_write
+from slimformer.hardware_profiles.predict import resolved_source, source_label
 from slimformer.search.baselines import uniform_baselines
 from slimformer.search.config import SearchConfig
 from slimformer.search.context import SearchContext
@@ -146,7 +147,8 @@ def write_outputs(ctx: SearchContext, run_dir: Path, study: optuna.Study, baseli
             "recipe": f"recipes/trial-{t.number}.yaml",
         }
         entries.append(entry)
-        recipe = Recipe.from_plan(plan, ctx.adapter, hardware_profile=ctx.profile.name, provenance={
+        recipe = Recipe.from_plan(plan, ctx.adapter, hardware_profile=ctx.profile.name,
+                                  hardware_profile_version=ctx.profile.version, provenance={
             "study": study_name, "storage": storage, "trial": t.number,
             "metrics": {"memory_bytes": entry["memory_bytes"], "memory_percent": entry["memory_percent"],
                         "latency_ms_estimate": entry["latency_ms_estimate"],
@@ -201,8 +203,10 @@ def summarize(ctx: SearchContext, study: optuna.Study, entries: list[dict[str, A
         "best_baseline": None if best_base is None else {
             "name": best_base.name, "memory_percent": best_base.memory_percent,
             f"heldout_{m}": best_base.heldout_metrics[m], "heldout_metrics": best_base.heldout_metrics},  # type: ignore[index]
-        "latency_label": "estimate (roofline)",
+        "latency_label": source_label(ctx.config.latency.source, ctx.profile),
+        "latency_source": resolved_source(ctx.config.latency.source, ctx.profile),
         "hardware_profile": ctx.profile.name,
+        "hardware_profile_version": ctx.profile.version,
     }
 
 

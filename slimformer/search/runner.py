@@ -30,6 +30,8 @@ from slimformer.compression.memory import plan_memory
 from slimformer.compression.plan import CompressionPlan
 from slimformer.errors import ConfigError
 from slimformer.evaluators.latency import estimate_latency
+from slimformer.hardware_profiles.predict import predict as predict_latency
+from slimformer.hardware_profiles.predict import resolved_source
 from slimformer.search.context import SearchContext
 from slimformer.search.storage import (
     GRACE_PERIOD,
@@ -108,8 +110,10 @@ def evaluate_plan(ctx: SearchContext, plan: CompressionPlan, heldout: bool = Fal
 def latency_ms(ctx: SearchContext, plan: CompressionPlan) -> float:
     """The latency objective for `plan`, priced as `latency.source` says (see LatencyConfig)."""
     cfg = ctx.config.latency
-    if cfg.source in ("calibrated", "measured"):
+    if cfg.source == "measured":
         raise ConfigError(f"latency.source {cfg.source!r} is not available yet; use auto or estimate")
+    if resolved_source(cfg.source, ctx.profile) == "calibrated":  # the profile's onnxruntime kernel model
+        return predict_latency(ctx.adapter, plan, cfg.batch, cfg.seq, ctx.profile).ms
     return estimate_latency(ctx.adapter.units, ctx.adapter.layers, plan, ctx.profile, batch=cfg.batch,
                             seq=cfg.seq).ms
 

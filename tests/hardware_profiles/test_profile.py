@@ -48,7 +48,8 @@ def test_round_trip_is_equal_and_plain_yaml(tmp_path: Path) -> None:
     assert load_profile(str(out)) == p
     assert load_profile(out) == p  # PathLike works too
     raw = yaml.safe_load(out.read_text())
-    assert raw["schema_version"] == 1
+    assert raw["schema_version"] == 2  # v1 documents are saved as v2 (no optional sections)
+    assert "latency_model" not in raw
     assert raw["created"] == "2026-01-02"
     assert "!!python" not in out.read_text()
     assert [f.name for f in out.parent.iterdir()] == ["toy.yaml"]  # no temp file left behind
@@ -79,8 +80,8 @@ def test_missing_and_invalid_values_are_config_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="mem_bandwidth_gbs"):
         load_profile(str(write_yaml(tmp_path / "b.yaml", data)))
     data = make_profile().model_dump(mode="json")
-    data["schema_version"] = 2
-    with pytest.raises(ConfigError, match="schema_version 2 is not supported"):
+    data["schema_version"] = 3
+    with pytest.raises(ConfigError, match="schema_version 3 is not supported"):
         load_profile(str(write_yaml(tmp_path / "c.yaml", data)))
 
 

@@ -1,0 +1,171 @@
+"""`slimformer calibrate` and `slimformer profile validate|show`: thin click commands over calibrate.py and
+validate.py (registered on the main CLI group in slimformer/cli.py)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+import click
+
+from slimformer.errors import ConfigError, SlimformerError
+
+BENCH_DOC = Path("docs/BENCHMARKS.md")
+RESULTS_DIR = Path("benchmarks/results")
+
+
+def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """SlimformerError -> one line on stderr, exit code 2 (as the main CLI does)."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except SlimformerError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+def _ints(ctx: Any, param: Any, value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    try:
+        out = tuple(int(x) for x in value.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+    if not out or min(out) < 1:
+        raise click.BadParameter("values must be integers >= 1")
+    return out
+
+
+@click.command("calibrate")
+@click.option("--runtime", type=click.Choice(["onnxruntime"]), default="onnxruntime", show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="Intra-op threads.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Profile YAML to write.")
+@click.option("--quick", is_flag=True, help="A short run (about a minute): fewer shapes, MiniLM reference only.")
+@click.option("--name", help="Profile name (default: from CPU, ISA, threads and runtime).")
+@click.option("--m", "m_values", callback=_ints, help="Override the token counts M measured (e.g. 1,128).")
+@click.option("--dims", callback=_ints, help="Override the K/N widths measured (e.g. 96,384).")
+@click.option("--references", help="Comma-separated reference models for the residual ('none' for none).")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@_errors
+def calibrate_cmd(runtime: str, threads: int, out: Path, quick: bool, name: str | None,
+                  m_values: tuple[int, ...] | None, dims: tuple[int, ...] | None, references: str | None,
+                  no_progress: bool) -> None:
+    """Measure this device's onnxruntime kernels and write a calibrated hardware profile."""
+    from dataclasses import replace
+
+    from slimformer.hardware_profiles.calibrate import CalibrationGrid, calibrate
+    from slimformer.hardware_profiles.profile import save_profile
+
+    del runtime  # one runtime today; the option fixes the CLI for more
+    grid = CalibrationGrid.quick() if quick else CalibrationGrid.full()
+    if m_values:
+        grid = replace(grid, m_values=tuple(sorted(set(m_values))))
+    if dims:
+        grid = replace(grid, dims=tuple(sorted(set(dims))))
+    if references is not None:
+        refs = tuple(r.strip() for r in references.split(",") if r.strip() and r.strip() != "none")
+        grid = replace(grid, references=refs)
+    profile = calibrate(threads, grid, name=name, progress=not no_progress)
+    save_profile(profile, out)
+    cal = profile.calibration
+    click.echo(f"{profile.name} ({profile.version}): {len(profile.latency_model.linear)} linear kernel classes, "
+               f"{cal.measurements if cal else 0} measurements in {cal.seconds if cal else 0:.0f} s, noise "
+               f"{100 * (profile.noise.median_rel_iqr if profile.noise else 0):.1f}% -> {out}")
+
+
+@click.group("profile")
+def profile_group() -> None:
+    """Inspect and validate hardware profiles."""
+
+
+@profile_group.command("show")
+@click.argument("profile")
+@_errors
+def show_cmd(profile: str) -> None:
+    """Print a profile's identity, machine numbers and validation results."""
+    from slimformer.hardware_profiles.profile import load_profile
+
+    p = load_profile(profile)
+    click.echo(f"{p.name} {p.version}: {p.cpu}, {p.threads} thread(s), {p.runtime} {p.runtime_version}, "
+               f"calibrated={p.calibrated}")
+    for v in p.validation:
+        click.echo(f"  {v.model} b{v.batch} s{v.seq}: MAPE {100 * v.mape:.1f}%, within 10% {100 * v.within_10:.0f}%, "
+                   f"tau {v.kendall_tau:.3f}, noise {100 * v.noise_floor:.1f}% (FLOPs proxy MAPE "
+                   f"{100 * v.flops_mape:.1f}%, tau {v.flops_kendall_tau:.3f})")
+
+
+@profile_group.command("validate")
+@click.argument("profile")
+@click.option("--model", required=True, help="Model id/dir, or vit-fmnist (the Fashion-MNIST ViT geometry).")
+@click.option("--configs", default=60, show_default=True, type=click.IntRange(min=2), help="Random held-out plans.")
+@click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads (default: the profile's).")
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--seq", type=click.IntRange(min=1), help="Sequence length (default 128; a ViT's token count).")
+@click.option("--runs", default=15, show_default=True, type=click.IntRange(min=3), help="Rounds per timing pass.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), help="Keep the exported models here.")
+@click.option("--no-write", is_flag=True, help="Do not write the profile, results JSON or docs section.")
+@_errors
+def validate_cmd(profile: str, model: str, configs: int, threads: int | None, batch: int, seq: int | None,
+                 runs: int, seed: int, work_dir: Path | None, no_write: bool) -> None:
+    """Measure random held-out plans and report the calibrated model's error next to the FLOPs proxy's."""
+    import tempfile
+
+    from slimformer.hardware_profiles.calibrate import default_shapes, reference_adapter
+    from slimformer.hardware_profiles.profile import load_profile, resolve_path, save_profile
+    from slimformer.hardware_profiles.validate import rows_json, validate, with_result
+
+    prof = load_profile(profile)
+    threads = threads or prof.threads
+    adapter = reference_adapter(model)
+    if seq is None:
+        seq = default_shapes(adapter)[-1][1] if adapter.family == "timm" else 128
+    with tempfile.TemporaryDirectory() as tmp:
+        wd = work_dir or Path(tmp)
+        result, rows = validate(prof, adapter, configs, batch, seq, threads, wd, seed=seed, runs=runs,
+                                log=lambda m: click.echo(f"[slimformer] {m}", err=True))
+    line = (f"{model} batch {batch} seq {seq}, {result.configs} held-out plans, {threads} thread(s): "
+            f"MAPE {100 * result.mape:.2f}%, within 5% {100 * result.within_5:.0f}%, within 10% "
+            f"{100 * result.within_10:.0f}%, p95 {100 * result.p95_error:.1f}%, Kendall tau {result.kendall_tau:.3f}; "
+            f"FLOPs proxy MAPE {100 * result.flops_mape:.2f}%, within 10% {100 * result.flops_within_10:.0f}%, "
+            f"tau {result.flops_kendall_tau:.3f}; noise floor {100 * result.noise_floor:.2f}%; "
+            f"load {result.loadavg}")
+    click.echo(line)
+    if no_write:
+        return
+    path = resolve_path(profile)
+    save_profile(with_result(prof, result), path)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"profile-validate-{prof.name}-{model}")
+    out = RESULTS_DIR / f"{stem}.json"
+    from slimformer.fileio import atomic_write
+
+    atomic_write(out, json.dumps(rows_json(result, rows, threads), indent=1))
+    update_bench_doc(f"profile-validate-{'vit' if adapter.family == 'timm' else 'text'}",
+                     f"`slimformer profile validate {profile} --model {model} --configs {configs}`\n\n{line}\n\n"
+                     f"Results: `{out}`; profile validation section updated ({path}).")
+    click.echo(f"wrote {path}, {out}, {BENCH_DOC}")
+
+
+def update_bench_doc(marker: str, body: str, doc: Path = BENCH_DOC) -> None:
+    """Replace the text between `<!-- marker:begin -->` and `<!-- marker:end -->` (appended when absent)."""
+    from slimformer.fileio import atomic_write
+
+    if not doc.is_file():
+        raise ConfigError(f"{doc} does not exist; run from the repository root or pass --no-write")
+    text = doc.read_text()
+    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
+    block = f"{begin}\n{body}\n{end}"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    atomic_write(doc, text)

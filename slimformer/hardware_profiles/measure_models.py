@@ -1,0 +1,96 @@
+"""Measure whole exported models with the bench protocol: export each plan, time all round-robin.
+
+Used by calibration (reference models for the whole-graph residual) and validation (held-out plans).
+Inputs are held-out samples padded/truncated to exactly `seq` tokens (`export.bench.fixed_length_feed`);
+after warm-up every model runs once per round, the starting model rotating, so machine noise hits all
+of them alike; the result is each model's median ms.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from slimformer.compression.plan import CompressionPlan
+from slimformer.models.base import ModelAdapter
+
+
+def export_plans(adapter: ModelAdapter, plans: Mapping[str, CompressionPlan], work_dir: Path,
+                 log: Callable[[str], None] | None = None) -> dict[str, Path]:
+    """Apply and export each plan to `work_dir/<name>.onnx` (RTN rounding: latency ignores the values).
+
+    torch runs single-threaded meanwhile: on a shared machine a multi-threaded SVD can be 30x slower."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _export_plans(adapter, plans, work_dir, log)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _export_plans(adapter: ModelAdapter, plans: Mapping[str, CompressionPlan], work_dir: Path,
+                  log: Callable[[str], None] | None) -> dict[str, Path]:
+    from slimformer.compression.apply import DecompositionCache, apply_plan
+    from slimformer.compression.plan import UnitSpec
+    from slimformer.export import export_onnx
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    cache = DecompositionCache()
+    paths = {}
+    for name, plan in plans.items():
+        rtn = CompressionPlan(units={u: UnitSpec(s.rank, s.sparsity, s.pattern, s.bits, s.group_size, "rtn")
+                                     for u, s in plan.units.items()}, layers=plan.layers, sharing=plan.sharing)
+        t0 = time.perf_counter()
+        model = apply_plan(adapter, rtn, cache)
+        paths[name] = export_onnx(adapter, model, work_dir / f"{name}.onnx").path
+        if log:
+            log(f"exported {name} in {time.perf_counter() - t0:.1f} s")
+    return paths
+
+
+def time_round_robin(paths: Mapping[str, Path], feed: dict[str, np.ndarray], threads: int, runs: int,
+                     warmup: int = 2) -> dict[str, list[float]]:
+    """ms per run of every model, timed round-robin (one run each per round, start rotating), on
+    `microbench.clock(threads)` (this thread's CPU time at 1 thread, wall time otherwise)."""
+    from slimformer.export import session
+    from slimformer.hardware_profiles.microbench import clock
+
+    now = clock(threads)
+    sessions = {n: session(p, threads) for n, p in paths.items()}
+    names = list(sessions)
+    feeds = {n: {i.name: feed[i.name] for i in s.get_inputs()} for n, s in sessions.items()}
+    for _ in range(warmup):
+        for n in names:
+            sessions[n].run(None, feeds[n])
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(runs):
+        for k in range(len(names)):
+            n = names[(r + k) % len(names)]
+            t0 = now()
+            sessions[n].run(None, feeds[n])
+            times[n].append(1e3 * (now() - t0))
+    return times
+
+
+def input_feed(adapter: ModelAdapter, batch: int, seq: int) -> dict[str, np.ndarray]:
+    """Held-out inputs of exactly batch x seq (text) or batch images, as the bench builds them."""
+    from slimformer.export.bench import fixed_length_feed, heldout_samples
+
+    samples, _ = heldout_samples(adapter, "fortunes", max(8, batch))
+    return fixed_length_feed(adapter, samples, batch, seq)
+
+
+def measure_plans(adapter: ModelAdapter, plans: Mapping[str, CompressionPlan], batch: int, seq: int, threads: int,
+                  work_dir: Path, runs: int = 15) -> dict[str, float]:
+    """Median ms of each plan's exported model at batch x seq, all timed round-robin."""
+    paths = {n: p for n, p in ((n, work_dir / f"{n}.onnx") for n in plans) if p.is_file()}
+    missing = {n: plan for n, plan in plans.items() if n not in paths}
+    if missing:
+        paths.update(export_plans(adapter, missing, work_dir))
+    times = time_round_robin({n: paths[n] for n in plans}, input_feed(adapter, batch, seq), threads, runs)
+    return {n: float(np.median(t)) for n, t in times.items()}

@@ -1,0 +1,298 @@
+"""Calibrated latency model: what onnxruntime executes for a plan, priced per kernel class from a profile.
+
+`predict(adapter, plan, batch, seq, profile)` walks the forward pass's ops (the same enumeration as the
+roofline estimate, `evaluators.latency.forward_ops`), asks the exporter's own rule
+(`export.kernels.choose_linear_kernel` / `choose_embedding_kernel`) which kernel each unit lowers to,
+and prices it with the profile's fitted model:
+
+* linear kernels: a table per kernel class (`matmul`, `dequant_gemm:8:row`, `matmulnbits:4:32`, ...),
+  piecewise in M = batch x seq tokens, each piece t = c0 + c1*K*N + c2*K + c3*N (non-negative
+  coefficients, so more K or N never predicts faster); between grid points linear in M, monotone.
+  fp16 linears are fp32 MatMuls after ORT folds their Cast at load. Low rank is two linears; pruning
+  shrinks K/N; unstructured sparsity and 2:4 change nothing (ORT's CPU kernels are dense).
+* embeddings: per table kernel, c0 + c1 * rows gathered * width.
+* attention core per block (split heads, QK^T, mask, Softmax, NaN guard, PV, merge) from its fit in
+  (batch*heads, seq, head_dim); residual add + LayerNorm (fused SkipLayerNormalization), GELU, adds by
+  elements.
+* whole-graph residual per model family (glue reshapes, per-node dispatch, cache effects), fitted on
+  full reference models at calibration: ms = scale * kernel_ms + layers * (per_layer_ms + M * ...).
+
+It also returns the FLOPs proxy (flops x one fitted constant) and the roofline bound (sum over ops of
+max(flops / peak of the op's kernel class, bytes / bandwidth): no real run can beat it).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from slimformer.compression.plan import CompressionPlan
+from slimformer.errors import ConfigError
+from slimformer.evaluators.latency import forward_ops
+from slimformer.export.kernels import KernelChoice, choose_embedding_kernel, choose_linear_kernel
+from slimformer.hardware_profiles.profile import Fit, HardwareProfile, KernelTable, LatencyModel
+from slimformer.models.base import ModelAdapter
+
+LABEL = "calibrated (onnxruntime kernel model)"
+
+
+@dataclass(frozen=True)
+class LatencyPrediction:
+    """Predicted ms of one forward pass with an interval, plus the FLOPs and roofline references.
+
+    breakdown: ms by kernel class before the whole-graph residual (their sum is `kernel_ms`).
+    """
+
+    ms: float
+    low: float
+    high: float
+    flops: float
+    roofline_ms: float
+    flops_proxy_ms: float
+    kernel_ms: float
+    breakdown: dict[str, float] = field(default_factory=dict)
+    label: str = LABEL
+
+
+def kernel_class(choice: KernelChoice) -> str:
+    """The profile key of a kernel: fp16 linears run as fp32 MatMuls (ORT folds the Cast at load)."""
+    if choice.kind in ("matmul", "fp16_matmul"):
+        return "matmul"
+    if choice.kind == "dequant_gemm":
+        return f"dequant_gemm:{choice.bits}:{'row' if choice.group is None else 'group'}"
+    if choice.kind in ("gather", "fp16_gather", "gather_dequant"):
+        return choice.kind if choice.kind != "gather_dequant" else f"gather_dequant:{choice.bits}"
+    return f"{choice.kind}:{choice.bits}:{choice.block}"
+
+
+@lru_cache(maxsize=4096)
+def _linear_class(bits: int, group: int | None, k: int, n: int) -> str:
+    return kernel_class(choose_linear_kernel(bits, group, k, n))
+
+
+@lru_cache(maxsize=256)
+def _embedding_class(bits: int, group: int | None, dim: int) -> str:
+    return kernel_class(choose_embedding_kernel(bits, group, dim))
+
+
+def _resolve(cls: str, available: dict[str, object], fallback: str) -> str:
+    """`cls` if the profile has it, else the nearest calibrated class of the same kind and bits (closest
+    block), else of the same kind, else `fallback` (the fp32 kernel); else a ConfigError."""
+    if cls in available:
+        return cls
+    kind, _, rest = cls.partition(":")
+    bits, _, block = rest.partition(":")
+    same = [c for c in available if c.startswith(f"{kind}:{bits}:")]
+    if same and block.isdigit():
+        return min(same, key=lambda c: abs(int(c.rsplit(":", 1)[1]) - int(block))
+                   if c.rsplit(":", 1)[1].isdigit() else 1 << 30)
+    same = same or [c for c in available if c.split(":")[0] == kind]
+    if same:
+        return sorted(same)[0]
+    if fallback in available:
+        return fallback
+    raise ConfigError(f"the hardware profile has no calibration for kernel {cls!r} (it has {sorted(available)}); "
+                      "re-run `slimformer calibrate` with this kernel class")
+
+
+def _fit_us(fit: Fit, x: tuple[float, ...]) -> float:
+    return sum(c * v for c, v in zip(fit.coef, x, strict=False))
+
+
+def table_us(table: KernelTable, m: int, k: int, n: int) -> float:
+    """Time (µs) of one linear at (m, k, n): the per-M fits, linear in M between grid points (never
+    decreasing with M), extrapolated along the last segment beyond the grid."""
+    ms = table.m_values
+    x = (1.0, float(k * n), float(k), float(n))
+    if len(ms) == 1:
+        return _fit_us(table.fits[0], x) * max(1.0, m / ms[0])
+    i = min(max(bisect_right(ms, m) - 1, 0), len(ms) - 2)
+    lo, hi = _fit_us(table.fits[i], x), _fit_us(table.fits[i + 1], x)
+    hi = max(hi, lo)
+    if m <= ms[0]:
+        return lo
+    return lo + (hi - lo) * (m - ms[i]) / (ms[i + 1] - ms[i])
+
+
+def attention_features(batch_heads: int, seq: int, head_dim: int) -> tuple[float, ...]:
+    """1, QK^T/PV multiply-adds, score elements (mask, softmax, NaN guard), q/k/v/context elements."""
+    bh, s, d = float(batch_heads), float(seq), float(head_dim)
+    return (1.0, bh * s * s * d, bh * s * s, bh * s * d)
+
+
+def _elementwise_class(name: str) -> str | None:
+    if name.endswith("_residual"):
+        return None  # fused with the following LayerNorm (SkipLayerNormalization)
+    if name.endswith("layernorm"):
+        return "layernorm"
+    if name.endswith("gelu"):
+        return "gelu"
+    return "add"
+
+
+def require_model(profile: HardwareProfile) -> LatencyModel:
+    """The profile's calibrated latency model, or a one-line ConfigError saying how to get one."""
+    if profile.latency_model is None or not profile.latency_model.linear:
+        raise ConfigError(f"hardware profile {profile.name!r} has no calibrated latency model; make one with "
+                          "`slimformer calibrate --runtime onnxruntime --out PROFILE.yaml` or use latency.source "
+                          "estimate")
+    return profile.latency_model
+
+
+class _Compiled:
+    """A profile's latency model in plain tuples, with memoised kernel times (shapes repeat across plans)."""
+
+    def __init__(self, profile: HardwareProfile, lm: LatencyModel) -> None:
+        self.lm = lm
+        self.lin, self.emb, self.elw = lm.linear, lm.embedding, lm.elementwise
+        self.peak = {c: v * 1e6 for c, v in profile.peak_gflops.items()}
+        self.peak_fp32 = profile.peak_gflops_fp32 * 1e6  # flops per ms
+        self.bw = profile.mem_bandwidth_gbs * 1e6  # bytes per ms
+        self.classes: dict[tuple, str] = {}
+        self.memo: dict[tuple, float] = {}
+
+    def linear_us(self, bits: int, group: int | None, m: int, k: int, n: int) -> tuple[str, float]:
+        key = (bits, group, m, k, n)
+        hit = self.memo.get(key)
+        cls = self.classes.get(key[:2] + (k, n))
+        if cls is None:
+            cls = _linear_class(bits, group, k, n)
+            cls = cls if cls in self.lin else _resolve(cls, self.lin, "matmul")
+            self.classes[key[:2] + (k, n)] = cls
+        if hit is None:
+            hit = self.memo[key] = table_us(self.lin[cls], m, k, n)
+        return cls, hit
+
+    def embedding_us(self, bits: int, group: int | None, m: int, n: int) -> tuple[str, float]:
+        key = ("emb", bits, group, m, n)
+        hit = self.memo.get(key)
+        cls = self.classes.get(key[:3] + (n,))
+        if cls is None:
+            cls = _embedding_class(bits, group, n)
+            cls = cls if cls in self.emb else _resolve(cls, self.emb, "gather")
+            self.classes[key[:3] + (n,)] = cls
+        if hit is None:
+            hit = self.memo[key] = _fit_us(self.emb[cls], (1.0, float(m * n)))
+        return cls, hit
+
+
+_COMPILED: dict[int, tuple[LatencyModel, _Compiled]] = {}
+
+
+def _compiled(profile: HardwareProfile, lm: LatencyModel) -> _Compiled:
+    entry = _COMPILED.get(id(lm))
+    if entry is None or entry[0] is not lm:
+        if len(_COMPILED) > 16:
+            _COMPILED.clear()
+        entry = _COMPILED[id(lm)] = (lm, _Compiled(profile, lm))
+    return entry[1]
+
+
+def predict(adapter: ModelAdapter, plan: CompressionPlan, batch: int, seq: int,
+            profile: HardwareProfile) -> LatencyPrediction:
+    """Predicted onnxruntime latency (ms) of the plan-compressed model's exported graph on `profile`."""
+    lm = require_model(profile)
+    c = _compiled(profile, lm)
+    elw, bw, peak_fp32 = c.elw, c.bw, c.peak_fp32
+    by: dict[str, float] = {}
+    flops = roof = 0.0
+    m_tokens = batch * seq
+    for op in forward_ops(adapter.units, adapter.layers, plan, batch, seq):
+        kind = op.kind
+        flops += op.flops
+        nbytes = op.weight_bytes + op.activation_bytes
+        if kind == "linear":
+            spec = op.spec
+            assert spec is not None
+            cls, us = c.linear_us(spec.bits, spec.group_size if spec.quantized else None, op.m, op.k, op.n)
+            roof += max(op.flops / c.peak.get(cls, peak_fp32), nbytes / bw)
+        elif kind == "embedding":
+            spec = op.spec
+            assert spec is not None
+            cls, us = c.embedding_us(spec.bits, spec.group_size if spec.quantized else None, op.m, op.n)
+            roof += nbytes / bw
+        elif kind == "attention":
+            roof += max(op.flops / peak_fp32, nbytes / bw)
+            if not op.name.endswith("attn_scores") or lm.attention is None:
+                continue
+            cls, us = "attention", _fit_us(lm.attention, attention_features(op.m, op.k, op.n))
+        else:
+            roof += nbytes / bw
+            ecls = _elementwise_class(op.name)
+            if ecls is None or ecls not in elw:
+                continue
+            cls, us = ecls, _fit_us(elw[ecls], (1.0, float(op.m)))
+        by[cls] = by.get(cls, 0.0) + us * 1e-3
+    kernel_ms = sum(by.values())
+    res = lm.residual.get(adapter.family) or (next(iter(lm.residual.values())) if lm.residual else None)
+    n_layers = len(adapter.layers)
+    if res is not None:
+        ms = res.scale * kernel_ms + n_layers * (res.per_layer_ms + res.per_layer_token_us * m_tokens * 1e-3) \
+            + res.const_ms
+        rel = res.rmse_rel
+    else:
+        ms, rel = kernel_ms + lm.call_overhead_us * 1e-3, 0.1
+    noise = profile.noise.median_rel_iqr if profile.noise is not None else 0.05
+    half = 2.0 * max((rel * rel + noise * noise) ** 0.5, 0.01)
+    return LatencyPrediction(ms=ms, low=ms * (1 - half), high=ms * (1 + half), flops=flops, roofline_ms=roof,
+                             flops_proxy_ms=flops * 1e-9 * lm.flops_ms_per_gflop, kernel_ms=kernel_ms, breakdown=by)
+
+
+def resolved_source(source: str, profile: HardwareProfile) -> str:
+    """What prices the latency objective: 'calibrated' (this model) or 'estimate' (roofline); `auto`
+    means calibrated when the profile has a calibrated model. 'measured' passes through."""
+    if source == "calibrated":
+        require_model(profile)
+        return "calibrated"
+    if source == "auto":
+        return "calibrated" if profile.calibrated else "estimate"
+    return source
+
+
+def source_label(source: str, profile: HardwareProfile) -> str:
+    """The label reports carry, e.g. 'calibrated (onnxruntime kernel model; profile X v2-...)'."""
+    from slimformer.evaluators.latency import LABEL as ESTIMATE_LABEL
+
+    kind = resolved_source(source, profile)
+    base = {"calibrated": LABEL, "estimate": ESTIMATE_LABEL}.get(kind, kind)
+    return f"{base}; profile {profile.name} {profile.version}"
+
+
+def mismatch(profile: HardwareProfile, threads: int | None = None) -> str | None:
+    """One line saying how this machine/runtime/thread count differs from the profile's, or None."""
+    import os
+
+    from slimformer.hardware_profiles.measure import cpu_info
+
+    diffs = []
+    cpu, _ = cpu_info()
+    if profile.cpu and cpu != profile.cpu:
+        diffs.append(f"CPU {cpu!r} (profile: {profile.cpu!r})")
+    if profile.runtime == "onnxruntime":
+        try:
+            import onnxruntime as ort
+
+            if ort.__version__ != profile.runtime_version:
+                diffs.append(f"onnxruntime {ort.__version__} (profile: {profile.runtime_version})")
+        except ImportError:  # pragma: no cover - onnxruntime is a dependency
+            diffs.append("onnxruntime is not installed")
+    if threads is not None and threads != profile.threads:
+        diffs.append(f"{threads} thread(s) (profile: {profile.threads})")
+    if profile.threads > (os.cpu_count() or 1):
+        diffs.append(f"{os.cpu_count()} logical CPUs < the profile's {profile.threads} threads")
+    if not diffs:
+        return None
+    return f"hardware profile {profile.name} was made elsewhere: this run has " + "; ".join(diffs) + \
+        " - latency predictions may be off; calibrate here with `slimformer calibrate`"
+
+
+def warn_if_mismatched(profile: HardwareProfile, threads: int | None = None) -> None:
+    """Emit `mismatch` as one warning line (warnings + logging) when there is one."""
+    import logging
+    import warnings
+
+    msg = mismatch(profile, threads)
+    if msg:
+        warnings.warn(msg, stacklevel=2)
+        logging.getLogger("slimformer").warning(msg)

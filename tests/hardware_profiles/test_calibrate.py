@@ -1,0 +1,89 @@
+"""Calibration on tiny shapes: the micro-benchmarks run the exporter's kernels and the fitted profile
+predicts; the CLI writes a loadable v2 profile; validation metrics behave."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from slimformer.cli import main
+from slimformer.compression.plan import CompressionPlan, UnitSpec
+from slimformer.export.kernels import KernelChoice
+from slimformer.hardware_profiles import load_profile
+from slimformer.hardware_profiles import microbench as mb
+from slimformer.hardware_profiles.calibrate import CalibrationGrid, calibrate, fit_nnls
+from slimformer.hardware_profiles.predict import predict
+from slimformer.hardware_profiles.validate import metrics, random_plan
+
+TINY = CalibrationGrid(
+    m_values=(1, 4), dims=(16, 32),
+    linear=(KernelChoice("matmul", 32), KernelChoice("matmulnbits", 4, 16, 16)),
+    embedding=(KernelChoice("gather", 32),), heads=(1, 2), seqs=(8,), head_dims=(8,), elem_rows=(1, 4),
+    elem_widths=(16,), references=(), runs=4, budget_s=0.01)
+
+
+def test_tiny_calibration_fits_every_class_and_predicts(tiny_bert) -> None:
+    prof = calibrate(1, TINY, name="tiny", progress=False)
+    lm = prof.latency_model
+    assert lm is not None and prof.calibrated and prof.runtime == "onnxruntime"
+    assert set(lm.linear) == {"matmul", "matmulnbits:4:16"}
+    assert all(len(t.fits) == 2 and all(min(f.coef) >= 0 for f in t.fits) for t in lm.linear.values())
+    assert lm.attention is not None and set(lm.elementwise) == {"add", "layernorm", "gelu"}
+    assert prof.noise is not None and prof.calibration is not None and prof.calibration.clock == "thread_cpu"
+    assert prof.peak_gflops_fp32 > 0 and prof.mem_bandwidth_gbs > 0
+    p = predict(tiny_bert, CompressionPlan(units={u.name: UnitSpec(bits=4, group_size=16) for u in tiny_bert.units}),
+                1, 4, prof)
+    assert p.ms > 0 and "matmulnbits:4:16" in p.breakdown
+
+
+def test_linear_graph_uses_the_exporters_kernel() -> None:
+    proto, feed = mb.linear_graph(KernelChoice("dequant_gemm", 8), 2, 16, 8, copies=2)
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"DequantizeLinear", "Gemm"} <= ops
+    t = mb.time_graph(proto, feed, 2, 1, runs=3)
+    assert len(t.kernel_us) == 3 and t.median_us >= 0
+
+
+def test_fit_nnls_is_non_negative_and_exact_on_linear_data() -> None:
+    x = np.array([[1.0, k] for k in (1, 2, 4, 8, 16)])
+    t = 3.0 + 0.5 * x[:, 1]
+    f = fit_nnls(x, t, ["1", "k"])
+    assert np.allclose(f.coef, [3.0, 0.5], rtol=1e-6) and f.rmse_rel < 1e-9
+    f = fit_nnls(x, 10.0 - 0.1 * x[:, 1], ["1", "k"])  # decreasing data cannot make a coefficient negative
+    assert min(f.coef) >= 0
+
+
+def test_cli_quick_with_restricted_shapes(tmp_path: Path) -> None:
+    out = tmp_path / "p.yaml"
+    r = CliRunner().invoke(main, ["calibrate", "--quick", "--threads", "1", "--m", "1", "--dims", "16",
+                                  "--references", "none", "--no-progress", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    prof = load_profile(out)
+    assert prof.calibrated and prof.calibration is not None and prof.calibration.seconds < 120
+    assert all(t.m_values == [1] for t in prof.latency_model.linear.values())  # type: ignore[union-attr]
+    r = CliRunner().invoke(main, ["profile", "show", str(out)])
+    assert r.exit_code == 0 and prof.name in r.output
+
+
+def test_cli_errors_are_one_line(tmp_path: Path) -> None:
+    r = CliRunner().invoke(main, ["profile", "validate", str(tmp_path / "none.yaml"), "--model", "x"])
+    assert r.exit_code == 2 and "error:" in r.output and "does not exist" in r.output
+    r = CliRunner().invoke(main, ["profile", "validate", "amd-epyc-avx512-2t-torch", "--model", "vit-fmnist"])
+    assert r.exit_code == 2 and "no calibrated latency model" in r.output
+
+
+def test_validation_metrics_and_random_plans(tiny_bert) -> None:
+    m = metrics(np.array([10.0, 20.0, 30.0, 40.0]), np.array([10.4, 21.5, 29.0, 48.0]))
+    assert m["within_5"] == pytest.approx(0.5) and m["within_10"] == pytest.approx(0.75)
+    assert m["mape"] == pytest.approx((0.04 + 0.075 + 1 / 30 + 0.2) / 4)
+    assert m["kendall_tau"] == pytest.approx(1.0)
+    import random
+
+    rng = random.Random(0)
+    plans = [random_plan(tiny_bert, rng)[0] for _ in range(20)]
+    assert len({repr(p) for p in plans}) == 20
+    assert any(p.layers for p in plans) and any(s.rank for p in plans for s in p.units.values())
+    assert {s.bits for p in plans for s in p.units.values()} == {32, 16, 8, 4}

@@ -1,0 +1,181 @@
+"""The calibrated latency model: v2 round trip, physics-shaped monotonicity, sparsity, errors, speed."""
+
+from __future__ import annotations
+
+import time
+from datetime import date
+from pathlib import Path
+
+import pytest
+import yaml
+
+from slimformer.compression.plan import CompressionPlan, LayerSpec, UnitSpec
+from slimformer.errors import ConfigError
+from slimformer.hardware_profiles import load_profile, save_profile
+from slimformer.hardware_profiles.predict import (
+    mismatch,
+    predict,
+    resolved_source,
+    source_label,
+    table_us,
+    warn_if_mismatched,
+)
+from slimformer.hardware_profiles.profile import (
+    Fit,
+    HardwareProfile,
+    KernelTable,
+    LatencyModel,
+    Noise,
+    Residual,
+    ValidationResult,
+)
+
+LIN = ["1", "K*N", "K", "N"]
+
+
+def _table(scale: float) -> KernelTable:
+    # per-M fits: at M=1 weight-bytes bound, at M=64 compute bound (coefficients grow with M)
+    return KernelTable(m_values=[1, 16, 64], fits=[
+        Fit(features=LIN, coef=[2.0, 1e-4 * scale, 0.001, 0.001]),
+        Fit(features=LIN, coef=[2.5, 4e-4 * scale, 0.002, 0.004]),
+        Fit(features=LIN, coef=[3.0, 1.5e-3 * scale, 0.004, 0.02]),
+    ])
+
+
+def calibrated_profile(**changes: object) -> HardwareProfile:
+    """A hand-made calibrated profile: int4 tables cheaper than int8, cheaper than fp32."""
+    lm = LatencyModel(
+        linear={"matmul": _table(1.0), "dequant_gemm:8:row": _table(0.8), "matmulnbits:8:32": _table(0.9),
+                "matmulnbits:4:32": _table(0.6), "matmulnbits:4:128": _table(0.55)},
+        embedding={"gather": Fit(features=["1", "rows*width"], coef=[1.0, 1e-4]),
+                   "gather_block_quantized:4:32": Fit(features=["1", "rows*width"], coef=[1.5, 2e-4])},
+        attention=Fit(features=["1", "BH*S*S*D", "BH*S*S", "BH*S*D"], coef=[5.0, 1e-5, 1e-3, 1e-3]),
+        elementwise={k: Fit(features=["1", "elements"], coef=[1.0, 1e-4]) for k in ("add", "layernorm", "gelu")},
+        residual={"hf": Residual(per_layer_ms=0.01, per_layer_token_us=0.5, rmse_rel=0.02)},
+        flops_ms_per_gflop=10.0)
+    fields: dict[str, object] = dict(
+        name="toy-ort", cpu="Toy CPU", cores=4, threads=1, runtime="onnxruntime", runtime_version="0.0.1",
+        peak_gflops_fp32=50.0, mem_bandwidth_gbs=10.0, per_op_overhead_us=1.0, created=date(2026, 1, 2),
+        latency_model=lm, peak_gflops={"matmul": 50.0}, noise=Noise(median_rel_iqr=0.02, p95_rel_iqr=0.1, repeats=9),
+        validation=[ValidationResult(model="m", batch=1, seq=8, configs=3, mape=0.04, within_5=0.7, within_10=1.0,
+                                     p95_error=0.08, kendall_tau=0.9, noise_floor=0.01, flops_mape=0.2,
+                                     flops_within_10=0.3, flops_kendall_tau=0.6)])
+    fields.update(changes)
+    return HardwareProfile(**fields)
+
+
+def uniform(adapter, **spec: object) -> CompressionPlan:
+    return CompressionPlan(units={u.name: UnitSpec(**spec) for u in adapter.units})  # type: ignore[arg-type]
+
+
+def test_v2_round_trip_keeps_the_model_and_fingerprint(tmp_path: Path) -> None:
+    p = calibrated_profile()
+    out = save_profile(p, tmp_path / "toy.yaml")
+    back = load_profile(out)
+    assert back == p
+    assert back.fingerprint == p.fingerprint and back.calibrated
+    assert p.version.startswith("v2-2026-01-02-")
+    raw = yaml.safe_load(out.read_text())
+    assert raw["schema_version"] == 2 and "!!python" not in out.read_text()
+    # the fingerprint follows what prices plans, not the notes or validation results
+    assert calibrated_profile(notes="x", validation=[]).fingerprint == p.fingerprint
+    assert calibrated_profile(peak_gflops_fp32=51.0).fingerprint != p.fingerprint
+
+
+def test_v1_document_loads_as_uncalibrated(tmp_path: Path) -> None:
+    raw = calibrated_profile().model_dump(mode="json", exclude_none=True)
+    for key in ("latency_model", "noise", "validation", "peak_gflops", "providers", "caches"):
+        raw.pop(key, None)
+    raw["schema_version"] = 1
+    path = tmp_path / "v1.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    p = load_profile(path)
+    assert p.schema_version == 2 and not p.calibrated
+    assert load_profile("amd-epyc-avx512-2t-torch").schema_version == 2
+
+
+def test_corrupt_latency_model_is_a_one_line_config_error(tmp_path: Path) -> None:
+    raw = calibrated_profile().model_dump(mode="json", exclude_none=True)
+    raw["latency_model"]["linear"]["matmul"]["fits"][0]["coef"] = "fast"
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"bad\.yaml is not valid: latency_model\.linear\.matmul") as info:
+        load_profile(path)
+    assert "\n" not in str(info.value)
+
+
+def test_table_is_monotonic_in_k_n_and_m() -> None:
+    t = _table(1.0)
+    for m in (1, 5, 16, 40, 64, 200):
+        prev = 0.0
+        for k, n in ((16, 16), (16, 64), (64, 64), (64, 256), (384, 1536)):
+            us = table_us(t, m, k, n)
+            assert us >= prev
+            prev = us
+    for k, n in ((16, 16), (384, 1536)):
+        times = [table_us(t, m, k, n) for m in (1, 2, 8, 16, 33, 64, 128, 512)]
+        assert times == sorted(times)
+
+
+def test_more_work_never_predicts_faster(tiny_bert) -> None:
+    prof = calibrated_profile()
+    base = predict(tiny_bert, CompressionPlan(), 1, 16, prof)
+    assert base.ms > 0 and base.low < base.ms < base.high
+    assert base.roofline_ms < base.ms and base.flops > 0
+    assert predict(tiny_bert, CompressionPlan(), 1, 32, prof).ms >= base.ms
+    assert predict(tiny_bert, CompressionPlan(), 2, 16, prof).ms >= base.ms
+    fewer_heads = CompressionPlan(layers={i.index: LayerSpec(heads_kept=1, neurons_kept=8) for i in tiny_bert.layers})
+    assert predict(tiny_bert, fewer_heads, 1, 16, prof).ms <= base.ms
+    # the toy tables say lower bits are cheaper at equal shape, so the prediction must agree
+    int8 = predict(tiny_bert, uniform(tiny_bert, bits=8, group_size=32), 1, 16, prof).ms
+    int4 = predict(tiny_bert, uniform(tiny_bert, bits=4, group_size=32), 1, 16, prof).ms
+    assert int4 <= int8 <= base.ms
+
+
+def test_unstructured_sparsity_and_sharing_are_no_faster_than_dense(tiny_bert) -> None:
+    prof = calibrated_profile()
+    for bits in (32, 8, 4):
+        dense = predict(tiny_bert, uniform(tiny_bert, bits=bits, group_size=32 if bits < 32 else None), 1, 16, prof)
+        sparse = predict(tiny_bert, uniform(tiny_bert, bits=bits, group_size=32 if bits < 32 else None,
+                                            sparsity=0.5), 1, 16, prof)
+        assert sparse.ms >= dense.ms
+        assert sparse.breakdown == dense.breakdown
+
+
+def test_kernel_classes_follow_the_exporters_choice(tiny_bert) -> None:
+    prof = calibrated_profile()
+    assert set(predict(tiny_bert, uniform(tiny_bert, bits=8), 1, 8, prof).breakdown) >= {"dequant_gemm:8:row"}
+    assert "matmulnbits:4:32" in predict(tiny_bert, uniform(tiny_bert, bits=4, group_size=32), 1, 8, prof).breakdown
+    # fp16 linears are fp32 MatMuls once ORT folds the Cast
+    assert "matmul" in predict(tiny_bert, uniform(tiny_bert, bits=16), 1, 8, prof).breakdown
+
+
+def test_uncalibrated_profile_and_sources() -> None:
+    torch_profile = load_profile("amd-epyc-avx512-2t-torch")
+    with pytest.raises(ConfigError, match="no calibrated latency model.*slimformer calibrate"):
+        resolved_source("calibrated", torch_profile)
+    assert resolved_source("auto", torch_profile) == "estimate"
+    assert resolved_source("auto", calibrated_profile()) == "calibrated"
+    assert resolved_source("estimate", calibrated_profile()) == "estimate"
+    assert source_label("auto", calibrated_profile()).startswith("calibrated")
+    assert "estimate (roofline)" in source_label("auto", torch_profile)
+
+
+def test_mismatched_profile_warns_one_line() -> None:
+    prof = calibrated_profile(cpu="Some Other CPU", threads=1)
+    msg = mismatch(prof, threads=4)
+    assert msg is not None and "\n" not in msg
+    assert "Some Other CPU" in msg and "4 thread(s)" in msg and "onnxruntime" in msg
+    with pytest.warns(UserWarning, match="made elsewhere"):
+        warn_if_mismatched(prof, threads=4)
+
+
+def test_prediction_is_well_under_a_millisecond(tiny_bert) -> None:
+    prof = calibrated_profile()
+    plans = [uniform(tiny_bert, bits=b, group_size=g) for b, g in ((32, None), (8, None), (4, 32), (4, 128))]
+    predict(tiny_bert, plans[0], 1, 16, prof)
+    t0 = time.thread_time()
+    for _ in range(50):
+        for p in plans:
+            predict(tiny_bert, p, 1, 16, prof)
+    assert (time.thread_time() - t0) / 200 < 1e-3
