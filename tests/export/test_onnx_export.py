@@ -323,3 +323,40 @@ def test_fast_kernels_build_a_shared_weight_once(bert64, text_batches, tmp_path)
     assert sum(n.op_type == "DynamicQuantizeMatMul" for n in nodes) == 12
     assert sum(n.name.endswith("/Widen") for n in nodes) == 6  # one widened int8 weight per stored matrix
     assert onnx_outputs(_plain_session(info.path), text_batches).shape == (16, 64)
+
+
+def _optimised_ops(path) -> Counter:
+    """Op counts of the graph a default CPU session actually runs (its optimised model)."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        so = ort.SessionOptions()
+        so.optimized_model_filepath = str(Path(tmp) / "opt.onnx")
+        so.log_severity_level = 3
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        return Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+
+
+def test_attention_is_not_fused_and_pruned_heads_stay_per_layer(bert64, fp32_export, texts, tmp_path):
+    """Pins what ORT 1.32 does with the traced (SDPA-pattern) attention: no Attention / MultiHeadAttention
+    fusion in a default session nor in onnxruntime.transformers.optimizer (num_heads=0), for the fp32 export
+    and a head-pruned one alike; only LayerNorm/GELU fusions apply. Attention stays MatMul + Softmax + MatMul
+    per layer, so each layer's own head count is in its own (smaller) q/k/v matrices and reshapes."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    pruned_plan = CompressionPlan(layers={1: LayerSpec(heads_kept=2)})
+    pruned = apply_plan(bert64, pruned_plan)
+    info = export_onnx(bert64, pruned, tmp_path / "pruned.onnx")
+    for path in (fp32_export.path, info.path):
+        ops_used = _optimised_ops(path)
+        assert ops_used["Attention"] == ops_used["MultiHeadAttention"] == 0
+        assert ops_used["Softmax"] == 2 and ops_used["SkipLayerNormalization"] == 2  # one per layer: unfused
+        fused = optimize_model(str(path), model_type="bert", num_heads=0, hidden_size=0, opt_level=0)
+        assert not any(n.op_type in ("Attention", "MultiHeadAttention") for n in fused.model.graph.node)
+    widths = {t.name: tuple(t.dims) for t in onnx.load(str(info.path)).graph.initializer if len(t.dims) == 2}
+    q_widths = sorted(w[1] for n, w in widths.items() if w[0] == 64 and w[1] in (32, 64))
+    assert q_widths.count(32) >= 3  # layer 1: q, k, v of 2 heads x 16
+    for n, bs in ((1, 1), (5, 5)):  # per-layer head counts right at every batch / sequence length
+        batches = bert64.make_batches(texts[30:30 + n], bs)
+        _assert_close(onnx_outputs(info.path, batches), _torch_out(bert64, pruned, batches))
