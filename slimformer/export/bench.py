@@ -221,8 +221,10 @@ def _fidelity(kind: str, teacher: np.ndarray, out: np.ndarray) -> dict[str, floa
     return {"agreement": float((o.argmax(-1) == t.argmax(-1)).to(torch.float64).mean())}
 
 
-def _time_round_robin(sessions: dict[str, Any], feed: dict[str, np.ndarray], runs: int, warmup: int
-                      ) -> dict[str, list[float]]:
+def time_round_robin(sessions: dict[str, Any], feed: dict[str, np.ndarray], runs: int, warmup: int
+                     ) -> dict[str, list[float]]:
+    """ms per run of each session: `warmup` untimed rounds, then `runs` rounds, one run of each session
+    per round with the starting session rotating (used by the bench and the measured latency objective)."""
     names = list(sessions)
     feeds = {n: {i.name: feed[i.name] for i in s.get_inputs()} for n, s in sessions.items()}
     for _ in range(warmup):
@@ -281,7 +283,7 @@ def bench_models(reference: ModelAdapter, target_onnx: Path | str, *, target_nam
             for s in seqs:
                 say(f"latency batch {b} x seq {s}")
                 feed = fixed_length_feed(reference, x, b, s)
-                timings[(b, s)] = _time_round_robin(sessions, feed, runs, warmup)
+                timings[(b, s)] = time_round_robin(sessions, feed, runs, warmup)
 
         def ratios(a: str, base: str, shape: tuple[int, int]) -> Spread:
             ta, tb = np.asarray(timings[shape][a]), np.asarray(timings[shape][base])

@@ -95,6 +95,8 @@ class LatencyConfig(_Strict):
     batch: int = Field(1, ge=1)
     seq: int = Field(128, ge=1)
     threads: int | None = Field(None, ge=1)  # deployment intra-op threads; differing from the profile's warns
+    runs: int = Field(30, ge=1)  # measured: timed runs per candidate (median taken, IQR recorded)
+    kernels: Literal["exact", "fast"] = "exact"  # measured: the ONNX kernels candidates are exported with
 
 
 class MultiFidelityConfig(_Strict):

@@ -98,6 +98,7 @@ class SearchContext:
     quality_metric: str
     device: str
     hessians: dict[str, Tensor] | None = None
+    latency_meter: Any = None  # evaluators.measured.LatencyMeter, made on first use by latency.source: measured
 
     def memory(self, plan: CompressionPlan) -> int:
         return plan_memory(self.adapter, plan).total_bytes

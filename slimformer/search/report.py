@@ -116,6 +116,7 @@ def write_report(path: Path, ctx: SearchContext, entries: list[dict[str, Any]], 
     elif best:
         verdict = (f"best recipe trial {best['trial']}: held-out {m} {best[f'heldout_{m}']:.4f}; "
                    "no uniform baseline fits the budget")
+    lat_kind = str(summary.get("latency_source", "estimate"))
     front_rows = [[e["trial"], e["memory_percent"], e["memory_bytes"], e["latency_ms_estimate"],
                    e["search_metrics"].get(m), e["heldout_metrics"].get(m),
                    *[e["heldout_metrics"].get(k) for k in ctx.heldout_eval.metric_names if k != m],
@@ -134,18 +135,20 @@ td,th{{border:1px solid #ccc;padding:3px 7px;font-size:13px}}th{{background:#f3f
 <p>model <b>{html.escape(ctx.config.model)}</b>; budget {summary['budget_percent']:.2f}% of fp32
 ({ctx.budget_bytes / 1e6:.2f} MB of {ctx.fp32_bytes / 1e6:.2f} MB); quality metric <b>{m}</b>;
 hardware profile {html.escape(ctx.profile.name)}.
-Latency values are priced by <b>{html.escape(str(summary.get('latency_label', 'estimate (roofline)')))}</b>,
-not measured.</p>
+Latency values are priced by <b>{html.escape(str(summary.get('latency_label', 'estimate (roofline)')))}</b>{
+"" if lat_kind == "measured" else ", not measured"}{
+" (plans over the budget are never exported: their latency is the roofline estimate)" if lat_kind == "measured"
+else ""}.</p>
 <p><b>{html.escape(verdict)}</b></p>
 <p>trials: {html.escape(str(summary['trial_states']))}; {summary['infeasible_trials']} over budget (not evaluated);
 mean trial {_fmt(summary['mean_trial_s'])} s, of which outside forward passes
 {_fmt(summary['mean_outside_forward_s'])} s.</p>
 <img src="data:image/png;base64,{img}" alt="Pareto front">
 <h2>Pareto front (feasible trials)</h2>
-{_table(["trial", "memory %", "bytes", "latency ms (estimate)", f"search {m}", f"held-out {m}",
+{_table(["trial", "memory %", "bytes", f"latency ms ({lat_kind})", f"search {m}", f"held-out {m}",
          *[f"held-out {k}" for k in others], "recipe"], front_rows)}
 <h2>Uniform baselines</h2>
-{_table(["baseline", "memory %", "fits budget", "latency ms (estimate)", f"search {m}", f"held-out {m}",
+{_table(["baseline", "memory %", "fits budget", f"latency ms ({lat_kind})", f"search {m}", f"held-out {m}",
          *[f"held-out {k}" for k in others]], base_rows)}
 <h2>Per-layer choices of the best plans</h2>
 {layers_html}
