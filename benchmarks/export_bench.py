@@ -1,20 +1,22 @@
 """Benchmark: Quickstart Pareto recipes exported to ONNX against fp32 and onnxruntime dynamic int8.
 
-    python benchmarks/export_bench.py [--budgets 15,25] [--trials-25 32] [--threads 2] [--runs 30]
+    python benchmarks/export_bench.py [--budgets 15,25] [--kernels exact,fast] [--trials-25 32] [--threads 2]
+                                      [--runs 30] [--batches 1,32]
 
 For each budget B (percent of fp32 weight bytes) it takes the search run for that budget (the embedded
 Quickstart, 15%, in runs/bench-export; the Quickstart with `budget: {memory: B%}` and fewer trials in
 runs/bench-export-B), running the search first unless the run's pareto.json exists. From pareto.json it
 picks the Pareto recipe with the highest held-out cosine within B% of fp32 bytes, applies it to
-all-MiniLM-L6-v2 with `--onnx` (runs/bench-export-apply-B) and benches it (`slimformer bench`: fp32,
-dynamic int8 per tensor / per channel, target; --threads, batch 1 and 32, seq 64 and 128, --runs
-round-robin runs). Writes benchmarks/results/export_bench.json and benchmarks/results/export_bench.md.
+all-MiniLM-L6-v2 with `--onnx` once per kernel mode (runs/bench-export-apply-B, -B-fast) and benches each
+export (`slimformer bench`: fp32, dynamic int8 per tensor / per channel, target; --threads, --batches,
+seq 64 and 128, --runs round-robin runs). Writes benchmarks/results/export_bench.json and .md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -73,12 +75,14 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     shapes = [(b, s) for b in meta["batches"] for s in meta["seqs"]]
     for r in results:
         p = r["picked"]
-        lines += [f"**Budget {r['budget']}%** — Pareto trial {p['trial']} of `{r['run_dir']}` "
+        kern = r.get("kernels", "exact")
+        lines += [f"**Budget {r['budget']}%, {kern} kernels** — Pareto trial {p['trial']} of `{r['run_dir']}` "
                   f"({p['memory_percent']:.2f}% of fp32 by plan_memory, held-out cosine {p['heldout_cosine']:.4f} "
-                  f"in the search; ONNX vs torch cosine {r['apply']['onnx_cosine']:.6f}).", ""]
-        head = "| model | file MB | resident MB | % fp32 | cosine |" + "".join(
+                  f"in the search; ONNX vs torch cosine {r['apply']['onnx_cosine']:.6f}; load average "
+                  f"{r.get('loadavg', 'n/a')}).", ""]
+        head = "| model | file MB | file % fp32 | resident MB | resident % fp32 | cosine |" + "".join(
             f" {b}×{s} ms (×fp32) |" for b, s in shapes)
-        lines += [head, "|" + "---|" * (5 + len(shapes))]
+        lines += [head, "|" + "---|" * (6 + len(shapes))]
         models = r["bench"]["models"]
         fp32 = next(m for m in models if m["name"] == "fp32")
         for m in models:
@@ -87,7 +91,9 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                 x = next(x for x in m["latency"] if x["batch"] == b and x["seq"] == s)
                 cells.append(f" {x['ms']['median']:.1f} (×{x['ratio_to_fp32']['median']:.2f}) |")
             pct = 100 * m["resident_bytes"] / fp32["resident_bytes"]
-            lines.append(f"| {NAMES.get(m['name'], m['name'])} | {m['file_bytes'] / 1e6:.2f} | "
+            fpct = 100 * m["file_bytes"] / fp32["file_bytes"]
+            name = NAMES.get(m["name"], m["name"]) + (f" ({kern} kernels)" if m["name"] == "target" else "")
+            lines.append(f"| {name} | {m['file_bytes'] / 1e6:.2f} | {fpct:.1f} | "
                          f"{m['resident_bytes'] / 1e6:.2f} | {pct:.1f} | "
                          f"{m['fidelity']['cosine']:.4f} |" + "".join(cells))
         ratios = {(x["baseline"], x["batch"], x["seq"]): x["ratio"] for x in r["bench"]["target_ratios"]}
@@ -109,7 +115,10 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=30)
     ap.add_argument("--samples", type=int, default=256)
+    ap.add_argument("--kernels", default="exact,fast", help="comma-separated ONNX kernel modes to export and bench")
+    ap.add_argument("--batches", default="1,32", help="comma-separated batch sizes")
     args = ap.parse_args()
+    batches = tuple(int(b) for b in args.batches.split(","))
 
     from slimformer.api import apply_recipe, bench
 
@@ -120,7 +129,7 @@ def main() -> int:
     out_md = out_json.with_suffix(".md")
     out_json.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(out_json.read_text()) if out_json.exists() else {}
-    results = {r["budget"]: r for r in previous.get("results", [])}
+    results = {(r["budget"], r.get("kernels", "exact")): r for r in previous.get("results", [])}
     meta: dict[str, Any] = {}
     t0 = time.perf_counter()
     for budget in (int(b) for b in args.budgets.split(",")):
@@ -128,25 +137,30 @@ def main() -> int:
         picked = pick(rd, budget)
         log(f"budget {budget}%: trial {picked['trial']} ({picked['memory_percent']:.2f}% of fp32, "
             f"held-out cosine {picked['heldout_cosine']:.4f})")
-        out_dir = ROOT / "runs" / f"bench-export-apply-{budget}"
-        applied = apply_recipe(picked["recipe"], MODEL, out_dir=out_dir, samples=args.samples, onnx=True)
-        assert applied.onnx is not None
-        log(f"applied: fidelity {applied.fidelity}; {applied.onnx.path} {applied.onnx.file_bytes:,d} bytes, "
-            f"ONNX vs torch cosine {applied.onnx.cosine:.6f}")
-        res = bench(applied.onnx.path, MODEL, samples=args.samples, threads=args.threads, seqs=(64, 128),
-                    batches=(1, 32), runs=args.runs, log=log)
-        print(res.format(), flush=True)
-        d = res.to_dict()
-        meta = {k: d[k] for k in ("threads", "runs", "samples", "batches", "seqs", "cpu", "onnxruntime", "date")}
-        results[budget] = {"budget": budget, "run_dir": str(rd.relative_to(ROOT)), "picked": picked,
-                           "apply": {"out_dir": str(out_dir.relative_to(ROOT)), "fidelity": applied.fidelity,
-                                     "onnx_file_bytes": applied.onnx.file_bytes,
-                                     "onnx_resident_bytes": applied.onnx.resident_bytes,
-                                     "onnx_cosine": applied.onnx.cosine,
-                                     "onnx_max_abs_diff": applied.onnx.max_abs_diff},
-                           "bench": d}
-        ordered = [results[b] for b in sorted(results)]
-        out_json.write_text(json.dumps({"command": "python benchmarks/export_bench.py --budgets " + args.budgets,
+        for kern in args.kernels.split(","):
+            out_dir = ROOT / "runs" / f"bench-export-apply-{budget}{'' if kern == 'exact' else '-' + kern}"
+            applied = apply_recipe(picked["recipe"], MODEL, out_dir=out_dir, samples=args.samples, onnx=True,
+                                   kernels=kern)
+            assert applied.onnx is not None
+            log(f"applied ({kern} kernels): fidelity {applied.fidelity}; {applied.onnx.path} "
+                f"{applied.onnx.file_bytes:,d} bytes, ONNX vs torch cosine {applied.onnx.cosine:.6f}")
+            load_before = os.getloadavg()[0]
+            res = bench(applied.onnx.path, MODEL, samples=args.samples, threads=args.threads, seqs=(64, 128),
+                        batches=batches, runs=args.runs, log=log)
+            print(res.format(), flush=True)
+            d = res.to_dict()
+            meta = {k: d[k] for k in ("threads", "runs", "samples", "batches", "seqs", "cpu", "onnxruntime", "date")}
+            results[(budget, kern)] = {
+                "budget": budget, "kernels": kern, "run_dir": str(rd.relative_to(ROOT)), "picked": picked,
+                "loadavg": f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after",
+                "apply": {"out_dir": str(out_dir.relative_to(ROOT)), "fidelity": applied.fidelity,
+                          "onnx_file_bytes": applied.onnx.file_bytes,
+                          "onnx_resident_bytes": applied.onnx.resident_bytes,
+                          "onnx_cosine": applied.onnx.cosine, "onnx_max_abs_diff": applied.onnx.max_abs_diff},
+                "bench": d}
+        ordered = [results[k] for k in sorted(results)]
+        out_json.write_text(json.dumps({"command": f"python benchmarks/export_bench.py --budgets {args.budgets} "
+                                                   f"--kernels {args.kernels} --batches {args.batches}",
                                         "model": MODEL, **meta, "results": ordered}, indent=2) + "\n")
         out_md.write_text(markdown(ordered, meta) + "\n")
         log(f"wrote {out_json} and {out_md} ({time.perf_counter() - t0:.0f} s so far)")
