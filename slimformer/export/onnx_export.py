@@ -34,6 +34,10 @@ runs interleaved across variants on a loaded machine, so +-10%):
   activations (cosine 0.9996-0.9987, max abs error 2e-2 to 4e-2 on MiniLM embeddings), so they are
   not used. `DequantizeLinear -> MatMul` is rewritten by ORT into exactly that inexact kernel at load,
   which rules out the plain QDQ form for weights feeding a MatMul.
+`kernels='fast'` trades exactness for ORT's int8 GEMM (kernels.dynamic_int8): MiniLM, 2 threads, batch 1,
+round-robin vs ORT per-channel dynamic int8 on the Quickstart 15% recipe: exact x1.6-2.7, MatMulNBits
+accuracy_level=4 x1.4-1.8 (cosine 0.9805), DynamicQuantizeMatMul x0.87-0.96 (cosine 0.9730 unsmoothed,
+0.9778 with SmoothQuant alpha 0.7-0.85; exact 0.9809). Details in docs/ARCHITECTURE.md.
 
 `resident_weight_bytes` sums the initializers of the graph ORT actually runs (its optimised graph,
 after constant folding and fusions), i.e. what a session keeps: fp16 linear weights count as fp32
