@@ -53,12 +53,13 @@ def _listening(port: int) -> bool:
 
 @pytest.fixture
 def ray_head(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """A Ray head on 127.0.0.1 with 2 CPUs in its own session directory and its own auth token (given to this
-    process too, as a user joining it would); stopped (its process group) after."""
+    """A Ray head on 127.0.0.1 with 2 CPUs in its own session directory; stopped (its process group) after.
+    Token authentication on, with Ray's default token file (~/.ray/auth_token, created by whichever side needs it
+    first), because Ray caches the token per process: a local ray.init earlier in this process loaded that file."""
     port = _free_port()
     temp = tempfile.mkdtemp(prefix="rayt-", dir="/tmp")  # short: Ray's socket paths have a length limit
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    monkeypatch.setenv("RAY_AUTH_TOKEN", uuid.uuid4().hex)
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
     monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0",
