@@ -9,7 +9,8 @@ runs/bench-export-B), running the search first unless the run's pareto.json exis
 picks the Pareto recipe with the highest held-out cosine within B% of fp32 bytes, applies it to
 all-MiniLM-L6-v2 with `--onnx` once per kernel mode (runs/bench-export-apply-B, -B-fast) and benches each
 export (`slimformer bench`: fp32, dynamic int8 per tensor / per channel, target; --threads, --batches,
-seq 64 and 128, --runs round-robin runs). Writes benchmarks/results/export_bench.json and .md.
+seq 64 and 128, --runs round-robin runs). Writes benchmarks/results/export_bench.json and .md, and the
+table between the `export` markers of docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -108,6 +109,17 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def update_doc(table: str, doc: Path = ROOT / "docs" / "BENCHMARKS.md") -> bool:
+    """Replace the text between `<!-- export:begin -->` and `<!-- export:end -->` in docs/BENCHMARKS.md."""
+    begin, end = "<!-- export:begin -->", "<!-- export:end -->"
+    text = doc.read_text()
+    if begin not in text or end not in text:
+        return False
+    head, rest = text.split(begin, 1)
+    doc.write_text(head + begin + "\n" + table.rstrip() + "\n" + end + rest.split(end, 1)[1])
+    return True
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budgets", default="15,25", help="comma-separated percents of fp32 bytes")
@@ -163,6 +175,7 @@ def main() -> int:
                                                    f"--kernels {args.kernels} --batches {args.batches}",
                                         "model": MODEL, **meta, "results": ordered}, indent=2) + "\n")
         out_md.write_text(markdown(ordered, meta) + "\n")
+        update_doc(markdown(ordered, meta))
         log(f"wrote {out_json} and {out_md} ({time.perf_counter() - t0:.0f} s so far)")
     return 0
 
