@@ -93,6 +93,7 @@ class ApplyResult:
     fidelity: dict[str, float]
     n_samples: int
     onnx: OnnxExportResult | None = None
+    recovery: Any = None  # slimformer.recovery.RecoveryResult when applied with recovery (fidelity is after it)
 
 
 def _fidelity_batches(adapter: ModelAdapter, data: str, samples: int) -> list[Any]:
@@ -119,15 +120,25 @@ def _calibration_batches(adapter: ModelAdapter, data: str, n: int) -> list[Any]:
     return adapter.make_batches(sorted(texts, key=len), 32)
 
 
+def _heldout_texts(data: str, samples: int) -> list[str]:
+    """The texts `_fidelity_batches` measures on (what recovery must never train on)."""
+    from slimformer import data as data_mod
+
+    return data_mod.text_splits(0, samples)[1] if data == "fortunes" else data_mod.load_texts(data, limit=samples)
+
+
 def apply_recipe(recipe: str | Path | Recipe, model: str, out_dir: str | Path | None = None,
                  data: str = "fortunes", samples: int = 256, calibration: int = 64,
-                 onnx: bool = False, kernels: str = "exact") -> ApplyResult:
+                 onnx: bool = False, kernels: str = "exact", recover: Any = None, progress: bool = False,
+                 log: Any = None) -> ApplyResult:
     """Compress `model` as the recipe says, measure memory and fidelity, optionally save to `out_dir`.
 
     Fidelity is measured against the uncompressed model on held-out data (never the search set for
     the packaged corpus). The recipe's provenance is kept; applying twice gives identical weights.
     `onnx=True` (needs `out_dir`) also writes `out_dir/model.onnx` and checks it against the torch model;
     `kernels` ('exact' | 'fast') picks the ONNX kernels (slimformer.export.kernels).
+    `recover` (a slimformer.recovery.RecoveryConfig) distils the compressed model from the uncompressed one on
+    data disjoint from the held-out set before measuring/saving; the saved recipe records it.
     """
     from slimformer.evaluators.quality import FidelityEvaluator
 
@@ -154,6 +165,17 @@ def apply_recipe(recipe: str | Path | Recipe, model: str, out_dir: str | Path | 
     compressed = apply_plan(adapter, plan, act_scales=act, hessians=hessians)
     evaluator = FidelityEvaluator(adapter, _fidelity_batches(adapter, data, samples))
     result = evaluator.evaluate(compressed)
+    recovered = None
+    if recover is not None:
+        from slimformer.recovery import recover as run_recovery
+        from slimformer.recovery.data import training_batches
+
+        held = [] if adapter.family == "timm" else _heldout_texts(data, samples)
+        train = training_batches(adapter, recover.data, recover.batch_size, held, recover.samples, recover.seed)
+        recovered = run_recovery(adapter, compressed, train, recover, progress=progress, log=log,
+                                 evaluator=evaluator)
+        result = evaluator.evaluate(compressed)
+        rec = rec.model_copy(update={"recovery": recovered.record()})
     mem = plan_memory(adapter, plan)
     saved = None
     exported = None
@@ -163,7 +185,7 @@ def apply_recipe(recipe: str | Path | Recipe, model: str, out_dir: str | Path | 
             cal_batches = _calibration_batches(adapter, data, calibration) if kernels == "fast" else None
             exported = _export_checked(adapter, compressed, saved / "model.onnx", evaluator.batches, kernels,
                                        cal_batches)
-    return ApplyResult(saved, mem, result.metrics, result.n_samples, exported)
+    return ApplyResult(saved, mem, result.metrics, result.n_samples, exported, recovered)
 
 
 def _export_checked(adapter: ModelAdapter, model: Any, path: Path, batches: list[Any], kernels: str = "exact",

@@ -105,14 +105,36 @@ _KERNELS_OPTION = click.option(
 @click.option("--samples", default=256, show_default=True, type=click.IntRange(min=2))
 @click.option("--onnx", "to_onnx", is_flag=True, help="Also write OUT/model.onnx (needs --out).")
 @_KERNELS_OPTION
+@click.option("--recover", "do_recover", is_flag=True,
+              help="Distil the compressed model from the uncompressed one before measuring and saving.")
+@click.option("--steps", type=click.IntRange(min=1), help="Recovery optimizer steps (default 300).")
+@click.option("--minutes", type=click.FloatRange(min=0, min_open=True), help="Recovery wall-time budget instead.")
+@click.option("--recover-data", help="Recovery training data (default fortunes, or fashion-mnist for a ViT); "
+              "held-out texts are excluded.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Recovery learning rate (default 1e-4).")
 @_errors
-def apply(recipe: Path, model: str, out: Path | None, data: str, samples: int, to_onnx: bool, kernels: str) -> None:
-    """Apply RECIPE to a model, print memory and fidelity, and optionally save it."""
+def apply(recipe: Path, model: str, out: Path | None, data: str, samples: int, to_onnx: bool, kernels: str,
+          do_recover: bool, steps: int | None, minutes: float | None, recover_data: str | None,
+          lr: float | None) -> None:
+    """Apply RECIPE to a model, print memory and fidelity, and optionally save it (--recover: distil first)."""
     from slimformer.api import apply_recipe
 
-    res = apply_recipe(recipe, model, out_dir=out, data=data, samples=samples, onnx=to_onnx, kernels=kernels)
+    recover = None
+    if do_recover:
+        from slimformer.recovery import RecoveryConfig
+
+        recover = RecoveryConfig.make("--recover", steps=steps, minutes=minutes, data=recover_data, lr=lr)
+    elif any(v is not None for v in (steps, minutes, recover_data, lr)):
+        raise click.UsageError("--steps, --minutes, --recover-data and --lr set recovery; add --recover")
+    res = apply_recipe(recipe, model, out_dir=out, data=data, samples=samples, onnx=to_onnx, kernels=kernels,
+                       recover=recover, progress=True, log=_log)
     mem = res.memory
     click.echo(f"memory: {mem.total_bytes:,d} bytes = {mem.percent:.2f}% of fp32 ({mem.fp32_bytes:,d})")
+    if res.recovery is not None:
+        r = res.recovery
+        before = ", ".join(f"{k} {v:.4f}" for k, v in r.before.items())
+        click.echo(f"recovery: {r.steps} steps in {r.seconds:.0f} s on {r.device}, {r.train_samples} training "
+                   f"samples; held-out before recovery: {before}")
     scores = ", ".join(f"{k} {v:.4f}" for k, v in res.fidelity.items())
     click.echo(f"fidelity on {res.n_samples} held-out samples: {scores}")
     if res.out_dir:

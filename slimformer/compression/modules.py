@@ -64,6 +64,7 @@ class _Stored:
         self.register_buffer("codes", None)  # type: ignore[attr-defined]
         self.register_buffer("scales", None)  # type: ignore[attr-defined]
         self.register_buffer("mask", None)  # type: ignore[attr-defined]
+        self.prune_mask: Tensor | None = None
 
     def set_weight(self, w: Tensor, mask: Tensor | None, fmt: WeightFormat, quant: ops.QuantResult | None = None
                    ) -> None:
@@ -71,6 +72,8 @@ class _Stored:
         `quant` supplies codes and scales computed elsewhere (e.g. GPTQ)."""
         self.fmt = fmt
         self.mask = None if fmt.sparse == "dense" or mask is None else mask.clone()
+        # the pruning mask even when sparsity is stored dense (below break-even): recovery keeps these zeros
+        self.prune_mask = None if mask is None else mask.clone()
         w = w if mask is None else w * mask
         if fmt.bits in (8, 4):
             q = quant if quant is not None else ops.quantize(w, fmt.bits, fmt.group_size, mask=mask)
@@ -142,6 +145,7 @@ class _Stored:
                 flat[mask.reshape(-1)] = vals
             eff = flat.reshape(shape)
         self.mask = mask
+        self.prune_mask = mask  # a sparsity stored dense is not in the file; its zeros are plain values here
         with torch.no_grad():
             self.weight = nn.Parameter(eff.contiguous(), requires_grad=False)
 

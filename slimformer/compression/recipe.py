@@ -17,6 +17,7 @@ from slimformer.compression.plan import CompressionPlan, LayerSpec, SharingSpec,
 from slimformer.errors import PlanError, RecipeError
 from slimformer.fileio import atomic_write, first_validation_error, yaml_mapping
 from slimformer.models.base import ModelAdapter
+from slimformer.recovery.config import RecoveryRecord
 
 RECIPE_VERSION = 1
 
@@ -88,6 +89,7 @@ class Recipe(_Strict):
     layers: list[LayerRule] = []
     sharing: SharingModel | None = None
     provenance: dict[str, Any] = {}
+    recovery: RecoveryRecord | None = None  # distillation the saved weights went through (slimformer.recovery)
 
     @field_validator("slimformer_recipe")
     @classmethod
@@ -150,7 +152,10 @@ class Recipe(_Strict):
 
     # -- YAML ----------------------------------------------------------------------------------------
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=False), sort_keys=False, width=120)
+        data = self.model_dump(mode="json", exclude_none=False)
+        if data.get("recovery") is None:
+            data.pop("recovery", None)  # recipes without recovery read exactly as before
+        return yaml.safe_dump(data, sort_keys=False, width=120)
 
     @classmethod
     def from_yaml(cls, text: str, source: str = "recipe") -> Recipe:

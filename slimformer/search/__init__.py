@@ -89,7 +89,8 @@ def run_search(config: SearchConfig, *, trials: int | None = None, timeout: floa
             study = run_trials(ctx, study_storage, config.study_name, config.trials, config.timeout,
                                progress=progress, single_driver=exclusive, log=say,
                                sensitivity_path=out / "sensitivity.json", label=shown)
-        summary = write_outputs(ctx, out, study, baselines, config.study_name, shown, time.perf_counter() - start)
+        summary = write_outputs(ctx, out, study, baselines, config.study_name, shown, time.perf_counter() - start,
+                                log=say)
     finally:
         close_storage(study_storage)
         unlock_run_dir(lock)

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from slimformer.errors import ConfigError
 from slimformer.fileio import first_validation_error, yaml_mapping
+from slimformer.recovery.config import RecoverStageConfig
 from slimformer.spaces.config import SpaceConfig
 
 OBJECTIVES = ("quality", "latency", "memory")
@@ -136,6 +137,7 @@ class SearchConfig(_Strict):
     start_points: Literal["sensitivity", "random", "none"] = "sensitivity"  # first generation (search/start.py)
     threads: int | None = Field(None, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    recover: RecoverStageConfig | None = None  # distil the top-k Pareto plans after the trials (recover_stage.py)
 
     @field_validator("objectives")
     @classmethod

@@ -120,12 +120,15 @@ def heldout_for_pareto(ctx: SearchContext, run_dir: Path, front: list[optuna.tri
 
 
 def write_outputs(ctx: SearchContext, run_dir: Path, study: optuna.Study, baselines: list[BaselineResult],
-                  study_name: str, storage: str, elapsed_s: float) -> dict[str, Any]:
-    """Pareto front, recipes, summary and report, from the study as it stands."""
+                  study_name: str, storage: str, elapsed_s: float, log: Any = None) -> dict[str, Any]:
+    """Pareto front, recipes, summary and report, from the study as it stands (recovering the top-k plans
+    first when the config has `recover`)."""
+    from slimformer.search.recover_stage import recover_front, recovery_summary
     from slimformer.search.report import write_pareto_png, write_report
 
     front = pareto_trials(study, ctx)
     heldout = heldout_for_pareto(ctx, run_dir, front)
+    recovered = recover_front(ctx, run_dir, front, log)
     m = ctx.quality_metric
     entries = []
     recipes_dir = run_dir / "recipes"
@@ -148,6 +151,8 @@ def write_outputs(ctx: SearchContext, run_dir: Path, study: optuna.Study, baseli
             "plan": plan_summary(plan),
             "recipe": f"recipes/trial-{t.number}.yaml",
         }
+        if t.number in recovered:  # held-out metrics before/after distillation
+            entry["recovery"] = recovered[t.number].model_dump(mode="json")
         entries.append(entry)
         recipe = Recipe.from_plan(plan, ctx.adapter, hardware_profile=ctx.profile.name,
                                   hardware_profile_version=ctx.profile.version, provenance={
@@ -157,12 +162,13 @@ def write_outputs(ctx: SearchContext, run_dir: Path, study: optuna.Study, baseli
                         **{f"search_{k}": v for k, v in entry["search_metrics"].items()},
                         **{f"heldout_{k}": v for k, v in entry["heldout_metrics"].items()}},
             "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        })
+        }).model_copy(update={"recovery": recovered.get(t.number)})
         recipe.save(recipes_dir / f"trial-{t.number}.yaml")
     write_json(run_dir / "pareto.json", {"objectives": ctx.config.objectives, "quality_metric": m,
                                           "budget_bytes": ctx.budget_bytes, "fp32_bytes": ctx.fp32_bytes,
                                           "trials": entries})
     summary = summarize(ctx, study, entries, baselines, elapsed_s)
+    summary["recovery"] = recovery_summary(recovered, m)
     write_json(run_dir / "summary.json", summary)
     write_pareto_png(run_dir / "pareto.png", ctx, study, entries, baselines)
     write_report(run_dir / "report.html", ctx, entries, baselines, summary)

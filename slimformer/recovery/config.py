@@ -1,0 +1,100 @@
+"""Recovery settings (what `apply --recover` and the search's `recover:` key accept) and the typed record
+of a finished recovery that recipes carry. Pure schema: no torch here."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from slimformer.errors import ConfigError
+from slimformer.fileio import first_validation_error
+
+LossName = Literal["cosine", "mse", "kl", "hidden", "relations"]
+LOSS_NAMES: tuple[str, ...] = ("cosine", "mse", "kl", "hidden", "relations")
+DEFAULT_LOSSES: dict[str, dict[str, float]] = {
+    # encoders: the pooled embedding itself (cosine), every block's output, MiniLM-v2 Q/K/V relations (last block)
+    "encoder": {"cosine": 1.0, "hidden": 1.0, "relations": 1.0},
+    # classifiers (ViT): softened logits, every block's output
+    "classifier": {"kl": 1.0, "hidden": 1.0},
+}
+DEFAULT_STEPS = 300
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RecoveryConfig(_Strict):
+    """Knowledge-distillation recovery of a compressed model against its uncompressed teacher.
+
+    Budget: `steps` optimizer steps or `minutes` of wall time (not both; neither means 300 steps). Only a
+    `steps` budget is reproducible to the bit under a `seed` (a clock budget stops wherever the clock says).
+    `losses` maps loss names to weights; None picks the defaults for the model kind (DEFAULT_LOSSES).
+    """
+
+    steps: int | None = Field(None, ge=1)
+    minutes: float | None = Field(None, gt=0)
+    lr: float = Field(1e-4, gt=0, le=1.0)
+    scale_lr: float = Field(1e-3, ge=0, le=1.0)  # quantisation scales (log-space); 0 keeps them fixed
+    batch_size: int = Field(16, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    warmup: float = Field(0.05, ge=0, lt=1)  # share of the budget with a linear learning-rate warm-up
+    losses: dict[LossName, float] | None = None
+    temperature: float = Field(2.0, gt=0)
+    seed: int = 0
+    data: str = "auto"  # auto (fortunes / fashion-mnist), texts (.txt, .jsonl, hf:...); held-out data excluded
+    samples: int | None = Field(None, ge=1)  # at most this many training samples (None: all that are not held out)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _check(self) -> RecoveryConfig:
+        if self.steps is not None and self.minutes is not None:
+            raise ValueError("give steps or minutes, not both")
+        if self.losses is not None:
+            if not self.losses or any(w < 0 for w in self.losses.values()) or not any(self.losses.values()):
+                raise ValueError("losses needs at least one positive weight and no negative ones, "
+                                 "e.g. {cosine: 1.0, hidden: 1.0}")
+        return self
+
+    @classmethod
+    def make(cls, source: str = "recovery", **values: Any) -> RecoveryConfig:
+        """Validate keyword settings; bad values raise ConfigError with one line naming the field."""
+        try:
+            return cls.model_validate({k: v for k, v in values.items() if v is not None})
+        except ValidationError as exc:
+            raise ConfigError(f"{source}: {first_validation_error(exc)}") from None
+
+    def loss_weights(self, kind: str) -> dict[str, float]:
+        """The losses to use for a model kind ('encoder' or 'classifier'), zero weights dropped."""
+        chosen = dict(self.losses) if self.losses is not None else DEFAULT_LOSSES[kind]
+        if kind == "encoder" and "kl" in chosen and chosen["kl"] > 0:
+            raise ConfigError("recovery losses: kl needs logits; an encoder outputs embeddings (use cosine or mse)")
+        return {k: float(v) for k, v in chosen.items() if v > 0}
+
+    @property
+    def step_budget(self) -> int | None:
+        """Optimizer steps to run (None when the budget is wall time)."""
+        if self.minutes is not None:
+            return None
+        return self.steps if self.steps is not None else DEFAULT_STEPS
+
+
+class RecoverStageConfig(RecoveryConfig):
+    """The search's optional `recover:` key: recover the `top_k` Pareto plans (by search-set quality) after
+    the trials and re-score them on the held-out data."""
+
+    top_k: int = Field(5, ge=1)
+
+
+class RecoveryRecord(_Strict):
+    """What a recipe records about the recovery its model went through: settings and fidelity before/after
+    (held-out data). Re-applying the recipe with `--recover` and the same settings reproduces it."""
+
+    settings: dict[str, Any]
+    steps: int
+    seconds: float
+    train_samples: int
+    eval_samples: int
+    before: dict[str, float]
+    after: dict[str, float]

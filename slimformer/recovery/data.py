@@ -1,0 +1,73 @@
+"""Training data for recovery, always disjoint from the held-out data fidelity is measured on.
+
+Texts: every text of the source that is not a held-out text (fortunes: the 1,200 packaged texts less the
+held-out split). `fortunes-full`: every cleaned fortune of Debian's installed fortune files (about ten
+times more text) less the held-out texts. Images (`fashion-mnist`): the training images (Debian's full
+60,000 when installed, else the packaged 2,000), never the test images fidelity uses.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+from pathlib import Path
+
+from slimformer import data as data_mod
+from slimformer.errors import ConfigError
+from slimformer.models.base import Batch, ModelAdapter
+
+FORTUNES_DIR = Path("/usr/share/games/fortunes")
+IMAGE_SOURCES = ("fashion-mnist", "fashion_mnist")
+
+
+def full_fortunes(root: Path = FORTUNES_DIR) -> list[str]:
+    """Every cleaned, de-duplicated fortune in Debian's fortune files (same cleaning as the packaged sample)."""
+    import importlib.util
+    import sys
+
+    maker = Path(__file__).resolve().parents[2] / "benchmarks" / "make_data_samples.py"
+    if not root.is_dir() or not maker.is_file():
+        raise ConfigError(f"recovery data fortunes-full needs Debian's fortunes in {root} (and a source checkout); "
+                          "use fortunes or a text file")
+    spec = importlib.util.spec_from_file_location("_make_data_samples", maker)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("_make_data_samples", mod)
+    spec.loader.exec_module(mod)
+    by_cat = mod.collect_fortunes(root)
+    return [t for name in sorted(by_cat) for t in by_cat[name]]
+
+
+def training_texts(source: str, exclude: Iterable[str], limit: int | None = None, seed: int = 0) -> list[str]:
+    """Texts of `source` that are not in `exclude` (compared case-folded), shuffled under `seed`."""
+    held = {t.casefold() for t in exclude}
+    texts = full_fortunes() if source == "fortunes-full" else data_mod.load_texts(source)
+    texts = [t for t in dict.fromkeys(texts) if t.casefold() not in held]
+    random.Random(seed).shuffle(texts)
+    if limit is not None:
+        texts = texts[:limit]
+    if len(texts) < 2:
+        raise ConfigError(f"recovery data {source!r}: {len(texts)} text(s) left after removing the held-out ones; "
+                          "pass a larger --recover-data source")
+    return texts
+
+
+def training_batches(adapter: ModelAdapter, source: str, batch_size: int, exclude_texts: Iterable[str] = (),
+                     limit: int | None = None, seed: int = 0) -> list[Batch]:
+    """Recovery batches for this model: images for a timm ViT, texts otherwise (held-out excluded)."""
+    if source == "auto":
+        source = IMAGE_SOURCES[0] if adapter.family == "timm" else "fortunes"
+    if adapter.family == "timm":
+        if source not in IMAGE_SOURCES:
+            raise ConfigError(f"recovery data {source!r}: a ViT recovers on images; use fashion-mnist")
+        from slimformer.models.vit_train import load_full_fashion_mnist
+
+        full = load_full_fashion_mnist("train")
+        x, _ = full if full is not None else data_mod.load_fashion_mnist("train")
+        if limit is not None:
+            x = x[:limit]
+        return adapter.make_batches(x, batch_size)
+    if source in IMAGE_SOURCES:
+        raise ConfigError(f"recovery data {source!r} holds images; a text model needs texts (e.g. fortunes)")
+    texts = training_texts(source, exclude_texts, limit, seed)
+    return adapter.make_batches(texts, batch_size)

@@ -1,0 +1,98 @@
+"""The search's optional recovery stage (`recover:` in the config): after the trials, the top-k Pareto plans
+(ranked by search-set quality, never by held-out data) are compressed, distilled from the teacher on data
+disjoint from the held-out set, and re-scored on the held-out set. Results are cached in recovered.json
+(keyed by the plan's parameters and the recovery settings), so `slimformer report` does not re-train.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from typing import Any
+
+import optuna
+import torch
+
+from slimformer import data as data_mod
+from slimformer.models.base import Batch
+from slimformer.recovery import RecoveryRecord, recover
+from slimformer.recovery.data import IMAGE_SOURCES, training_batches
+from slimformer.search.context import SearchContext
+
+RECOVERED_FILE = "recovered.json"
+
+
+def heldout_texts(ctx: SearchContext) -> list[str]:
+    """The held-out texts of this search (as `load_eval_sets` draws them); empty for images."""
+    d = ctx.config.data
+    if d.source in IMAGE_SOURCES:
+        return []
+    if d.source == "fortunes":
+        return data_mod.text_splits(d.search_samples, d.heldout_samples, seed=d.seed)[1]
+    texts = data_mod.load_texts(d.source)
+    random.Random(d.seed).shuffle(texts)
+    return texts[d.search_samples: d.search_samples + d.heldout_samples]
+
+
+def train_batches(ctx: SearchContext) -> list[Batch]:
+    cfg = ctx.config.recover
+    assert cfg is not None
+    source = cfg.data
+    if source == "auto" and ctx.adapter.family != "timm" and ctx.config.data.source not in ("fortunes",):
+        source = ctx.config.data.source  # the search's own text source, less its held-out texts
+    return training_batches(ctx.adapter, source, cfg.batch_size, heldout_texts(ctx), cfg.samples, cfg.seed)
+
+
+def _key(trial: optuna.trial.FrozenTrial, settings: dict[str, Any]) -> str:
+    raw = json.dumps({"params": trial.params, "settings": settings}, sort_keys=True, default=str)
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def recover_front(ctx: SearchContext, run_dir: Any, front: list[optuna.trial.FrozenTrial],
+                  log: Any = None) -> dict[int, RecoveryRecord]:
+    """Recover the top-k trials of `front`; {trial number: record} (empty when the config has no `recover`)."""
+    from slimformer.search.rundir import read_json, write_json
+    from slimformer.search.runner import trial_plan
+
+    cfg = ctx.config.recover
+    if cfg is None or not front:
+        return {}
+    say = log or (lambda _msg: None)
+    m = ctx.quality_metric
+    settings = cfg.model_dump(mode="json", exclude_none=True)
+    chosen = sorted(front, key=lambda t: -t.user_attrs.get("metrics", {}).get(m, float("-inf")))[: cfg.top_k]
+    f = run_dir / RECOVERED_FILE
+    cache: dict[str, Any] = read_json(f, {})
+    out: dict[int, RecoveryRecord] = {}
+    batches: list[Batch] | None = None
+    for i, t in enumerate(chosen):
+        key = _key(t, settings)
+        hit = cache.get(str(t.number))
+        if hit is not None and hit.get("key") == key:
+            out[t.number] = RecoveryRecord.model_validate(hit["record"])
+            continue
+        if batches is None:
+            batches = train_batches(ctx)
+        say(f"recovering trial {t.number} ({i + 1}/{len(chosen)})")
+        model = ctx.compress(trial_plan(ctx, t))
+        threads = torch.get_num_threads()
+        try:
+            res = recover(ctx.adapter, model, batches, cfg, evaluator=ctx.heldout_eval, log=say)
+        finally:
+            torch.set_num_threads(threads)
+        out[t.number] = res.record()
+        cache[str(t.number)] = {"key": key, "record": out[t.number].model_dump(mode="json")}
+        write_json(f, cache)
+    return out
+
+
+def recovery_summary(records: dict[int, RecoveryRecord], metric: str) -> dict[str, Any] | None:
+    """Before/after held-out quality per recovered trial and the best trial after recovery."""
+    if not records:
+        return None
+    rows = [{"trial": n, f"before_{metric}": r.before.get(metric), f"after_{metric}": r.after.get(metric),
+             "steps": r.steps, "seconds": r.seconds} for n, r in sorted(records.items())]
+    best = max(rows, key=lambda r: r[f"after_{metric}"] if r[f"after_{metric}"] is not None else float("-inf"))
+    return {"trials": rows, "best_trial": best["trial"], f"best_after_{metric}": best[f"after_{metric}"],
+            "settings": next(iter(records.values())).settings}
