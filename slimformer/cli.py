@@ -118,6 +118,7 @@ def apply(recipe: Path, model: str, out: Path | None, data: str, samples: int, t
           lr: float | None) -> None:
     """Apply RECIPE to a model, print memory and fidelity, and optionally save it (--recover: distil first)."""
     from slimformer.api import apply_recipe
+    from slimformer.errors import ConfigError
 
     recover = None
     if do_recover:
@@ -125,7 +126,7 @@ def apply(recipe: Path, model: str, out: Path | None, data: str, samples: int, t
 
         recover = RecoveryConfig.make("--recover", steps=steps, minutes=minutes, data=recover_data, lr=lr)
     elif any(v is not None for v in (steps, minutes, recover_data, lr)):
-        raise click.UsageError("--steps, --minutes, --recover-data and --lr set recovery; add --recover")
+        raise ConfigError("--steps, --minutes, --recover-data and --lr set recovery; add --recover")
     res = apply_recipe(recipe, model, out_dir=out, data=data, samples=samples, onnx=to_onnx, kernels=kernels,
                        recover=recover, progress=True, log=_log)
     mem = res.memory
