@@ -111,7 +111,7 @@ _KERNELS_OPTION = click.option(
 @click.option("--minutes", type=click.FloatRange(min=0, min_open=True), help="Recovery wall-time budget instead.")
 @click.option("--recover-data", help="Recovery training data (default fortunes, or fashion-mnist for a ViT); "
               "held-out texts are excluded.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Recovery learning rate (default 1e-4).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Recovery learning rate (default 5e-4).")
 @_errors
 def apply(recipe: Path, model: str, out: Path | None, data: str, samples: int, to_onnx: bool, kernels: str,
           do_recover: bool, steps: int | None, minutes: float | None, recover_data: str | None,

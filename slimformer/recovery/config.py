@@ -35,7 +35,7 @@ class RecoveryConfig(_Strict):
 
     steps: int | None = Field(None, ge=1)
     minutes: float | None = Field(None, gt=0)
-    lr: float = Field(1e-4, gt=0, le=1.0)
+    lr: float = Field(5e-4, gt=0, le=1.0)  # measured on MiniLM: 30 steps 0.817 -> 0.933 cosine (1e-4: 0.844 at 8)
     scale_lr: float = Field(1e-3, ge=0, le=1.0)  # quantisation scales (log-space); 0 keeps them fixed
     batch_size: int = Field(16, ge=1)
     grad_accum: int = Field(1, ge=1)
