@@ -1,47 +1,26 @@
 """Training data for recovery, always disjoint from the held-out data fidelity is measured on.
 
 Texts: every text of the source that is not a held-out text (fortunes: the 1,200 packaged texts less the
-held-out split). `fortunes-full`: every cleaned fortune of Debian's installed fortune files (about ten
-times more text) less the held-out texts. Images (`fashion-mnist`): the training images (Debian's full
-60,000 when installed, else the packaged 2,000), never the test images fidelity uses.
+held-out split). Images (`fashion-mnist`): the training images (Debian's full 60,000 when installed, else
+the packaged 2,000), never the test images fidelity uses.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Iterable
-from pathlib import Path
 
 from slimformer import data as data_mod
 from slimformer.errors import ConfigError
 from slimformer.models.base import Batch, ModelAdapter
 
-FORTUNES_DIR = Path("/usr/share/games/fortunes")
 IMAGE_SOURCES = ("fashion-mnist", "fashion_mnist")
-
-
-def full_fortunes(root: Path = FORTUNES_DIR) -> list[str]:
-    """Every cleaned, de-duplicated fortune in Debian's fortune files (same cleaning as the packaged sample)."""
-    import importlib.util
-    import sys
-
-    maker = Path(__file__).resolve().parents[2] / "benchmarks" / "make_data_samples.py"
-    if not root.is_dir() or not maker.is_file():
-        raise ConfigError(f"recovery data fortunes-full needs Debian's fortunes in {root} (and a source checkout); "
-                          "use fortunes or a text file")
-    spec = importlib.util.spec_from_file_location("_make_data_samples", maker)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("_make_data_samples", mod)
-    spec.loader.exec_module(mod)
-    by_cat = mod.collect_fortunes(root)
-    return [t for name in sorted(by_cat) for t in by_cat[name]]
 
 
 def training_texts(source: str, exclude: Iterable[str], limit: int | None = None, seed: int = 0) -> list[str]:
     """Texts of `source` that are not in `exclude` (compared case-folded), shuffled under `seed`."""
     held = {t.casefold() for t in exclude}
-    texts = full_fortunes() if source == "fortunes-full" else data_mod.load_texts(source)
+    texts = data_mod.load_texts(source)
     texts = [t for t in dict.fromkeys(texts) if t.casefold() not in held]
     random.Random(seed).shuffle(texts)
     if limit is not None:
