@@ -81,7 +81,7 @@ class SamplerConfig(_Strict):
     name: Literal["nsga2", "tpe", "random"] = "nsga2"
     population_size: int = Field(16, ge=2)
     seed: int | None = 0
-    repair: bool = False
+    repair: bool = True
 
 
 class LatencyConfig(_Strict):
