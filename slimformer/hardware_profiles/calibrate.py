@@ -34,8 +34,8 @@ from slimformer.hardware_profiles.profile import (
     KernelTable,
     LatencyModel,
     Noise,
-    Residual,
 )
+from slimformer.hardware_profiles.residual import fit_residuals
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 VIT_FMNIST = "vit-fmnist"  # the Fashion-MNIST ViT geometry (random weights: latency does not depend on them)
@@ -75,7 +75,7 @@ class CalibrationGrid:
 
     @classmethod
     def full(cls) -> CalibrationGrid:
-        return cls(m_values=(1, 8, 32, 128, 512), dims=(48, 96, 192, 384, 768, 1536))
+        return cls(m_values=(1, 8, 16, 32, 64, 128, 512), dims=(48, 96, 192, 384, 768, 1536))
 
     @classmethod
     def quick(cls) -> CalibrationGrid:
@@ -130,7 +130,7 @@ class _Run:
         peaks: dict[str, float] = {}
         for choice in g.linear:
             cls = kernel_class(choice)
-            fits = []
+            fits, grids = [], []
             for m in g.m_values:
                 rows, ts = [], []
                 for k in g.dims:
@@ -143,7 +143,12 @@ class _Run:
                         ts.append(t)
                         peaks[cls] = max(peaks.get(cls, 0.0), 2 * m * k * n / t / 1e3)  # GFLOP/s
                 fits.append(fit_nnls(np.array(rows, float), np.array(ts), ["1", "K*N", "K", "N"]))
-            tables[cls] = KernelTable(m_values=list(g.m_values), fits=fits)
+                grid = np.array(ts).reshape(len(g.dims), len(g.dims))
+                grid = np.maximum.accumulate(np.maximum.accumulate(grid, axis=0), axis=1)  # more K or N: not faster
+                grids.append([[round(float(v), 3) for v in row] for row in grid])
+            for i in range(1, len(grids)):  # more tokens: not faster
+                grids[i] = np.maximum(np.array(grids[i]), np.array(grids[i - 1])).tolist()
+            tables[cls] = KernelTable(m_values=list(g.m_values), fits=fits, dims=list(g.dims), times=grids)
         return tables, {k: round(v, 2) for k, v in peaks.items()}
 
     def embedding(self) -> dict[str, Fit]:
@@ -212,48 +217,6 @@ def default_shapes(adapter) -> tuple[tuple[int, int], ...]:  # noqa: ANN001
     return ((1, 16), (1, 32), (1, 64), (1, 128))
 
 
-def fit_residuals(lm: LatencyModel, profile: HardwareProfile, references: tuple[str, ...], threads: int,
-                  work: Path, progress: Callable[[int, str], None],
-                  shapes: dict[str, tuple[tuple[int, int], ...]] | None = None) -> list[dict]:
-    """Time fp32 / uniform int8 / uniform int4-g32 exports of each reference model round-robin and fit
-    its family's Residual (and the FLOPs proxy constant over all of them). Returns the raw points."""
-    from slimformer.compression.plan import CompressionPlan, UnitSpec
-    from slimformer.hardware_profiles.measure_models import measure_plans
-    from slimformer.hardware_profiles.predict import predict
-
-    points: list[dict] = []
-    for ref in references:
-        adapter = reference_adapter(ref)
-        plans = {"fp32": CompressionPlan(),
-                 "int8": CompressionPlan(units={u.name: UnitSpec(bits=8) for u in adapter.units}),
-                 "int4-g32": CompressionPlan(units={u.name: UnitSpec(bits=4, group_size=32) for u in adapter.units})}
-        for batch, seq in (shapes or {}).get(ref, default_shapes(adapter)):
-            measured = measure_plans(adapter, plans, batch, seq, threads, work / ref.replace("/", "_"), runs=15)
-            for name, ms in measured.items():
-                pre = profile.model_copy(update={"latency_model": lm})
-                p = predict(adapter, plans[name], batch, seq, pre)
-                points.append({"family": adapter.family, "model": ref, "plan": name, "batch": batch, "seq": seq,
-                               "layers": len(adapter.layers), "kernel_ms": p.kernel_ms, "flops": p.flops,
-                               "measured_ms": ms})
-            progress(1, f"reference {ref} {batch}x{seq}")
-    for fam in sorted({p["family"] for p in points}):
-        pts = [p for p in points if p["family"] == fam]
-        # the kernels keep their micro-benchmark times (scale 1); what they leave out is glue per block,
-        # affine in the tokens it moves (reshapes, transposes, masks, per-node dispatch)
-        x = np.array([(p["layers"], p["layers"] * p["batch"] * p["seq"] * 1e-3) for p in pts])
-        t = np.array([p["measured_ms"] - p["kernel_ms"] for p in pts])
-        coef, _ = nnls(x, np.maximum(t, 0.0))
-        pred = np.array([p["kernel_ms"] for p in pts]) + x @ coef
-        meas = np.array([p["measured_ms"] for p in pts])
-        rmse = float(np.sqrt(np.mean(((pred - meas) / meas) ** 2)))
-        lm.residual[fam] = Residual(scale=1.0, per_layer_ms=float(coef[0]), per_layer_token_us=float(coef[1]),
-                                    fitted_on=sorted({f"{p['model']}:{p['plan']}" for p in pts}),
-                                    rmse_rel=round(rmse, 4))
-    if points:
-        lm.flops_ms_per_gflop = float(np.median([p["measured_ms"] / (p["flops"] * 1e-9) for p in points]))
-    return points
-
-
 def calibrate(threads: int, grid: CalibrationGrid | None = None, name: str | None = None,
               progress: bool = True, work_dir: Path | None = None) -> HardwareProfile:
     """Run the micro-benchmarks (and reference models) at `threads` intra-op threads; the fitted profile."""
@@ -271,7 +234,8 @@ def calibrate(threads: int, grid: CalibrationGrid | None = None, name: str | Non
     n_emb = len(g.embedding) * 2 * len(sorted({1, *g.m_values}))
     n_att = len(g.heads) * len(g.seqs) * len(g.head_dims)
     n_elw = len(mb.ELEMENTWISE) * len(g.elem_rows) * len(g.elem_widths)
-    n_ref = 4 * len(g.references)
+    n_ref = sum(len(g.reference_shapes.get(r, ())) if g.reference_shapes else (2 if r == VIT_FMNIST else 4)
+                for r in g.references)
     bar = tqdm(total=n_lin + n_emb + n_att + n_elw + n_ref, desc="calibrate", disable=not progress,
                file=sys.stderr, unit="bench")
 
@@ -288,7 +252,7 @@ def calibrate(threads: int, grid: CalibrationGrid | None = None, name: str | Non
     cpu, isa = cpu_info()
     iq = np.array(run.iqrs)
     profile = HardwareProfile(
-        name=name or default_name(cpu, isa, threads, f"ort{'.'.join(ort.__version__.split('.')[:2])}"),
+        name=name or default_name(cpu, isa, threads, f"ort{'-'.join(ort.__version__.split('.')[:2])}"),
         cpu=cpu, cores=os.cpu_count() or 1, threads=threads, isa_flags=isa, runtime="onnxruntime",
         runtime_version=ort.__version__, peak_gflops_fp32=peaks.get("matmul", 1.0),
         mem_bandwidth_gbs=round(run.rates.get("bandwidth", 1.0), 2),

@@ -32,6 +32,7 @@ from slimformer.errors import ConfigError
 from slimformer.evaluators.latency import forward_ops
 from slimformer.export.kernels import KernelChoice, choose_embedding_kernel, choose_linear_kernel
 from slimformer.hardware_profiles.profile import Fit, HardwareProfile, KernelTable, LatencyModel
+from slimformer.hardware_profiles.residual import apply_residual, glue_features
 from slimformer.models.base import ModelAdapter
 
 LABEL = "calibrated (onnxruntime kernel model)"
@@ -100,15 +101,39 @@ def _fit_us(fit: Fit, x: tuple[float, ...]) -> float:
     return sum(c * v for c, v in zip(fit.coef, x, strict=False))
 
 
+def _bracket(grid: list[int], v: int) -> tuple[int, float]:
+    """Index i and weight w so that v ~ grid[i] * (1 - w) + grid[i + 1] * w, clamped to the grid."""
+    if v <= grid[0]:
+        return 0, 0.0
+    if v >= grid[-1]:
+        return len(grid) - 2, 1.0
+    i = bisect_right(grid, v) - 1
+    return i, (v - grid[i]) / (grid[i + 1] - grid[i])
+
+
+def _grid_us(table: KernelTable, i: int, k: int, n: int) -> float:
+    """Bilinear in (K, N) on the i-th M slice; outside the dims, the edge time scaled by the work ratio."""
+    d = table.dims
+    if len(d) < 2:
+        return _fit_us(table.fits[i], (1.0, float(k * n), float(k), float(n)))
+    kc, nc = min(max(k, d[0]), d[-1]), min(max(n, d[0]), d[-1])
+    a, wa = _bracket(d, kc)
+    b, wb = _bracket(d, nc)
+    t = table.times[i]
+    us = ((t[a][b] * (1 - wb) + t[a][b + 1] * wb) * (1 - wa) + (t[a + 1][b] * (1 - wb) + t[a + 1][b + 1] * wb) * wa)
+    if kc != k or nc != n:
+        us *= max(1.0, (k * n) / (kc * nc))
+    return us
+
+
 def table_us(table: KernelTable, m: int, k: int, n: int) -> float:
-    """Time (µs) of one linear at (m, k, n): the per-M fits, linear in M between grid points (never
+    """Time (µs) of one linear at (m, k, n): the M slices' grids, linear in M between grid points (never
     decreasing with M), extrapolated along the last segment beyond the grid."""
     ms = table.m_values
-    x = (1.0, float(k * n), float(k), float(n))
     if len(ms) == 1:
-        return _fit_us(table.fits[0], x) * max(1.0, m / ms[0])
+        return _grid_us(table, 0, k, n) * max(1.0, m / ms[0])
     i = min(max(bisect_right(ms, m) - 1, 0), len(ms) - 2)
-    lo, hi = _fit_us(table.fits[i], x), _fit_us(table.fits[i + 1], x)
+    lo, hi = _grid_us(table, i, k, n), _grid_us(table, i + 1, k, n)
     hi = max(hi, lo)
     if m <= ms[0]:
         return lo
@@ -197,7 +222,6 @@ def predict(adapter: ModelAdapter, plan: CompressionPlan, batch: int, seq: int,
     elw, bw, peak_fp32 = c.elw, c.bw, c.peak_fp32
     by: dict[str, float] = {}
     flops = roof = 0.0
-    m_tokens = batch * seq
     for op in forward_ops(adapter.units, adapter.layers, plan, batch, seq):
         kind = op.kind
         flops += op.flops
@@ -226,10 +250,8 @@ def predict(adapter: ModelAdapter, plan: CompressionPlan, batch: int, seq: int,
         by[cls] = by.get(cls, 0.0) + us * 1e-3
     kernel_ms = sum(by.values())
     res = lm.residual.get(adapter.family) or (next(iter(lm.residual.values())) if lm.residual else None)
-    n_layers = len(adapter.layers)
     if res is not None:
-        ms = res.scale * kernel_ms + n_layers * (res.per_layer_ms + res.per_layer_token_us * m_tokens * 1e-3) \
-            + res.const_ms
+        ms = apply_residual(res, by, glue_features(adapter, plan, batch, seq))
         rel = res.rmse_rel
     else:
         ms, rel = kernel_ms + lm.call_overhead_us * 1e-3, 0.1

@@ -49,22 +49,32 @@ class Fit(_Strict):
 class KernelTable(_Strict):
     """One linear kernel class (e.g. `matmulnbits:4:32`), piecewise in M = batch x seq tokens.
 
-    fits[i] prices shapes (K, N) at m_values[i] (features 1, K*N, K, N); between grid points the
-    predicted times are interpolated linearly in M, beyond the last one extrapolated along the last segment.
+    times[i][a][b]: measured µs at M = m_values[i], K = dims[a], N = dims[b], made non-decreasing along
+    K and N (running maximum), interpolated bilinearly in (K, N) inside the grid and scaled by K*N/(K'*N')
+    from the nearest edge outside it; between M grid points linear in M (never decreasing), beyond the
+    last one along the last segment. fits[i]: the least-squares summary t = c0 + c1*K*N + c2*K + c3*N at
+    m_values[i] (its rmse_rel says how far a global roofline-shaped model is from the table).
     """
 
     m_values: list[int]
     fits: list[Fit]
+    dims: list[int] = Field(default_factory=list)
+    times: list[list[list[float]]] = Field(default_factory=list)
 
 
 class Residual(_Strict):
-    """Whole-graph correction for one model family, fitted on full exported reference models:
-    ms = scale * kernel_ms + layers * (per_layer_ms + tokens * per_layer_token_us / 1000) + const_ms
-    (glue ops, dispatch, cache effects)."""
+    """Whole-graph correction for one model family, fitted on full exported reference models (residual.py):
+    ms = sum over kernel families f of class_scale[f] (default `scale`) * kernel ms of f
+       + sum over layers of (per_layer_ms + tokens * (per_layer_token_us + kept-head share *
+         per_layer_head_token_us) / 1000 + kept heads * batch * seq^2 * per_score_ns / 1e6) + const_ms
+    (in-graph vs micro-benchmark kernel speed, glue reshapes/transposes/masks, dispatch, cache effects)."""
 
     scale: float = 1.0
+    class_scale: dict[str, float] = Field(default_factory=dict)
     per_layer_ms: float = 0.0
     per_layer_token_us: float = 0.0
+    per_layer_head_token_us: float = 0.0
+    per_score_ns: float = 0.0  # per attention score (kept heads x batch x seq^2, summed over layers)
     const_ms: float = 0.0
     fitted_on: list[str] = Field(default_factory=list)
     rmse_rel: float = 0.0

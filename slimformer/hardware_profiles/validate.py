@@ -63,7 +63,8 @@ def random_plan(adapter: ModelAdapter, rng: random.Random) -> tuple[CompressionP
     layers: dict[int, LayerSpec] = {}
     for info in adapter.layers:
         heads = rng.randint(1, info.num_heads) if rng.random() < 0.4 * thrift + 0.1 else None
-        neurons = int(info.intermediate * rng.uniform(0.2, 0.95)) if rng.random() < 0.4 * thrift + 0.1 else None
+        frac = rng.choice((0.25, 0.375, 0.5, 0.625, 0.75, 0.875))  # the fractions a search space offers
+        neurons = round(info.intermediate * frac) if rng.random() < 0.4 * thrift + 0.1 else None
         if heads or neurons:
             layers[info.index] = LayerSpec(heads_kept=heads, neurons_kept=neurons)
     sharing = SharingSpec()

@@ -179,3 +179,16 @@ def test_prediction_is_well_under_a_millisecond(tiny_bert) -> None:
         for p in plans:
             predict(tiny_bert, p, 1, 16, prof)
     assert (time.thread_time() - t0) / 200 < 1e-3
+
+
+def test_residual_scales_kernel_families_and_glue_follows_heads(tiny_bert) -> None:
+    from slimformer.hardware_profiles.residual import apply_residual, glue_features, kernel_family
+
+    assert kernel_family("matmulnbits:4:32") == "matmulnbits:4" and kernel_family("attention") == "other"
+    full = glue_features(tiny_bert, CompressionPlan(), 1, 16)
+    one = glue_features(tiny_bert, CompressionPlan(layers={i.index: LayerSpec(heads_kept=1)
+                                                           for i in tiny_bert.layers}), 1, 16)
+    assert one[0] < full[0] and one[1] < full[1] and one[2:] == full[2:]
+    res = Residual(class_scale={"matmul": 1.5}, per_score_ns=2.0, per_layer_ms=0.1)
+    ms = apply_residual(res, {"matmul": 1.0, "attention": 0.5}, full)
+    assert ms == pytest.approx(1.5 + 0.5 + 2.0 * full[0] + 0.1 * full[3])

@@ -1,0 +1,80 @@
+"""Benchmark: the calibrated latency model against measured held-out plans, and its prediction speed.
+
+    python benchmarks/latency_model.py [--profile amd-epyc-avx512-1t-ort1-32] [--configs 60] [--vit-configs 30]
+
+Runs `slimformer profile validate` for all-MiniLM-L6-v2 (batch 1 x seq 128) and the Fashion-MNIST ViT
+geometry (`vit-fmnist`, batch 1 x 17 tokens): each exports the random held-out plans and the uniform
+baselines, times them round-robin on this thread's CPU clock (1 intra-op thread), and writes the
+profile's validation section, benchmarks/results/profile-validate-*.json and its docs/BENCHMARKS.md
+section. Then times `predict` (CPU ms per plan over 500 random MiniLM plans) and writes
+benchmarks/results/latency_model_speed.json and the `latency-model-speed` section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_PROFILE = "amd-epyc-avx512-1t-ort1-32"
+
+
+def prediction_speed(profile: str, n: int = 500) -> dict:
+    """CPU ms per `predict` call (and per roofline estimate) over `n` random MiniLM plans."""
+    from slimformer.evaluators.latency import estimate_latency
+    from slimformer.hardware_profiles import load_profile
+    from slimformer.hardware_profiles.calibrate import MINILM, reference_adapter
+    from slimformer.hardware_profiles.predict import predict
+    from slimformer.hardware_profiles.validate import random_plan
+
+    prof = load_profile(profile)
+    ad = reference_adapter(MINILM)
+    rng = random.Random(1)
+    plans = [random_plan(ad, rng)[0] for _ in range(n)]
+    predict(ad, plans[0], 1, 128, prof)
+    t0 = time.thread_time()
+    for p in plans:
+        predict(ad, p, 1, 128, prof)
+    pred_ms = (time.thread_time() - t0) / n * 1e3
+    t0 = time.thread_time()
+    for p in plans:
+        estimate_latency(ad.units, ad.layers, p, prof, 1, 128)
+    est_ms = (time.thread_time() - t0) / n * 1e3
+    return {"profile": profile, "plans": n, "predict_cpu_ms_per_plan": round(pred_ms, 4),
+            "estimate_cpu_ms_per_plan": round(est_ms, 4), "loadavg": [round(x, 2) for x in os.getloadavg()]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--profile", default=DEFAULT_PROFILE)
+    ap.add_argument("--configs", type=int, default=60)
+    ap.add_argument("--vit-configs", type=int, default=30)
+    ap.add_argument("--skip-validate", action="store_true", help="Only time the predictions.")
+    args = ap.parse_args()
+    os.chdir(ROOT)
+    if not args.skip_validate:
+        for model, n in (("sentence-transformers/all-MiniLM-L6-v2", args.configs), ("vit-fmnist", args.vit_configs)):
+            subprocess.run([sys.executable, "-m", "slimformer.cli", "profile", "validate", args.profile, "--model",
+                            model, "--configs", str(n)], check=True)
+    from slimformer.fileio import atomic_write
+    from slimformer.hardware_profiles.commands import update_bench_doc
+
+    speed = prediction_speed(args.profile)
+    atomic_write(ROOT / "benchmarks/results/latency_model_speed.json", json.dumps(speed, indent=1))
+    update_bench_doc("latency-model-speed", (
+        f"`python benchmarks/latency_model.py --skip-validate`: `predict` takes "
+        f"**{speed['predict_cpu_ms_per_plan']:.3f} ms** of CPU per MiniLM plan (batch 1 x 128; mean over "
+        f"{speed['plans']} random plans; the roofline estimate takes {speed['estimate_cpu_ms_per_plan']:.3f} ms); "
+        f"load average {speed['loadavg']}."), ROOT / "docs/BENCHMARKS.md")
+    print(json.dumps(speed))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
