@@ -80,19 +80,23 @@ def run_minilm(args: argparse.Namespace, log: Any) -> dict[str, Any]:
     cal = adapter.make_batches(sorted(cal_texts, key=len), 32)
     hessians, act = collect_hessians(adapter, cal), collect_activation_scales(adapter, cal)
     evaluator = FidelityEvaluator(adapter, adapter.make_batches(sorted(heldout, key=len), 32))
+    source, data_label = "fortunes", f"{1200 - len(heldout)} packaged fortunes"
+    if args.data == "debian-fortunes":
+        source = str(debian_fortunes_file())
+        data_label = f"{len(training_texts(source, heldout))} Debian fortunes"
     rows = []
     plans = minilm_plans(adapter)[: args.plans]
     for i, (name, plan) in enumerate(plans):
         mem = plan_memory(adapter, plan)
         cfg = RecoveryConfig(minutes=args.minutes, lr=args.lr) if i == 0 else \
             RecoveryConfig(steps=args.plan_steps, lr=args.lr)
-        train = training_batches(adapter, "fortunes", cfg.batch_size, heldout, seed=cfg.seed)
+        train = training_batches(adapter, source, cfg.batch_size, heldout, seed=cfg.seed)
         budget = f"{cfg.minutes:.1f} min" if cfg.minutes else f"{cfg.steps} steps"
         log(f"[minilm] {name}: {mem.percent:.2f}% of fp32; recovering {budget}")
         model = apply_plan(adapter, plan, act_scales=act, hessians=hessians)
         res = recover(adapter, model, train, cfg, evaluator=evaluator, log=log)
         rows.append({"plan": name, "memory_bytes": mem.total_bytes, "memory_percent": round(mem.percent, 3),
-                     "budget": f"{cfg.minutes} min" if cfg.minutes else f"{cfg.steps} steps",
+                     "data": data_label, "budget": f"{cfg.minutes} min" if cfg.minutes else f"{cfg.steps} steps",
                      "steps": res.steps, "seconds": round(res.seconds, 1), "train_samples": res.train_samples,
                      "before": res.before, "after": res.after,
                      "loss_first10": sum(res.losses[:10]) / max(1, len(res.losses[:10])),
@@ -105,6 +109,19 @@ def run_minilm(args: argparse.Namespace, log: Any) -> dict[str, Any]:
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return {"model": adapter.model_id, "fp32_bytes": fp32, "heldout_texts": len(heldout),
             "train_texts": len(training_texts("fortunes", heldout)), "plans": rows}
+
+
+def debian_fortunes_file() -> Path:
+    """Every cleaned fortune of Debian's fortune files (12,435 texts; the packaged 1,200 are a sample of
+    them), one per line, in runs/ (gitignored); `training_texts` removes the held-out ones."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from make_data_samples import DEFAULT_FORTUNES_DIR, collect_fortunes  # type: ignore[import-not-found]
+
+    out = REPO / "runs" / "recovery-debian-fortunes.txt"
+    by_category = collect_fortunes(DEFAULT_FORTUNES_DIR)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(t for name in sorted(by_category) for t in by_category[name]) + "\n")
+    return out
 
 
 def run_vit(args: argparse.Namespace, log: Any) -> dict[str, Any]:
@@ -155,6 +172,54 @@ def run_vit(args: argparse.Namespace, log: Any) -> dict[str, Any]:
             "plans": rows}
 
 
+def render_table(result: dict[str, Any]) -> str:
+    """The before/after tables of a results JSON (what docs/BENCHMARKS.md quotes)."""
+    m = result.get("machine", {})
+    load = m.get("loadavg_start")
+    cmds = result.get("runs") or [result.get("command")]
+    lines = [f"Measured {result.get('created', '?')} on {m.get('cpu', '?')}, {m.get('torch_threads')} torch "
+             f"thread(s), load average {load[0]:.1f} at the start (shared machine); "
+             + ", then ".join(f"`nice -n 10 {c}`" for c in cmds) + ".", ""]
+    mini = result.get("minilm", {})
+    rows = mini.get("plans") or mini.get("plans_so_far") or []
+    if rows:
+        lines += [f"MiniLM-L6, held-out mean cosine / top-10 neighbour agreement on {mini.get('heldout_texts', 256)} "
+                  "fortunes texts (never trained on):", "",
+                  "| plan | % of fp32 | training texts | budget | steps | seconds | cosine before | cosine after "
+                  "| neighbours before | neighbours after |", "|---|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            b, a = r["before"], r["after"]
+            lines.append(f"| {r['plan']} | {r['memory_percent']:.2f} | {r.get('data', '944 packaged fortunes')} | "
+                         f"{r['budget']} | {r['steps']} | "
+                         f"{r['seconds']:.0f} | {b['cosine']:.4f} | **{a['cosine']:.4f}** | {b['neighbours']:.3f} "
+                         f"| {a['neighbours']:.3f} |")
+        lines.append("")
+    vit = result.get("vit", {})
+    rows = vit.get("plans") or vit.get("plans_so_far") or []
+    if rows:
+        lines += [f"ViT on Fashion-MNIST ({vit.get('test_images', '?')} test images; recovery on the training "
+                  "images, labels unused):", "",
+                  "| plan | % of fp32 | steps | seconds | accuracy before | accuracy after | teacher accuracy "
+                  "| agreement before | agreement after |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            b, a = r["before"], r["after"]
+            lines.append(f"| {r['plan']} | {r['memory_percent']:.2f} | {r['steps']} | {r['seconds']:.0f} | "
+                         f"{b['accuracy']:.4f} | **{a['accuracy']:.4f}** | {a['teacher_accuracy']:.4f} | "
+                         f"{b['agreement']:.4f} | {a['agreement']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def update_doc(table: str, doc: Path = REPO / "docs" / "BENCHMARKS.md") -> bool:
+    """Replace the text between `<!-- recovery:begin -->` and `<!-- recovery:end -->` in docs/BENCHMARKS.md."""
+    begin, end = "<!-- recovery:begin -->", "<!-- recovery:end -->"
+    text = doc.read_text()
+    if begin not in text or end not in text:
+        return False
+    head, rest = text.split(begin, 1)
+    doc.write_text(head + begin + "\n" + table.rstrip() + "\n" + end + rest.split(end, 1)[1])
+    return True
+
+
 _RESULT: dict[str, Any] = {}
 
 
@@ -182,9 +247,18 @@ def main() -> int:
     ap.add_argument("--vit-plans", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on the shared 2-core box)")
     ap.add_argument("--skip-vit", action="store_true")
+    ap.add_argument("--data", choices=["fortunes", "debian-fortunes"], default="fortunes",
+                    help="MiniLM recovery texts: the packaged fortunes, or all of Debian's (held-out ones removed)")
+    ap.add_argument("--append", action="store_true", help="add the MiniLM rows to the existing --out results")
     ap.add_argument("--skip-minilm", action="store_true")
     ap.add_argument("--out", type=Path, default=RESULT_FILE)
+    ap.add_argument("--table-only", action="store_true", help="re-render the docs table from --out and exit")
     args = ap.parse_args()
+    if args.table_only:
+        table = render_table(json.loads(args.out.read_text()))
+        print(table)
+        print("docs/BENCHMARKS.md updated" if update_doc(table) else "no recovery markers in docs/BENCHMARKS.md")
+        return 0
 
     import torch
 
@@ -205,10 +279,23 @@ def main() -> int:
         _RESULT["vit"] = run_vit(args, log)
         _write(args.out, _RESULT)
     if not args.skip_minilm:
-        _RESULT["minilm"] = run_minilm(args, log)
+        previous = json.loads(args.out.read_text()) if args.append and args.out.exists() else {}
+        if args.append:
+            for key in ("vit", "minilm"):
+                if key in previous:
+                    _RESULT[key] = previous[key]
+            _RESULT["runs"] = [*previous.get("runs", [previous.get("command")]), _RESULT["command"]]
+        new = run_minilm(args, log)
+        if args.append and "minilm" in previous:
+            new["plans"] = previous["minilm"]["plans"] + new["plans"]
+        _RESULT["minilm"] = new
     _RESULT["machine"]["loadavg_end"] = os.getloadavg()
     _RESULT["wall_s"] = round(time.perf_counter() - t0, 1)
     _write(args.out, _RESULT)
+    table = render_table(_RESULT)
+    print(table)
+    if args.out == RESULT_FILE:
+        update_doc(table)
     log(f"wrote {args.out} ({_RESULT['wall_s']:.0f} s)")
     return 0
 
