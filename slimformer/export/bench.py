@@ -131,7 +131,7 @@ class BenchResult:
     def format(self) -> str:
         fp32 = self.model_named(FP32)
         metric = next(iter(fp32.fidelity), "cosine")
-        kern = f", {self.extra['kernels']} kernels" if "kernels" in self.extra else ""
+        kern = f", kernels: {self.extra['kernels']}" if "kernels" in self.extra else ""
         lines = [f"target {self.target}{kern} (model {self.model}); {self.threads} thread(s), {self.runs} runs "
                  f"round-robin, onnxruntime {self.onnxruntime}, {self.cpu}", "",
                  f"{'model':22s} {'file MB':>9s} {'resident MB':>12s} {'% fp32':>7s} {metric:>9s}"]

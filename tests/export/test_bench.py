@@ -77,6 +77,22 @@ def test_export_command_rewrites_model_onnx(applied, tmp_path: Path) -> None:
     assert target.stat().st_size == (out / "model.onnx").stat().st_size
 
 
+def test_export_and_bench_fast_kernels(applied, tmp_path: Path) -> None:
+    out, _ = applied
+    target = tmp_path / "fast.onnx"
+    res = invoke("export", out, "--out", target, "--kernels", "fast")
+    assert res.exit_code == 0, res.output
+    assert "(fast kernels)" in res.stdout
+    ops = {n.op_type for n in __import__("onnx").load(str(target)).graph.node}
+    assert "DynamicQuantizeMatMul" in ops and "MatMulNBits" not in ops
+    js = tmp_path / "fast.json"
+    res = invoke("bench", out, "--kernels", "fast", "--json", js, *FAST)
+    assert res.exit_code == 0, res.output
+    assert json.loads(js.read_text())["extra"]["kernels"] == "fast" and "kernels: fast" in res.stdout
+    bad = invoke("export", out, "--kernels", "turbo")
+    assert bad.exit_code == 2 and "turbo" in bad.output
+
+
 def test_bench_json_has_four_models_with_all_fields(applied, tiny_dir, tmp_path: Path) -> None:
     out, _ = applied
     js = tmp_path / "bench.json"
