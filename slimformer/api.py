@@ -144,6 +144,8 @@ def apply_recipe(recipe: str | Path | Recipe, model: str, out_dir: str | Path | 
 
     if onnx and out_dir is None:
         raise ConfigError("--onnx needs --out: model.onnx is written into the output directory")
+    if kernels != "exact" and not onnx:
+        raise ConfigError(f"--kernels {kernels} applies to the ONNX export; add --onnx (and --out)")
     rec = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
     adapter = load(model)
     plan = rec.to_plan(adapter)

@@ -147,3 +147,9 @@ def test_apply_onnx_without_out_exits_2(recipe, tiny_dir) -> None:
     res = invoke("apply", recipe, "--model", tiny_dir, "--onnx", "--samples", 8)
     assert res.exit_code == 2
     assert "--onnx needs --out" in res.stderr
+
+
+def test_apply_kernels_without_onnx_exits_2(recipe, tiny_dir) -> None:
+    res = invoke("apply", recipe, "--model", tiny_dir, "--kernels", "fast", "--samples", 8)
+    assert res.exit_code == 2
+    assert "--kernels fast applies to the ONNX export; add --onnx" in res.stderr
