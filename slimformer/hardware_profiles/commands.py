@@ -54,17 +54,31 @@ def _ints(ctx: Any, param: Any, value: str | None) -> tuple[int, ...] | None:
 @click.option("--dims", callback=_ints, help="Override the K/N widths measured (e.g. 96,384).")
 @click.option("--references", help="Comma-separated reference models for the residual ('none' for none).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@click.option("--refit-residual", "refit_from", help="Keep this profile's kernel tables; only re-time the "
+              "reference models and re-fit the whole-graph residual.")
 @_errors
 def calibrate_cmd(runtime: str, threads: int, out: Path, quick: bool, name: str | None,
                   m_values: tuple[int, ...] | None, dims: tuple[int, ...] | None, references: str | None,
-                  no_progress: bool) -> None:
+                  no_progress: bool, refit_from: str | None) -> None:
     """Measure this device's onnxruntime kernels and write a calibrated hardware profile."""
+    import tempfile
     from dataclasses import replace
 
     from slimformer.hardware_profiles.calibrate import CalibrationGrid, calibrate
-    from slimformer.hardware_profiles.profile import save_profile
+    from slimformer.hardware_profiles.profile import load_profile, save_profile
 
     del runtime  # one runtime today; the option fixes the CLI for more
+    if refit_from is not None:
+        from slimformer.hardware_profiles.residual import refit
+
+        refs = CalibrationGrid.full().references if references is None else tuple(
+            r.strip() for r in references.split(",") if r.strip() and r.strip() != "none")
+        with tempfile.TemporaryDirectory() as tmp:
+            profile = refit(load_profile(refit_from), refs, Path(tmp),
+                            log=None if no_progress else lambda m: click.echo(f"[slimformer] {m}", err=True))
+        save_profile(profile, out)
+        click.echo(f"{profile.name} ({profile.version}): residual re-fitted on {', '.join(refs)} -> {out}")
+        return
     grid = CalibrationGrid.quick() if quick else CalibrationGrid.full()
     if m_values:
         grid = replace(grid, m_values=tuple(sorted(set(m_values))))
@@ -136,12 +150,14 @@ def validate_cmd(profile: str, model: str, configs: int, threads: int | None, ba
             f"MAPE {100 * result.mape:.2f}%, within 5% {100 * result.within_5:.0f}%, within 10% "
             f"{100 * result.within_10:.0f}%, p95 {100 * result.p95_error:.1f}%, Kendall tau {result.kendall_tau:.3f}; "
             f"FLOPs proxy MAPE {100 * result.flops_mape:.2f}%, within 10% {100 * result.flops_within_10:.0f}%, "
-            f"tau {result.flops_kendall_tau:.3f}; noise floor {100 * result.noise_floor:.2f}%; "
+            f"tau {result.flops_kendall_tau:.3f}; roofline estimate MAPE {100 * (result.estimate_mape or 0):.1f}%, "
+            f"tau {result.estimate_kendall_tau or 0:.3f}; noise floor {100 * result.noise_floor:.2f}%; "
             f"load {result.loadavg}")
     click.echo(line)
     if no_write:
         return
     path = resolve_path(profile)
+    shown = path.resolve().relative_to(Path.cwd()) if path.resolve().is_relative_to(Path.cwd()) else path
     save_profile(with_result(prof, result), path)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"profile-validate-{prof.name}-{model}")
@@ -151,7 +167,9 @@ def validate_cmd(profile: str, model: str, configs: int, threads: int | None, ba
     atomic_write(out, json.dumps(rows_json(result, rows, threads), indent=1))
     update_bench_doc(f"profile-validate-{'vit' if adapter.family == 'timm' else 'text'}",
                      f"`slimformer profile validate {profile} --model {model} --configs {configs}`\n\n{line}\n\n"
-                     f"Results: `{out}`; profile validation section updated ({path}).")
+                     f"Results: `{out}`; profile validation section updated (`{shown}`); calibration "
+                     f"took {prof.calibration.seconds if prof.calibration else 0:.0f} s "
+                     f"(`{prof.calibration.command if prof.calibration else 'unknown'}`).")
     click.echo(f"wrote {path}, {out}, {BENCH_DOC}")
 
 

@@ -20,7 +20,8 @@ from slimformer.models.base import ModelAdapter
 
 def export_plans(adapter: ModelAdapter, plans: Mapping[str, CompressionPlan], work_dir: Path,
                  log: Callable[[str], None] | None = None) -> dict[str, Path]:
-    """Apply and export each plan to `work_dir/<name>.onnx` (RTN rounding: latency ignores the values).
+    """Apply and export each plan to `work_dir/<name>.onnx` (RTN rounding: latency ignores the values);
+    a file exported earlier from the same plan (`<name>.plan` holds its repr) is reused.
 
     torch runs single-threaded meanwhile: on a shared machine a multi-threaded SVD can be 30x slower."""
     import torch
@@ -43,11 +44,16 @@ def _export_plans(adapter: ModelAdapter, plans: Mapping[str, CompressionPlan], w
     cache = DecompositionCache()
     paths = {}
     for name, plan in plans.items():
+        out, stamp = work_dir / f"{name}.onnx", work_dir / f"{name}.plan"
+        if out.is_file() and stamp.is_file() and stamp.read_text() == repr(plan):
+            paths[name] = out  # exported earlier from the same plan (a kept --work-dir)
+            continue
         rtn = CompressionPlan(units={u: UnitSpec(s.rank, s.sparsity, s.pattern, s.bits, s.group_size, "rtn")
                                      for u, s in plan.units.items()}, layers=plan.layers, sharing=plan.sharing)
         t0 = time.perf_counter()
         model = apply_plan(adapter, rtn, cache)
-        paths[name] = export_onnx(adapter, model, work_dir / f"{name}.onnx").path
+        paths[name] = export_onnx(adapter, model, out).path
+        stamp.write_text(repr(plan))
         if log:
             log(f"exported {name} in {time.perf_counter() - t0:.1f} s")
     return paths

@@ -129,6 +129,8 @@ class ValidationResult(_Strict):
     flops_mape: float
     flops_within_10: float
     flops_kendall_tau: float
+    estimate_mape: float | None = None  # the uncalibrated roofline estimate (same profile), unscaled
+    estimate_kendall_tau: float | None = None
     roofline_fraction_median: float = 0.0
     date: str = ""
     loadavg: list[float] = Field(default_factory=list)

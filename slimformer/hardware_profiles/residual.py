@@ -117,3 +117,21 @@ def fit_residuals(lm: LatencyModel, profile: HardwareProfile, references: tuple[
     if points:
         lm.flops_ms_per_gflop = float(np.median([p["measured_ms"] / (p["flops"] * 1e-9) for p in points]))
     return points
+
+
+def refit(profile: HardwareProfile, references: tuple[str, ...], work: Path,
+          shapes: dict[str, tuple[tuple[int, int], ...]] | None = None, log: Callable[[str], None] | None = None
+          ) -> HardwareProfile:
+    """The profile with its residuals re-fitted on freshly timed reference models (kernel tables kept):
+    for a profile whose micro-benchmarks ran under other load than the models it will price."""
+    import os
+
+    from slimformer.hardware_profiles.predict import require_model
+
+    lm = require_model(profile).model_copy(deep=True)
+    lm.residual = {}
+    load0 = [round(x, 2) for x in os.getloadavg()]
+    fit_residuals(lm, profile, references, profile.threads, work, lambda _k, s: log(s) if log else None, shapes)
+    note = (f" Residual re-fitted on {', '.join(references)} (load average {load0}) with "
+            "`slimformer calibrate --refit-residual`.")
+    return profile.model_copy(update={"latency_model": lm, "notes": profile.notes + note, "validation": []})

@@ -6,7 +6,8 @@ baselines (flagged: calibration fits its residual on some of them, so headline m
 plans only). Every plan is exported (`export_onnx`) and all are timed round-robin with the bench protocol
 in two passes; the noise floor is the median relative difference between the two passes' medians of the
 same model. Reported side by side for the calibrated model and the FLOPs proxy (flops x the single
-constant that best fits these measurements): MAPE, share within ±5% / ±10%, p95 error, Kendall tau.
+constant that best fits these measurements): MAPE, share within ±5% / ±10%, p95 error, Kendall tau; and
+the uncalibrated roofline estimate's MAPE and tau (from the same profile's rate numbers, unscaled).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class PlanRow:
     measured_ms: float
     repeat_ms: float
     predicted_ms: float
+    estimate_ms: float
     flops: float
     roofline_ms: float
     description: str
@@ -94,6 +96,7 @@ def metrics(measured: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
 def validate(profile: HardwareProfile, adapter: ModelAdapter, configs: int, batch: int, seq: int, threads: int,
              work_dir: Path, seed: int = 0, runs: int = 15, log=print) -> tuple[ValidationResult, list[PlanRow]]:  # noqa: ANN001
     """Export, measure and predict `configs` random plans plus the baselines; the result and every row."""
+    from slimformer.evaluators.latency import estimate_latency
     from slimformer.hardware_profiles.measure_models import export_plans, input_feed, time_round_robin
     from slimformer.hardware_profiles.predict import predict, require_model
 
@@ -114,7 +117,8 @@ def validate(profile: HardwareProfile, adapter: ModelAdapter, configs: int, batc
     for name, plan in plans.items():
         p = predict(adapter, plan, batch, seq, profile)
         m1, m2 = float(np.median(first[name])), float(np.median(second[name]))
-        rows.append(PlanRow(name, name.startswith("plan"), (m1 + m2) / 2, m2, p.ms, p.flops, p.roofline_ms,
+        est = estimate_latency(adapter.units, adapter.layers, plan, profile, batch, seq).ms
+        rows.append(PlanRow(name, name.startswith("plan"), (m1 + m2) / 2, m2, p.ms, est, p.flops, p.roofline_ms,
                             desc[name]))
     held = [r for r in rows if r.held_out] or rows
     meas = np.array([r.measured_ms for r in held])
@@ -122,6 +126,7 @@ def validate(profile: HardwareProfile, adapter: ModelAdapter, configs: int, batc
     flops = np.array([r.flops for r in held])
     kappa = float(np.median(meas / flops))  # the FLOPs proxy's one constant, fitted on these measurements
     ours, proxy = metrics(meas, pred), metrics(meas, flops * kappa)
+    rough = metrics(meas, np.array([r.estimate_ms for r in held]))
     noise = float(np.median([abs(float(np.median(first[r.name])) - float(np.median(second[r.name]))) / r.measured_ms
                              for r in rows]))
     result = ValidationResult(
@@ -129,6 +134,7 @@ def validate(profile: HardwareProfile, adapter: ModelAdapter, configs: int, batc
         **{k: round(v, 4) for k, v in ours.items()},
         flops_mape=round(proxy["mape"], 4), flops_within_10=round(proxy["within_10"], 4),
         flops_kendall_tau=round(proxy["kendall_tau"], 4),
+        estimate_mape=round(rough["mape"], 4), estimate_kendall_tau=round(rough["kendall_tau"], 4),
         roofline_fraction_median=round(float(np.median([r.roofline_ms / r.measured_ms for r in rows])), 4),
         date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         loadavg=load0 + [round(x, 2) for x in os.getloadavg()], fingerprint=profile.fingerprint)
