@@ -201,8 +201,11 @@ def main() -> int:
 
     root = Path(args.run_root)
     root.mkdir(parents=True, exist_ok=True)
-    cfg = SearchConfig.load(None).model_copy(update={"threads": 1, "baselines": True, "trials": args.trials,
-                                                     "run_dir": str(root)})
+    cfg = SearchConfig.load(None)
+    cfg = cfg.model_copy(update={"threads": 1, "baselines": True, "trials": args.trials, "run_dir": str(root),
+                                 # the roofline estimate: what the stored studies were priced with (fixed, so
+                                 # that a later calibrated profile does not change a resumed benchmark)
+                                 "latency": cfg.latency.model_copy(update={"source": "estimate"})})
     t0 = time.perf_counter()
     ctx = prepare(cfg, log=print)
     baselines = run_baselines(ctx, root, print)  # cached in root/baselines.json
