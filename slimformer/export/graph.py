@@ -168,8 +168,29 @@ class _Rewriter:
         self.uses: Counter[str] = Counter()
         self.dropped: set[tuple[str, ...]] = set()  # output names of folded Add nodes
         self.produced: set[str] = set()  # outputs of the nodes added so far
+        self.readers = self._fast_readers() if mode == "fast" else {}
 
     # -- helpers ------------------------------------------------------------------------------------
+    def _fast_readers(self) -> dict[str, list[tuple[str, SlimLinear]]]:
+        """Input tensor -> the distinct int4/int8 linears (path, module) whose MatMul/Gemm reads it and
+        that the fast mode lowers to the int8 GEMM (the ones that can share SmoothQuant factors)."""
+        out: dict[str, list[tuple[str, SlimLinear]]] = defaultdict(list)
+        for node in self.g.node:
+            if node.op_type == "MatMul" and len(node.input) == 2:
+                hit = self._pick(node.input[1], SlimLinear, True)
+            elif node.op_type == "Gemm" and not _attr(node, "transA", 0):
+                hit = self._pick(node.input[1], SlimLinear, not _attr(node, "transB", 0))
+            else:
+                continue
+            if hit is None or hit[1].fmt.bits not in (4, 8):
+                continue
+            mod = hit[1]
+            choice = K.choose_linear_kernel(mod.fmt.bits, mod.fmt.group_size, mod.in_features, mod.out_features,
+                                            self.int8_kernel, self.mode)
+            if choice.kind == "dynamic_int8" and all(p != hit[0] for p, _ in out[node.input[0]]):
+                out[node.input[0]].append(hit)
+        return out
+
     def _bias_add(self, node: onnx.NodeProto, n_out: int) -> tuple[str | None, onnx.NodeProto | None]:
         """A single `Add(matmul_out, bias[N])` consumer whose bias is a constant: fold it into the kernel."""
         out = node.output[0]
@@ -211,11 +232,18 @@ class _Rewriter:
             self.report.kernels[path] = "fp16 weight + Cast + MatMul"
             return nodes
         codes, scales = _stored(path, mod)
-        smooth = None
+        smooth, xs = None, None
         if self.mode == "fast" and path in self.act_max:
-            smooth = K.smoothing(self.act_max[path], K.dequantized(codes, scales, fmt.group_size))
+            siblings = self.readers.get(x, [])
+            if len(siblings) > 1 and all(s in self.act_max for s, _ in siblings):
+                # one set of factors for every linear reading x (query/key/value: SmoothQuant's shared-input
+                # rule, max |W| over all their rows), so x / smooth is one node, not one per linear
+                w_all = np.concatenate([K.dequantized(*_stored(s, m), m.fmt.group_size) for s, m in siblings])
+                smooth, xs = K.smoothing(self.act_max[path], w_all), f"{x}/smoothed"
+            else:
+                smooth = K.smoothing(self.act_max[path], K.dequantized(codes, scales, fmt.group_size))
         low, need = K.lower_linear(x, y, p, codes, scales, fmt.bits, fmt.group_size, bias, self.int8_kernel,
-                                   self.mode, smooth, wp=path or "linear")
+                                   self.mode, smooth, wp=path or "linear", xs=xs)
         self.report.max_opset_needed = max(self.report.max_opset_needed, need)
         self.report.kernels[path] = low.kernel
         return self._add(low)

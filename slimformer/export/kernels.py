@@ -182,7 +182,8 @@ def smoothing(act_max: np.ndarray, w: np.ndarray, alpha: float = SMOOTH_ALPHA) -
 
 
 def dynamic_int8(x: str, y: str, p: str, codes: np.ndarray, scales: np.ndarray, bits: int, group: int | None,
-                 bias: str | None = None, smooth: np.ndarray | None = None, wp: str | None = None) -> Lowered:
+                 bias: str | None = None, smooth: np.ndarray | None = None, wp: str | None = None,
+                 xs: str | None = None) -> Lowered:
     """y ~ x @ W^T (+ bias) on onnxruntime's int8 GEMM (`com.microsoft.DynamicQuantizeMatMul`): NOT exact.
 
     The file keeps the stored codes (INT4 / INT8 (N, K) and the group scales). A constant subgraph,
@@ -191,7 +192,8 @@ def dynamic_int8(x: str, y: str, p: str, codes: np.ndarray, scales: np.ndarray, 
     so the session holds int8 weights (a 4-bit unit costs twice its file bytes in memory). At run time
     x (divided by `smooth`) is quantised to uint8 per tensor, like ORT's dynamic int8 models. The weight
     subgraph is named by `wp` (default `p`): the uses of a shared module pass the same `wp`, so it is built
-    (and folded, and kept in memory) once.
+    (and folded, and kept in memory) once. `xs` names the smoothed input: linears that read one input with one
+    set of factors (query/key/value) pass the same name, so x / smooth is computed once for all of them.
     """
     use, p = p, wp or p
     n, k = codes.shape
@@ -217,8 +219,8 @@ def dynamic_int8(x: str, y: str, p: str, codes: np.ndarray, scales: np.ndarray, 
         inits.append(f32(f"{p}.smooth", np.asarray(smooth, dtype=np.float32).reshape(1, k)))
         nodes += [helper.make_node("Mul", [w, f"{p}.smooth"], [f"{p}/ws"], name=f"{p}/SmoothWeight"),
                   helper.make_node("Reciprocal", [f"{p}.smooth"], [f"{p}/inv"], name=f"{p}/InvSmooth"),
-                  helper.make_node("Mul", [x, f"{p}/inv"], [f"{use}/xs"], name=f"{use}/SmoothInput")]
-        w, x = f"{p}/ws", f"{use}/xs"
+                  helper.make_node("Mul", [x, f"{p}/inv"], [xs or f"{use}/xs"], name=f"{use}/SmoothInput")]
+        w, x = f"{p}/ws", xs or f"{use}/xs"
     nodes += [helper.make_node("Abs", [w], [f"{p}/absw"], name=f"{p}/Abs"),
               helper.make_node("ReduceMax", [f"{p}/absw", "axes.1"], [f"{p}/rowmax"], name=f"{p}/RowMax",
                                keepdims=0),
@@ -358,13 +360,14 @@ def choose_embedding_kernel(bits: int, group_size: int | None, dim: int) -> Kern
 
 def lower_linear(x: str, y: str, p: str, codes: np.ndarray, scales: np.ndarray, bits: int, group: int | None,
                  bias: str | None = None, int8_kernel: str = "auto", mode: str = "exact",
-                 smooth: np.ndarray | None = None, wp: str | None = None) -> tuple[Lowered, int]:
+                 smooth: np.ndarray | None = None, wp: str | None = None, xs: str | None = None
+                 ) -> tuple[Lowered, int]:
     """The kernel for one int4/int8 linear (as `choose_linear_kernel` decides) and the opset it needs;
-    `smooth` (SmoothQuant factors) applies to the fast kernel only."""
+    `smooth` (SmoothQuant factors) and `xs` (the smoothed input's name) apply to the fast kernel only."""
     n, k = codes.shape
     choice = choose_linear_kernel(bits, group, k, n, int8_kernel, mode)
     if choice.kind == "dynamic_int8":
-        return dynamic_int8(x, y, p, codes, scales, bits, group, bias, smooth, wp), choice.opset
+        return dynamic_int8(x, y, p, codes, scales, bits, group, bias, smooth, wp, xs), choice.opset
     if choice.kind == "matmulnbits":
         return matmul_nbits(x, y, p, codes, scales, bits, group, choice.block, bias), choice.opset  # type: ignore[arg-type]
     return dequant_gemm(x, y, p, codes, scales, bits, group, bias), choice.opset

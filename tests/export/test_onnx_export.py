@@ -306,6 +306,24 @@ def test_fast_kernels_keep_codes_in_file_and_run_int8_gemms(bert64, text_batches
     assert cos.mean() >= 0.99 and np.abs(out - ref).max() > 1e-5  # close, but activations are quantised
 
 
+def test_fast_kernels_smooth_a_shared_input_once(bert64, text_batches, tmp_path):
+    """query/key/value read one tensor: one set of SmoothQuant factors, one x / smooth node for the three;
+    attention output, FFN in and FFN out each smooth their own input (4 smoothing nodes per layer)."""
+    units = {n: UnitSpec(bits=4, group_size=32) for n in bert64.unit_names if n != "embeddings.word_embeddings"}
+    plan = CompressionPlan(units=units)
+    model = apply_plan(bert64, plan)
+    info = export_onnx(bert64, model, tmp_path / "qkv.onnx", kernels="fast", calibration=text_batches)
+    nodes = onnx.load(str(info.path)).graph.node
+    smoothing = [n for n in nodes if n.name.endswith("/SmoothInput")]
+    assert sum(n.op_type == "DynamicQuantizeMatMul" for n in nodes) == 12 and len(smoothing) == 2 * 4
+    readers = Counter(i for n in nodes if n.op_type == "DynamicQuantizeMatMul" for i in n.input[:1])
+    assert sorted(readers[n.output[0]] for n in smoothing) == [1] * 6 + [3] * 2
+    out = onnx_outputs(_plain_session(info.path), text_batches)
+    ref = _torch_out(bert64, model, text_batches)
+    cos = (out * ref).sum(1) / np.linalg.norm(out, axis=1) / np.linalg.norm(ref, axis=1)
+    assert cos.mean() >= 0.99
+
+
 def test_kernel_choice_modes_and_bad_mode(bert64, tmp_path):
     assert K.choose_linear_kernel(4, 32, 384, 384, mode="fast").kind == "dynamic_int8"
     assert K.choose_linear_kernel(8, None, 384, 384, mode="fast").kind == "dynamic_int8"
