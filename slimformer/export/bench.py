@@ -23,7 +23,7 @@ import datetime as _dt
 import platform
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -221,10 +221,11 @@ def _fidelity(kind: str, teacher: np.ndarray, out: np.ndarray) -> dict[str, floa
     return {"agreement": float((o.argmax(-1) == t.argmax(-1)).to(torch.float64).mean())}
 
 
-def time_round_robin(sessions: dict[str, Any], feed: dict[str, np.ndarray], runs: int, warmup: int
-                     ) -> dict[str, list[float]]:
+def time_round_robin(sessions: dict[str, Any], feed: dict[str, np.ndarray], runs: int, warmup: int,
+                     clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
     """ms per run of each session: `warmup` untimed rounds, then `runs` rounds, one run of each session
-    per round with the starting session rotating (used by the bench and the measured latency objective)."""
+    per round with the starting session rotating (used by the bench, the measured latency objective and
+    profile validation, which passes a per-thread CPU clock)."""
     names = list(sessions)
     feeds = {n: {i.name: feed[i.name] for i in s.get_inputs()} for n, s in sessions.items()}
     for _ in range(warmup):
@@ -234,9 +235,9 @@ def time_round_robin(sessions: dict[str, Any], feed: dict[str, np.ndarray], runs
     for r in range(runs):
         for k in range(len(names)):
             n = names[(r + k) % len(names)]  # rotate who goes first
-            t0 = time.perf_counter()
+            t0 = clock()
             sessions[n].run(None, feeds[n])
-            times[n].append(1e3 * (time.perf_counter() - t0))
+            times[n].append(1e3 * (clock() - t0))
     return times
 
 

@@ -64,23 +64,11 @@ def time_round_robin(paths: Mapping[str, Path], feed: dict[str, np.ndarray], thr
     """ms per run of every model, timed round-robin (one run each per round, start rotating), on
     `microbench.clock(threads)` (this thread's CPU time at 1 thread, wall time otherwise)."""
     from slimformer.export import session
+    from slimformer.export.bench import time_round_robin as round_robin
     from slimformer.hardware_profiles.microbench import clock
 
-    now = clock(threads)
     sessions = {n: session(p, threads) for n, p in paths.items()}
-    names = list(sessions)
-    feeds = {n: {i.name: feed[i.name] for i in s.get_inputs()} for n, s in sessions.items()}
-    for _ in range(warmup):
-        for n in names:
-            sessions[n].run(None, feeds[n])
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(runs):
-        for k in range(len(names)):
-            n = names[(r + k) % len(names)]
-            t0 = now()
-            sessions[n].run(None, feeds[n])
-            times[n].append(1e3 * (now() - t0))
-    return times
+    return round_robin(sessions, feed, runs, warmup, clock=clock(threads))
 
 
 def input_feed(adapter: ModelAdapter, batch: int, seq: int) -> dict[str, np.ndarray]:
