@@ -4,32 +4,16 @@ validate.py (registered on the main CLI group in slimformer/cli.py)."""
 from __future__ import annotations
 
 import json
-import sys
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
 from typing import Any
 
 import click
 
-from slimformer.errors import ConfigError, SlimformerError
+from slimformer.cli_errors import errors as _errors
+from slimformer.errors import ConfigError
 
 BENCH_DOC = Path("docs/BENCHMARKS.md")
 RESULTS_DIR = Path("benchmarks/results")
-
-
-def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """SlimformerError -> one line on stderr, exit code 2 (as the main CLI does)."""
-
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except SlimformerError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
-
-    return wrapper
 
 
 def _ints(ctx: Any, param: Any, value: str | None) -> tuple[int, ...] | None:
