@@ -95,3 +95,16 @@ def study_trials(storage: str, study_name: str = "slimformer") -> list[Any]:
     import optuna
 
     return optuna.load_study(study_name=study_name, storage=storage).get_trials(deepcopy=False)
+
+
+def invoke(*args: object) -> Any:
+    """Run the `slimformer` CLI in-process with stdout and stderr kept apart (click >= 8.2 always separates them)."""
+    from click.testing import CliRunner
+
+    from slimformer.cli import main
+
+    try:
+        runner = CliRunner(mix_stderr=False)  # click < 8.2
+    except TypeError:
+        runner = CliRunner()
+    return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)

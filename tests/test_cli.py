@@ -9,13 +9,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from click.testing import CliRunner
+from helpers import invoke, tiny_config, write_config
 from helpers import shared_run as _shared_run
-from helpers import tiny_config, write_config
 from helpers import tiny_model_dir as _tiny_model_dir
 from safetensors.torch import load_file
 
-from slimformer.cli import main
 from slimformer.compression.recipe import Recipe
 from slimformer.models import load
 
@@ -30,15 +28,6 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def shared_run(tmp_path_factory: pytest.TempPathFactory):
     return _shared_run(tmp_path_factory)
-
-
-def invoke(*args: object):
-    """Run the CLI in-process with stdout and stderr kept apart (click >= 8.2 always separates them)."""
-    try:
-        runner = CliRunner(mix_stderr=False)  # click < 8.2
-    except TypeError:
-        runner = CliRunner()
-    return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 def stderr_of(result) -> str:

@@ -7,22 +7,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from click.testing import CliRunner
+from helpers import invoke
 
 ort = pytest.importorskip("onnxruntime")
 
-from slimformer.cli import main  # noqa: E402
 from slimformer.export.bench import BASELINES, FP32, INT8_CHANNEL, INT8_TENSOR, TARGET  # noqa: E402
 
 FAST = ("--samples", "16", "--runs", "3", "--warmup", "1", "--seq", "8,16", "--batch", "1,4", "--threads", "1")
-
-
-def invoke(*args: object):
-    try:
-        runner = CliRunner(mix_stderr=False)  # click < 8.2
-    except TypeError:
-        runner = CliRunner()
-    return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")

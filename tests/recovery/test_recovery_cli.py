@@ -7,12 +7,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from click.testing import CliRunner
-from helpers import tiny_config, write_config
+from helpers import invoke, tiny_config, write_config
 from helpers import tiny_model_dir as _tiny_model_dir
 
 from slimformer.api import search
-from slimformer.cli import main
 from slimformer.compression.plan import CompressionPlan, UnitSpec
 from slimformer.compression.recipe import Recipe
 from slimformer.models import load
@@ -21,14 +19,6 @@ from slimformer.models import load
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _tiny_model_dir(tmp_path_factory)
-
-
-def invoke(*args: object):
-    try:
-        runner = CliRunner(mix_stderr=False)  # click < 8.2
-    except TypeError:
-        runner = CliRunner()
-    return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")
