@@ -43,6 +43,19 @@ class Taps:
         self.blocks.clear()
         self.qkv.clear()
 
+    def projections(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The last block's query, key and value outputs (split when the model fuses them in one linear)."""
+        if "qkv" in self.qkv:
+            return tuple(self.qkv["qkv"].chunk(3, dim=-1))  # type: ignore[return-value]
+        return self.qkv["q"], self.qkv["k"], self.qkv["v"]
+
+    def detached(self) -> Taps:
+        """A copy holding detached tensors (a teacher's taps, kept across steps)."""
+        return Taps([b.detach() for b in self.blocks], {k: v.detach() for k, v in self.qkv.items()})
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.blocks, *self.qkv.values()))
+
 
 class Tapper:
     """Registers the hooks a set of losses needs on one model; `close()` removes them."""
@@ -70,12 +83,6 @@ class Tapper:
         def hook(_m: nn.Module, _args: Any, out: Any) -> None:
             self.taps.qkv[key] = _first(out)
         return hook
-
-    def qkv(self) -> tuple[Tensor, Tensor, Tensor]:
-        q = self.taps.qkv
-        if "qkv" in q:
-            return tuple(q["qkv"].chunk(3, dim=-1))  # type: ignore[return-value]
-        return q["q"], q["k"], q["v"]
 
     def close(self) -> None:
         for h in self._handles:
@@ -124,7 +131,7 @@ def relation_kl(s: Tensor, t: Tensor, heads: int, mask: Tensor | None) -> Tensor
 
 
 def distill_loss(weights: dict[str, float], temperature: float, relation_pref: int, batch: Batch,
-                 s_out: Tensor, t_out: Tensor, s_taps: Tapper | None, t_taps: Tapper | None
+                 s_out: Tensor, t_out: Tensor, s_taps: Taps | None, t_taps: Taps | None
                  ) -> tuple[Tensor, dict[str, float]]:
     """The weighted sum of the chosen losses and each term's value (for the log)."""
     terms: dict[str, Tensor] = {}
@@ -138,11 +145,11 @@ def distill_loss(weights: dict[str, float], temperature: float, relation_pref: i
         terms["kl"] = F.kl_div(F.log_softmax(s_out / tt, -1), F.log_softmax(t_out / tt, -1), log_target=True,
                                reduction="batchmean") * tt * tt
     if "hidden" in weights and s_taps is not None and t_taps is not None:
-        sb, tb = s_taps.taps.blocks, t_taps.taps.blocks
+        sb, tb = s_taps.blocks, t_taps.blocks
         mask = token_mask(batch, tb[0].shape[1], tb[0].device)
         terms["hidden"] = torch.stack([relative_mse(s, t, mask) for s, t in zip(sb, tb)]).mean()
     if "relations" in weights and s_taps is not None and t_taps is not None:
-        sq, tq = s_taps.qkv(), t_taps.qkv()
+        sq, tq = s_taps.projections(), t_taps.projections()
         mask = token_mask(batch, tq[0].shape[1], tq[0].device)
         heads = relation_heads(tq[0].shape[-1], sq[0].shape[-1], relation_pref)
         terms["relations"] = torch.stack([relation_kl(s, t, heads, mask) for s, t in zip(sq, tq)]).mean()

@@ -3,7 +3,8 @@
 The student is the compressed model itself, made trainable in place (trainable.py: fake quantisation
 with straight-through rounding, fixed masks, factors trained as factors, shared modules one object) and
 frozen back at the end into the same formats, so memory and the packed file size do not change.
-Training runs in eval mode (no dropout: the target is the teacher's deterministic function), AdamW with
+Training runs in eval mode (no dropout: the target is the teacher's deterministic function, so its outputs
+for a training batch are computed once and reused every epoch, up to TEACHER_CACHE_BYTES), AdamW with
 no weight decay (rows of the embedding table never seen in training must not shrink), a linear warm-up
 then cosine decay over the budget, gradient clipping at 1.0, batches in a seeded order per epoch.
 """
@@ -23,7 +24,7 @@ from slimformer.errors import ConfigError
 from slimformer.evaluators.quality import FidelityEvaluator
 from slimformer.models.base import Batch, ModelAdapter
 from slimformer.recovery.config import RecoveryConfig, RecoveryRecord
-from slimformer.recovery.losses import Tapper, distill_loss
+from slimformer.recovery.losses import Tapper, Taps, distill_loss
 from slimformer.recovery.trainable import freeze_, make_trainable_
 
 
@@ -49,6 +50,9 @@ class RecoveryResult:
         return RecoveryRecord(settings=settings, steps=self.steps, seconds=round(self.seconds, 1),
                               train_samples=self.train_samples, eval_samples=self.eval_samples,
                               before=self.before, after=self.after)
+
+
+TEACHER_CACHE_BYTES = 2 << 30  # teacher outputs and taps kept per training batch up to this size (CPU or GPU memory)
 
 
 def _device(name: str) -> torch.device:
@@ -106,6 +110,8 @@ def recover(teacher: ModelAdapter, model: nn.Module, train_batches: Sequence[Bat
     losses: list[float] = []
     terms: dict[str, list[float]] = {k: [] for k in weights}
     order: list[int] = []
+    t_cache: dict[int, tuple[torch.Tensor, Taps | None]] = {}  # the teacher's targets per batch, reused each epoch
+    cached_bytes = 0
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -131,17 +137,25 @@ def recover(teacher: ModelAdapter, model: nn.Module, train_batches: Sequence[Bat
             for _ in range(config.grad_accum):
                 if not order:
                     order = torch.randperm(len(train_batches), generator=gen).tolist()
-                batch = train_batches[order.pop()].to(device)
+                index = order.pop()
+                batch = train_batches[index].to(device)
                 samples += next(iter(batch.inputs.values())).shape[0]
-                with torch.no_grad():
-                    if t_tap is not None:
-                        t_tap.taps.clear()
-                    t_out = teacher.output(t_model, batch)
+                if index in t_cache:
+                    t_out, t_taps = t_cache[index]
+                else:
+                    with torch.no_grad():
+                        if t_tap is not None:
+                            t_tap.taps.clear()
+                        t_out = teacher.output(t_model, batch)
+                    t_taps = None if t_tap is None else t_tap.taps.detached()
+                    size = t_out.numel() * t_out.element_size() + (0 if t_taps is None else t_taps.nbytes())
+                    if cached_bytes + size <= TEACHER_CACHE_BYTES:
+                        t_cache[index], cached_bytes = (t_out, t_taps), cached_bytes + size
                 if s_tap is not None:
                     s_tap.taps.clear()
                 s_out = teacher.output(model, batch)
                 loss, parts = distill_loss(weights, config.temperature, relation_pref, batch, s_out, t_out,
-                                           s_tap, t_tap)
+                                           None if s_tap is None else s_tap.taps, t_taps)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"recovery loss became {float(loss)} at step {step}; lower lr")
                 (loss / config.grad_accum).backward()
