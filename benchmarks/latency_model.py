@@ -6,8 +6,9 @@ Runs `slimformer profile validate` for all-MiniLM-L6-v2 (batch 1 x seq 128) and 
 geometry (`vit-fmnist`, batch 1 x 17 tokens): each exports the random held-out plans and the uniform
 baselines, times them round-robin on this thread's CPU clock (1 intra-op thread), and writes the
 profile's validation section, benchmarks/results/profile-validate-*.json and its docs/BENCHMARKS.md
-section. Then times `predict` (CPU ms per plan over 500 random MiniLM plans) and writes
-benchmarks/results/latency_model_speed.json and the `latency-model-speed` section.
+section (the exports stay in runs/validate-minilm and runs/validate-vit for the next run). Then times
+`predict` (CPU ms per plan over 500 random MiniLM plans) and writes benchmarks/results/latency_model_speed.json
+and the `latency-model-speed` section.
 """
 
 from __future__ import annotations
@@ -59,9 +60,11 @@ def main() -> int:
     args = ap.parse_args()
     os.chdir(ROOT)
     if not args.skip_validate:
-        for model, n in (("sentence-transformers/all-MiniLM-L6-v2", args.configs), ("vit-fmnist", args.vit_configs)):
+        for model, n, work in (("sentence-transformers/all-MiniLM-L6-v2", args.configs, "runs/validate-minilm"),
+                               ("vit-fmnist", args.vit_configs, "runs/validate-vit")):
+            # the exports are kept (and reused when the plans are the same) in a gitignored folder
             subprocess.run([sys.executable, "-m", "slimformer.cli", "profile", "validate", args.profile, "--model",
-                            model, "--configs", str(n)], check=True)
+                            model, "--configs", str(n), "--work-dir", work], check=True)
     from slimformer.fileio import atomic_write
     from slimformer.hardware_profiles.commands import update_bench_doc
 

@@ -17,6 +17,8 @@ import numpy as np
 from slimformer.compression.plan import CompressionPlan
 from slimformer.models.base import ModelAdapter
 
+WARM_REPEAT = 4  # runs per turn in a round-robin; the last is timed (warm cache; 2 was not always enough)
+
 
 def export_plans(adapter: ModelAdapter, plans: Mapping[str, CompressionPlan], work_dir: Path,
                  log: Callable[[str], None] | None = None) -> dict[str, Path]:
@@ -60,15 +62,16 @@ def _export_plans(adapter: ModelAdapter, plans: Mapping[str, CompressionPlan], w
 
 
 def time_round_robin(paths: Mapping[str, Path], feed: dict[str, np.ndarray], threads: int, runs: int,
-                     warmup: int = 2) -> dict[str, list[float]]:
-    """ms per run of every model, timed round-robin (one run each per round, start rotating), on
-    `microbench.clock(threads)` (this thread's CPU time at 1 thread, wall time otherwise)."""
+                     warmup: int = 2, repeat: int = WARM_REPEAT) -> dict[str, list[float]]:
+    """ms per run of every model, timed round-robin (one turn each per round, start rotating; a turn
+    times the last of `repeat` back-to-back runs, so weights are warm as in the micro-benchmarks and in
+    deployment), on `microbench.clock(threads)` (this thread's CPU time at 1 thread, wall time otherwise)."""
     from slimformer.export import session
     from slimformer.export.bench import time_round_robin as round_robin
     from slimformer.hardware_profiles.microbench import clock
 
     sessions = {n: session(p, threads) for n, p in paths.items()}
-    return round_robin(sessions, feed, runs, warmup, clock=clock(threads))
+    return round_robin(sessions, feed, runs, warmup, clock=clock(threads), repeat=repeat)
 
 
 def input_feed(adapter: ModelAdapter, batch: int, seq: int) -> dict[str, np.ndarray]:

@@ -144,3 +144,27 @@ def test_apply_kernels_without_onnx_exits_2(recipe, tiny_dir) -> None:
     res = invoke("apply", recipe, "--model", tiny_dir, "--kernels", "fast", "--samples", 8)
     assert res.exit_code == 2
     assert "--kernels fast applies to the ONNX export; add --onnx" in res.stderr
+
+
+class _CountingSession:
+    """A stand-in onnxruntime session that records the order of runs (the timing loop is under test)."""
+
+    def __init__(self, name: str, log: list[str]) -> None:
+        self.name, self.log = name, log
+
+    def get_inputs(self) -> list:
+        return []
+
+    def run(self, _outputs: object, _feed: object) -> None:
+        self.log.append(self.name)
+
+
+@pytest.mark.parametrize("repeat", [1, 3])
+def test_round_robin_runs_each_turn_repeat_times_back_to_back(repeat: int) -> None:
+    from slimformer.export.bench import time_round_robin
+
+    log: list[str] = []
+    sessions = {n: _CountingSession(n, log) for n in ("a", "b")}
+    times = time_round_robin(sessions, {}, runs=2, warmup=1, repeat=repeat)  # type: ignore[arg-type]
+    assert {n: len(t) for n, t in times.items()} == {"a": 2, "b": 2}  # one timing per turn, the last run
+    assert log == ["a", "b"] + ["a"] * repeat + ["b"] * repeat + ["b"] * repeat + ["a"] * repeat
