@@ -216,8 +216,14 @@ def _compiled(profile: HardwareProfile, lm: LatencyModel) -> _Compiled:
 
 def predict(adapter: ModelAdapter, plan: CompressionPlan, batch: int, seq: int,
             profile: HardwareProfile) -> LatencyPrediction:
-    """Predicted onnxruntime latency (ms) of the plan-compressed model's exported graph on `profile`."""
+    """Predicted onnxruntime latency (ms) of the plan-compressed model's exported graph on `profile`.
+
+    The plan is priced as `apply_plan` builds it: a layer that shares its representative's modules runs
+    the representative's specs, whatever its own entries say (canonical_plan)."""
+    from slimformer.compression.apply import canonical_plan
+
     lm = require_model(profile)
+    plan = canonical_plan(adapter, plan)
     c = _compiled(profile, lm)
     elw, bw, peak_fp32 = c.elw, c.bw, c.peak_fp32
     by: dict[str, float] = {}

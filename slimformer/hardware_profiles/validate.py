@@ -96,6 +96,7 @@ def metrics(measured: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
 def validate(profile: HardwareProfile, adapter: ModelAdapter, configs: int, batch: int, seq: int, threads: int,
              work_dir: Path, seed: int = 0, runs: int = 15, log=print) -> tuple[ValidationResult, list[PlanRow]]:  # noqa: ANN001
     """Export, measure and predict `configs` random plans plus the baselines; the result and every row."""
+    from slimformer.compression.apply import canonical_plan
     from slimformer.evaluators.latency import estimate_latency
     from slimformer.hardware_profiles.measure_models import export_plans, input_feed, time_round_robin
     from slimformer.hardware_profiles.predict import predict, require_model
@@ -117,7 +118,7 @@ def validate(profile: HardwareProfile, adapter: ModelAdapter, configs: int, batc
     for name, plan in plans.items():
         p = predict(adapter, plan, batch, seq, profile)
         m1, m2 = float(np.median(first[name])), float(np.median(second[name]))
-        est = estimate_latency(adapter.units, adapter.layers, plan, profile, batch, seq).ms
+        est = estimate_latency(adapter.units, adapter.layers, canonical_plan(adapter, plan), profile, batch, seq).ms
         rows.append(PlanRow(name, name.startswith("plan"), (m1 + m2) / 2, m2, p.ms, est, p.flops, p.roofline_ms,
                             desc[name]))
     held = [r for r in rows if r.held_out] or rows

@@ -26,6 +26,7 @@ import optuna
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
+from slimformer.compression.apply import canonical_plan
 from slimformer.compression.memory import plan_memory
 from slimformer.compression.plan import CompressionPlan
 from slimformer.errors import ConfigError
@@ -109,8 +110,10 @@ def evaluate_plan(ctx: SearchContext, plan: CompressionPlan, heldout: bool = Fal
 
 
 def latency_ms(ctx: SearchContext, plan: CompressionPlan) -> float:
-    """The latency objective for `plan`, priced as `latency.source` says (see LatencyConfig)."""
+    """The latency objective for `plan`, priced as `latency.source` says (see LatencyConfig), for the model
+    `apply_plan` builds (shared layers run their representative's specs)."""
     cfg = ctx.config.latency
+    plan = canonical_plan(ctx.adapter, plan)
     if cfg.source == "measured":  # export and time it; over-budget plans are never exported: estimate
         if ctx.memory(plan) <= ctx.budget_bytes:
             return measured_latency(ctx, plan).ms

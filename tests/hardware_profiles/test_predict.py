@@ -180,3 +180,19 @@ def test_residual_scales_kernel_families_and_glue_follows_heads(tiny_bert) -> No
     res = Residual(class_scale={"matmul": 1.5}, per_score_ns=2.0, per_layer_ms=0.1)
     ms = apply_residual(res, {"matmul": 1.0, "attention": 0.5}, full)
     assert ms == pytest.approx(1.5 + 0.5 + 2.0 * full[0] + 0.1 * full[3])
+
+
+def test_shared_layers_are_priced_with_their_representatives_specs(tiny_bert) -> None:
+    """apply_plan runs layer 1 with layer 0's modules under block sharing; predict must price that model,
+    not layer 1's own (ignored) entries."""
+    from slimformer.compression.plan import SharingSpec
+
+    prof = calibrated_profile()
+    l0 = [u.name for u in tiny_bert.units if u.layer == 0]
+    l1 = [u.name for u in tiny_bert.units if u.layer == 1]
+    sharing = SharingSpec(groups=((0, 1),), scope="block")
+    own = {n: UnitSpec(bits=4, group_size=32) for n in l0} | {n: UnitSpec(bits=8) for n in l1}
+    shared = predict(tiny_bert, CompressionPlan(own, sharing=sharing), 1, 16, prof)
+    explicit = CompressionPlan({n: UnitSpec(bits=4, group_size=32) for n in l0 + l1}, sharing=sharing)
+    assert shared.ms == pytest.approx(predict(tiny_bert, explicit, 1, 16, prof).ms, rel=1e-12)
+    assert "dequant_gemm:8:row" not in shared.breakdown  # layer 1's int8 entries are never built
