@@ -22,26 +22,21 @@ import argparse
 import gzip
 import json
 import random
-import re
 import struct
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
+from slimformer.data.debian_fortunes import DEFAULT_FORTUNES_DIR, collect_fortunes  # the cleaning rules
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "slimformer" / "data"
-DEFAULT_FORTUNES_DIR = Path("/usr/share/games/fortunes")
 DEFAULT_FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 # Fortune sampling parameters.
 SEED = 0
 TARGET_FORTUNES = 1200
-MIN_CHARS = 40
-MAX_CHARS = 400
-MIN_ALNUM_FRACTION = 0.6  # letters+digits / non-space characters; below this an entry is ascii art
-# Categories left out on purpose: non-English quotes without translations.
-EXCLUDED_CATEGORIES = frozenset({"translate-me"})
 
 # Fashion-MNIST sample sizes and class names (in label order, from the Fashion-MNIST README).
 N_TRAIN_IMAGES = 2000
@@ -59,76 +54,8 @@ FASHION_CLASSES = (
     "Ankle boot",
 )
 
-_OVERSTRIKE = re.compile(r"[^\n]\x08")  # "_\bX" (underline) and "X\bX" (bold) -> "X"
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
-_WHITESPACE = re.compile(r"\s+")
-
-
 # ----------------------------------------------------------------------------------------------
 # fortunes
-
-
-def fortune_files(fortunes_dir: Path) -> list[Path]:
-    """The plain-text fortune files in ``fortunes_dir`` (no ``.dat``/``.u8`` indexes, no sub-folders)."""
-    files = [
-        p
-        for p in sorted(fortunes_dir.iterdir())
-        if p.is_file() and p.suffix not in {".dat", ".u8"} and p.name not in EXCLUDED_CATEGORIES
-    ]
-    if not files:
-        raise SystemExit(f"no fortune files in {fortunes_dir}; install the Debian package 'fortunes'")
-    return files
-
-
-def split_entries(raw: str) -> list[str]:
-    """Split a fortune file into raw entries (separator: a line holding only ``%``)."""
-    entries: list[str] = []
-    current: list[str] = []
-    for line in raw.splitlines():
-        if line.strip() == "%":
-            entries.append("\n".join(current))
-            current = []
-        else:
-            current.append(line)
-    entries.append("\n".join(current))
-    return entries
-
-
-def clean_entry(entry: str) -> str | None:
-    """Normalise one fortune to a single line; ``None`` when it should be dropped."""
-    text = _OVERSTRIKE.sub("", entry)
-    text = _CONTROL.sub("", text)
-    text = _WHITESPACE.sub(" ", text).strip()
-    if not MIN_CHARS <= len(text) <= MAX_CHARS:
-        return None
-    if "\ufffd" in text:  # undecodable bytes
-        return None
-    visible = [c for c in text if not c.isspace()]
-    alnum = sum(c.isalnum() for c in visible)
-    if alnum / len(visible) < MIN_ALNUM_FRACTION:
-        return None
-    return text
-
-
-def collect_fortunes(fortunes_dir: Path) -> dict[str, list[str]]:
-    """Cleaned, globally de-duplicated fortunes per category, in file order."""
-    seen: set[str] = set()
-    by_category: dict[str, list[str]] = {}
-    for path in fortune_files(fortunes_dir):
-        raw = path.read_bytes().decode("utf-8", errors="replace")
-        kept: list[str] = []
-        for entry in split_entries(raw):
-            text = clean_entry(entry)
-            if text is None:
-                continue
-            key = text.casefold()
-            if key in seen:
-                continue
-            seen.add(key)
-            kept.append(text)
-        if kept:
-            by_category[path.name] = kept
-    return by_category
 
 
 def per_category_quota(sizes: dict[str, int], target: int) -> dict[str, int]:

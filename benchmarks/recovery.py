@@ -50,9 +50,9 @@ def minilm_plans(adapter: Any) -> list[tuple[str, Any]]:
         return CompressionPlan(units, layers)  # type: ignore[arg-type]
 
     return [
+        ("embedding 50% sparse, per-row scales", plan(0.5, emb_g=None)),
         ("embedding 52% sparse", plan(0.52)),
         ("embedding 55% sparse", plan(0.55)),
-        ("embedding 50% sparse, per-row scales", plan(0.5, emb_g=None)),
         ("embedding 2:4, per-row scales", plan(0.5, emb_g=None, pattern="2:4")),
         ("embedding 60% sparse", plan(0.6)),
         ("embedding rank 256", plan(emb_rank=256)),
@@ -67,11 +67,11 @@ def run_minilm(args: argparse.Namespace, log: Any) -> dict[str, Any]:
     from slimformer.compression.calibration import collect_activation_scales, collect_hessians
     from slimformer.compression.memory import plan_memory
     from slimformer.compression.plan import CompressionPlan
-    from slimformer.data import text_splits
+    from slimformer.data import DEBIAN_FORTUNES, text_splits
     from slimformer.evaluators.quality import FidelityEvaluator
     from slimformer.models import load
     from slimformer.recovery import RecoveryConfig, recover
-    from slimformer.recovery.data import training_batches, training_texts
+    from slimformer.recovery.data import default_text_source, training_batches, training_texts
 
     adapter = load("sentence-transformers/all-MiniLM-L6-v2")
     fp32 = plan_memory(adapter, CompressionPlan()).total_bytes
@@ -80,10 +80,9 @@ def run_minilm(args: argparse.Namespace, log: Any) -> dict[str, Any]:
     cal = adapter.make_batches(sorted(cal_texts, key=len), 32)
     hessians, act = collect_hessians(adapter, cal), collect_activation_scales(adapter, cal)
     evaluator = FidelityEvaluator(adapter, adapter.make_batches(sorted(heldout, key=len), 32))
-    source, data_label = "fortunes", f"{1200 - len(heldout)} packaged fortunes"
-    if args.data == "debian-fortunes":
-        source = str(debian_fortunes_file())
-        data_label = f"{len(training_texts(source, heldout))} Debian fortunes"
+    source = default_text_source() if args.data == "auto" else args.data
+    kind = "Debian" if source == DEBIAN_FORTUNES else "packaged"
+    data_label = f"{len(training_texts(source, heldout))} {kind} fortunes"
     rows = []
     plans = minilm_plans(adapter)[: args.plans]
     for i, (name, plan) in enumerate(plans):
@@ -109,19 +108,6 @@ def run_minilm(args: argparse.Namespace, log: Any) -> dict[str, Any]:
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return {"model": adapter.model_id, "fp32_bytes": fp32, "heldout_texts": len(heldout),
             "train_texts": len(training_texts("fortunes", heldout)), "plans": rows}
-
-
-def debian_fortunes_file() -> Path:
-    """Every cleaned fortune of Debian's fortune files (12,435 texts; the packaged 1,200 are a sample of
-    them), one per line, in runs/ (gitignored); `training_texts` removes the held-out ones."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from make_data_samples import DEFAULT_FORTUNES_DIR, collect_fortunes  # type: ignore[import-not-found]
-
-    out = REPO / "runs" / "recovery-debian-fortunes.txt"
-    by_category = collect_fortunes(DEFAULT_FORTUNES_DIR)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(t for name in sorted(by_category) for t in by_category[name]) + "\n")
-    return out
 
 
 def run_vit(args: argparse.Namespace, log: Any) -> dict[str, Any]:
@@ -247,7 +233,7 @@ def main() -> int:
     ap.add_argument("--vit-plans", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on the shared 2-core box)")
     ap.add_argument("--skip-vit", action="store_true")
-    ap.add_argument("--data", choices=["fortunes", "debian-fortunes"], default="fortunes",
+    ap.add_argument("--data", choices=["auto", "fortunes", "debian-fortunes"], default="auto",
                     help="MiniLM recovery texts: the packaged fortunes, or all of Debian's (held-out ones removed)")
     ap.add_argument("--append", action="store_true", help="add the MiniLM rows to the existing --out results")
     ap.add_argument("--skip-minilm", action="store_true")

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Services the test suite needs: a private PostgreSQL server on 127.0.0.1 for the shared-storage tests.
+# Services the test suite needs: a private PostgreSQL server on 127.0.0.1 for the shared-storage tests
+# (and Debian's fortunes package for the debian-fortunes text source).
 #
 #   SLIMFORMER_TEST_PG_URL="$(bash scripts/ci-services.sh)"; export SLIMFORMER_TEST_PG_URL
 #
-# Installs Debian's postgresql (and libpq) when its binaries are missing, creates a cluster in a private
+# Installs Debian's postgresql (and libpq) and fortunes when missing, creates a cluster in a private
 # data directory under /tmp (owned by the postgres user, listening on 127.0.0.1 only, trust auth for a
 # password-less user `slimformer` from 127.0.0.1), starts it on port 5432 or the next free port, creates
 # the database `slimformer_test`, and prints the SQLAlchemy URL on stdout (progress goes to stderr).
@@ -24,11 +25,15 @@ pg_bin() {
 }
 
 BIN=$(pg_bin)
-if [ -z "$BIN" ] || ! command -v psql >/dev/null 2>&1; then
-    log "installing postgresql from Debian"
+WANT=()
+if [ -z "$BIN" ] || ! command -v psql >/dev/null 2>&1; then WANT+=(postgresql libpq5); fi
+# Debian's fortune files: the `debian-fortunes` text source and its tests
+if [ ! -f /usr/share/games/fortunes/fortunes ]; then WANT+=(fortunes); fi
+if [ ${#WANT[@]} -gt 0 ]; then
+    log "installing from Debian: ${WANT[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq >&2
-    apt-get install -y -qq --no-install-recommends postgresql libpq5 >&2
+    apt-get install -y -qq --no-install-recommends "${WANT[@]}" >&2
     BIN=$(pg_bin)
 fi
 [ -n "$BIN" ] || { log "postgresql binaries not found after install"; exit 1; }

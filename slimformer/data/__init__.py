@@ -36,8 +36,10 @@ DATA_DIR: Path = Path(__file__).resolve().parent
 FORTUNES_FILE: Path = DATA_DIR / "fortunes.jsonl"
 FASHION_MNIST_FILE: Path = DATA_DIR / "fashion_mnist_sample.npz"
 
+DEBIAN_FORTUNES = "debian-fortunes"
 _TEXT_FORMATS = (
-    "'fortunes' (the packaged corpus), a .txt file (one text per non-empty line), "
+    "'fortunes' (the packaged corpus), 'debian-fortunes' (Debian's fortunes package), "
+    "a .txt file (one text per non-empty line), "
     "a .jsonl file (one JSON object with a string field 'text' per line), "
     "or 'hf:NAME[:CONFIG]:SPLIT:COLUMN' (Hugging Face datasets)"
 )
@@ -111,6 +113,8 @@ def load_texts(source: str, limit: int | None = None) -> list[str]:
         source: one of
 
             * ``"fortunes"``: the packaged corpus (file order);
+            * ``"debian-fortunes"``: every cleaned text of Debian's ``fortunes`` package (12,435 here; the
+              packaged 1,200 are a sample of them), when it is installed;
             * a path to a ``.txt`` file: one text per non-empty line (lines are stripped);
             * a path to a ``.jsonl`` file: one JSON object per non-empty line, text in field ``"text"``;
             * ``"hf:NAME[:CONFIG]:SPLIT:COLUMN"``: a Hugging Face dataset column, for example
@@ -129,6 +133,11 @@ def load_texts(source: str, limit: int | None = None) -> list[str]:
         raise SlimformerError(f"limit must be >= 0 or None, got {limit}")
     if source == "fortunes":
         texts = [text for text, _ in _fortunes()]
+        return texts if limit is None else texts[:limit]
+    if source == DEBIAN_FORTUNES:
+        from slimformer.data.debian_fortunes import debian_fortunes
+
+        texts = list(debian_fortunes())
         return texts if limit is None else texts[:limit]
     if source.startswith("hf:"):
         return _load_hf_texts(source, limit)

@@ -18,6 +18,8 @@ from slimformer.data import (
     load_texts,
     text_splits,
 )
+from slimformer.data import debian_fortunes
+from slimformer.errors import SlimformerError
 
 # ----------------------------------------------------------------------------------------------
 # fortunes corpus
@@ -233,3 +235,35 @@ def test_fashion_mnist_bad_split_raises() -> None:
 def test_module_exports() -> None:
     for name in data.__all__:
         assert hasattr(data, name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Debian's fortunes package (CI installs it: scripts/ci-services.sh)
+
+needs_debian_fortunes = pytest.mark.skipif(not debian_fortunes.installed(),
+                                           reason="Debian's fortunes package is not installed (apt-get install fortunes)")
+
+
+@needs_debian_fortunes
+def test_debian_fortunes_hold_every_packaged_text_unchanged() -> None:
+    """The packaged sample was cleaned by the same rules, so held-out texts can be excluded by equality."""
+    texts = data.load_texts("debian-fortunes")
+    assert len(texts) > 10_000 and len(set(texts)) == len(texts)
+    assert set(data.load_texts("fortunes")) <= set(texts)
+    assert data.load_texts("debian-fortunes", limit=5) == texts[:5]
+
+
+def test_debian_fortunes_missing_directory_says_how_to_install(tmp_path) -> None:
+    with pytest.raises(SlimformerError, match="apt-get install fortunes"):
+        debian_fortunes.collect_fortunes(tmp_path / "nowhere")
+    assert not debian_fortunes.installed(tmp_path)
+
+
+def test_fortune_cleaning_drops_ascii_art_and_joins_lines() -> None:
+    assert debian_fortunes.clean_entry("A fortune\n   that spans   two lines and is long enough.") == \
+        "A fortune that spans two lines and is long enough."
+    assert debian_fortunes.clean_entry("_\bB_\bo_\bl_\bd and underlined words, long enough to be kept here.") == \
+        "Bold and underlined words, long enough to be kept here."
+    assert debian_fortunes.clean_entry("/\\/\\/\\ |__| /\\/\\/\\ |__| /\\/\\/\\ |__| /\\/\\/\\ |__| ***") is None
+    assert debian_fortunes.clean_entry("too short") is None
+    assert debian_fortunes.split_entries("one\n%\ntwo\nlines\n%\n") == ["one", "two\nlines", ""]
