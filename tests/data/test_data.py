@@ -12,13 +12,13 @@ import pytest
 from slimformer import data
 from slimformer.data import (
     DATA_DIR,
+    debian_fortunes,
     fashion_mnist_classes,
     load_fashion_mnist,
     load_fortunes,
     load_texts,
     text_splits,
 )
-from slimformer.data import debian_fortunes
 from slimformer.errors import SlimformerError
 
 # ----------------------------------------------------------------------------------------------
