@@ -75,8 +75,9 @@ _KERNELS_OPTION = click.option(
               help="Distil the compressed model from the uncompressed one before measuring and saving.")
 @click.option("--steps", type=click.IntRange(min=1), help="Recovery optimizer steps (default 300).")
 @click.option("--minutes", type=click.FloatRange(min=0, min_open=True), help="Recovery wall-time budget instead.")
-@click.option("--recover-data", help="Recovery training data (default fortunes, or fashion-mnist for a ViT); "
-              "held-out texts are excluded.")
+@click.option("--recover-data", help="Recovery training data (default: debian-fortunes when Debian's fortunes "
+              "package is installed, else the packaged fortunes; fashion-mnist for a ViT); held-out texts are "
+              "excluded.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Recovery learning rate (default 5e-4).")
 @_errors
 def apply(recipe: Path, model: str, out: Path | None, data: str, samples: int, to_onnx: bool, kernels: str,
