@@ -1,6 +1,7 @@
 """Benchmark: the calibrated latency model against measured held-out plans, and its prediction speed.
 
-    python benchmarks/latency_model.py [--profile amd-epyc-avx512-1t-ort1-32] [--configs 60] [--vit-configs 30]
+    python benchmarks/latency_model.py [--profile amd-epyc-avx512-1t-ort1-32] [--configs 60] [--vit-configs 60]
+                                       [--runs 25]
 
 Runs `slimformer profile validate` for all-MiniLM-L6-v2 (batch 1 x seq 128) and the Fashion-MNIST ViT
 geometry (`vit-fmnist`, batch 1 x 17 tokens): each exports the random held-out plans and the uniform
@@ -55,7 +56,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profile", default=DEFAULT_PROFILE)
     ap.add_argument("--configs", type=int, default=60)
-    ap.add_argument("--vit-configs", type=int, default=30)
+    ap.add_argument("--vit-configs", type=int, default=60)
+    ap.add_argument("--runs", type=int, default=25, help="timed rounds per pass (the noise floor falls with more)")
     ap.add_argument("--skip-validate", action="store_true", help="Only time the predictions.")
     args = ap.parse_args()
     os.chdir(ROOT)
@@ -64,7 +66,7 @@ def main() -> int:
                                ("vit-fmnist", args.vit_configs, "runs/validate-vit")):
             # the exports are kept (and reused when the plans are the same) in a gitignored folder
             subprocess.run([sys.executable, "-m", "slimformer.cli", "profile", "validate", args.profile, "--model",
-                            model, "--configs", str(n), "--work-dir", work], check=True)
+                            model, "--configs", str(n), "--runs", str(args.runs), "--work-dir", work], check=True)
     from slimformer.fileio import atomic_write
     from slimformer.hardware_profiles.commands import update_bench_doc
 
