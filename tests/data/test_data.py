@@ -240,8 +240,8 @@ def test_module_exports() -> None:
 # ----------------------------------------------------------------------------------------------
 # Debian's fortunes package (CI installs it: scripts/ci-services.sh)
 
-needs_debian_fortunes = pytest.mark.skipif(not debian_fortunes.installed(),
-                                           reason="Debian's fortunes package is not installed (apt-get install fortunes)")
+needs_debian_fortunes = pytest.mark.skipif(
+    not debian_fortunes.installed(), reason="Debian's fortunes package is not installed (apt-get install fortunes)")
 
 
 @needs_debian_fortunes
