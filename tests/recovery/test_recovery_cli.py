@@ -44,7 +44,7 @@ def test_apply_recover_writes_the_record_and_a_loadable_model(int4_recipe: Path,
     rec = saved.recovery
     assert rec is not None and rec.steps == 3 and rec.settings["steps"] == 3 and rec.eval_samples == 16
     assert set(rec.before) == set(rec.after) == {"cosine", "neighbours"}
-    assert rec.train_samples == 3 * 16
+    assert rec.train_samples == 3 * rec.settings["batch_size"] == 3 * 32  # steps x the default batch
     assert "recovery" not in yaml.safe_load(int4_recipe.read_text())  # recipes without recovery read as before
     loaded = load(str(out))
     assert loaded.recipe.recovery == rec  # type: ignore[attr-defined]
