@@ -109,15 +109,11 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def update_doc(table: str, doc: Path = ROOT / "docs" / "BENCHMARKS.md") -> bool:
-    """Replace the text between `<!-- export:begin -->` and `<!-- export:end -->` in docs/BENCHMARKS.md."""
-    begin, end = "<!-- export:begin -->", "<!-- export:end -->"
-    text = doc.read_text()
-    if begin not in text or end not in text:
-        return False
-    head, rest = text.split(begin, 1)
-    doc.write_text(head + begin + "\n" + table.rstrip() + "\n" + end + rest.split(end, 1)[1])
-    return True
+def update_doc(table: str) -> None:
+    """Replace the `export` section of docs/BENCHMARKS.md (between its begin/end markers)."""
+    from slimformer.hardware_profiles.commands import update_bench_doc
+
+    update_bench_doc("export", table.rstrip(), ROOT / "docs" / "BENCHMARKS.md")
 
 
 def main() -> int:

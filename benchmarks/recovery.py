@@ -198,15 +198,11 @@ def render_table(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_doc(table: str, doc: Path = REPO / "docs" / "BENCHMARKS.md") -> bool:
-    """Replace the text between `<!-- recovery:begin -->` and `<!-- recovery:end -->` in docs/BENCHMARKS.md."""
-    begin, end = "<!-- recovery:begin -->", "<!-- recovery:end -->"
-    text = doc.read_text()
-    if begin not in text or end not in text:
-        return False
-    head, rest = text.split(begin, 1)
-    doc.write_text(head + begin + "\n" + table.rstrip() + "\n" + end + rest.split(end, 1)[1])
-    return True
+def update_doc(table: str) -> None:
+    """Replace the `recovery` section of docs/BENCHMARKS.md (between its begin/end markers)."""
+    from slimformer.hardware_profiles.commands import update_bench_doc
+
+    update_bench_doc("recovery", table.rstrip(), REPO / "docs" / "BENCHMARKS.md")
 
 
 _RESULT: dict[str, Any] = {}
@@ -247,7 +243,8 @@ def main() -> int:
     if args.table_only:
         table = render_table(json.loads(args.out.read_text()))
         print(table)
-        print("docs/BENCHMARKS.md updated" if update_doc(table) else "no recovery markers in docs/BENCHMARKS.md")
+        update_doc(table)
+        print("docs/BENCHMARKS.md updated")
         return 0
 
     import torch
