@@ -52,6 +52,52 @@ def prediction_speed(profile: str, n: int = 500) -> dict:
             "estimate_cpu_ms_per_plan": round(est_ms, 4), "loadavg": [round(x, 2) for x in os.getloadavg()]}
 
 
+MODELS = (("sentence-transformers/all-MiniLM-L6-v2", "MiniLM 1x128", 1, 128), ("vit-fmnist", "ViT 1x17", 1, 17))
+
+
+def compare(profile: str, others: list[str]) -> list[dict]:
+    """Every profile's metrics on the plans measured by the last validation of `profile` (same rows, so the
+    machine's state at measurement time is the same for all; plans regenerated from the validation's seed 0)."""
+    import numpy as np
+
+    from slimformer.hardware_profiles import load_profile
+    from slimformer.hardware_profiles.calibrate import reference_adapter
+    from slimformer.hardware_profiles.predict import predict
+    from slimformer.hardware_profiles.validate import baseline_plans, metrics, random_plan
+
+    out = []
+    for model, label, batch, seq in MODELS:
+        shipped = load_profile(profile)
+        stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"profile-validate-{shipped.name}-{model}")
+        rows = [r for r in json.loads((ROOT / "benchmarks/results" / f"{stem}.json").read_text())["rows"]
+                if r["held_out"]]
+        adapter = reference_adapter(model)
+        rng = random.Random(0)
+        plans = dict(baseline_plans(adapter))
+        for i in range(len(rows)):
+            plans[f"plan{i:03d}"] = random_plan(adapter, rng)[0]
+        measured = np.array([r["measured_ms"] for r in rows])
+        for name in (profile, *others):
+            prof = load_profile(name)
+            pred = np.array([predict(adapter, plans[r["name"]], batch, seq, prof).ms for r in rows])
+            m = metrics(measured, pred)
+            out.append({"model": label, "profile": name, "version": prof.version, "plans": len(rows),
+                        "calibration_s": prof.calibration.seconds if prof.calibration else None,
+                        **{k: round(v, 4) for k, v in m.items()},
+                        "bias": round(float(np.mean((pred - measured) / measured)), 4)})
+    return out
+
+
+def compare_doc(table: list[dict]) -> str:
+    lines = ["| model | profile | version | plans | MAPE | within ±10% | within ±5% | p95 | Kendall tau | mean bias |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in table:
+        lines.append(f"| {r['model']} | `{Path(r['profile']).name}` | {r['version']} | {r['plans']} | "
+                     f"{100 * r['mape']:.2f}% | {100 * r['within_10']:.0f}% | {100 * r['within_5']:.0f}% | "
+                     f"{100 * r['p95_error']:.1f}% | {r['kendall_tau']:.3f} | {100 * r['bias']:+.1f}% |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profile", default=DEFAULT_PROFILE)
@@ -59,6 +105,8 @@ def main() -> int:
     ap.add_argument("--vit-configs", type=int, default=60)
     ap.add_argument("--runs", type=int, default=25, help="timed rounds per pass (the noise floor falls with more)")
     ap.add_argument("--skip-validate", action="store_true", help="Only time the predictions.")
+    ap.add_argument("--compare", nargs="+", default=[], metavar="PROFILE",
+                    help="also score these profiles on the same measured plans (e.g. a fresh calibration)")
     args = ap.parse_args()
     os.chdir(ROOT)
     if not args.skip_validate:
@@ -70,6 +118,10 @@ def main() -> int:
     from slimformer.fileio import atomic_write
     from slimformer.hardware_profiles.commands import update_bench_doc
 
+    if args.compare:
+        table = compare(args.profile, args.compare)
+        atomic_write(ROOT / "benchmarks/results/latency_model_compare.json", json.dumps(table, indent=1))
+        update_bench_doc("latency-model-compare", compare_doc(table), ROOT / "docs/BENCHMARKS.md")
     speed = prediction_speed(args.profile)
     atomic_write(ROOT / "benchmarks/results/latency_model_speed.json", json.dumps(speed, indent=1))
     update_bench_doc("latency-model-speed", (

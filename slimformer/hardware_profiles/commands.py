@@ -107,7 +107,8 @@ def show_cmd(profile: str) -> None:
 @click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads (default: the profile's).")
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1))
 @click.option("--seq", type=click.IntRange(min=1), help="Sequence length (default 128; a ViT's token count).")
-@click.option("--runs", default=15, show_default=True, type=click.IntRange(min=3), help="Rounds per timing pass.")
+@click.option("--runs", default=15, show_default=True, type=click.IntRange(min=3),
+              help="Rounds per timing pass (at least; fast models get more, up to 400, so a pass lasts 20 s).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), help="Keep the exported models here.")
 @click.option("--no-write", is_flag=True, help="Do not write the profile, results JSON or docs section.")

@@ -32,7 +32,7 @@ from slimformer.errors import ConfigError
 from slimformer.evaluators.latency import forward_ops
 from slimformer.export.kernels import KernelChoice, choose_embedding_kernel, choose_linear_kernel
 from slimformer.hardware_profiles.profile import Fit, HardwareProfile, KernelTable, LatencyModel
-from slimformer.hardware_profiles.residual import apply_residual, glue_features
+from slimformer.hardware_profiles.residual import LOWRANK_PREFIX, apply_residual, glue_features
 from slimformer.models.base import ModelAdapter
 
 LABEL = "calibrated (onnxruntime kernel model)"
@@ -237,6 +237,8 @@ def predict(adapter: ModelAdapter, plan: CompressionPlan, batch: int, seq: int,
             assert spec is not None
             cls, us = c.linear_us(spec.bits, spec.group_size if spec.quantized else None, op.m, op.k, op.n)
             roof += max(op.flops / c.peak.get(cls, peak_fp32), nbytes / bw)
+            if spec.rank is not None:  # a low-rank factor: its own residual family (residual.LOWRANK)
+                cls = LOWRANK_PREFIX + cls
         elif kind == "embedding":
             spec = op.spec
             assert spec is not None

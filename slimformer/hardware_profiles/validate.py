@@ -79,6 +79,20 @@ def random_plan(adapter: ModelAdapter, rng: random.Random) -> tuple[CompressionP
     return CompressionPlan(units=units, layers=layers, sharing=sharing), desc
 
 
+MIN_PASS_S = 20.0  # each timing pass lasts at least this long (more rounds for fast models)
+MAX_ROUNDS = 400
+
+
+def pass_rounds(runs: int, round_ms: float, min_pass_s: float = MIN_PASS_S) -> int:
+    """Rounds per timing pass: `runs`, or more so that a pass lasts `min_pass_s` (a round runs every model
+    WARM_REPEAT times; `round_ms` is one run of each). On this shared VM 25 rounds of the 0.35 ms ViT models
+    (2 s a pass) left the two passes 4-7% apart when other tenants were busy; 200 rounds: 0.4%."""
+    from slimformer.hardware_profiles.measure_models import WARM_REPEAT
+
+    need = int(np.ceil(min_pass_s * 1e3 / max(WARM_REPEAT * round_ms, 1e-6)))
+    return max(runs, min(MAX_ROUNDS, need))
+
+
 def kendall_tau(a: np.ndarray, b: np.ndarray) -> float:
     from scipy.stats import kendalltau
 
@@ -94,7 +108,8 @@ def metrics(measured: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
 
 
 def validate(profile: HardwareProfile, adapter: ModelAdapter, configs: int, batch: int, seq: int, threads: int,
-             work_dir: Path, seed: int = 0, runs: int = 15, log=print) -> tuple[ValidationResult, list[PlanRow]]:  # noqa: ANN001
+             work_dir: Path, seed: int = 0, runs: int = 15, log=print,  # noqa: ANN001
+             min_pass_s: float = MIN_PASS_S) -> tuple[ValidationResult, list[PlanRow]]:
     """Export, measure and predict `configs` random plans plus the baselines; the result and every row."""
     from slimformer.compression.apply import canonical_plan
     from slimformer.evaluators.latency import estimate_latency
@@ -111,6 +126,7 @@ def validate(profile: HardwareProfile, adapter: ModelAdapter, configs: int, batc
     load0 = [round(x, 2) for x in os.getloadavg()]
     paths = export_plans(adapter, plans, work_dir, log=log)
     feed = input_feed(adapter, batch, seq)
+    runs = pass_rounds(runs, sum(predict(adapter, p, batch, seq, profile).ms for p in plans.values()), min_pass_s)
     log(f"timing {len(paths)} models round-robin, 2 passes x {runs} runs")
     first = time_round_robin(paths, feed, threads, runs)
     second = time_round_robin(paths, feed, threads, runs)

@@ -87,3 +87,34 @@ def test_validation_metrics_and_random_plans(tiny_bert) -> None:
     assert len({repr(p) for p in plans}) == 20
     assert any(p.layers for p in plans) and any(s.rank for p in plans for s in p.units.values())
     assert {s.bits for p in plans for s in p.units.values()} == {32, 16, 8, 4}
+
+
+def test_fast_benchmarks_get_more_runs_within_their_budget() -> None:
+    from slimformer.hardware_profiles.calibrate import _runs
+
+    g = CalibrationGrid.full()
+    assert _runs(g, 3.0, 8) == g.max_runs  # a 3 µs kernel: 100 runs cost 2.4 ms
+    assert _runs(g, 5000.0, 2) == g.runs  # a 5 ms kernel keeps the 12-run cap
+    assert _runs(g, 200_000.0, 2) == 4  # and a very slow one the floor
+    assert g.runs <= _runs(g, 100.0, 4) <= g.max_runs
+    assert _runs(CalibrationGrid.quick(), 3.0, 8) == 6  # quick() stays quick
+
+
+def test_reference_and_validation_rounds_follow_model_speed() -> None:
+    from slimformer.hardware_profiles.residual import reference_runs
+    from slimformer.hardware_profiles.validate import MAX_ROUNDS, pass_rounds
+
+    assert reference_runs(0.3, 7) == 100 and reference_runs(35.0, 7) == 15
+    assert pass_rounds(25, 64 * 35.0) == 25  # MiniLM: 25 rounds already take minutes
+    vit = pass_rounds(25, 64 * 0.35)  # the ViT: enough rounds for a 20 s pass
+    assert vit > 200 and vit * 4 * 64 * 0.35 >= 20e3
+    assert pass_rounds(25, 0.01) == MAX_ROUNDS
+
+
+def test_calibration_passes_multiply_the_linear_benchmarks() -> None:
+    from dataclasses import replace
+
+    one = calibrate(1, replace(TINY, passes=1), name="tiny", progress=False)
+    two = calibrate(1, replace(TINY, passes=2), name="tiny", progress=False)
+    n_lin = len(TINY.linear) * len(TINY.m_values) * len(TINY.dims) ** 2
+    assert two.calibration.measurements - one.calibration.measurements == n_lin

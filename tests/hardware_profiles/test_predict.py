@@ -196,3 +196,32 @@ def test_shared_layers_are_priced_with_their_representatives_specs(tiny_bert) ->
     explicit = CompressionPlan({n: UnitSpec(bits=4, group_size=32) for n in l0 + l1}, sharing=sharing)
     assert shared.ms == pytest.approx(predict(tiny_bert, explicit, 1, 16, prof).ms, rel=1e-12)
     assert "dequant_gemm:8:row" not in shared.breakdown  # layer 1's int8 entries are never built
+
+
+def test_low_rank_factors_are_their_own_residual_family(tiny_bert) -> None:
+    """A rank-r linear's two MatMuls are priced under 'lowrank|<class>'; the 'lowrank' scale applies to them
+    only, and a profile fitted before the family existed prices them with their kernel family's scale."""
+    from slimformer.hardware_profiles.residual import LOWRANK_PREFIX, kernel_family
+
+    lin = [u for u in tiny_bert.units if u.role != "embedding"]
+    plan = CompressionPlan(units={u.name: UnitSpec(rank=8) for u in lin})
+    old = calibrated_profile()  # residual without class scales
+    p = predict(tiny_bert, plan, 1, 16, old)
+    low = {k: v for k, v in p.breakdown.items() if k.startswith(LOWRANK_PREFIX)}
+    assert set(low) == {LOWRANK_PREFIX + "matmul"} and kernel_family(LOWRANK_PREFIX + "matmul") == "lowrank"
+    assert "matmul" not in p.breakdown  # every linear is low rank here; the embeddings are gathers
+
+    def with_scales(**scales: float) -> HardwareProfile:
+        lm = old.latency_model.model_copy(deep=True)
+        lm.residual["hf"] = lm.residual["hf"].model_copy(update={"class_scale": scales})
+        return old.model_copy(update={"latency_model": lm})
+
+    base = predict(tiny_bert, plan, 1, 16, with_scales(matmul=1.0)).ms
+    # no 'lowrank' scale: the factors take the matmul family's scale (the behaviour of older profiles)
+    assert predict(tiny_bert, plan, 1, 16, with_scales(matmul=1.5)).ms == pytest.approx(base + 0.5 * sum(low.values()))
+    # a 'lowrank' scale overrides it for the factors and leaves dense matmuls alone
+    assert predict(tiny_bert, plan, 1, 16, with_scales(matmul=1.5, lowrank=0.5)).ms == pytest.approx(
+        base - 0.5 * sum(low.values()))
+    dense = CompressionPlan()
+    assert predict(tiny_bert, dense, 1, 16, with_scales(matmul=1.0, lowrank=0.5)).ms == pytest.approx(
+        predict(tiny_bert, dense, 1, 16, with_scales(matmul=1.0)).ms)
