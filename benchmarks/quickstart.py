@@ -62,6 +62,7 @@ def main() -> int:
         "mean_trial_s": s["mean_trial_s"], "mean_forward_s": s["mean_eval_s"],
         "mean_outside_forward_s": s["mean_outside_forward_s"],
         "best_recipe": s["best_recipe"], "best_baseline": s["best_baseline"],
+        "latency_label": s.get("latency_label", "roofline estimate"),
         "pareto": [{k: e[k] for k in ("trial", "memory_percent", "latency_ms_estimate")} |
                    {"search": e["search_metrics"][m], "heldout": e["heldout_metrics"][m],
                     "heldout_neighbours": e["heldout_metrics"].get("neighbours")} for e in pareto["trials"]],
@@ -107,8 +108,9 @@ def update_docs(r: dict, m: str) -> None:
                          f"{b['heldout_metrics'].get('neighbours', 0):.3f} |")
         else:
             lines.append(f"| {b['name']} | {b['memory_percent']:.2f} | does not fit the budget | |")
-    lines += ["", "Pareto front (feasible trials; latency is the roofline estimate, batch 1, 128 tokens):", "",
-              "| trial | memory % | latency ms (estimate) | search " + m + " | held-out " + m + " |",
+    label = r.get("latency_label", "roofline estimate")
+    lines += ["", f"Pareto front (feasible trials; latency: {label}; batch 1, 128 tokens):", "",
+              "| trial | memory % | latency ms (predicted) | search " + m + " | held-out " + m + " |",
               "|---|---|---|---|---|"]
     for e in sorted(r["pareto"], key=lambda e: e["memory_percent"]):
         lines.append(f"| {e['trial']} | {e['memory_percent']:.2f} | {e['latency_ms_estimate']:.2f} | "
