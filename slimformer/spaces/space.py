@@ -70,6 +70,38 @@ class SearchSpace:
                 for value in getattr(b.group, key) or []:
                     for layer in b.layers:
                         self._structure_value(key, value, layer)
+        self._check_structure_owners()
+        self._check_2_4()
+
+    def _check_structure_owners(self) -> None:
+        """One group decides a layer's heads_kept (neurons_kept): with two, one would silently override the other."""
+        owner: dict[tuple[str, int], str] = {}
+        for b in self.bundles:
+            group = b.prefix.split(".")[0]
+            for key in ("heads_kept", "neurons_kept"):
+                if not getattr(b.group, key):
+                    continue
+                for layer in b.layers:
+                    first = owner.setdefault((key, layer), group)
+                    if first != group:
+                        raise ConfigError(
+                            f"space.groups[{first[1:]}] and space.groups[{group[1:]}] both choose {key} for layer "
+                            f"{layer}; set {key} in one group only (select: layers narrows a group)")
+
+    def _check_2_4(self) -> None:
+        """'2:4' sparsity needs every stored matrix's input dimension divisible by 4, the low-rank factors' rank
+        included: found here instead of as a failed trial for each plan that picks it."""
+        for b in self.bundles:
+            if "2:4" not in b.group.sparsity:
+                continue
+            for u in b.units:
+                ranks = {rank_from_fraction(f, u.shape) for f in b.group.rank_fraction} - {None}
+                bad = sorted(d for d in {u.shape[1], *ranks} if d % 4)  # type: ignore[operator]
+                if bad:
+                    raise ConfigError(
+                        f"space.groups[{b.prefix.split('.')[0][1:]}].sparsity '2:4' needs input dimensions "
+                        f"divisible by 4, but unit {u.name} (shape {tuple(u.shape)}) would store {bad}; drop '2:4' "
+                        "from this group or pick rank_fraction values whose ranks are multiples of 4")
 
     def _bundles(self) -> list[Bundle]:
         claimed: set[str] = set()

@@ -155,6 +155,27 @@ def test_select_of_already_claimed_units_is_a_config_error(adapter) -> None:
         space(adapter, {"groups": [{"bits": [8, 4]}, {"select": {"role": ["query"]}, "bits": [4]}]})
 
 
+def test_two_groups_choosing_heads_for_one_layer_is_a_config_error(adapter) -> None:
+    with pytest.raises(ConfigError, match=r"space\.groups\[0\] and space\.groups\[1\] both choose heads_kept "
+                                          r"for layer 0; set heads_kept in one group only"):
+        space(adapter, {"groups": [{"select": {"role": ["query"]}, "heads_kept": [2, 4]},
+                                   {"select": {"role": ["key"]}, "heads_kept": [1, 4]}]})
+    # one group per layer is fine, and so is one group deciding heads and another neurons
+    sp = space(adapter, {"groups": [{"select": {"role": ["query"], "layers": [0]}, "heads_kept": [2, 4]},
+                                    {"select": {"role": ["key"], "layers": [1]}, "heads_kept": [1, 4]},
+                                    {"select": {"role": ["ffn_in"]}, "neurons_kept": [0.5, 1.0]}]})
+    assert {"g0.L0.heads_kept", "g1.L1.heads_kept", "g2.L0.neurons_kept"} <= set(sp.distributions())
+
+
+def test_2_4_sparsity_needs_input_dims_divisible_by_4(adapter) -> None:
+    ok = space(adapter, {"groups": [{"select": {"role": ["query"]}, "sparsity": [0.0, "2:4"],
+                                     "rank_fraction": [1.0, 0.5]}]})  # in-dim 32, rank 16
+    assert "g0.L0.sparsity" in ok.distributions()
+    with pytest.raises(ConfigError, match=r"space\.groups\[0\]\.sparsity '2:4' needs input dimensions divisible "
+                                          r"by 4, but unit .*query.* would store \[10\]"):
+        space(adapter, {"groups": [{"select": {"role": ["query"]}, "sparsity": ["2:4"], "rank_fraction": [0.3]}]})
+
+
 # ---------------------------------------------------------------------------------------- decoding
 
 
