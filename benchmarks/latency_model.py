@@ -63,19 +63,15 @@ def compare(profile: str, others: list[str]) -> list[dict]:
     from slimformer.hardware_profiles import load_profile
     from slimformer.hardware_profiles.calibrate import reference_adapter
     from slimformer.hardware_profiles.predict import predict
-    from slimformer.hardware_profiles.validate import baseline_plans, metrics, random_plan
+    from slimformer.hardware_profiles.validate import metrics, results_stem, validation_plans
 
     out = []
+    shipped = load_profile(profile).name
     for model, label, batch, seq in MODELS:
-        shipped = load_profile(profile)
-        stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"profile-validate-{shipped.name}-{model}")
-        rows = [r for r in json.loads((ROOT / "benchmarks/results" / f"{stem}.json").read_text())["rows"]
-                if r["held_out"]]
+        rows = [r for r in json.loads((ROOT / "benchmarks/results" / f"{results_stem(shipped, model)}.json")
+                                      .read_text())["rows"] if r["held_out"]]
         adapter = reference_adapter(model)
-        rng = random.Random(0)
-        plans = dict(baseline_plans(adapter))
-        for i in range(len(rows)):
-            plans[f"plan{i:03d}"] = random_plan(adapter, rng)[0]
+        plans, _ = validation_plans(adapter, len(rows))
         measured = np.array([r["measured_ms"] for r in rows])
         for name in (profile, *others):
             prof = load_profile(name)

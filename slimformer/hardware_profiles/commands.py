@@ -120,7 +120,7 @@ def validate_cmd(profile: str, model: str, configs: int, threads: int | None, ba
 
     from slimformer.hardware_profiles.calibrate import default_shapes, reference_adapter
     from slimformer.hardware_profiles.profile import load_profile, resolve_path, save_profile
-    from slimformer.hardware_profiles.validate import rows_json, validate, with_result
+    from slimformer.hardware_profiles.validate import results_stem, rows_json, validate, with_result
 
     prof = load_profile(profile)
     threads = threads or prof.threads
@@ -145,8 +145,7 @@ def validate_cmd(profile: str, model: str, configs: int, threads: int | None, ba
     shown = path.resolve().relative_to(Path.cwd()) if path.resolve().is_relative_to(Path.cwd()) else path
     save_profile(with_result(prof, result), path)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"profile-validate-{prof.name}-{model}")
-    out = RESULTS_DIR / f"{stem}.json"
+    out = RESULTS_DIR / f"{results_stem(prof.name, model)}.json"
     from slimformer.fileio import atomic_write
 
     atomic_write(out, json.dumps(rows_json(result, rows, threads), indent=1))

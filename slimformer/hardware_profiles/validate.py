@@ -93,6 +93,23 @@ def pass_rounds(runs: int, round_ms: float, min_pass_s: float = MIN_PASS_S) -> i
     return max(runs, min(MAX_ROUNDS, need))
 
 
+def validation_plans(adapter: ModelAdapter, configs: int, seed: int = 0
+                     ) -> tuple[dict[str, CompressionPlan], dict[str, str]]:
+    """The uniform baselines and `configs` random held-out plans (plan000...) drawn from `seed`, with a short
+    description of each: the same plans for the same arguments (benchmarks re-score them with other profiles)."""
+    rng = random.Random(seed)
+    plans = dict(baseline_plans(adapter))
+    desc = {n: "uniform baseline" for n in plans}
+    for i in range(configs):
+        plans[f"plan{i:03d}"], desc[f"plan{i:03d}"] = random_plan(adapter, rng)
+    return plans, desc
+
+
+def results_stem(profile_name: str, model: str) -> str:
+    """File stem of a validation's results JSON (benchmarks/results/<stem>.json)."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in f"profile-validate-{profile_name}-{model}")
+
+
 def kendall_tau(a: np.ndarray, b: np.ndarray) -> float:
     from scipy.stats import kendalltau
 
@@ -117,22 +134,18 @@ def validate(profile: HardwareProfile, adapter: ModelAdapter, configs: int, batc
     from slimformer.hardware_profiles.predict import predict, require_model
 
     require_model(profile)
-    rng = random.Random(seed)
-    plans = dict(baseline_plans(adapter))
-    desc = {n: "uniform baseline" for n in plans}
-    for i in range(configs):
-        plan, d = random_plan(adapter, rng)
-        plans[f"plan{i:03d}"], desc[f"plan{i:03d}"] = plan, d
+    plans, desc = validation_plans(adapter, configs, seed)
     load0 = [round(x, 2) for x in os.getloadavg()]
     paths = export_plans(adapter, plans, work_dir, log=log)
     feed = input_feed(adapter, batch, seq)
-    runs = pass_rounds(runs, sum(predict(adapter, p, batch, seq, profile).ms for p in plans.values()), min_pass_s)
+    preds = {name: predict(adapter, plan, batch, seq, profile) for name, plan in plans.items()}
+    runs = pass_rounds(runs, sum(p.ms for p in preds.values()), min_pass_s)
     log(f"timing {len(paths)} models round-robin, 2 passes x {runs} runs")
     first = time_round_robin(paths, feed, threads, runs)
     second = time_round_robin(paths, feed, threads, runs)
     rows = []
     for name, plan in plans.items():
-        p = predict(adapter, plan, batch, seq, profile)
+        p = preds[name]
         m1, m2 = float(np.median(first[name])), float(np.median(second[name]))
         est = estimate_latency(adapter.units, adapter.layers, canonical_plan(adapter, plan), profile, batch, seq).ms
         rows.append(PlanRow(name, name.startswith("plan"), (m1 + m2) / 2, m2, p.ms, est, p.flops, p.roofline_ms,
