@@ -111,7 +111,7 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 
 def update_doc(table: str) -> None:
     """Replace the `export` section of docs/BENCHMARKS.md (between its begin/end markers)."""
-    from slimformer.hardware_profiles.commands import update_bench_doc
+    from slimformer.cli_profiles import update_bench_doc
 
     update_bench_doc("export", table.rstrip(), ROOT / "docs" / "BENCHMARKS.md")
 

@@ -29,10 +29,10 @@ DEFAULT_PROFILE = "amd-epyc-avx512-1t-ort1-32"
 
 def prediction_speed(profile: str, n: int = 500) -> dict:
     """CPU ms per `predict` call (and per roofline estimate) over `n` random MiniLM plans."""
-    from slimformer.evaluators.latency import estimate_latency
     from slimformer.hardware_profiles import load_profile
-    from slimformer.hardware_profiles.calibrate import MINILM, reference_adapter
     from slimformer.hardware_profiles.predict import predict
+    from slimformer.hardware_profiles.references import MINILM, reference_adapter
+    from slimformer.hardware_profiles.roofline import estimate_latency
     from slimformer.hardware_profiles.validate import random_plan
 
     prof = load_profile(profile)
@@ -61,8 +61,8 @@ def compare(profile: str, others: list[str]) -> list[dict]:
     import numpy as np
 
     from slimformer.hardware_profiles import load_profile
-    from slimformer.hardware_profiles.calibrate import reference_adapter
     from slimformer.hardware_profiles.predict import predict
+    from slimformer.hardware_profiles.references import reference_adapter
     from slimformer.hardware_profiles.validate import metrics, results_stem, validation_plans
 
     out = []
@@ -111,8 +111,8 @@ def main() -> int:
             # the exports are kept (and reused when the plans are the same) in a gitignored folder
             subprocess.run([sys.executable, "-m", "slimformer.cli", "profile", "validate", args.profile, "--model",
                             model, "--configs", str(n), "--runs", str(args.runs), "--work-dir", work], check=True)
+    from slimformer.cli_profiles import update_bench_doc
     from slimformer.fileio import atomic_write
-    from slimformer.hardware_profiles.commands import update_bench_doc
 
     if args.compare:
         table = compare(args.profile, args.compare)

@@ -200,7 +200,7 @@ def render_table(result: dict[str, Any]) -> str:
 
 def update_doc(table: str) -> None:
     """Replace the `recovery` section of docs/BENCHMARKS.md (between its begin/end markers)."""
-    from slimformer.hardware_profiles.commands import update_bench_doc
+    from slimformer.cli_profiles import update_bench_doc
 
     update_bench_doc("recovery", table.rstrip(), REPO / "docs" / "BENCHMARKS.md")
 

@@ -210,7 +210,7 @@ def inspect(model: str, as_json: bool) -> None:
         click.echo(rep.format())
 
 
-from slimformer.hardware_profiles.commands import calibrate_cmd, profile_group  # noqa: E402
+from slimformer.cli_profiles import calibrate_cmd, profile_group  # noqa: E402
 
 main.add_command(calibrate_cmd)
 main.add_command(profile_group)

@@ -1,4 +1,10 @@
-"""Hardware profiles: measured GEMM rate, memory bandwidth and op overhead of one machine + runtime.
+"""Hardware profiles: one machine + runtime's measured numbers and the latency maths they feed.
+
+profile.py: the schema (+ shipped profiles in profiles/). roofline.py: the forward pass as ops and the roofline
+estimate; predict.py (+ residual.py): the calibrated onnxruntime kernel model. Making profiles: torch_rates.py
+(torch roofline rates), calibrate.py (kernel micro-benchmarks in microbench.py, whole-model timing in
+model_timing.py of the reference models in references.py, residual fitting in residual_fit.py), validate.py;
+machine.py: this machine's identity. Nothing here imports evaluators/, search/ or the CLI.
 
 `measure_profile` is imported lazily (it pulls in torch; loading a profile does not).
 """
@@ -17,7 +23,7 @@ from slimformer.hardware_profiles.profile import (
 )
 
 if TYPE_CHECKING:
-    from slimformer.hardware_profiles.measure import measure_profile
+    from slimformer.hardware_profiles.torch_rates import measure_profile
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -32,7 +38,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name == "measure_profile":
-        from slimformer.hardware_profiles.measure import measure_profile
+        from slimformer.hardware_profiles.torch_rates import measure_profile
 
         return measure_profile
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,13 +1,14 @@
 """`slimformer calibrate`: measure this device's onnxruntime kernels and fit the latency model.
 
-1. Micro-benchmarks (microbench.py): every linear kernel class the exporter emits, over M = batch x seq
+1. Kernel micro-benchmarks (microbench.py): every linear kernel class the exporter emits, over M = batch x seq
    in `m_values` and (K, N) over `dims` (model widths and the rank grid), each fitted per M by
    non-negative least squares on relative error (t = c0 + c1*K*N + c2*K + c3*N); embedding kernels by
    rows x width; the attention core over heads x seq x head_dim; residual-add+LayerNorm, GELU, Add by
    elements. Rates: best fp32 GEMM rate (and per class), best Add bandwidth, tiny-op time.
-2. Reference models (`references`): fp32 and uniform int8 / int4-g32 exports of each, timed round-robin at
-   a few shapes; the whole-graph residual of their family (glue, dispatch, cache effects) is fitted on
-   them, and so is the FLOPs proxy's constant. Validation (validate.py) uses other, random plans.
+2. Reference models (`references`, references.py): fp32 and uniform int8 / int4-g32 exports of each, timed
+   round-robin at a few shapes (model_timing.py); the whole-graph residual of their family (glue, dispatch,
+   cache effects) is fitted on them (residual_fit.py), and so is the FLOPs proxy's constant. Validation
+   (validate.py) uses other, random plans.
 Noise: the relative IQR of the repeated runs of every benchmark. The load average is recorded.
 """
 
@@ -27,6 +28,8 @@ from scipy.optimize import nnls
 from slimformer.errors import ConfigError
 from slimformer.export.kernels import KernelChoice
 from slimformer.hardware_profiles import microbench as mb
+from slimformer.hardware_profiles.machine import cpu_info, default_name
+from slimformer.hardware_profiles.predict import attention_features, kernel_class
 from slimformer.hardware_profiles.profile import (
     CalibrationInfo,
     Fit,
@@ -35,10 +38,9 @@ from slimformer.hardware_profiles.profile import (
     LatencyModel,
     Noise,
 )
-from slimformer.hardware_profiles.residual import fit_residuals
+from slimformer.hardware_profiles.references import MINILM, VIT_FMNIST
+from slimformer.hardware_profiles.residual_fit import fit_residuals
 
-MINILM = "sentence-transformers/all-MiniLM-L6-v2"
-VIT_FMNIST = "vit-fmnist"  # the Fashion-MNIST ViT geometry (random weights: latency does not depend on them)
 LINEAR_CLASSES: tuple[KernelChoice, ...] = (
     KernelChoice("matmul", 32),
     KernelChoice("dequant_gemm", 8),
@@ -142,8 +144,6 @@ class _Run:
         """Every linear class over M x K x N, class by class, in `passes` passes; a cell's time is the fastest
         pass's median (other tenants' load only ever slows a pass down, and on this shared VM it shifted whole
         classes by 10-16% between two calibrations)."""
-        from slimformer.hardware_profiles.predict import kernel_class
-
         g = self.grid
         timed: dict[tuple[int, int, int, int], float] = {}
         for _ in range(g.passes):
@@ -177,8 +177,6 @@ class _Run:
         return tables, {k: round(v, 2) for k, v in peaks.items()}
 
     def embedding(self) -> dict[str, Fit]:
-        from slimformer.hardware_profiles.predict import kernel_class
-
         out = {}
         for choice in self.grid.embedding:
             cls = kernel_class(choice)
@@ -192,8 +190,6 @@ class _Run:
         return out
 
     def attention(self) -> Fit:
-        from slimformer.hardware_profiles.predict import attention_features
-
         g = self.grid
         rows, ts = [], []
         for d in g.head_dims:
@@ -223,26 +219,6 @@ class _Run:
         return out
 
 
-def reference_adapter(name: str):  # noqa: ANN201 - a ModelAdapter (import kept lazy)
-    """A reference model by name: `vit-fmnist` is the Fashion-MNIST ViT geometry with random weights."""
-    if name == VIT_FMNIST:
-        from slimformer.models.vit import create_vit
-        from slimformer.models.vit_train import ARCHITECTURE, MODEL_ARGS
-
-        return create_vit(ARCHITECTURE, dict(MODEL_ARGS), model_id=VIT_FMNIST)
-    from slimformer.models import load
-
-    return load(name)
-
-
-def default_shapes(adapter) -> tuple[tuple[int, int], ...]:  # noqa: ANN001
-    """(batch, seq) pairs the reference models are timed at: ViT at its token count, text at 32 and 128."""
-    if adapter.family == "timm":
-        grid = adapter.model.patch_embed.grid_size
-        return ((1, int(grid[0] * grid[1]) + 1), (8, int(grid[0] * grid[1]) + 1))
-    return ((1, 16), (1, 32), (1, 64), (1, 128))
-
-
 def calibrate(threads: int, grid: CalibrationGrid | None = None, name: str | None = None,
               progress: bool = True, work_dir: Path | None = None) -> HardwareProfile:
     """Run the micro-benchmarks (and reference models) at `threads` intra-op threads; the fitted profile."""
@@ -250,8 +226,6 @@ def calibrate(threads: int, grid: CalibrationGrid | None = None, name: str | Non
 
     import onnxruntime as ort
     from tqdm.auto import tqdm
-
-    from slimformer.hardware_profiles.measure import cpu_info, default_name
 
     if threads < 1:
         raise ConfigError(f"--threads must be >= 1 (got {threads})")

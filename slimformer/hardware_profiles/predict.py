@@ -1,7 +1,7 @@
 """Calibrated latency model: what onnxruntime executes for a plan, priced per kernel class from a profile.
 
 `predict(adapter, plan, batch, seq, profile)` walks the forward pass's ops (the same enumeration as the
-roofline estimate, `evaluators.latency.forward_ops`), asks the exporter's own rule
+roofline estimate, `roofline.forward_ops`), asks the exporter's own rule
 (`export.kernels.choose_linear_kernel` / `choose_embedding_kernel`) which kernel each unit lowers to,
 and prices it with the profile's fitted model:
 
@@ -29,10 +29,10 @@ from functools import lru_cache
 
 from slimformer.compression.plan import CompressionPlan
 from slimformer.errors import ConfigError
-from slimformer.evaluators.latency import forward_ops
 from slimformer.export.kernels import KernelChoice, choose_embedding_kernel, choose_linear_kernel
 from slimformer.hardware_profiles.profile import Fit, HardwareProfile, KernelTable, LatencyModel
 from slimformer.hardware_profiles.residual import LOWRANK_PREFIX, apply_residual, glue_features
+from slimformer.hardware_profiles.roofline import forward_ops
 from slimformer.models.base import ModelAdapter
 
 LABEL = "calibrated (onnxruntime kernel model)"
@@ -220,10 +220,16 @@ def predict(adapter: ModelAdapter, plan: CompressionPlan, batch: int, seq: int,
 
     The plan is priced as `apply_plan` builds it: a layer that shares its representative's modules runs
     the representative's specs, whatever its own entries say (canonical_plan)."""
-    from slimformer.compression.apply import canonical_plan
+    from slimformer.compression.apply import canonical_plan  # lazy: torch is not needed to load a profile
 
+    return predict_canonical(adapter, canonical_plan(adapter, plan), batch, seq, profile)
+
+
+def predict_canonical(adapter: ModelAdapter, plan: CompressionPlan, batch: int, seq: int,
+                      profile: HardwareProfile) -> LatencyPrediction:
+    """`predict` for a plan already in canonical form (`canonical_plan`): callers that canonicalise once
+    per pricing path (evaluators/latency) skip the second pass."""
     lm = require_model(profile)
-    plan = canonical_plan(adapter, plan)
     c = _compiled(profile, lm)
     elw, bw, peak_fp32 = c.elw, c.bw, c.peak_fp32
     by: dict[str, float] = {}
@@ -267,62 +273,3 @@ def predict(adapter: ModelAdapter, plan: CompressionPlan, batch: int, seq: int,
     half = 2.0 * max((rel * rel + noise * noise) ** 0.5, 0.01)
     return LatencyPrediction(ms=ms, low=ms * (1 - half), high=ms * (1 + half), flops=flops, roofline_ms=roof,
                              flops_proxy_ms=flops * 1e-9 * lm.flops_ms_per_gflop, kernel_ms=kernel_ms, breakdown=by)
-
-
-def resolved_source(source: str, profile: HardwareProfile) -> str:
-    """What prices the latency objective: 'calibrated' (this model) or 'estimate' (roofline); `auto`
-    means calibrated when the profile has a calibrated model. 'measured' passes through."""
-    if source == "calibrated":
-        require_model(profile)
-        return "calibrated"
-    if source == "auto":
-        return "calibrated" if profile.calibrated else "estimate"
-    return source
-
-
-def source_label(source: str, profile: HardwareProfile) -> str:
-    """The label reports carry, e.g. 'calibrated (onnxruntime kernel model; profile X v2-...)'."""
-    from slimformer.evaluators.latency import LABEL as ESTIMATE_LABEL
-
-    kind = resolved_source(source, profile)
-    base = {"calibrated": LABEL, "estimate": ESTIMATE_LABEL}.get(kind, kind)
-    return f"{base}; profile {profile.name} {profile.version}"
-
-
-def mismatch(profile: HardwareProfile, threads: int | None = None) -> str | None:
-    """One line saying how this machine/runtime/thread count differs from the profile's, or None."""
-    import os
-
-    from slimformer.hardware_profiles.measure import cpu_info
-
-    diffs = []
-    cpu, _ = cpu_info()
-    if profile.cpu and cpu != profile.cpu:
-        diffs.append(f"CPU {cpu!r} (profile: {profile.cpu!r})")
-    if profile.runtime == "onnxruntime":
-        try:
-            import onnxruntime as ort
-
-            if ort.__version__ != profile.runtime_version:
-                diffs.append(f"onnxruntime {ort.__version__} (profile: {profile.runtime_version})")
-        except ImportError:  # pragma: no cover - onnxruntime is a dependency
-            diffs.append("onnxruntime is not installed")
-    if threads is not None and threads != profile.threads:
-        diffs.append(f"{threads} thread(s) (profile: {profile.threads})")
-    if profile.threads > (os.cpu_count() or 1):
-        diffs.append(f"{os.cpu_count()} logical CPUs < the profile's {profile.threads} threads")
-    if not diffs:
-        return None
-    return f"hardware profile {profile.name} was made elsewhere: this run has " + "; ".join(diffs) + \
-        " - latency predictions may be off; calibrate here with `slimformer calibrate`"
-
-
-def warn_if_mismatched(profile: HardwareProfile, threads: int | None = None) -> None:
-    """Emit `mismatch` as one warning line (warnings + logging) when there is one."""
-    import logging
-    import warnings
-
-    msg = mismatch(profile, threads)
-    if msg:
-        warnings.warn(msg, stacklevel=2)
-        logging.getLogger("slimformer").warning(msg)

@@ -1,6 +1,6 @@
 """Hardware profiles: what one machine + runtime + thread count costs, stored as plain YAML.
 
-A profile describes one machine *at one thread count with one runtime*. Schema v1 (torch `measure.py`)
+A profile describes one machine *at one thread count with one runtime*. Schema v1 (torch `torch_rates.py`)
 holds three roofline numbers: fp32 GEMM rate, memory bandwidth, per-op overhead. Schema v2 adds optional
 sections written by `slimformer calibrate` (calibrate.py): caches, providers, peak rate per data type,
 the fitted per-kernel-class latency model, the measured noise, how the calibration ran and validation
@@ -283,7 +283,7 @@ def load_profile(name_or_path: str | os.PathLike[str]) -> HardwareProfile:
     names = ", ".join(list_profiles()) or "(none)"
     raise ConfigError(
         f"unknown hardware profile {s!r}; shipped profiles: {names}; "
-        "or pass a path to a profile YAML file (see `python -m slimformer.hardware_profiles.measure`)"
+        "or pass a path to a profile YAML file (see `python -m slimformer.hardware_profiles.torch_rates`)"
     )
 
 

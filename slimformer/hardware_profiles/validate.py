@@ -21,7 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from slimformer.compression.plan import CompressionPlan, LayerSpec, SharingSpec, UnitSpec, sharing_pattern
+from slimformer.hardware_profiles.model_timing import WARM_REPEAT, export_plans, input_feed, time_round_robin
+from slimformer.hardware_profiles.predict import predict_canonical, require_model
 from slimformer.hardware_profiles.profile import HardwareProfile, ValidationResult
+from slimformer.hardware_profiles.roofline import estimate_latency
 from slimformer.models.base import ModelAdapter
 
 BASELINES = ("fp32", "int8", "int4-g32", "int4-g128")
@@ -87,8 +90,6 @@ def pass_rounds(runs: int, round_ms: float, min_pass_s: float = MIN_PASS_S) -> i
     """Rounds per timing pass: `runs`, or more so that a pass lasts `min_pass_s` (a round runs every model
     WARM_REPEAT times; `round_ms` is one run of each). On this shared VM 25 rounds of the 0.35 ms ViT models
     (2 s a pass) left the two passes 4-7% apart when other tenants were busy; 200 rounds: 0.4%."""
-    from slimformer.hardware_profiles.measure_models import WARM_REPEAT
-
     need = int(np.ceil(min_pass_s * 1e3 / max(WARM_REPEAT * round_ms, 1e-6)))
     return max(runs, min(MAX_ROUNDS, need))
 
@@ -129,25 +130,23 @@ def validate(profile: HardwareProfile, adapter: ModelAdapter, configs: int, batc
              min_pass_s: float = MIN_PASS_S) -> tuple[ValidationResult, list[PlanRow]]:
     """Export, measure and predict `configs` random plans plus the baselines; the result and every row."""
     from slimformer.compression.apply import canonical_plan
-    from slimformer.evaluators.latency import estimate_latency
-    from slimformer.hardware_profiles.measure_models import export_plans, input_feed, time_round_robin
-    from slimformer.hardware_profiles.predict import predict, require_model
 
     require_model(profile)
     plans, desc = validation_plans(adapter, configs, seed)
+    canonical = {name: canonical_plan(adapter, plan) for name, plan in plans.items()}  # once per plan
     load0 = [round(x, 2) for x in os.getloadavg()]
     paths = export_plans(adapter, plans, work_dir, log=log)
     feed = input_feed(adapter, batch, seq)
-    preds = {name: predict(adapter, plan, batch, seq, profile) for name, plan in plans.items()}
+    preds = {name: predict_canonical(adapter, plan, batch, seq, profile) for name, plan in canonical.items()}
     runs = pass_rounds(runs, sum(p.ms for p in preds.values()), min_pass_s)
     log(f"timing {len(paths)} models round-robin, 2 passes x {runs} runs")
     first = time_round_robin(paths, feed, threads, runs)
     second = time_round_robin(paths, feed, threads, runs)
     rows = []
-    for name, plan in plans.items():
+    for name, plan in canonical.items():
         p = preds[name]
         m1, m2 = float(np.median(first[name])), float(np.median(second[name]))
-        est = estimate_latency(adapter.units, adapter.layers, canonical_plan(adapter, plan), profile, batch, seq).ms
+        est = estimate_latency(adapter.units, adapter.layers, plan, profile, batch, seq).ms
         rows.append(PlanRow(name, name.startswith("plan"), (m1 + m2) / 2, m2, p.ms, est, p.flops, p.roofline_ms,
                             desc[name]))
     held = [r for r in rows if r.held_out] or rows

@@ -16,9 +16,10 @@ from slimformer.compression.calibration import collect_activation_scales, collec
 from slimformer.compression.memory import plan_memory
 from slimformer.compression.plan import CompressionPlan
 from slimformer.errors import BudgetError, ConfigError
+from slimformer.evaluators.latency import LatencySettings, LatencySource, make_latency_source, resolved_source
 from slimformer.evaluators.quality import FidelityEvaluator
 from slimformer.hardware_profiles import HardwareProfile, load_profile
-from slimformer.hardware_profiles.predict import resolved_source, warn_if_mismatched
+from slimformer.hardware_profiles.machine import warn_if_mismatched
 from slimformer.models import ModelAdapter, load
 from slimformer.models.base import Batch
 from slimformer.search.config import SearchConfig
@@ -98,10 +99,20 @@ class SearchContext:
     quality_metric: str
     device: str
     hessians: dict[str, Tensor] | None = None
-    latency_meter: Any = None  # evaluators.measured.LatencyMeter, made on first use by latency.source: measured
+    latency: LatencySource | None = None  # what prices the latency objective: made on first use (latency_source)
 
     def memory(self, plan: CompressionPlan) -> int:
         return plan_memory(self.adapter, plan).total_bytes
+
+    def latency_source(self) -> LatencySource:
+        """The source `config.latency.source` names (registry: evaluators/latency), built once on first use."""
+        if self.latency is None:
+            cfg = self.config.latency
+            self.latency = make_latency_source(cfg.source, LatencySettings(
+                self.profile, cfg.batch, cfg.seq, cfg.threads or self.config.threads, cfg.runs, cfg.kernels,
+                sample=self.sets.search[0] if self.sets.search else None, compress=self.compress,
+                fits=lambda plan: self.memory(plan) <= self.budget_bytes))
+        return self.latency
 
     def compress(self, plan: CompressionPlan) -> nn.Module:
         """A fresh compressed copy of the model, with this search's caches and calibration statistics.

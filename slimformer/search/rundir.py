@@ -26,9 +26,8 @@ from slimformer import __version__
 from slimformer.compression.plan import CompressionPlan
 from slimformer.compression.recipe import Recipe
 from slimformer.errors import ConfigError
-from slimformer.evaluators.measured import LABEL as MEASURED_LABEL
+from slimformer.evaluators.latency import MEASURED_LABEL, resolved_source, source_label
 from slimformer.fileio import atomic_write
-from slimformer.hardware_profiles.predict import resolved_source, source_label
 from slimformer.search.baselines import uniform_baselines
 from slimformer.search.config import SearchConfig
 from slimformer.search.context import SearchContext

@@ -26,14 +26,10 @@ import optuna
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
-from slimformer.compression.apply import canonical_plan
 from slimformer.compression.memory import plan_memory
 from slimformer.compression.plan import CompressionPlan
 from slimformer.errors import ConfigError
-from slimformer.evaluators.latency import estimate_latency
-from slimformer.evaluators.measured import LatencyMeter, MeasuredLatency
-from slimformer.hardware_profiles.predict import predict as predict_latency
-from slimformer.hardware_profiles.predict import resolved_source
+from slimformer.evaluators.latency import LatencyEstimate
 from slimformer.search.context import SearchContext
 from slimformer.search.storage import (
     GRACE_PERIOD,
@@ -109,43 +105,15 @@ def evaluate_plan(ctx: SearchContext, plan: CompressionPlan, heldout: bool = Fal
     return Evaluation(result.metrics, result.value(ctx.quality_metric), lat, mem, t1 - t0, t2 - t1)
 
 
+def price_latency(ctx: SearchContext, plan: CompressionPlan) -> LatencyEstimate:
+    """The latency objective for `plan`, priced by the search's latency source (`latency.source`; see
+    evaluators/latency), for the model `apply_plan` builds; its `trial_attrs()` is what the trial records."""
+    return ctx.latency_source().price(ctx.adapter, plan)
+
+
 def latency_ms(ctx: SearchContext, plan: CompressionPlan) -> float:
-    """The latency objective for `plan`, priced as `latency.source` says (see LatencyConfig), for the model
-    `apply_plan` builds (shared layers run their representative's specs)."""
-    cfg = ctx.config.latency
-    plan = canonical_plan(ctx.adapter, plan)
-    if cfg.source == "measured":  # export and time it; over-budget plans are never exported: estimate
-        if ctx.memory(plan) <= ctx.budget_bytes:
-            return measured_latency(ctx, plan).ms
-        return estimate_latency(ctx.adapter.units, ctx.adapter.layers, plan, ctx.profile, batch=cfg.batch,
-                                seq=cfg.seq).ms
-    if resolved_source(cfg.source, ctx.profile) == "calibrated":  # the profile's onnxruntime kernel model
-        return predict_latency(ctx.adapter, plan, cfg.batch, cfg.seq, ctx.profile).ms
-    return estimate_latency(ctx.adapter.units, ctx.adapter.layers, plan, ctx.profile, batch=cfg.batch,
-                            seq=cfg.seq).ms
-
-
-def measured_latency(ctx: SearchContext, plan: CompressionPlan) -> MeasuredLatency:
-    """`plan`'s exported model timed with the bench protocol (cached by plan; see evaluators/measured.py)."""
-    if ctx.latency_meter is None:
-        import torch
-
-        cfg = ctx.config.latency
-        threads = cfg.threads or ctx.config.threads or torch.get_num_threads()
-        ctx.latency_meter = LatencyMeter(ctx.adapter, ctx.sets.search[0], cfg.batch, cfg.seq, threads, cfg.runs,
-                                         kernels=cfg.kernels)
-    return ctx.latency_meter.measure(plan, compress=ctx.compress)
-
-
-def latency_attrs(ctx: SearchContext, plan: CompressionPlan) -> dict[str, Any]:
-    """What the trial records about its latency value: where it came from (and, measured, its spread)."""
-    if ctx.config.latency.source != "measured":
-        return {}
-    m = ctx.latency_meter.cached(plan) if ctx.latency_meter is not None else None
-    if m is None:
-        return {"latency_source": "estimate (over budget: not exported)"}
-    return {"latency_source": "measured", "latency_iqr_ms": m.iqr_ms, "latency_runs": m.runs,
-            "latency_threads": m.threads, "latency_kernels": m.kernels}
+    """`price_latency(ctx, plan).ms`."""
+    return price_latency(ctx, plan).ms
 
 
 def make_sampler(ctx: SearchContext) -> optuna.samplers.BaseSampler:
@@ -216,11 +184,12 @@ def make_objective(ctx: SearchContext, limit: int | None = None) -> Callable[[op
                 raise SurplusTrial(SURPLUS)
         plan = ctx.space.suggest(trial)
         mem = plan_memory(ctx.adapter, plan)
-        lat = latency_ms(ctx, plan)
+        priced = price_latency(ctx, plan)
+        lat = priced.ms
         trial.set_user_attr("memory_bytes", mem.total_bytes)
         trial.set_user_attr("memory_percent", round(mem.percent, 4))
         trial.set_user_attr("latency_ms", lat)
-        for key, value in latency_attrs(ctx, plan).items():
+        for key, value in priced.trial_attrs().items():
             trial.set_user_attr(key, value)
         trial.set_constraint("memory", float(mem.total_bytes - ctx.budget_bytes))
         if mem.total_bytes > ctx.budget_bytes:

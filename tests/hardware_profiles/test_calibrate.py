@@ -101,7 +101,7 @@ def test_fast_benchmarks_get_more_runs_within_their_budget() -> None:
 
 
 def test_reference_and_validation_rounds_follow_model_speed() -> None:
-    from slimformer.hardware_profiles.residual import reference_runs
+    from slimformer.hardware_profiles.residual_fit import reference_runs
     from slimformer.hardware_profiles.validate import MAX_ROUNDS, pass_rounds
 
     assert reference_runs(0.3, 7) == 100 and reference_runs(35.0, 7) == 15

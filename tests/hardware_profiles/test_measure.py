@@ -5,7 +5,8 @@ from pathlib import Path
 import torch
 
 from slimformer.hardware_profiles import load_profile, measure_profile
-from slimformer.hardware_profiles.measure import cpu_info, default_name, main
+from slimformer.hardware_profiles.machine import cpu_info, default_name
+from slimformer.hardware_profiles.torch_rates import main
 
 
 def test_quick_measure_returns_positive_numbers_and_restores_threads() -> None:

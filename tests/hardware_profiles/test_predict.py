@@ -10,15 +10,10 @@ import yaml
 
 from slimformer.compression.plan import CompressionPlan, LayerSpec, UnitSpec
 from slimformer.errors import ConfigError
+from slimformer.evaluators.latency import resolved_source, source_label
 from slimformer.hardware_profiles import load_profile, save_profile
-from slimformer.hardware_profiles.predict import (
-    mismatch,
-    predict,
-    resolved_source,
-    source_label,
-    table_us,
-    warn_if_mismatched,
-)
+from slimformer.hardware_profiles.machine import mismatch, warn_if_mismatched
+from slimformer.hardware_profiles.predict import predict, table_us
 from slimformer.hardware_profiles.profile import (
     Fit,
     HardwareProfile,

@@ -48,7 +48,7 @@ def test_calibrated_source_needs_a_calibrated_profile(tmp_path: Path, tmp_path_f
 
 
 def test_refit_residual_keeps_kernel_tables(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
-    from slimformer.hardware_profiles.residual import refit
+    from slimformer.hardware_profiles.residual_fit import refit
 
     model = str(tiny_model_dir(tmp_path_factory))
     prof = load_profile(SHIPPED)

@@ -13,7 +13,7 @@ pytest.importorskip("onnxruntime")
 
 from slimformer.api import search  # noqa: E402
 from slimformer.compression.plan import CompressionPlan, UnitSpec  # noqa: E402
-from slimformer.evaluators.measured import LatencyMeter, fixed_shape_feed  # noqa: E402
+from slimformer.evaluators.latency.measured import LatencyMeter, fixed_shape_feed  # noqa: E402
 from slimformer.models import load  # noqa: E402
 from slimformer.search.runner import default_storage  # noqa: E402
 

@@ -1,5 +1,5 @@
-"""`slimformer calibrate` and `slimformer profile validate|show`: thin click commands over calibrate.py and
-validate.py (registered on the main CLI group in slimformer/cli.py)."""
+"""`slimformer calibrate` and `slimformer profile validate|show`: thin click commands over
+hardware_profiles/calibrate.py and validate.py (registered on the main CLI group in slimformer/cli.py)."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def calibrate_cmd(runtime: str, threads: int, out: Path, quick: bool, name: str 
 
     del runtime  # one runtime today; the option fixes the CLI for more
     if refit_from is not None:
-        from slimformer.hardware_profiles.residual import refit
+        from slimformer.hardware_profiles.residual_fit import refit
 
         refs = CalibrationGrid.full().references if references is None else tuple(
             r.strip() for r in references.split(",") if r.strip() and r.strip() != "none")
@@ -118,8 +118,8 @@ def validate_cmd(profile: str, model: str, configs: int, threads: int | None, ba
     """Measure random held-out plans and report the calibrated model's error next to the FLOPs proxy's."""
     import tempfile
 
-    from slimformer.hardware_profiles.calibrate import default_shapes, reference_adapter
     from slimformer.hardware_profiles.profile import load_profile, resolve_path, save_profile
+    from slimformer.hardware_profiles.references import default_shapes, reference_adapter
     from slimformer.hardware_profiles.validate import results_stem, rows_json, validate, with_result
 
     prof = load_profile(profile)

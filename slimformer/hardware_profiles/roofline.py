@@ -1,7 +1,9 @@
-"""Analytic latency *estimate*: a per-op roofline summed over one forward pass (no model is run).
+"""The forward pass as ops (`forward_ops`, shared with the calibrated model in predict.py) and the analytic
+roofline latency *estimate* over them: a per-op roofline summed over one forward pass (no model is run).
 
-This is the first, uncalibrated latency model; a calibrated one replaces it later. Every result carries
-the label "estimate (roofline)" and must be reported as an estimate, never as a measured latency.
+This is the uncalibrated latency model (`latency.source: estimate`; the LatencySource over it is
+evaluators/latency/roofline.py); the calibrated one (predict.py) prices the same ops per kernel class.
+Every result carries the label "estimate (roofline)" and must be reported as an estimate, never as a measured latency.
 
 For each op of the forward pass, time = max(flops / peak, bytes / bandwidth) + per-op overhead, with the
 three machine numbers taken from a `HardwareProfile`. Ops are summed serially (no overlap between ops).
@@ -47,7 +49,6 @@ LABEL = "estimate (roofline)"
 _FP32 = 4.0
 
 
-
 class ForwardOp(NamedTuple):
     """One op of a forward pass: costs plus the shape a calibrated model needs.
 
@@ -72,7 +73,7 @@ _Op = ForwardOp
 
 
 @dataclass(frozen=True)
-class LatencyEstimate:
+class RooflineEstimate:
     """An analytic forward-pass latency *estimate* (milliseconds) and the totals behind it.
 
     ms = sum over ops of max(compute, memory) + overhead, so
@@ -227,7 +228,7 @@ def _rates(profile: HardwareProfile) -> tuple[float, float, float]:
 
 
 def estimate_latency(units: Sequence[Unit], layers: Sequence[LayerInfo], plan: CompressionPlan,
-                     profile: HardwareProfile, batch: int = 1, seq: int = 128) -> LatencyEstimate:
+                     profile: HardwareProfile, batch: int = 1, seq: int = 128) -> RooflineEstimate:
     """Roofline *estimate* of one forward pass of the plan-compressed model (see the module docstring)."""
     flops_per_ms, bytes_per_ms, overhead = _rates(profile)
     total = flops = wbytes = abytes = compute = memory = 0.0
@@ -243,7 +244,7 @@ def estimate_latency(units: Sequence[Unit], layers: Sequence[LayerInfo], plan: C
         memory += mem
         n += 1
     overhead_ms = n * overhead
-    return LatencyEstimate(
+    return RooflineEstimate(
         ms=total + overhead_ms, flops=flops, weight_bytes=wbytes, activation_bytes=abytes,
         compute_ms=compute, memory_ms=memory, overhead_ms=overhead_ms,
     )

@@ -1,4 +1,5 @@
-"""Measure whole exported models with the bench protocol: export each plan, time all round-robin.
+"""Whole-model timing (not kernel micro-benchmarks, which are microbench.py): export each plan, time all
+the exported models round-robin with the bench protocol.
 
 Used by calibration (reference models for the whole-graph residual) and validation (held-out plans).
 Inputs are held-out samples padded/truncated to exactly `seq` tokens (`export.bench.fixed_length_feed`);

@@ -1,6 +1,9 @@
-"""Measure a hardware profile on the current machine with torch: GEMM rate, memory bandwidth, op overhead.
+"""Torch roofline rates: measure a (torch-runtime) hardware profile's GEMM rate, memory bandwidth and op overhead.
 
-    python -m slimformer.hardware_profiles.measure --threads 2 --out my-machine.yaml [--quick]
+The three machine numbers the roofline estimate (roofline.py) prices with; not the onnxruntime kernel
+micro-benchmarks of `slimformer calibrate` (microbench.py).
+
+    python -m slimformer.hardware_profiles.torch_rates --threads 2 --out my-machine.yaml [--quick]
 
 All three numbers are *best observed* (GEMM, bandwidth) or *median* (overhead) wall-clock rates at a
 fixed thread count. They are inputs to a roofline estimate, not a latency guarantee. A full run takes
@@ -11,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import re
 import statistics
 import sys
 import time
@@ -22,15 +23,8 @@ from datetime import date
 import torch
 
 from slimformer.errors import SlimformerError
+from slimformer.hardware_profiles.machine import cpu_info, default_name
 from slimformer.hardware_profiles.profile import HardwareProfile, save_profile
-
-# ISA extensions worth recording (as spelled in /proc/cpuinfo); everything else is dropped.
-_ISA_OF_INTEREST = (
-    "sse4_2", "avx", "avx2", "fma", "f16c",
-    "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
-    "avx_vnni", "amx_tile", "amx_bf16", "amx_int8",
-    "asimd", "neon", "asimddp", "sve", "sve2", "i8mm", "bf16",
-)
 
 # (M, K, N) of the fp32 GEMMs timed; the best rate over all shapes and repeats is the peak.
 _GEMM_SHAPES_FULL = ((1024, 1024, 1024), (2048, 2048, 2048), (2048, 1024, 4096), (1024, 4096, 1024))
@@ -105,47 +99,6 @@ def measure_op_overhead_us(quick: bool = False) -> float:
     return statistics.median(samples)
 
 
-def cpu_info() -> tuple[str, list[str]]:
-    """CPU model string and the ISA extensions of interest, from /proc/cpuinfo when it exists."""
-    model = ""
-    flags: set[str] = set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key, sep, value = line.partition(":")
-                if not sep:
-                    continue
-                key = key.strip().lower()
-                if key == "model name" and not model:
-                    model = value.strip()
-                elif key in ("flags", "features") and not flags:
-                    flags = set(value.split())
-    except OSError:
-        pass
-    if not model:
-        model = platform.processor() or platform.machine() or "unknown"
-    return model, [f for f in _ISA_OF_INTEREST if f in flags]
-
-
-def default_name(cpu: str, isa_flags: list[str], threads: int, runtime: str = "torch") -> str:
-    """e.g. 'intel-xeon-platinum-8480-amx-8t-torch': cpu words, best vector ISA, thread count, runtime."""
-    cleaned = re.sub(r"\((r|tm)\)|@.*$|\b(cpu|processor)\b|\b\d+-core\b", " ", cpu, flags=re.IGNORECASE)
-    words = re.findall(r"[a-z0-9]+", cleaned.lower())[:4] or [platform.machine().lower() or "cpu"]
-    if "amx_tile" in isa_flags:
-        isa = "amx"
-    elif "avx512f" in isa_flags:
-        isa = "avx512"
-    elif "avx2" in isa_flags:
-        isa = "avx2"
-    elif "sve" in isa_flags:
-        isa = "sve"
-    elif "asimd" in isa_flags or "neon" in isa_flags:
-        isa = "neon"
-    else:
-        isa = "generic"
-    return "-".join([*words, isa, f"{threads}t", runtime])
-
-
 def measure_profile(threads: int, quick: bool = False, name: str | None = None) -> HardwareProfile:
     """Measure this machine at `threads` torch threads (restored afterwards) and return its profile."""
     if threads < 1:
@@ -174,7 +127,7 @@ def measure_profile(threads: int, quick: bool = False, name: str | None = None) 
         per_op_overhead_us=round(overhead, 3),
         created=today,
         notes=(
-            f"Made by slimformer.hardware_profiles.measure.{how} on this machine ({cpu}, "
+            f"Made by slimformer.hardware_profiles.torch_rates.{how} on this machine ({cpu}, "
             f"{os.cpu_count()} logical CPUs, torch {torch.__version__}) on {today.isoformat()}. "
             "Best-of-repeats fp32 GEMM and copy/add bandwidth, median tiny-op time; "
             "inputs to a roofline latency estimate, not measured model latencies."
@@ -184,7 +137,7 @@ def measure_profile(threads: int, quick: bool = False, name: str | None = None) 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m slimformer.hardware_profiles.measure",
+        prog="python -m slimformer.hardware_profiles.torch_rates",
         description="Measure GEMM rate, memory bandwidth and op overhead; write a hardware profile YAML.",
     )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),

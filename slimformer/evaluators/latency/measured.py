@@ -4,7 +4,8 @@ The bench protocol (export/bench.py) for one model: a plain CPU session with the
 inputs of exactly `batch` x `seq` (search-set rows cycled, token rows cut or zero-padded to `seq`), warm-up
 runs, then `runs` timed runs; the objective is their median, the interquartile range is recorded with it.
 Results are cached by the plan's canonical form, so a plan seen again (a re-sampled point, a baseline) is
-not exported twice. Plans over the memory budget are never exported (the caller prices them otherwise).
+not exported twice. Plans over the memory budget are never exported: `MeasuredSource` prices them with the
+roofline estimate and records that in the trial's `latency_source` attr.
 """
 
 from __future__ import annotations
@@ -18,13 +19,18 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from slimformer.compression.apply import canonical_plan
 from slimformer.compression.plan import CompressionPlan
+from slimformer.errors import ConfigError
+from slimformer.evaluators.latency.base import LatencyEstimate, LatencySettings, LatencySource, MeasuredSpread
+from slimformer.evaluators.latency.registry import register_latency_source
 from slimformer.export.bench import Spread, time_round_robin
 from slimformer.export.onnx_export import export_onnx, session
+from slimformer.hardware_profiles.roofline import LABEL as ESTIMATE_LABEL
+from slimformer.hardware_profiles.roofline import estimate_latency
 from slimformer.models.base import Batch, ModelAdapter
 
 LABEL = "measured (exported ONNX timed in onnxruntime, median of timed runs)"
+OVER_BUDGET = "estimate (over budget: not exported)"  # the trial's latency_source for a plan never exported
 
 
 @dataclass(frozen=True)
@@ -56,14 +62,17 @@ def fixed_shape_feed(adapter: ModelAdapter, batch: Batch, n: int, seq: int) -> d
     return feed
 
 
-def plan_key(adapter: ModelAdapter, plan: CompressionPlan) -> str:
-    """A plan's identity for the cache: its canonical form as sorted JSON."""
-    return json.dumps(asdict(canonical_plan(adapter, plan)), sort_keys=True, default=str)
+def plan_key(plan: CompressionPlan) -> str:
+    """A (canonical) plan's identity for the cache: the plan as sorted JSON."""
+    return json.dumps(asdict(plan), sort_keys=True, default=str)
 
 
 @dataclass
 class LatencyMeter:
-    """Exports and times candidates for one search (same adapter, shape, threads, kernels); caches by plan."""
+    """Exports and times candidates for one search (same adapter, shape, threads, kernels); caches by plan.
+
+    Plans must be canonical (`canonical_plan`; MeasuredSource.price canonicalises): the cache is keyed by the
+    plan as given."""
 
     adapter: ModelAdapter
     sample: Batch  # rows the timed inputs are built from (a search batch)
@@ -76,11 +85,11 @@ class LatencyMeter:
     cache: dict[str, MeasuredLatency] = field(default_factory=dict)
 
     def cached(self, plan: CompressionPlan) -> MeasuredLatency | None:
-        return self.cache.get(plan_key(self.adapter, plan))
+        return self.cache.get(plan_key(plan))
 
     def measure(self, plan: CompressionPlan, model: nn.Module | None = None, compress: Any = None) -> MeasuredLatency:
         """Median latency of `plan`'s exported model (`model`, or `compress(plan)` when not given)."""
-        key = plan_key(self.adapter, plan)
+        key = plan_key(plan)
         if key in self.cache:
             return self.cache[key]
         if model is None:
@@ -96,3 +105,30 @@ class LatencyMeter:
                                  info.file_bytes)
         self.cache[key] = result
         return result
+
+
+@register_latency_source("measured")
+class MeasuredSource(LatencySource):
+    """Times each in-budget plan's exported model (`LatencyMeter`, made on the first one); a plan over the
+    memory budget (`settings.fits` false) is never exported and gets the roofline estimate instead."""
+
+    def __init__(self, settings: LatencySettings) -> None:
+        super().__init__(settings)
+        if settings.sample is None or settings.compress is None or settings.fits is None:
+            raise ConfigError("latency.source measured needs a sample batch, a compress hook and a fits hook")
+        self.meter: LatencyMeter | None = None
+
+    def price_canonical(self, adapter: ModelAdapter, plan: CompressionPlan) -> LatencyEstimate:
+        s = self.settings
+        assert s.fits is not None and s.sample is not None
+        if not s.fits(plan):
+            ms = estimate_latency(adapter.units, adapter.layers, plan, s.profile, batch=s.batch, seq=s.seq).ms
+            return LatencyEstimate(ms, self.name, ESTIMATE_LABEL, recorded_source=OVER_BUDGET)
+        if self.meter is None:
+            import torch
+
+            self.meter = LatencyMeter(adapter, s.sample, s.batch, s.seq, s.threads or torch.get_num_threads(),
+                                      s.runs, kernels=s.kernels)
+        m = self.meter.measure(plan, compress=s.compress)
+        return LatencyEstimate(m.ms, self.name, LABEL, recorded_source="measured",
+                               spread=MeasuredSpread(m.iqr_ms, m.runs, m.threads, m.kernels))

@@ -7,13 +7,13 @@ import pytest
 
 from slimformer.compression.plan import CompressionPlan, LayerSpec, UnitSpec, sharing_pattern
 from slimformer.errors import ConfigError, PlanError
-from slimformer.evaluators.latency import (
-    LatencyEstimate,
+from slimformer.hardware_profiles import HardwareProfile, default_profile_name, load_profile
+from slimformer.hardware_profiles.roofline import (
+    RooflineEstimate,
     estimate_latency,
     flops_proxy,
     latency_breakdown,
 )
-from slimformer.hardware_profiles import HardwareProfile, default_profile_name, load_profile
 from slimformer.models.base import LayerInfo, Unit
 
 HIDDEN, HEADS, HEAD_DIM, INTER, VOCAB, MAX_POS = 128, 4, 32, 512, 1000, 64
@@ -58,7 +58,7 @@ UNITS, LAYERS = toy_model()
 LINEARS = [u for u in UNITS if u.kind == "linear"]
 
 
-def est(plan: CompressionPlan, **kw: int) -> LatencyEstimate:
+def est(plan: CompressionPlan, **kw: int) -> RooflineEstimate:
     return estimate_latency(UNITS, LAYERS, plan, PROFILE, **kw)
 
 

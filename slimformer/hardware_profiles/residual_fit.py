@@ -1,0 +1,85 @@
+"""Fitting the whole-graph residual (residual.py) at calibration: time the reference models' fixed plans
+(references.py) round-robin as whole exported models (model_timing.py), and fit each family's `Residual`
+and the FLOPs proxy's constant against the kernel model's per-class prediction (predict.py)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from slimformer.compression.plan import CompressionPlan
+from slimformer.hardware_profiles.model_timing import WARM_REPEAT, measure_plans
+from slimformer.hardware_profiles.predict import predict, require_model
+from slimformer.hardware_profiles.profile import HardwareProfile, LatencyModel, Residual
+from slimformer.hardware_profiles.references import default_shapes, reference_adapter, reference_plans
+from slimformer.hardware_profiles.residual import FAMILIES, SCALE_BOUNDS, glue_features, kernel_family
+
+
+def reference_runs(est_ms: float, plans: int, budget_ms: float = 2000.0) -> int:
+    """Round-robin rounds for the reference models: 15, or up to 100 while all of them fit in `budget_ms`
+    (a 0.3 ms ViT gets 100 rounds for the price of a few MiniLM ones; its residual is fitted on them)."""
+    return int(min(100, max(15, budget_ms / max(plans * WARM_REPEAT * est_ms, 1e-3))))
+
+
+def fit_residuals(lm: LatencyModel, profile: HardwareProfile, references: tuple[str, ...], threads: int,
+                  work: Path, progress: Callable[[int, str], None],
+                  shapes: dict[str, tuple[tuple[int, int], ...]] | None = None) -> list[dict]:
+    """Time the reference plans of each reference model round-robin, fit its family's Residual (and the
+    FLOPs proxy's constant over all of them); returns the raw points."""
+    from scipy.optimize import lsq_linear
+
+    bare = profile.model_copy(update={"latency_model": lm.model_copy(update={"residual": {}})})
+    points: list[dict] = []
+    for ref in references:
+        adapter = reference_adapter(ref)
+        plans = reference_plans(adapter)
+        for batch, seq in (shapes or {}).get(ref, default_shapes(adapter)):
+            runs = reference_runs(predict(adapter, CompressionPlan(), batch, seq, bare).ms, len(plans))
+            measured = measure_plans(adapter, plans, batch, seq, threads, work / ref.replace("/", "_"), runs=runs)
+            for name, ms in measured.items():
+                p = predict(adapter, plans[name], batch, seq, bare)
+                fam = {f: 0.0 for f in (*FAMILIES, "other")}
+                for cls, v in p.breakdown.items():
+                    fam[kernel_family(cls)] += v
+                points.append({"family": adapter.family, "model": ref, "plan": name, "batch": batch, "seq": seq,
+                               "families": fam, "glue": glue_features(adapter, plans[name], batch, seq),
+                               "flops": p.flops, "measured_ms": ms})
+            progress(1, f"reference {ref} {batch}x{seq}")
+    for family in sorted({p["family"] for p in points}):
+        pts = [p for p in points if p["family"] == family]
+        used = [f for f in FAMILIES if any(p["families"][f] > 0 for p in pts)]
+        x = np.array([[p["families"][f] for f in used] + list(p["glue"]) for p in pts])
+        t = np.array([p["measured_ms"] - p["families"]["other"] for p in pts])
+        w = 1.0 / np.array([p["measured_ms"] for p in pts])
+        lo = [SCALE_BOUNDS[0]] * len(used) + [0.0] * 4
+        hi = [SCALE_BOUNDS[1]] * len(used) + [np.inf] * 4
+        coef = lsq_linear(x * w[:, None], t * w, bounds=(lo, hi)).x
+        pred = x @ coef + np.array([p["families"]["other"] for p in pts])
+        meas = np.array([p["measured_ms"] for p in pts])
+        rmse = float(np.sqrt(np.mean(((pred - meas) / meas) ** 2)))
+        g = coef[len(used):]
+        lm.residual[family] = Residual(
+            class_scale={f: round(float(c), 4) for f, c in zip(used, coef, strict=False)},
+            per_score_ns=float(g[0]), per_layer_head_token_us=float(g[1]), per_layer_token_us=float(g[2]),
+            per_layer_ms=float(g[3]),
+            fitted_on=sorted({f"{p['model']}:{p['plan']}" for p in pts}), rmse_rel=round(rmse, 4))
+    if points:
+        lm.flops_ms_per_gflop = float(np.median([p["measured_ms"] / (p["flops"] * 1e-9) for p in points]))
+    return points
+
+
+def refit(profile: HardwareProfile, references: tuple[str, ...], work: Path,
+          shapes: dict[str, tuple[tuple[int, int], ...]] | None = None, log: Callable[[str], None] | None = None
+          ) -> HardwareProfile:
+    """The profile with its residuals re-fitted on freshly timed reference models (kernel tables kept):
+    for a profile whose micro-benchmarks ran under other load than the models it will price."""
+    lm = require_model(profile).model_copy(deep=True)
+    lm.residual = {}
+    load0 = [round(x, 2) for x in os.getloadavg()]
+    fit_residuals(lm, profile, references, profile.threads, work, lambda _k, s: log(s) if log else None, shapes)
+    note = (f" Residual re-fitted on {', '.join(references)} (load average {load0}) with "
+            "`slimformer calibrate --refit-residual`.")
+    return profile.model_copy(update={"latency_model": lm, "notes": profile.notes + note, "validation": []})
