@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from slimformer.compression.plan import CompressionPlan, LayerSpec, SharingSpec, UnitSpec
+from slimformer.compression.plan_semantics import canonical_plan
 from slimformer.errors import PlanError, RecipeError
 from slimformer.fileio import atomic_write, first_validation_error, yaml_mapping
 from slimformer.models.base import ModelAdapter
@@ -124,8 +125,6 @@ class Recipe(_Strict):
             plan = CompressionPlan(units, layers, sharing)
         except PlanError as exc:
             raise RecipeError(f"recipe does not fit {adapter.model_id}: {exc}") from None
-        from slimformer.compression.apply import canonical_plan
-
         try:
             return canonical_plan(adapter, plan)
         except PlanError as exc:
@@ -136,8 +135,6 @@ class Recipe(_Strict):
                   provenance: dict[str, Any] | None = None, hardware_profile_version: str | None = None) -> Recipe:
         """One exact-name rule per compressed unit, in model order (of the canonical plan: units shared
         away carry their representative's spec)."""
-        from slimformer.compression.apply import canonical_plan
-
         plan = canonical_plan(adapter, plan)
         rules = [Rule(match=n, spec=SpecModel.from_spec(plan.units[n])) for n in adapter.unit_names
                  if n in plan.units and not plan.units[n].is_identity]

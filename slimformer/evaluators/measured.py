@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from slimformer.compression.apply import canonical_plan
 from slimformer.compression.plan import CompressionPlan
+from slimformer.compression.plan_semantics import canonical_plan
 from slimformer.export.bench import Spread, time_round_robin
 from slimformer.export.onnx_export import export_onnx, session
 from slimformer.models.base import Batch, ModelAdapter

@@ -26,9 +26,9 @@ import optuna
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
-from slimformer.compression.apply import canonical_plan
 from slimformer.compression.memory import plan_memory
 from slimformer.compression.plan import CompressionPlan
+from slimformer.compression.plan_semantics import canonical_plan
 from slimformer.errors import ConfigError
 from slimformer.evaluators.latency import estimate_latency
 from slimformer.evaluators.measured import LatencyMeter, MeasuredLatency
