@@ -23,6 +23,7 @@ import torch
 
 from slimformer.errors import SlimformerError
 from slimformer.hardware_profiles.profile import HardwareProfile, save_profile
+from slimformer.threads import using_threads
 
 # ISA extensions worth recording (as spelled in /proc/cpuinfo); everything else is dropped.
 _ISA_OF_INTEREST = (
@@ -150,14 +151,10 @@ def measure_profile(threads: int, quick: bool = False, name: str | None = None) 
     """Measure this machine at `threads` torch threads (restored afterwards) and return its profile."""
     if threads < 1:
         raise SlimformerError(f"threads must be >= 1 (got {threads})")
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with using_threads(threads):
         gflops = measure_gemm_gflops(quick)
         bandwidth = measure_bandwidth_gbs(quick)
         overhead = measure_op_overhead_us(quick)
-    finally:
-        torch.set_num_threads(previous)
     cpu, isa = cpu_info()
     today = date.today()
     how = f"measure_profile(threads={threads}{', quick=True' if quick else ''})"
