@@ -250,8 +250,9 @@ def main() -> int:
     import torch
 
     from slimformer.export.bench import cpu_model
+    from slimformer.threads import set_threads
 
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     def log(msg: str) -> None:

@@ -41,12 +41,12 @@ NODES, CORES_PER_NODE, LINK_BYTES_S = 8, 2, 1.25e9  # the estimate's cluster: 8 
 def run_setup(ctx: Any, name: str, trials: int, run_dir: Path) -> dict[str, Any]:
     """One timed search of `trials` counted trials with the setup `name` in a fresh run directory."""
     import optuna
-    import torch
 
     from slimformer.compression.apply import DecompositionCache
     from slimformer.search.ray_backend import run_ray
     from slimformer.search.runner import counted_trials, run_trials
     from slimformer.search.storage import close_storage, make_storage
+    from slimformer.threads import set_threads
 
     backend, workers, threads = SETUPS[name]
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -54,7 +54,7 @@ def run_setup(ctx: Any, name: str, trials: int, run_dir: Path) -> dict[str, Any]
     c = replace(ctx, config=cfg, cache=DecompositionCache())
     storage, url, exclusive = make_storage(None, run_dir)
     load0 = os.getloadavg()
-    torch.set_num_threads(threads)
+    set_threads(threads)
     t0 = time.perf_counter()
     try:
         if backend == "ray":

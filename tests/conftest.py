@@ -14,6 +14,7 @@ import torch
 
 from slimformer.models import HFEncoderAdapter, TimmViTAdapter, create_vit
 from slimformer.models.base import Batch, ModelAdapter
+from slimformer.threads import using_threads
 
 HF_FAMILIES = ("bert", "distilbert", "roberta", "mpnet")
 ALL_FAMILIES = (*HF_FAMILIES, "vit")
@@ -35,12 +36,8 @@ def _single_thread(request):
     if request.node.path.parent.name not in _SINGLE_THREAD_DIRS:
         yield
         return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with using_threads(1):
         yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,6 @@ import copy
 import hashlib
 import inspect
 from collections import OrderedDict
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -33,7 +32,14 @@ from slimformer.compression.modules import (
     WeightFormat,
     sparse_format,
 )
-from slimformer.compression.plan import CompressionPlan, LayerSpec, UnitSpec
+from slimformer.compression.plan import CompressionPlan, UnitSpec
+from slimformer.compression.plan_semantics import (
+    canonical_plan,
+    effective_rank,
+    layer_path_swap,
+    scope_paths,
+    unit_in_scope,
+)
 from slimformer.errors import PlanError
 from slimformer.models.base import LayerInfo, ModelAdapter, Unit
 
@@ -114,65 +120,6 @@ def set_module(model: nn.Module, path: str, new: nn.Module) -> None:
         parent[int(name)] = new
     else:
         setattr(parent, name, new)
-
-
-def layer_path_swap(name: str, src: LayerInfo, dst: LayerInfo) -> str:
-    """The same module path in another layer (e.g. encoder.layer.0.x -> encoder.layer.3.x)."""
-    return dst.path + name[len(src.path):]
-
-
-def scope_paths(layer: LayerInfo, scope: str) -> tuple[str, ...]:
-    if scope == "block":
-        return (layer.path,)
-    return layer.attention_scope if scope == "attention" else layer.ffn_scope
-
-
-def unit_in_scope(unit: Unit, layer: LayerInfo, scope: str) -> bool:
-    return any(unit.name == p or unit.name.startswith(p + ".") for p in scope_paths(layer, scope))
-
-
-# -- plan normalisation ----------------------------------------------------------------------------
-def canonical_plan(adapter: ModelAdapter, plan: CompressionPlan) -> CompressionPlan:
-    """Validate a plan against the model and give shared units/layers their representative's spec."""
-    names = set(adapter.unit_names)
-    unknown = sorted(set(plan.units) - names)
-    if unknown:
-        raise PlanError(f"plan names unit(s) the model lacks: {unknown[:3]}; run `slimformer inspect` "
-                        "to list the model's units")
-    n_layers = len(adapter.layers)
-    for g in plan.sharing.groups:
-        bad = [i for i in g if not 0 <= i < n_layers]
-        if bad:
-            raise PlanError(f"sharing group {list(g)} names layer(s) {bad}; the model has layers 0..{n_layers-1}")
-    for i, ls in plan.layers.items():
-        if not 0 <= i < n_layers:
-            raise PlanError(f"layer spec for layer {i}; the model has layers 0..{n_layers - 1}")
-        info = adapter.layers[i]
-        if ls.heads_kept is not None and ls.heads_kept > info.num_heads:
-            raise PlanError(f"layer {i}: heads_kept {ls.heads_kept} > {info.num_heads} heads")
-        if ls.neurons_kept is not None and ls.neurons_kept > info.intermediate:
-            raise PlanError(f"layer {i}: neurons_kept {ls.neurons_kept} > {info.intermediate} neurons")
-    units = dict(plan.units)
-    layers = dict(plan.layers)
-    scope = plan.sharing.scope
-    for g in plan.sharing.groups:
-        rep = adapter.layers[g[0]]
-        for j in g[1:]:
-            other = adapter.layers[j]
-            for u in adapter.units:
-                if u.layer == rep.index and unit_in_scope(u, rep, scope):
-                    twin = layer_path_swap(u.name, rep, other)
-                    if u.name in units:
-                        units[twin] = units[u.name]
-                    else:
-                        units.pop(twin, None)
-            rl, ol = plan.layer(rep.index), plan.layer(j)
-            heads = rl.heads_kept if scope in ("attention", "block") else ol.heads_kept
-            neurons = rl.neurons_kept if scope in ("ffn", "block") else ol.neurons_kept
-            layers[j] = LayerSpec(heads, neurons)
-    units = {k: v for k, v in units.items() if not v.is_identity}
-    layers = {k: v for k, v in layers.items() if v != LayerSpec()}
-    return replace(plan, units=units, layers=layers)
 
 
 # -- transforms ------------------------------------------------------------------------------------
@@ -259,10 +206,6 @@ def _store(target: SlimLinear | SlimEmbedding, w: Tensor, spec: UnitSpec, hessia
         hinv = None if cache is None else cache.inverse_hessian(hessian)
         quant = gptq_quantize(w, hessian, spec.bits, spec.group_size, mask, hinv=hinv)
     target.set_weight(w, mask, _weight_format(spec, tuple(w.shape), nnz), quant=quant)
-
-
-def effective_rank(spec: UnitSpec, shape: tuple[int, int]) -> int | None:
-    return None if spec.rank is None else min(spec.rank, shape[0], shape[1])
 
 
 def _compress_linear(model: nn.Module, unit: Unit, spec: UnitSpec, cache: DecompositionCache,

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from slimformer.compression.apply import canonical_plan, effective_rank, scope_paths, unit_in_scope
 from slimformer.compression.modules import WeightFormat, matrix_bytes, sparse_format
 from slimformer.compression.plan import CompressionPlan, UnitSpec
+from slimformer.compression.plan_semantics import canonical_plan, effective_rank, scope_paths, unit_in_scope
 from slimformer.models.base import ModelAdapter, Unit
 
 GROUPS = ("embeddings", "attention", "ffn", "other")

@@ -199,8 +199,9 @@ def fake_quant(W: Tensor, bits: int, group_size: int | None, mask: Tensor | None
 # ------------------------------------------------------------------------------------------- packing
 
 
-def _pack_nibbles(vals: Tensor) -> Tensor:
-    """Flat values in [0, 15] -> uint8, element 2k in the low nibble and 2k+1 in the high nibble."""
+def pack_nibbles(vals: Tensor) -> Tensor:
+    """Flat values in [0, 15] -> uint8, element 2k in the low nibble and 2k+1 in the high nibble (odd length
+    padded with 0). The one 4-bit packer: saved models and ONNX exports store the same bytes."""
     v = vals.reshape(-1).to(torch.int16)
     if v.numel() % 2:
         v = torch.cat([v, v.new_zeros(1)])
@@ -209,7 +210,7 @@ def _pack_nibbles(vals: Tensor) -> Tensor:
 
 
 def _unpack_nibbles(packed: Tensor, n: int) -> Tensor:
-    """Inverse of _pack_nibbles: the first n nibbles as int16 values in [0, 15]."""
+    """Inverse of pack_nibbles: the first n nibbles as int16 values in [0, 15]."""
     p = packed.reshape(-1).to(torch.int16)
     if 2 * p.numel() < n:
         raise PlanError(f"packed buffer holds {2 * p.numel()} 4-bit values, {n} requested")
@@ -221,7 +222,7 @@ def pack_int4(codes: Tensor) -> Tensor:
     int4 storage compared with int8 codes."""
     if codes.numel() and (int(codes.min()) < -8 or int(codes.max()) > 7):
         raise PlanError("int4 codes must lie in [-8, 7]; quantise with bits=4 before packing")
-    return _pack_nibbles(codes.to(torch.int16) & 0xF)
+    return pack_nibbles(codes.to(torch.int16) & 0xF)
 
 
 def unpack_int4(packed: Tensor, numel: int, shape: Sequence[int]) -> Tensor:
@@ -265,7 +266,7 @@ def pack_2_4_indices(mask: Tensor) -> Tensor:
     if not bool((groups.sum(dim=-1) == 2).all()):
         raise PlanError("not a 2:4 mask: every group of 4 consecutive weights must keep exactly 2")
     kept = torch.argsort((~groups).to(torch.int8), dim=-1, stable=True)[..., :2]  # ascending positions
-    return _pack_nibbles(kept[..., 0] | (kept[..., 1] << 2))
+    return pack_nibbles(kept[..., 0] | (kept[..., 1] << 2))
 
 
 def unpack_2_4_indices(packed: Tensor, shape: Sequence[int]) -> Tensor:

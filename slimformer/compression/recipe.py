@@ -11,22 +11,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
 from slimformer.compression.plan import CompressionPlan, LayerSpec, SharingSpec, UnitSpec
+from slimformer.compression.plan_semantics import canonical_plan
+from slimformer.compression.records import RecoveryRecord
 from slimformer.errors import PlanError, RecipeError
 from slimformer.fileio import atomic_write, first_validation_error, yaml_mapping
 from slimformer.models.base import ModelAdapter
-from slimformer.recovery.config import RecoveryRecord
+from slimformer.schema import FrozenModel
 
 RECIPE_VERSION = 1
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class SpecModel(_Strict):
+class SpecModel(FrozenModel):
     rank: int | None = None
     sparsity: float = 0.0
     pattern: Literal["unstructured", "2:4"] = "unstructured"
@@ -43,7 +41,7 @@ class SpecModel(_Strict):
                    method=s.method)
 
 
-class Rule(_Strict):
+class Rule(FrozenModel):
     match: str
     spec: SpecModel
 
@@ -62,23 +60,23 @@ class Rule(_Strict):
             self.match == name
 
 
-class LayerRule(_Strict):
+class LayerRule(FrozenModel):
     layer: int = Field(ge=0)
     heads_kept: int | None = Field(default=None, ge=1)
     neurons_kept: int | None = Field(default=None, ge=1)
 
 
-class SharingModel(_Strict):
+class SharingModel(FrozenModel):
     groups: list[list[int]]
     scope: Literal["attention", "ffn", "block"] = "block"
 
 
-class ModelRef(_Strict):
+class ModelRef(FrozenModel):
     id: str
     sha256: str | None = None
 
 
-class Recipe(_Strict):
+class Recipe(FrozenModel):
     """A compression recipe. `provenance` records where it came from (free-form metrics allowed)."""
 
     slimformer_recipe: int = RECIPE_VERSION
@@ -124,8 +122,6 @@ class Recipe(_Strict):
             plan = CompressionPlan(units, layers, sharing)
         except PlanError as exc:
             raise RecipeError(f"recipe does not fit {adapter.model_id}: {exc}") from None
-        from slimformer.compression.apply import canonical_plan
-
         try:
             return canonical_plan(adapter, plan)
         except PlanError as exc:
@@ -136,8 +132,6 @@ class Recipe(_Strict):
                   provenance: dict[str, Any] | None = None, hardware_profile_version: str | None = None) -> Recipe:
         """One exact-name rule per compressed unit, in model order (of the canonical plan: units shared
         away carry their representative's spec)."""
-        from slimformer.compression.apply import canonical_plan
-
         plan = canonical_plan(adapter, plan)
         rules = [Rule(match=n, spec=SpecModel.from_spec(plan.units[n])) for n in adapter.unit_names
                  if n in plan.units and not plan.units[n].is_identity]

@@ -36,8 +36,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+import torch
 from onnx import TensorProto, helper
 from onnx import numpy_helper as nh
+
+from slimformer.compression.ops import pack_int4, pack_nibbles
 
 MS_DOMAIN = "com.microsoft"
 MIN_BLOCK, MAX_BLOCK = 16, 256  # MatMulNBits / GatherBlockQuantized blocks: powers of two, MLAS up to 256
@@ -98,9 +101,11 @@ def _offset_codes(codes: np.ndarray, bits: int, width: int) -> np.ndarray:
     return out
 
 
-def _pack_nibbles(u: np.ndarray) -> np.ndarray:
-    """uint8 values < 16, last axis even -> bytes with element 2i in the low nibble."""
-    return (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8)
+def _pack_rows(u: np.ndarray) -> np.ndarray:
+    """uint8 values < 16, last axis even -> that axis halved, element 2i in the low nibble (row-major, so
+    compression's flat packer gives the same bytes per row)."""
+    packed = pack_nibbles(torch.from_numpy(np.ascontiguousarray(u))).numpy()
+    return packed.reshape(*u.shape[:-1], u.shape[-1] // 2)
 
 
 def int4_tensor(name: str, codes: np.ndarray) -> TensorProto:
@@ -108,10 +113,7 @@ def int4_tensor(name: str, codes: np.ndarray) -> TensorProto:
     t = TensorProto()
     t.name, t.data_type = name, TensorProto.INT4
     t.dims.extend(codes.shape)
-    flat = codes.reshape(-1).astype(np.int16) & 0xF
-    if flat.size % 2:
-        flat = np.concatenate([flat, np.zeros(1, np.int16)])
-    t.raw_data = _pack_nibbles(flat.astype(np.uint8)).tobytes()
+    t.raw_data = pack_int4(torch.from_numpy(np.ascontiguousarray(codes))).numpy().tobytes()
     return t
 
 
@@ -130,7 +132,7 @@ def matmul_nbits(x: str, y: str, p: str, codes: np.ndarray, scales: np.ndarray, 
     n, k = codes.shape
     nb = -(-k // block)
     u = _offset_codes(codes, bits, nb * block).reshape(n, nb, block)
-    packed = _pack_nibbles(u) if bits == 4 else u
+    packed = _pack_rows(u) if bits == 4 else u
     inits = [nh.from_array(np.ascontiguousarray(packed), f"{p}.qweight"),
              f32(f"{p}.scales", block_scales(scales, k, group, block))]
     inputs = [x, f"{p}.qweight", f"{p}.scales"]
@@ -251,7 +253,7 @@ def gather_block_quantized(ids: str, y: str, p: str, codes: np.ndarray, scales: 
     """y = table[ids] with table (V, D) = codes * scales, as one GatherBlockQuantized."""
     v, d = codes.shape
     u = _offset_codes(codes, bits, d + (d % 2 if bits == 4 else 0))
-    data = _pack_nibbles(u) if bits == 4 else u
+    data = _pack_rows(u) if bits == 4 else u
     inits = [nh.from_array(np.ascontiguousarray(data), f"{p}.qweight"),
              f32(f"{p}.scales", block_scales(scales, d, group, block))]
     node = helper.make_node("GatherBlockQuantized", [inits[0].name, ids, inits[1].name], [y], name=f"{p}/Gather",

@@ -27,14 +27,10 @@ def export_plans(adapter: ModelAdapter, plans: Mapping[str, CompressionPlan], wo
     a file exported earlier from the same plan (`<name>.plan` holds its repr) is reused.
 
     torch runs single-threaded meanwhile: on a shared machine a multi-threaded SVD can be 30x slower."""
-    import torch
+    from slimformer.threads import using_threads
 
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with using_threads(1):
         return _export_plans(adapter, plans, work_dir, log)
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _export_plans(adapter: ModelAdapter, plans: Mapping[str, CompressionPlan], work_dir: Path,

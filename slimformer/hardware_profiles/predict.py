@@ -220,7 +220,7 @@ def predict(adapter: ModelAdapter, plan: CompressionPlan, batch: int, seq: int,
 
     The plan is priced as `apply_plan` builds it: a layer that shares its representative's modules runs
     the representative's specs, whatever its own entries say (canonical_plan)."""
-    from slimformer.compression.apply import canonical_plan  # lazy: torch is not needed to load a profile
+    from slimformer.compression.plan_semantics import canonical_plan  # lazy: torch is not needed to load a profile
 
     return predict_canonical(adapter, canonical_plan(adapter, plan), batch, seq, profile)
 

@@ -18,20 +18,17 @@ from datetime import date
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
 from slimformer.errors import ConfigError
 from slimformer.fileio import atomic_write
+from slimformer.schema import StrictModel as _Strict
 
 SCHEMA_VERSION = 2
 READABLE_SCHEMAS = (1, 2)
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 DEFAULT_PROFILE = "amd-epyc-avx512-2t-torch"
 _SUFFIXES = (".yaml", ".yml")
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class Fit(_Strict):
@@ -137,7 +134,7 @@ class ValidationResult(_Strict):
     fingerprint: str = ""
 
 
-class HardwareProfile(BaseModel):
+class HardwareProfile(_Strict):
     """Measured characteristics of one machine at a fixed thread count and runtime.
 
     peak_gflops_fp32: best fp32 GEMM rate seen (GFLOP/s, 1e9) at `threads` threads.
@@ -146,8 +143,6 @@ class HardwareProfile(BaseModel):
     v2 sections (all optional): providers, caches (bytes by level), peak_gflops (by kernel class),
     latency_model (calibrated), noise, calibration, validation.
     """
-
-    model_config = ConfigDict(extra="forbid")
 
     schema_version: int = SCHEMA_VERSION
     name: str = Field(min_length=1)

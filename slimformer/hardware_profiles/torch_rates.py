@@ -25,6 +25,7 @@ import torch
 from slimformer.errors import SlimformerError
 from slimformer.hardware_profiles.machine import cpu_info, default_name
 from slimformer.hardware_profiles.profile import HardwareProfile, save_profile
+from slimformer.threads import using_threads
 
 # (M, K, N) of the fp32 GEMMs timed; the best rate over all shapes and repeats is the peak.
 _GEMM_SHAPES_FULL = ((1024, 1024, 1024), (2048, 2048, 2048), (2048, 1024, 4096), (1024, 4096, 1024))
@@ -103,14 +104,10 @@ def measure_profile(threads: int, quick: bool = False, name: str | None = None) 
     """Measure this machine at `threads` torch threads (restored afterwards) and return its profile."""
     if threads < 1:
         raise SlimformerError(f"threads must be >= 1 (got {threads})")
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with using_threads(threads):
         gflops = measure_gemm_gflops(quick)
         bandwidth = measure_bandwidth_gbs(quick)
         overhead = measure_op_overhead_us(quick)
-    finally:
-        torch.set_num_threads(previous)
     cpu, isa = cpu_info()
     today = date.today()
     how = f"measure_profile(threads={threads}{', quick=True' if quick else ''})"

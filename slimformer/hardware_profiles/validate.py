@@ -129,7 +129,7 @@ def validate(profile: HardwareProfile, adapter: ModelAdapter, configs: int, batc
              work_dir: Path, seed: int = 0, runs: int = 15, log=print,  # noqa: ANN001
              min_pass_s: float = MIN_PASS_S) -> tuple[ValidationResult, list[PlanRow]]:
     """Export, measure and predict `configs` random plans plus the baselines; the result and every row."""
-    from slimformer.compression.apply import canonical_plan
+    from slimformer.compression.plan_semantics import canonical_plan
 
     require_model(profile)
     plans, desc = validation_plans(adapter, configs, seed)

@@ -3,7 +3,8 @@ compression structure fixed (ranks, masks, sharing, quantisation grids), then re
 
 from __future__ import annotations
 
-from slimformer.recovery.config import RecoverStageConfig, RecoveryConfig, RecoveryRecord
+from slimformer.compression.records import RecoveryRecord
+from slimformer.recovery.config import RecoverStageConfig, RecoveryConfig
 from slimformer.recovery.recover import RecoveryResult, recover
 
 __all__ = ["RecoverStageConfig", "RecoveryConfig", "RecoveryRecord", "RecoveryResult", "recover"]

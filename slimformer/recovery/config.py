@@ -1,14 +1,15 @@
-"""Recovery settings (what `apply --recover` and the search's `recover:` key accept) and the typed record
-of a finished recovery that recipes carry. Pure schema: no torch here."""
+"""Recovery settings: what `apply --recover` and the search's `recover:` key accept. Pure schema: no torch
+here. (The record of a finished recovery that recipes carry is compression.records.RecoveryRecord.)"""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from slimformer.errors import ConfigError
 from slimformer.fileio import first_validation_error
+from slimformer.schema import FrozenModel
 
 LossName = Literal["cosine", "mse", "kl", "hidden", "relations"]
 LOSS_NAMES: tuple[str, ...] = ("cosine", "mse", "kl", "hidden", "relations")
@@ -21,11 +22,7 @@ DEFAULT_LOSSES: dict[str, dict[str, float]] = {
 DEFAULT_STEPS = 300
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class RecoveryConfig(_Strict):
+class RecoveryConfig(FrozenModel):
     """Knowledge-distillation recovery of a compressed model against its uncompressed teacher.
 
     Budget: `steps` optimizer steps or `minutes` of wall time (not both; neither means 300 steps). Only a
@@ -87,16 +84,3 @@ class RecoverStageConfig(RecoveryConfig):
     the trials and re-score them on the held-out data."""
 
     top_k: int = Field(5, ge=1)
-
-
-class RecoveryRecord(_Strict):
-    """What a recipe records about the recovery its model went through: settings and fidelity before/after
-    (held-out data). Re-applying the recipe with `--recover` and the same settings reproduces it."""
-
-    settings: dict[str, Any]
-    steps: int
-    seconds: float
-    train_samples: int
-    eval_samples: int
-    before: dict[str, float]
-    after: dict[str, float]

@@ -20,10 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimformer.compression.records import RecoveryRecord
 from slimformer.errors import ConfigError
 from slimformer.evaluators.quality import FidelityEvaluator
 from slimformer.models.base import Batch, ModelAdapter
-from slimformer.recovery.config import RecoveryConfig, RecoveryRecord
+from slimformer.recovery.config import RecoveryConfig
 from slimformer.recovery.losses import Tapper, Taps, distill_loss
 from slimformer.recovery.trainable import freeze_, make_trainable_
 

@@ -8,19 +8,16 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
 from slimformer.errors import ConfigError
 from slimformer.fileio import first_validation_error, yaml_mapping
 from slimformer.recovery.config import RecoverStageConfig
+from slimformer.schema import FrozenModel as _Strict
 from slimformer.spaces.config import SpaceConfig
 
 OBJECTIVES = ("quality", "latency", "memory")
 QUICKSTART_CONFIG = Path(__file__).resolve().parent.parent / "data" / "quickstart.yaml"
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class DataConfig(_Strict):

@@ -24,6 +24,7 @@ from slimformer.models import ModelAdapter, load
 from slimformer.models.base import Batch
 from slimformer.search.config import SearchConfig
 from slimformer.spaces.space import SearchSpace
+from slimformer.threads import set_threads, using_threads
 
 
 @dataclass
@@ -120,12 +121,8 @@ class SearchContext:
         Runs single-threaded: compression is many small tensor ops (GPTQ's column sweep above all), which
         measured 14x slower with 2 threads than with 1 on the shared 2-core machine (0.53 s vs 7.3 s).
         """
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with using_threads(1):
             return apply_plan(self.adapter, plan, self.cache, self.act_scales, hessians=self.hessians)
-        finally:
-            torch.set_num_threads(threads)
 
 
 def seed_everything(seed: int) -> None:
@@ -139,7 +136,7 @@ def prepare(config: SearchConfig, *, log: Any = None) -> SearchContext:
     say = log or (lambda msg: None)
     device = resolve_device(config.device)
     if config.threads:
-        torch.set_num_threads(config.threads)
+        set_threads(config.threads)
     profile = load_profile(config.hardware_profile)
     if resolved_source(config.latency.source, profile) == "calibrated":  # ConfigError when it has no model
         warn_if_mismatched(profile, config.latency.threads)

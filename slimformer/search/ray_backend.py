@@ -76,8 +76,9 @@ def worker_main(ctx: SearchContext, url: str, run_dir_file: bool, study_name: st
     import torch
 
     from slimformer.search.runner import WORKER_ATTR, run_trials
+    from slimformer.threads import set_threads
 
-    torch.set_num_threads(threads)
+    set_threads(threads)
     storage, _ = open_storage(url, heartbeat=True, run_dir_file=run_dir_file)
     t0 = time.perf_counter()
     try:

@@ -12,13 +12,13 @@ import random
 from typing import Any
 
 import optuna
-import torch
 
 from slimformer import data as data_mod
 from slimformer.models.base import Batch
 from slimformer.recovery import RecoveryRecord, recover
 from slimformer.recovery.data import IMAGE_SOURCES, training_batches
 from slimformer.search.context import SearchContext
+from slimformer.threads import using_threads
 
 RECOVERED_FILE = "recovered.json"
 
@@ -76,11 +76,8 @@ def recover_front(ctx: SearchContext, run_dir: Any, front: list[optuna.trial.Fro
             batches = train_batches(ctx)
         say(f"recovering trial {t.number} ({i + 1}/{len(chosen)})")
         model = ctx.compress(trial_plan(ctx, t))
-        threads = torch.get_num_threads()
-        try:
+        with using_threads():
             res = recover(ctx.adapter, model, batches, cfg, evaluator=ctx.heldout_eval, log=say)
-        finally:
-            torch.set_num_threads(threads)
         out[t.number] = res.record()
         cache[str(t.number)] = {"key": key, "record": out[t.number].model_dump(mode="json")}
         write_json(f, cache)

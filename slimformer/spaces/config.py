@@ -5,18 +5,15 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from slimformer.models.base import ROLES
+from slimformer.schema import FrozenModel
 
 SparsityChoice = float | Literal["2:4"]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class SelectConfig(_Strict):
+class SelectConfig(FrozenModel):
     """Which units a group covers: all conditions must hold (an empty select covers every unit)."""
 
     role: list[str] | None = None
@@ -61,7 +58,7 @@ class SelectConfig(_Strict):
         return set(range(int(lo), int(hi or lo) + 1))
 
 
-class GroupConfig(_Strict):
+class GroupConfig(FrozenModel):
     """Choices for the units a group selects. Each list is a categorical search dimension."""
 
     select: SelectConfig = SelectConfig()
@@ -103,7 +100,7 @@ class GroupConfig(_Strict):
         return v
 
 
-class SpaceConfig(_Strict):
+class SpaceConfig(FrozenModel):
     """A search space: unit groups, per-layer or per-group choices, and sharing patterns."""
 
     groups: list[GroupConfig] = Field(min_length=1)

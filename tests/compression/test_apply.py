@@ -12,13 +12,12 @@ from slimformer.compression import ops
 from slimformer.compression.apply import (
     DecompositionCache,
     apply_plan,
-    canonical_plan,
     collect_activation_scales,
     get_module,
-    layer_path_swap,
 )
 from slimformer.compression.modules import FactorizedEmbedding, LowRankLinear, SlimEmbedding, SlimLinear
 from slimformer.compression.plan import CompressionPlan, LayerSpec, SharingSpec, UnitSpec
+from slimformer.compression.plan_semantics import canonical_plan, layer_path_swap
 from slimformer.compression.saving import pack_model
 from slimformer.errors import PlanError
 from slimformer.models import HFEncoderAdapter, TimmViTAdapter

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from slimformer.compression.apply import canonical_plan
 from slimformer.compression.plan import CompressionPlan, LayerSpec, SharingSpec, UnitSpec, sharing_pattern
+from slimformer.compression.plan_semantics import canonical_plan
 from slimformer.compression.recipe import RECIPE_VERSION, LayerRule, ModelRef, Recipe, Rule, SpecModel
 from slimformer.errors import RecipeError
 

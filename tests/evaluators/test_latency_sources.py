@@ -7,8 +7,8 @@ from pathlib import Path
 import helpers
 import pytest
 
-from slimformer.compression.apply import canonical_plan
 from slimformer.compression.plan import CompressionPlan, LayerSpec, UnitSpec, sharing_pattern
+from slimformer.compression.plan_semantics import canonical_plan
 from slimformer.errors import ConfigError
 from slimformer.evaluators.latency import (
     CalibratedSource,

@@ -14,8 +14,8 @@ from typing import ClassVar
 
 from torch import nn
 
-from slimformer.compression.apply import canonical_plan
 from slimformer.compression.plan import CompressionPlan
+from slimformer.compression.plan_semantics import canonical_plan
 from slimformer.hardware_profiles.profile import HardwareProfile
 from slimformer.models.base import Batch, ModelAdapter
 
