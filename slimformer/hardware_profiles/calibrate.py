@@ -226,8 +226,7 @@ class _Run:
 def reference_adapter(name: str):  # noqa: ANN201 - a ModelAdapter (import kept lazy)
     """A reference model by name: `vit-fmnist` is the Fashion-MNIST ViT geometry with random weights."""
     if name == VIT_FMNIST:
-        from slimformer.models.vit import create_vit
-        from slimformer.models.vit_train import ARCHITECTURE, MODEL_ARGS
+        from slimformer.models.vit import ARCHITECTURE, MODEL_ARGS, create_vit
 
         return create_vit(ARCHITECTURE, dict(MODEL_ARGS), model_id=VIT_FMNIST)
     from slimformer.models import load
