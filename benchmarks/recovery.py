@@ -11,7 +11,7 @@ installed, else the 944 other packaged ones). The first plan is recovered for
 top-10 neighbour agreement.
 
 ViT on Fashion-MNIST: the teacher from runs/vit-fmnist-teacher (trained with
-`nice -n 10 python -m slimformer.models.vit_train --out runs/vit-fmnist-teacher` when missing); recovery trains
+`nice -n 10 python benchmarks/train_vit.py --out runs/vit-fmnist-teacher` when missing); recovery trains
 on the 60,000 training images (labels unused: the teacher supplies the targets) and accuracy is measured on the
 10,000 test images (Debian's dataset-fashion-mnist; the packaged 1,000 otherwise).
 
@@ -120,15 +120,16 @@ def run_vit(args: argparse.Namespace, log: Any) -> dict[str, Any]:
     from slimformer.compression.memory import plan_memory
     from slimformer.compression.plan import CompressionPlan, LayerSpec, UnitSpec
     from slimformer.data import load_fashion_mnist
+    from slimformer.data.fashion_mnist import load_full_fashion_mnist
     from slimformer.evaluators.quality import FidelityEvaluator
     from slimformer.models import load
-    from slimformer.models.vit_train import load_full_fashion_mnist
     from slimformer.recovery import RecoveryConfig, recover
     from slimformer.recovery.data import training_batches
 
     if not (TEACHER_DIR / "train_info.json").exists():
         log(f"[vit] training the teacher into {TEACHER_DIR}")
-        subprocess.run([sys.executable, "-m", "slimformer.models.vit_train", "--out", str(TEACHER_DIR)], check=True)
+        subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_vit.py"), "--out", str(TEACHER_DIR)],
+                       check=True)
     adapter = load(str(TEACHER_DIR))
     fp32 = plan_memory(adapter, CompressionPlan()).total_bytes
     full = load_full_fashion_mnist("test")

@@ -3,7 +3,7 @@
     python benchmarks/vit_fashion_mnist.py [--teacher-dir runs/vit-fmnist-teacher] [--epochs 3]
         [--threads N] [--trials 40] [--run-dir runs/bench-vit-fmnist] [--retrain]
 
-1. Trains the teacher (slimformer.models.vit_train: a 4-block, width-96 timm ViT on 28x28 images,
+1. Trains the teacher (benchmarks/train_vit.py: a 4-block, width-96 timm ViT on 28x28 images,
    16 patch tokens) into --teacher-dir, on the full 60,000-image Fashion-MNIST when Debian's
    dataset-fashion-mnist is installed, else on the packaged 2,000-image sample. Skipped when the
    directory already holds a train_info.json (pass --retrain to train again).
@@ -74,8 +74,8 @@ def main() -> int:
     import optuna
     import timm
     import torch
+    from train_vit import TRAIN_INFO, train_fashion_mnist_vit  # benchmarks/train_vit.py, next to this script
 
-    from slimformer.models.vit_train import TRAIN_INFO, train_fashion_mnist_vit
     from slimformer.search import run_search
 
     t_start = time.perf_counter()

@@ -11,15 +11,15 @@ from slimformer.compression.calibration import collect_activation_scales, collec
 from slimformer.compression.memory import MemoryReport, plan_memory
 from slimformer.compression.plan import CompressionPlan
 from slimformer.compression.recipe import Recipe
-from slimformer.compression.saving import save_compressed
+from slimformer.compression.saving import load_any, save_compressed
 from slimformer.errors import ConfigError
-from slimformer.models import ModelAdapter, load
+from slimformer.models import ModelAdapter
 from slimformer.search import SearchConfig, SearchResult, run_search
 
 
 def load_model(model: str, max_length: int | None = None) -> ModelAdapter:
     """Load a model directory, hub id, `timm:ARCH`, or compressed slimformer output."""
-    return load(model, max_length=max_length)
+    return load_any(model, max_length=max_length)
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class InspectReport:
 
 def inspect_model(model: str | ModelAdapter) -> InspectReport:
     """Each compressible unit (name, role, layer, shape, parameters, bytes) and the memory breakdown."""
-    adapter = load(model) if isinstance(model, str) else model
+    adapter = load_any(model) if isinstance(model, str) else model
     mem = plan_memory(adapter, CompressionPlan())
     rows = [UnitRow(u.name, u.role, u.layer, u.shape, u.params, mem.per_unit[u.name]) for u in adapter.units]
     first = adapter.layers[0]
@@ -97,34 +97,14 @@ class ApplyResult:
 
 
 def _fidelity_batches(adapter: ModelAdapter, data: str, samples: int) -> list[Any]:
-    from slimformer import data as data_mod
-
-    if adapter.family == "timm":
-        x, y = data_mod.load_fashion_mnist("test", limit=samples)
-        return adapter.make_batches(x, 32, y)
-    if data == "fortunes":
-        _, texts = data_mod.text_splits(0, samples)
-    else:
-        texts = data_mod.load_texts(data, limit=samples)
-    return adapter.make_batches(texts, 32)
+    """Held-out data (never the search split) in the adapter family's own form, with labels if it has them."""
+    held = adapter.heldout_samples(data, samples)
+    return adapter.make_batches(held.inputs, 32, held.labels)
 
 
 def _calibration_batches(adapter: ModelAdapter, data: str, n: int) -> list[Any]:
     """Calibration data for data-aware transforms: the start of the search split (never the held-out one)."""
-    from slimformer import data as data_mod
-
-    if adapter.family == "timm":
-        cx, _ = data_mod.load_fashion_mnist("train", limit=n)
-        return adapter.make_batches(cx, 32)
-    texts = data_mod.text_splits(n, 0)[0] if data == "fortunes" else data_mod.load_texts(data, limit=n)
-    return adapter.make_batches(sorted(texts, key=len), 32)
-
-
-def _heldout_texts(data: str, samples: int) -> list[str]:
-    """The texts `_fidelity_batches` measures on (what recovery must never train on)."""
-    from slimformer import data as data_mod
-
-    return data_mod.text_splits(0, samples)[1] if data == "fortunes" else data_mod.load_texts(data, limit=samples)
+    return adapter.make_batches(adapter.calibration_samples(data, n), 32)
 
 
 def apply_recipe(recipe: str | Path | Recipe, model: str, out_dir: str | Path | None = None,
@@ -147,7 +127,7 @@ def apply_recipe(recipe: str | Path | Recipe, model: str, out_dir: str | Path | 
     if kernels != "exact" and not onnx:
         raise ConfigError(f"--kernels {kernels} applies to the ONNX export; add --onnx (and --out)")
     rec = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
-    adapter = load(model)
+    adapter = load_any(model)
     plan = rec.to_plan(adapter)
     if rec.model.sha256 and rec.model.sha256 != adapter.weights_sha256():
         import warnings
@@ -172,7 +152,7 @@ def apply_recipe(recipe: str | Path | Recipe, model: str, out_dir: str | Path | 
         from slimformer.recovery import recover as run_recovery
         from slimformer.recovery.data import training_batches
 
-        held = [] if adapter.family == "timm" else _heldout_texts(data, samples)
+        held = adapter.recovery_exclusions(data, samples)
         train = training_batches(adapter, recover.data, recover.batch_size, held, recover.samples, recover.seed)
         recovered = run_recovery(adapter, compressed, train, recover, progress=progress, log=log,
                                  evaluator=evaluator)
@@ -269,7 +249,7 @@ def bench(target: str | Path, model: str | None = None, data: str = "fortunes", 
                                kernels=kernels)
             assert res.onnx is not None
             ref_id, onnx_path = model, res.onnx.path
-        reference = load(ref_id)
+        reference = load_any(ref_id)
         result = bench_models(reference, onnx_path, target_name=str(t), **opts)  # type: ignore[arg-type]
         result.extra["kernels"] = "as stored in the file" if t.suffix.lower() == ".onnx" else kernels
         return result

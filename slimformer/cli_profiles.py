@@ -119,14 +119,14 @@ def validate_cmd(profile: str, model: str, configs: int, threads: int | None, ba
     import tempfile
 
     from slimformer.hardware_profiles.profile import load_profile, resolve_path, save_profile
-    from slimformer.hardware_profiles.references import default_shapes, reference_adapter
+    from slimformer.hardware_profiles.references import reference_adapter
     from slimformer.hardware_profiles.validate import results_stem, rows_json, validate, with_result
 
     prof = load_profile(profile)
     threads = threads or prof.threads
     adapter = reference_adapter(model)
     if seq is None:
-        seq = default_shapes(adapter)[-1][1] if adapter.family == "timm" else 128
+        seq = adapter.default_latency_seq
     with tempfile.TemporaryDirectory() as tmp:
         wd = work_dir or Path(tmp)
         result, rows = validate(prof, adapter, configs, batch, seq, threads, wd, seed=seed, runs=runs,
@@ -149,7 +149,7 @@ def validate_cmd(profile: str, model: str, configs: int, threads: int | None, ba
     from slimformer.fileio import atomic_write
 
     atomic_write(out, json.dumps(rows_json(result, rows, threads), indent=1))
-    update_bench_doc(f"profile-validate-{'vit' if adapter.family == 'timm' else 'text'}",
+    update_bench_doc(f"profile-validate-{adapter.doc_label}",
                      f"`slimformer profile validate {profile} --model {model} --configs {configs}`\n\n{line}\n\n"
                      f"Results: `{out}`; profile validation section updated (`{shown}`); calibration "
                      f"took {prof.calibration.seconds if prof.calibration else 0:.0f} s "

@@ -65,7 +65,7 @@ def test_minilm_example_space_fits_budget(path, minilm):
 
 def test_vit_example_fits_default_teacher():
     from slimformer.models import create_vit
-    from slimformer.models.vit_train import ARCHITECTURE, MODEL_ARGS
+    from slimformer.models.vit import ARCHITECTURE, MODEL_ARGS
 
     cfg = SearchConfig.load(EXAMPLES / "vit-fashion-mnist.yaml")
     assert cfg.data.source == "fashion-mnist" and cfg.quality_metric == "agreement"

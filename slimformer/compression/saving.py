@@ -3,6 +3,7 @@
 A compressed directory holds `model.safetensors` (int codes packed, fp32 scales, sparse masks or 2:4
 indices, fp32/fp16 values; every shared module once), `slimformer.yaml` (the recipe) and the base
 model's config/tokenizer, so `load_compressed` rebuilds the model with no access to the original weights.
+`load_any` opens either kind of model: a compressed directory, or anything `models.load` accepts.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from slimformer.compression.apply import apply_plan
 from slimformer.compression.modules import SlimEmbedding, SlimLinear
 from slimformer.compression.recipe import Recipe
 from slimformer.errors import ModelLoadError
+from slimformer.models import COMPRESSED_MARKER, get_family, load_from, locate
 from slimformer.models.base import ModelAdapter
 
 MODEL_FILE = "model.safetensors"
-RECIPE_FILE = "slimformer.yaml"
+RECIPE_FILE = COMPRESSED_MARKER  # "slimformer.yaml"
 
 
 def pack_model(model: nn.Module) -> dict[str, Tensor]:
@@ -61,10 +63,7 @@ def save_compressed(adapter: ModelAdapter, model: nn.Module, recipe: Recipe, out
                                 prefix=f".{out_dir.name}."))
     try:
         adapter.save_base(tmp)
-        if adapter.source_dir is not None and adapter.family == "hf":
-            from slimformer.models.hf import copy_st_files
-
-            copy_st_files(adapter.source_dir, tmp)
+        adapter.copy_source_files(tmp)
         save_file(pack_model(model), str(tmp / MODEL_FILE), metadata={"format": "slimformer-packed-v1"})
         recipe.save(tmp / RECIPE_FILE)
         if out_dir.exists():
@@ -85,12 +84,7 @@ def load_compressed(model_dir: Path) -> ModelAdapter:
     meta_file = model_dir / "slimformer_model.json"
     if not meta_file.exists():
         raise ModelLoadError(f"{model_dir}: missing slimformer_model.json; not a slimformer output directory")
-    family = json.loads(meta_file.read_text())["family"]
-    if family == "timm":
-        from slimformer.models.vit import TimmViTAdapter as cls
-    else:
-        from slimformer.models.hf import HFEncoderAdapter as cls  # type: ignore[assignment]
-    adapter = cls.skeleton(model_dir)
+    adapter = get_family(json.loads(meta_file.read_text())["family"]).skeleton(model_dir)
     recipe = Recipe.load(model_dir / RECIPE_FILE)
     plan = recipe.to_plan(adapter)
     model = apply_plan(adapter, plan, rtn_fallback=True)  # values come from the file below
@@ -116,3 +110,11 @@ def load_compressed(model_dir: Path) -> ModelAdapter:
     adapter.model_id = recipe.model.id
     adapter.recipe = recipe  # type: ignore[attr-defined]
     return adapter
+
+
+def load_any(model: str, max_length: int | None = None) -> ModelAdapter:
+    """Load a model directory, hub id, `timm:ARCH`, or compressed slimformer output (`slimformer.yaml`)."""
+    source = locate(model)
+    if source.local_dir is not None and (source.local_dir / RECIPE_FILE).exists():
+        return load_compressed(source.local_dir)
+    return load_from(source, max_length)

@@ -2,7 +2,8 @@
 
 Encoders: mean cosine of pooled embeddings and top-10 neighbour agreement (do the same texts stay
 each other's nearest neighbours?). Classifiers: top-1 agreement, KL(teacher || student) and accuracy
-when labels exist. Teacher outputs are computed once per data set.
+when labels exist. The metrics are the model family's (`ModelAdapter.metric_names` / `fidelity_metrics`,
+maths in `slimformer.models.metrics`). Teacher outputs are computed once per data set.
 """
 
 from __future__ import annotations
@@ -11,14 +12,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slimformer.errors import ConfigError
 from slimformer.models.base import Batch, ModelAdapter
+from slimformer.models.metrics import CLASSIFIER_METRICS, ENCODER_METRICS, neighbour_agreement
 
-ENCODER_METRICS = ("cosine", "neighbours")
-CLASSIFIER_METRICS = ("agreement", "accuracy", "neg_kl")
+__all__ = ["CLASSIFIER_METRICS", "ENCODER_METRICS", "FidelityEvaluator", "QualityResult", "neighbour_agreement"]
 
 
 @dataclass(frozen=True)
@@ -30,24 +30,6 @@ class QualityResult:
 
     def value(self, name: str) -> float:
         return self.metrics[name]
-
-
-def neighbour_agreement(teacher: Tensor, student: Tensor, k: int = 10) -> float:
-    """Mean overlap of each sample's k nearest neighbours (cosine) under teacher and student."""
-    n = teacher.shape[0]
-    k = min(k, n - 1)
-    if k < 1:
-        return 1.0
-
-    def knn(e: Tensor) -> Tensor:
-        e = F.normalize(e.to(torch.float64), dim=-1)
-        sim = e @ e.T
-        sim.fill_diagonal_(-2.0)
-        return sim.topk(k, dim=-1).indices
-
-    a, b = knn(teacher), knn(student)
-    hits = (a.unsqueeze(-1) == b.unsqueeze(-2)).any(-1).sum(-1).to(torch.float64)
-    return float((hits / k).mean())
 
 
 class FidelityEvaluator:
@@ -65,9 +47,7 @@ class FidelityEvaluator:
 
     @property
     def metric_names(self) -> tuple[str, ...]:
-        if self.adapter.kind == "encoder":
-            return ENCODER_METRICS
-        return CLASSIFIER_METRICS if self.has_labels else CLASSIFIER_METRICS[::2]
+        return self.adapter.metric_names(self.has_labels)
 
     @torch.no_grad()
     def _run(self, model: nn.Module, start: int = 0, stop: int | None = None) -> Tensor:
@@ -88,18 +68,8 @@ class FidelityEvaluator:
         t = self.teacher_out[: out.shape[0]]
         if not torch.isfinite(out).all():
             raise FloatingPointError("compressed model produced NaN/inf outputs")
-        if self.adapter.kind == "encoder":
-            metrics = {
-                "cosine": float(F.cosine_similarity(out, t, dim=-1).mean()),
-                "neighbours": neighbour_agreement(t, out),
-            }
-        else:
-            agreement = float((out.argmax(-1) == t.argmax(-1)).to(torch.float64).mean())
-            kl = float(F.kl_div(F.log_softmax(out, -1), F.log_softmax(t, -1), log_target=True,
-                                reduction="batchmean"))
-            metrics = {"agreement": agreement, "neg_kl": -kl}
-            if self.has_labels:
-                labels = torch.cat([b.labels for b in self.batches])[: out.shape[0]]  # type: ignore[misc]
-                metrics["accuracy"] = float((out.argmax(-1) == labels).to(torch.float64).mean())
-                metrics["teacher_accuracy"] = float((t.argmax(-1) == labels).to(torch.float64).mean())
+        labels = None
+        if self.has_labels:
+            labels = torch.cat([b.labels for b in self.batches])[: out.shape[0]]  # type: ignore[misc]
+        metrics = self.adapter.fidelity_metrics(t, out, labels)
         return QualityResult(metrics, int(t.shape[0]))

@@ -183,42 +183,28 @@ def quantize_int8_dynamic(fp32_path: Path | str, out_path: Path | str, per_chann
     return Path(out_path)
 
 
-def heldout_samples(adapter: ModelAdapter, data: str, samples: int) -> tuple[list[Any], Any]:
-    """Held-out inputs (texts, or images and labels for timm) - never the search split."""
-    from slimformer import data as data_mod
-
-    if adapter.family == "timm":
-        return data_mod.load_fashion_mnist("test", limit=samples)  # type: ignore[return-value]
-    if data == "fortunes":
-        return data_mod.text_splits(0, samples)[1], None
-    return data_mod.load_texts(data, limit=samples), None
+def heldout_samples(adapter: ModelAdapter, data: str, samples: int) -> tuple[Sequence[Any], Any]:
+    """Held-out inputs (texts, or images and labels for an image family) - never the search split."""
+    held = adapter.heldout_samples(data, samples)
+    return held.inputs, held.labels
 
 
 def fixed_length_feed(adapter: ModelAdapter, samples: Sequence[Any], batch: int, seq: int) -> dict[str, np.ndarray]:
     """`batch` held-out samples (cycled if too few), texts padded/truncated to exactly `seq` tokens."""
-    chosen = [samples[i % len(samples)] for i in range(batch)]
-    if adapter.family == "timm":
-        b = adapter.make_batches(np.stack(chosen), batch)[0]
-        return {k: v.numpy() for k, v in b.inputs.items()}
-    tok = getattr(adapter, "tokenizer", None)
-    if tok is None:
-        raise ConfigError(f"{adapter.model_id}: no tokenizer; text inputs cannot be built")
-    enc = tok([str(s) for s in chosen], padding="max_length", truncation=True, max_length=seq, return_tensors="np")
-    return {k: np.asarray(v, dtype=np.int64) for k, v in enc.items()
-            if k in ("input_ids", "attention_mask", "token_type_ids")}
+    return adapter.fixed_length_feed(samples, batch, seq)
 
 
-def _fidelity(kind: str, teacher: np.ndarray, out: np.ndarray) -> dict[str, float]:
+def _fidelity(adapter: ModelAdapter, teacher: np.ndarray, out: np.ndarray) -> dict[str, float]:
+    """Fidelity of ONNX outputs to the fp32 ONNX teacher's: the family's metrics that need no labels."""
     import torch
 
-    from slimformer.evaluators.quality import neighbour_agreement
+    from slimformer.models.metrics import encoder_metrics, top1_agreement
 
     t = torch.from_numpy(teacher.astype(np.float32))
     o = torch.from_numpy(out.astype(np.float32))
-    if kind == "encoder":
-        return {"cosine": float(torch.nn.functional.cosine_similarity(o, t, dim=-1).mean()),
-                "neighbours": neighbour_agreement(t, o)}
-    return {"agreement": float((o.argmax(-1) == t.argmax(-1)).to(torch.float64).mean())}
+    if adapter.kind == "encoder":
+        return encoder_metrics(t, o)
+    return {"agreement": top1_agreement(t, o)}
 
 
 def time_round_robin(sessions: dict[str, Any], feed: dict[str, np.ndarray], runs: int, warmup: int,
@@ -268,7 +254,7 @@ def bench_models(reference: ModelAdapter, target_onnx: Path | str, *, target_nam
     if not target_onnx.is_file():
         raise ConfigError(f"{target_onnx} does not exist")
     say = log or (lambda _msg: None)
-    seqs = [0] if reference.family == "timm" else [int(s) for s in seqs]
+    seqs = reference.latency_seqs(seqs)
     batches = [int(b) for b in batches]
     with tempfile.TemporaryDirectory() as tmp:
         wd = Path(work_dir) if work_dir is not None else Path(tmp)
@@ -284,7 +270,7 @@ def bench_models(reference: ModelAdapter, target_onnx: Path | str, *, target_nam
         x, labels = heldout_samples(reference, data, samples)
         fid_batches: list[Batch] = reference.make_batches(x, 32, labels)
         outs = {n: onnx_outputs(s, fid_batches) for n, s in sessions.items()}
-        fidelity = {n: _fidelity(reference.kind, outs[FP32], o) for n, o in outs.items()}
+        fidelity = {n: _fidelity(reference, outs[FP32], o) for n, o in outs.items()}
 
         timings: dict[tuple[int, int], dict[str, list[float]]] = {}
         for b in batches:

@@ -5,7 +5,8 @@ Pipeline and the reasons behind it:
 
 1. Trace. The model is wrapped so the graph computes exactly `adapter.output(model, batch)` (HF
    encoders: input_ids, attention_mask [, token_type_ids] -> pooled embedding including the mean/cls/max
-   pooling; classifiers -> logits; timm: pixels -> logits) with dynamic batch (and sequence) axes, and
+   pooling; classifiers -> logits; timm: pixels -> logits) with the dynamic batch (and sequence) axes its
+   family names (`ModelAdapter.dynamic_axes`), traced on the family's `trace_batch`, and
    exported with the TorchScript exporter (`torch.onnx.export(..., dynamo=False)`): the dynamo exporter
    needs `onnxscript`, which is not installed. That exporter stops at opset 20, so the graph is traced at
    opset min(opset, 20) and, when `opset` > 20, converted with `onnx.version_converter` (20 -> 21 only
@@ -64,11 +65,11 @@ from slimformer.export import graph as G
 from slimformer.export import kernels as K
 from slimformer.fileio import atomic_write
 from slimformer.models.base import Batch, ModelAdapter
+from slimformer.models.modalities import SAMPLE_TEXTS  # noqa: F401 - re-exported: the texts traced with
 
 DEFAULT_OPSET = 21
 TORCHSCRIPT_MAX_OPSET = 20
 MIN_OPSET = 17
-SAMPLE_TEXTS = ("A short sentence.", "A second, somewhat longer example sentence used to trace the graph.")
 
 
 @dataclass(frozen=True)
@@ -106,13 +107,11 @@ class _OutputGraph(nn.Module):
 
 
 def sample_batch(adapter: ModelAdapter, sample_texts: Sequence[Any] | None = None) -> Batch:
-    """A small batch to trace with: two texts of different lengths (padding traced), or two blank images."""
+    """A small batch to trace with: the given samples, else the family's own (two texts of different
+    lengths, so padding is traced, or two blank images)."""
     if sample_texts is not None:
         return adapter.make_batches(list(sample_texts), len(sample_texts))[0]
-    if adapter.family == "timm":
-        size = getattr(adapter, "img_size", (224, 224))
-        return adapter.make_batches(np.zeros((2, *size), dtype=np.uint8), 2)[0]
-    return adapter.make_batches(list(SAMPLE_TEXTS), 2)[0]
+    return adapter.trace_batch()
 
 
 def trace_onnx(adapter: ModelAdapter, model: nn.Module, batch: Batch, opset: int) -> onnx.ModelProto:
@@ -122,10 +121,7 @@ def trace_onnx(adapter: ModelAdapter, model: nn.Module, batch: Batch, opset: int
     names = list(batch.inputs)
     device = next(model.parameters()).device
     args = tuple(batch.inputs[k].to(device) for k in names)
-    seq_axes = adapter.family != "timm"
-    dyn = {k: ({0: "batch", 1: "sequence"} if seq_axes and batch.inputs[k].dim() == 2 else {0: "batch"})
-           for k in names}
-    dyn["output"] = {0: "batch"}
+    dyn = adapter.dynamic_axes(batch)
     modes = {m: m.training for m in model.modules()}
     wrapper = _OutputGraph(adapter, model.eval(), names)
     with tempfile.TemporaryDirectory() as tmp:
@@ -134,7 +130,7 @@ def trace_onnx(adapter: ModelAdapter, model: nn.Module, batch: Batch, opset: int
             with warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore")
                 torch.onnx.export(wrapper, args, str(f), dynamo=False, opset_version=min(opset, TORCHSCRIPT_MAX_OPSET),
-                                  input_names=names, output_names=["output"], dynamic_axes=dyn,
+                                  input_names=names, output_names=list(adapter.output_names), dynamic_axes=dyn,
                                   do_constant_folding=True)
         finally:
             for m, training in modes.items():  # the TorchScript exporter leaves modules in training mode

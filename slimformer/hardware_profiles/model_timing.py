@@ -2,7 +2,7 @@
 the exported models round-robin with the bench protocol.
 
 Used by calibration (reference models for the whole-graph residual) and validation (held-out plans).
-Inputs are held-out samples padded/truncated to exactly `seq` tokens (`export.bench.fixed_length_feed`);
+Inputs are held-out samples padded/truncated to exactly `seq` tokens (the adapter's `fixed_length_feed`);
 after warm-up every model runs once per round, the starting model rotating, so machine noise hits all
 of them alike; the result is each model's median ms.
 """
@@ -73,10 +73,8 @@ def time_round_robin(paths: Mapping[str, Path], feed: dict[str, np.ndarray], thr
 
 def input_feed(adapter: ModelAdapter, batch: int, seq: int) -> dict[str, np.ndarray]:
     """Held-out inputs of exactly batch x seq (text) or batch images, as the bench builds them."""
-    from slimformer.export.bench import fixed_length_feed, heldout_samples
-
-    samples, _ = heldout_samples(adapter, "fortunes", max(8, batch))
-    return fixed_length_feed(adapter, samples, batch, seq)
+    samples = adapter.heldout_samples("fortunes", max(8, batch)).inputs
+    return adapter.fixed_length_feed(samples, batch, seq)
 
 
 def measure_plans(adapter: ModelAdapter, plans: Mapping[str, CompressionPlan], batch: int, seq: int, threads: int,

@@ -14,21 +14,12 @@ VIT_FMNIST = "vit-fmnist"  # the Fashion-MNIST ViT geometry (random weights: lat
 def reference_adapter(name: str) -> ModelAdapter:
     """A reference model by name: `vit-fmnist` is the Fashion-MNIST ViT geometry with random weights."""
     if name == VIT_FMNIST:
-        from slimformer.models.vit import create_vit
-        from slimformer.models.vit_train import ARCHITECTURE, MODEL_ARGS
+        from slimformer.models.vit import ARCHITECTURE, MODEL_ARGS, create_vit
 
         return create_vit(ARCHITECTURE, dict(MODEL_ARGS), model_id=VIT_FMNIST)
     from slimformer.models import load
 
     return load(name)
-
-
-def default_shapes(adapter: ModelAdapter) -> tuple[tuple[int, int], ...]:
-    """(batch, seq) pairs the reference models are timed at: ViT at its token count, text at 32 and 128."""
-    if adapter.family == "timm":
-        grid = adapter.model.patch_embed.grid_size
-        return ((1, int(grid[0] * grid[1]) + 1), (8, int(grid[0] * grid[1]) + 1))
-    return ((1, 16), (1, 32), (1, 64), (1, 128))
 
 
 def reference_plans(adapter: ModelAdapter) -> dict[str, CompressionPlan]:

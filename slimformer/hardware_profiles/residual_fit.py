@@ -14,7 +14,7 @@ from slimformer.compression.plan import CompressionPlan
 from slimformer.hardware_profiles.model_timing import WARM_REPEAT, measure_plans
 from slimformer.hardware_profiles.predict import predict, require_model
 from slimformer.hardware_profiles.profile import HardwareProfile, LatencyModel, Residual
-from slimformer.hardware_profiles.references import default_shapes, reference_adapter, reference_plans
+from slimformer.hardware_profiles.references import reference_adapter, reference_plans
 from slimformer.hardware_profiles.residual import FAMILIES, SCALE_BOUNDS, glue_features, kernel_family
 
 
@@ -36,7 +36,7 @@ def fit_residuals(lm: LatencyModel, profile: HardwareProfile, references: tuple[
     for ref in references:
         adapter = reference_adapter(ref)
         plans = reference_plans(adapter)
-        for batch, seq in (shapes or {}).get(ref, default_shapes(adapter)):
+        for batch, seq in (shapes or {}).get(ref, adapter.default_latency_shapes()):
             runs = reference_runs(predict(adapter, CompressionPlan(), batch, seq, bare).ms, len(plans))
             measured = measure_plans(adapter, plans, batch, seq, threads, work / ref.replace("/", "_"), runs=runs)
             for name, ms in measured.items():

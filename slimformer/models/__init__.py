@@ -1,20 +1,46 @@
-"""Model adapters: find compressible units in HF encoders, sentence-transformers and timm ViTs."""
+"""Model adapters: find compressible units in HF encoders, sentence-transformers and timm ViTs.
+
+Each family is an adapter class registered with `register_family`; `load` asks the registered families
+which one recognises a directory or id. Compressed slimformer outputs are opened one layer up, by
+`slimformer.compression.saving.load_any` (compression sits above models).
+"""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from slimformer.errors import ModelLoadError
-from slimformer.models.base import Batch, LayerInfo, ModelAdapter, Unit
+from slimformer.models.base import Batch, EvalSamples, LayerInfo, ModelAdapter, Samples, Unit
 from slimformer.models.hf import HFEncoderAdapter, load_hf_dir
+from slimformer.models.registry import (
+    detect_family,
+    families,
+    family_for_id,
+    get_family,
+    register_family,
+    unregister_family,
+)
 from slimformer.models.vit import TimmViTAdapter, create_vit, load_timm_dir, save_timm_dir
 
-__all__ = ["Batch", "HFEncoderAdapter", "LayerInfo", "ModelAdapter", "TimmViTAdapter", "Unit", "create_vit",
-           "load", "resolve_model_dir", "save_timm_dir"]
+__all__ = ["COMPRESSED_MARKER", "Batch", "EvalSamples", "HFEncoderAdapter", "LayerInfo", "ModelAdapter", "ModelSource",
+           "Samples", "TimmViTAdapter", "Unit", "create_vit", "families", "get_family", "load", "load_from",
+           "load_hf_dir", "load_timm_dir", "locate", "register_family", "resolve_model_dir", "save_timm_dir",
+           "unregister_family"]
 
 MINILM_IDS = ("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2", "minilm-l6")
+COMPRESSED_MARKER = "slimformer.yaml"  # compression.saving.RECIPE_FILE: a compressed output directory
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: a local directory (downloaded if it was a hub id), or None when a family
+    builds the id itself; `model_id` is the canonical id recorded in recipes."""
+
+    local_dir: Path | None
+    model_id: str
 
 
 def packaged_minilm_dir() -> Path | None:
@@ -40,24 +66,30 @@ def resolve_model_dir(model: str) -> tuple[Path | None, str]:
     return None, model
 
 
-def load(model: str, max_length: int | None = None) -> ModelAdapter:
-    """Load a model by local directory, hub id, or `timm:ARCH` and return its adapter.
-
-    Directories: a compressed slimformer output (slimformer.yaml), a timm directory (config.json with
-    `architecture`), or a transformers / sentence-transformers directory. Hub ids are downloaded with
-    huggingface_hub (which fails without network: then pass a local directory).
-    """
+def locate(model: str) -> ModelSource:
+    """Resolve a local directory, a hub id (downloaded with huggingface_hub, which fails without network:
+    then pass a local directory) or an id a family builds itself (`timm:ARCH`)."""
     local, model_id = resolve_model_dir(model)
     if local is None:
-        if model.startswith("timm:"):
-            return create_vit(model[5:], {}, pretrained=True)
+        if family_for_id(model) is not None:
+            return ModelSource(None, model)
         if model.startswith(("/", ".", "~")) or model.count("/") > 1:
             raise ModelLoadError(f"model path {model!r} does not exist; pass a model directory or a hub id")
         local = _download(model)
-    if (local / "slimformer.yaml").exists():
-        from slimformer.compression.saving import load_compressed
+    return ModelSource(local, model_id)
 
-        return load_compressed(local)
+
+def load_from(source: ModelSource, max_length: int | None = None) -> ModelAdapter:
+    """The adapter of a located model: the family that builds its id, or the one that detects its directory."""
+    if source.local_dir is None:
+        cls = family_for_id(source.model_id)
+        if cls is None:
+            raise ModelLoadError(f"model {source.model_id!r}: no registered model family builds this id")
+        return cls.from_id(source.model_id, max_length)
+    local = source.local_dir
+    if (local / COMPRESSED_MARKER).exists():
+        raise ModelLoadError(f"{local} is a compressed slimformer output; open it with "
+                             "slimformer.compression.saving.load_any (or slimformer.api.load_model)")
     cfg_file = local / "config.json"
     if not cfg_file.exists():
         raise ModelLoadError(f"{local}: no config.json; pass a transformers, sentence-transformers or timm "
@@ -66,10 +98,16 @@ def load(model: str, max_length: int | None = None) -> ModelAdapter:
         cfg = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as exc:
         raise ModelLoadError(f"{cfg_file}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
-    if "architecture" in cfg and "model_type" not in cfg:
-        return load_timm_dir(local)
-    adapter = load_hf_dir(local, model_id=model_id, max_length=max_length)
-    return adapter
+    return detect_family(local, cfg).from_dir(local, source.model_id, max_length)
+
+
+def load(model: str, max_length: int | None = None) -> ModelAdapter:
+    """Load an uncompressed model by local directory, hub id, or `timm:ARCH` and return its adapter.
+
+    Directories: a timm directory (config.json with `architecture`), or a transformers /
+    sentence-transformers directory - whichever registered family recognises it.
+    """
+    return load_from(locate(model), max_length)
 
 
 def _download(model_id: str) -> Path:

@@ -3,6 +3,11 @@
 An adapter owns the uncompressed reference model (the teacher, never mutated), lists its compressible
 units by role, describes its Transformer blocks (heads, FFN width, which modules a sharing scope covers),
 and knows how to turn data into batches and a batch into the output that quality is measured on.
+
+An adapter class is a model *family* (registered with `models.registry.register_family`): everything that
+differs between families - recognising a model directory or id, the default data and how samples are drawn,
+the quality metrics, the ONNX export inputs and the latency shapes - is a method or attribute here, so the
+rest of slimformer never branches on the family's name.
 """
 
 from __future__ import annotations
@@ -10,13 +15,17 @@ from __future__ import annotations
 import copy
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
+import numpy as np
 import torch
 from torch import nn
+
+import slimformer.models.metrics as M
+from slimformer.errors import ModelLoadError
 
 Role = Literal["query", "key", "value", "qkv", "attn_out", "ffn_in", "ffn_out", "embedding"]
 ROLES: tuple[str, ...] = ("query", "key", "value", "qkv", "attn_out", "ffn_in", "ffn_out", "embedding")
@@ -77,11 +86,47 @@ class Batch:
         return Batch({k: v.to(device) for k, v in self.inputs.items()}, labels)
 
 
+@dataclass(frozen=True)
+class Samples:
+    """Model inputs before batching (texts or images) and their labels when the data has them."""
+
+    inputs: Sequence[Any]
+    labels: Sequence[int] | None = None
+
+
+@dataclass(frozen=True)
+class EvalSamples:
+    """A search's data: the search set, the held-out set (never used while searching) and calibration."""
+
+    search: Samples
+    heldout: Samples
+    calibration: Samples
+
+
 class ModelAdapter(ABC):
-    """Base class of model adapters. Subclasses fill `units` and `layers` from the module structure."""
+    """Base class of model adapters. Subclasses fill `units` and `layers` from the module structure.
+
+    Family contract (class attributes and methods a registered family defines):
+      family              registry name, written to slimformer_model.json and keying a profile's residual;
+      detect / handles_id / from_dir / from_id / skeleton   recognise and build the family's models;
+      default_data_source, eval_samples, heldout_samples, calibration_samples, recovery_*   its data;
+      metric_names / default_quality_metric / fidelity_metrics   its quality metrics (by `kind`);
+      has_sequence_axis, trace_batch, dynamic_axes, fixed_length_feed, fixed_shape_feed, latency_seqs,
+      default_latency_shapes, default_latency_seq, doc_label   its export inputs and latency shapes.
+    """
 
     kind: ModelKind
-    family: str
+    family: ClassVar[str]
+    catch_all: ClassVar[bool] = False
+    """True for a family that accepts any directory no more specific family recognises (HF encoders)."""
+    default_data_source: ClassVar[str]
+    """The data source used when the user names none ('fortunes' texts, 'fashion-mnist' images)."""
+    has_sequence_axis: ClassVar[bool]
+    """True when 2-D inputs are (batch, sequence) token rows whose length is a latency shape dimension."""
+    doc_label: ClassVar[str]
+    """Short name of the input modality in benchmark documents ('text', 'vit')."""
+    output_names: ClassVar[tuple[str, ...]] = ("output",)
+    """Names of the exported ONNX graph's outputs."""
 
     def __init__(self, model: nn.Module, model_id: str, source_dir: Path | None = None) -> None:
         self.model = model.eval()
@@ -136,10 +181,129 @@ class ModelAdapter(ABC):
     def output(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """The tensor quality is measured on: pooled embeddings (encoder) or logits (classifier)."""
 
+    # -- discovery (see models.registry) ------------------------------------------------------------
+    @classmethod
+    def detect(cls, local_dir: Path, config: Mapping[str, Any]) -> bool:
+        """Whether `local_dir` (whose config.json parsed to `config`) holds a model of this family."""
+        return False
+
+    @classmethod
+    def handles_id(cls, model_id: str) -> bool:
+        """Whether this family builds `model_id` itself, without a local directory (e.g. `timm:ARCH`)."""
+        return False
+
+    @classmethod
+    def from_dir(cls, local_dir: Path, model_id: str, max_length: int | None = None) -> ModelAdapter:
+        """Load a model directory this family `detect`ed; `model_id` is the canonical id to record."""
+        raise ModelLoadError(f"family {cls.family!r} does not load model directories")
+
+    @classmethod
+    def from_id(cls, model_id: str, max_length: int | None = None) -> ModelAdapter:
+        """Build a model from an id this family `handles_id`."""
+        raise ModelLoadError(f"family {cls.family!r} does not build models from ids ({model_id!r})")
+
+    # -- data (what each family reads; sources are slimformer.data names) ----------------------------
+    @abstractmethod
+    def eval_samples(self, source: str, n_search: int, n_heldout: int, n_calibration: int, seed: int
+                     ) -> EvalSamples:
+        """A search's search, held-out and calibration samples from `source` (ConfigError if unusable)."""
+
+    @abstractmethod
+    def heldout_samples(self, source: str, n: int) -> Samples:
+        """`n` held-out samples (never the search split) that fidelity is measured on outside a search."""
+
+    @abstractmethod
+    def calibration_samples(self, source: str, n: int) -> Sequence[Any]:
+        """`n` calibration samples for data-aware transforms: the start of the search split."""
+
+    @abstractmethod
+    def recovery_exclusions(self, source: str, n: int) -> list[str]:
+        """Samples recovery must not train on (the texts `heldout_samples` returns; [] when held-out data
+        is a separate split, as for images)."""
+
+    @abstractmethod
+    def recovery_source(self, requested: str, search_source: str | None = None) -> str:
+        """The recovery data source: `requested`, or for 'auto' this family's default (the search's own
+        source when it is a user-supplied one and the family can train on it)."""
+
+    @abstractmethod
+    def recovery_samples(self, source: str, exclude: Iterable[str], limit: int | None, seed: int,
+                         bucket: bool = True) -> Sequence[Any]:
+        """Recovery training samples from `source`, none of `exclude`; with `bucket`, ordered so samples of
+        similar size share a batch."""
+
+    # -- quality -------------------------------------------------------------------------------------
+    def metric_names(self, has_labels: bool) -> tuple[str, ...]:
+        """Quality metrics of this model's output: cosine/neighbours of embeddings, or agreement/neg_kl
+        (and accuracy when the data has labels) of logits."""
+        if self.kind == "encoder":
+            return M.ENCODER_METRICS
+        return M.CLASSIFIER_METRICS if has_labels else M.CLASSIFIER_METRICS[::2]
+
+    @property
+    def default_quality_metric(self) -> str:
+        """The search's quality objective when the config names none."""
+        return "cosine" if self.kind == "encoder" else "agreement"
+
+    def fidelity_metrics(self, teacher: torch.Tensor, student: torch.Tensor,
+                         labels: torch.Tensor | None = None) -> dict[str, float]:
+        """Every metric of `metric_names` for student outputs against teacher outputs (same rows)."""
+        if self.kind == "encoder":
+            return M.encoder_metrics(teacher, student)
+        return M.classifier_metrics(teacher, student, labels)
+
+    # -- export inputs and latency shapes ----------------------------------------------------------
+    @abstractmethod
+    def trace_batch(self) -> Batch:
+        """A small batch to trace the ONNX graph with (padding / preprocessing included in the trace)."""
+
+    def dynamic_axes(self, batch: Batch) -> dict[str, dict[int, str]]:
+        """ONNX dynamic axes of the inputs of `batch` and of the outputs: batch, and sequence for tokens."""
+        axes = {k: ({0: "batch", 1: "sequence"} if self.has_sequence_axis and t.dim() == 2 else {0: "batch"})
+                for k, t in batch.inputs.items()}
+        for name in self.output_names:
+            axes[name] = {0: "batch"}
+        return axes
+
+    @abstractmethod
+    def fixed_length_feed(self, samples: Sequence[Any], batch: int, seq: int) -> dict[str, np.ndarray]:
+        """ONNX inputs of `batch` samples (cycled if too few); texts padded/truncated to exactly `seq` tokens."""
+
+    def fixed_shape_feed(self, batch: Batch, n: int, seq: int) -> dict[str, np.ndarray]:
+        """Inputs of exactly `n` rows (rows of `batch` cycled) and, for token inputs, `seq` columns (cut, or
+        zero-padded with the attention mask 0): latency depends on the shape, not on the words."""
+        feed = {}
+        for name, t in batch.inputs.items():
+            a = t.detach().cpu().numpy()
+            a = a[np.arange(n) % a.shape[0]]
+            if self.has_sequence_axis and a.ndim == 2:
+                out = np.zeros((n, seq), dtype=a.dtype)
+                out[:, : min(seq, a.shape[1])] = a[:, :seq]
+                a = out
+            feed[name] = a
+        return feed
+
+    def latency_seqs(self, seqs: Sequence[int]) -> list[int]:
+        """The sequence lengths latency is timed at: `seqs`, or [0] when inputs have no sequence axis."""
+        return [int(s) for s in seqs] if self.has_sequence_axis else [0]
+
+    @abstractmethod
+    def default_latency_shapes(self) -> tuple[tuple[int, int], ...]:
+        """(batch, seq) pairs this model's latency is calibrated at (seq: tokens incl. special ones)."""
+
+    @property
+    @abstractmethod
+    def default_latency_seq(self) -> int:
+        """The sequence length latency is validated at when the user gives none."""
+
     # -- persistence -------------------------------------------------------------------------------
     @abstractmethod
     def save_base(self, out_dir: Path) -> None:
         """Write what is needed to rebuild the architecture without the original weights."""
+
+    def copy_source_files(self, out_dir: Path) -> None:
+        """Copy files of `source_dir` a compressed directory must keep besides `save_base` (none by default)."""
+        return None
 
     @classmethod
     @abstractmethod

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +13,10 @@ import torch
 from torch import nn
 
 from slimformer.errors import ModelLoadError
-from slimformer.models.base import Batch, ModelAdapter, Unit
+from slimformer.models.base import Batch, Unit
 from slimformer.models.discover import describe_model
+from slimformer.models.modalities import TEXT_INPUTS, TextFamily
+from slimformer.models.registry import register_family
 
 POOLING_MODES = ("mean", "cls", "max", "mean_sqrt_len")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json",
@@ -41,11 +43,15 @@ def read_st_pooling(model_dir: Path) -> tuple[str, int]:
     return pooling, max_len
 
 
-class HFEncoderAdapter(ModelAdapter):
+@register_family("hf")
+class HFEncoderAdapter(TextFamily):
     """A `transformers` encoder. Classifiers (…ForSequenceClassification) output logits; encoders
-    output pooled embeddings (mean pooling unless the sentence-transformers config says otherwise)."""
+    output pooled embeddings (mean pooling unless the sentence-transformers config says otherwise).
 
-    family = "hf"
+    One family for plain encoders, sentence-transformers directories and sequence classifiers: they differ
+    only in `kind` (encoder / classifier, hence metrics) and `pooling`, both attributes of the adapter."""
+
+    catch_all = True  # any transformers directory no more specific family claims
 
     def __init__(self, model: nn.Module, model_id: str, tokenizer: Any = None, pooling: str = "mean",
                  max_length: int = 128, source_dir: Path | None = None) -> None:
@@ -78,7 +84,7 @@ class HFEncoderAdapter(ModelAdapter):
             chunk = [str(s) for s in samples[i:i + batch_size]]
             enc = self.tokenizer(chunk, padding=True, truncation=True, max_length=self.max_length,
                                  return_tensors="pt")
-            inputs = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+            inputs = {k: v for k, v in enc.items() if k in TEXT_INPUTS}
             lab = None if labels is None else torch.as_tensor(list(labels[i:i + batch_size]))
             batches.append(Batch(inputs, lab))
         return batches
@@ -97,7 +103,22 @@ class HFEncoderAdapter(ModelAdapter):
         count = mask.sum(1).clamp(min=1)
         return summed / (count.sqrt() if self.pooling == "mean_sqrt_len" else count)
 
+    # -- discovery -----------------------------------------------------------------------------------
+    @classmethod
+    def detect(cls, local_dir: Path, config: Mapping[str, Any]) -> bool:
+        """A transformers config (`model_type`), or any config.json that is not a timm one."""
+        return "model_type" in config or "architecture" not in config
+
+    @classmethod
+    def from_dir(cls, local_dir: Path, model_id: str, max_length: int | None = None) -> HFEncoderAdapter:
+        return load_hf_dir(local_dir, model_id=model_id, max_length=max_length)
+
     # -- persistence -------------------------------------------------------------------------------
+    def copy_source_files(self, out_dir: Path) -> None:
+        """The sentence-transformers metadata, so a compressed directory keeps its pooling config."""
+        if self.source_dir is not None:
+            copy_st_files(self.source_dir, out_dir)
+
     def save_base(self, out_dir: Path) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         self.model.config.save_pretrained(out_dir)

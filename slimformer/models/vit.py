@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +13,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from slimformer.errors import ModelLoadError
-from slimformer.models.base import Batch, ModelAdapter
+from slimformer.models.base import Batch
 from slimformer.models.discover import describe_model
+from slimformer.models.modalities import ImageFamily
+from slimformer.models.registry import register_family
+
+ARCHITECTURE = "vit_tiny_patch16_224"
+MODEL_ARGS: dict[str, Any] = {"img_size": 28, "patch_size": 7, "in_chans": 1, "num_classes": 10, "embed_dim": 96,
+                              "depth": 4, "num_heads": 4, "mlp_ratio": 4.0}
+"""The Fashion-MNIST teacher (benchmarks/train_vit.py): 16 patch tokens + class token, 4 blocks of width 96
+(4 heads of 24), FFN 384; 0.45 M parameters, about 3 GFLOP per training step of 128 images."""
 
 
-class TimmViTAdapter(ModelAdapter):
+@register_family("timm")
+class TimmViTAdapter(ImageFamily):
     """A timm VisionTransformer classifier; quality is measured on its logits."""
 
-    family = "timm"
     kind = "classifier"
 
     def __init__(self, model: nn.Module, model_id: str, architecture: str, model_args: dict[str, Any],
@@ -67,6 +75,24 @@ class TimmViTAdapter(ModelAdapter):
 
     def output(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         return model(batch.inputs["x"])
+
+    @classmethod
+    def detect(cls, local_dir: Path, config: Mapping[str, Any]) -> bool:
+        """A timm directory: config.json names an `architecture` and is not a transformers config."""
+        return "architecture" in config and "model_type" not in config
+
+    @classmethod
+    def handles_id(cls, model_id: str) -> bool:
+        return model_id.startswith("timm:")
+
+    @classmethod
+    def from_dir(cls, local_dir: Path, model_id: str, max_length: int | None = None) -> TimmViTAdapter:
+        return load_timm_dir(local_dir)
+
+    @classmethod
+    def from_id(cls, model_id: str, max_length: int | None = None) -> TimmViTAdapter:
+        """`timm:ARCH`: timm's pretrained weights (downloaded from the hub, as timm does)."""
+        return create_vit(model_id[5:], {}, pretrained=True)
 
     def save_base(self, out_dir: Path) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)

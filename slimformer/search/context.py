@@ -10,17 +10,17 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from slimformer import data as data_mod
 from slimformer.compression.apply import DecompositionCache, apply_plan
 from slimformer.compression.calibration import collect_activation_scales, collect_hessians
 from slimformer.compression.memory import plan_memory
 from slimformer.compression.plan import CompressionPlan
+from slimformer.compression.saving import load_any
 from slimformer.errors import BudgetError, ConfigError
 from slimformer.evaluators.latency import LatencySettings, LatencySource, make_latency_source, resolved_source
 from slimformer.evaluators.quality import FidelityEvaluator
 from slimformer.hardware_profiles import HardwareProfile, load_profile
 from slimformer.hardware_profiles.machine import warn_if_mismatched
-from slimformer.models import ModelAdapter, load
+from slimformer.models import ModelAdapter
 from slimformer.models.base import Batch
 from slimformer.search.config import SearchConfig
 from slimformer.spaces.space import SearchSpace
@@ -45,40 +45,11 @@ def resolve_device(name: str) -> str:
 
 
 def load_eval_sets(config: SearchConfig, adapter: ModelAdapter) -> EvalSets:
-    """Load and split the configured data for this model kind."""
+    """Load and split the configured data the way the model's family reads it."""
     d = config.data
-    if d.source in ("fashion-mnist", "fashion_mnist"):
-        if adapter.family != "timm":
-            raise ConfigError("data.source fashion-mnist holds images; use it with a timm ViT model")
-        train_x, train_y = data_mod.load_fashion_mnist("train", limit=max(d.search_samples, d.calibration_samples))
-        test_x, test_y = data_mod.load_fashion_mnist("test", limit=d.heldout_samples)
-        if len(train_x) < d.search_samples or len(test_x) < d.heldout_samples:
-            raise ConfigError(f"data: the packaged Fashion-MNIST sample has {len(train_x)} train and {len(test_x)} "
-                              "test images; lower search_samples / heldout_samples")
-        return EvalSets(
-            adapter.make_batches(train_x[: d.search_samples], d.batch_size, train_y[: d.search_samples]),
-            adapter.make_batches(test_x, d.batch_size, test_y),
-            adapter.make_batches(train_x[: d.calibration_samples], d.batch_size),
-        )
-    if adapter.family == "timm":
-        raise ConfigError(f"data.source {d.source!r}: a ViT needs images; use fashion-mnist")
-    if d.source == "fortunes":
-        search, heldout = data_mod.text_splits(d.search_samples, d.heldout_samples, seed=d.seed)
-    else:
-        texts = data_mod.load_texts(d.source)
-        if len(texts) < d.search_samples + d.heldout_samples:
-            raise ConfigError(f"data.source {d.source}: {len(texts)} texts, fewer than search_samples + "
-                              f"heldout_samples = {d.search_samples + d.heldout_samples}")
-        random.Random(d.seed).shuffle(texts)
-        search, heldout = texts[: d.search_samples], texts[d.search_samples: d.search_samples + d.heldout_samples]
-    calibration = search[: d.calibration_samples]
-
-    def by_length(texts: list[str]) -> list[str]:  # less padding per batch; metrics are order-free
-        return sorted(texts, key=len)
-
-    return EvalSets(adapter.make_batches(by_length(search), d.batch_size),
-                    adapter.make_batches(by_length(heldout), d.batch_size),
-                    adapter.make_batches(by_length(calibration), d.batch_size))
+    drawn = adapter.eval_samples(d.source, d.search_samples, d.heldout_samples, d.calibration_samples, d.seed)
+    return EvalSets(*(adapter.make_batches(s.inputs, d.batch_size, s.labels)
+                      for s in (drawn.search, drawn.heldout, drawn.calibration)))
 
 
 @dataclass
@@ -140,9 +111,8 @@ def prepare(config: SearchConfig, *, log: Any = None) -> SearchContext:
     profile = load_profile(config.hardware_profile)
     if resolved_source(config.latency.source, profile) == "calibrated":  # ConfigError when it has no model
         warn_if_mismatched(profile, config.latency.threads)
-    adapter = load(config.model, max_length=config.data.max_length)
-    metric_default = "cosine" if adapter.kind == "encoder" else "agreement"
-    metric = config.quality_metric or metric_default
+    adapter = load_any(config.model, max_length=config.data.max_length)
+    metric = config.quality_metric or adapter.default_quality_metric
     space = SearchSpace(adapter, config.space)
     fp32 = plan_memory(adapter, CompressionPlan()).total_bytes
     budget = config.budget.to_bytes(fp32)

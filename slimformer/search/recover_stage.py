@@ -38,9 +38,7 @@ def heldout_texts(ctx: SearchContext) -> list[str]:
 def train_batches(ctx: SearchContext) -> list[Batch]:
     cfg = ctx.config.recover
     assert cfg is not None
-    source = cfg.data
-    if source == "auto" and ctx.adapter.family != "timm" and ctx.config.data.source not in ("fortunes",):
-        source = ctx.config.data.source  # the search's own text source, less its held-out texts
+    source = ctx.adapter.recovery_source(cfg.data, ctx.config.data.source)
     return training_batches(ctx.adapter, source, cfg.batch_size, heldout_texts(ctx), cfg.samples, cfg.seed)
 
 

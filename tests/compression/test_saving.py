@@ -18,6 +18,7 @@ from slimformer.compression.recipe import Recipe
 from slimformer.compression.saving import (
     MODEL_FILE,
     RECIPE_FILE,
+    load_any,
     load_compressed,
     pack_model,
     packed_bytes,
@@ -118,11 +119,13 @@ def test_round_trip_reproduces_the_compressed_model(make_tiny, batches, family, 
         assert loaded.model.blocks[1].mlp is loaded.model.blocks[0].mlp
 
 
-def test_models_load_opens_a_compressed_directory(tiny_bert, batches, tmp_path) -> None:
+def test_load_any_opens_a_compressed_directory(tiny_bert, batches, tmp_path) -> None:
     plan = CompressionPlan({u.name: UnitSpec(bits=8) for u in tiny_bert.units if u.role == "ffn_in"})
     model = apply_plan(tiny_bert, plan)
     save_compressed(tiny_bert, model, Recipe.from_plan(plan, tiny_bert), tmp_path / "m")
-    loaded = load(str(tmp_path / "m"))
+    with pytest.raises(ModelLoadError, match="compressed slimformer output.*load_any"):
+        load(str(tmp_path / "m"))  # models sits below compression: it points one layer up
+    loaded = load_any(str(tmp_path / "m"))
     assert isinstance(loaded, HFEncoderAdapter) and loaded.tokenizer is not None
     data = loaded.make_batches(["a tiny test sentence", "another one"], 2)
     assert torch.allclose(_out(loaded, loaded.model, data), _out(tiny_bert, model, data), atol=1e-6, rtol=0)

@@ -13,7 +13,7 @@ pytest.importorskip("onnxruntime")
 
 from slimformer.api import search  # noqa: E402
 from slimformer.compression.plan import CompressionPlan, UnitSpec  # noqa: E402
-from slimformer.evaluators.latency.measured import LatencyMeter, fixed_shape_feed  # noqa: E402
+from slimformer.evaluators.latency.measured import LatencyMeter  # noqa: E402
 from slimformer.models import load  # noqa: E402
 from slimformer.search.runner import default_storage  # noqa: E402
 
@@ -53,7 +53,7 @@ def test_measured_search_times_feasible_plans_and_labels_them(tmp_path: Path, ti
 def test_meter_caches_by_plan_and_feeds_the_configured_shape(tiny_model_dir: Path) -> None:
     adapter = load(str(tiny_model_dir), max_length=32)
     batch = adapter.make_batches(["a short text", "another, longer text to pad the batch"], 2)[0]
-    feed = fixed_shape_feed(adapter, batch, 3, 40)
+    feed = adapter.fixed_shape_feed(batch, 3, 40)
     assert {k: v.shape for k, v in feed.items()} == {k: (3, 40) for k in batch.inputs}
     assert feed["attention_mask"][:, 20:].sum() == 0  # zero-padded past the real tokens
 

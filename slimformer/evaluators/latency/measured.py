@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from torch import nn
 
 from slimformer.compression.plan import CompressionPlan
@@ -45,21 +44,6 @@ class MeasuredLatency:
     threads: int
     kernels: str
     file_bytes: int
-
-
-def fixed_shape_feed(adapter: ModelAdapter, batch: Batch, n: int, seq: int) -> dict[str, np.ndarray]:
-    """Inputs of exactly `n` rows (rows of `batch` cycled) and, for token inputs, `seq` columns (cut, or
-    zero-padded with the attention mask 0): latency depends on the shape, not on the words."""
-    feed = {}
-    for name, t in batch.inputs.items():
-        a = t.detach().cpu().numpy()
-        a = a[np.arange(n) % a.shape[0]]
-        if adapter.family != "timm" and a.ndim == 2:
-            out = np.zeros((n, seq), dtype=a.dtype)
-            out[:, : min(seq, a.shape[1])] = a[:, :seq]
-            a = out
-        feed[name] = a
-    return feed
 
 
 def plan_key(plan: CompressionPlan) -> str:
@@ -98,7 +82,7 @@ class LatencyMeter:
             info = export_onnx(self.adapter, model, Path(tmp) / "candidate.onnx",
                                kernels=self.kernels)  # type: ignore[arg-type]
             sess = session(info.path, self.threads)
-            feed = fixed_shape_feed(self.adapter, self.sample, self.batch, self.seq)
+            feed = self.adapter.fixed_shape_feed(self.sample, self.batch, self.seq)
             times = time_round_robin({"candidate": sess}, feed, self.runs, self.warmup)["candidate"]
         s = Spread.of(times)
         result = MeasuredLatency(s.median, s.iqr, s.n, self.batch, self.seq, self.threads, self.kernels,

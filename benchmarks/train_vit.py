@@ -1,11 +1,12 @@
 """Train a small timm VisionTransformer on Fashion-MNIST from scratch: a real teacher for ViT searches.
 
-    python -m slimformer.models.vit_train --out runs/vit-fmnist-teacher [--epochs 3] [--train-limit N]
-                                          [--threads N] [--seed 0] [--packaged]
+    python benchmarks/train_vit.py --out runs/vit-fmnist-teacher [--epochs 3] [--train-limit N]
+                                   [--threads N] [--seed 0] [--packaged]
 
 Data: the full Fashion-MNIST (60,000 train / 10,000 test images) from Debian's ``dataset-fashion-mnist``
 package (IDX gzip files under ``/usr/share/datasets/fashion-mnist``) when it is installed, else the
-packaged 2,000 / 1,000 image sample (``slimformer.data.load_fashion_mnist``). Training is AdamW with a
+packaged 2,000 / 1,000 image sample (``slimformer.data.load_fashion_mnist``; both loaders live in
+``slimformer.data``, the architecture in ``slimformer.models.vit``). Training is AdamW with a
 short linear warm-up and a cosine decay, batch 128, random crop (padding 2) and horizontal flip, and is
 deterministic for a given seed and thread count (initialisation under ``torch.manual_seed``, shuffling
 and augmentation from one seeded generator).
@@ -18,11 +19,9 @@ plus ``train_info.json`` with the training record. It is written atomically (tem
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import math
 import shutil
-import struct
 import tempfile
 import time
 from collections.abc import Callable
@@ -34,26 +33,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from slimformer.data.fashion_mnist import (
+    DEBIAN_FASHION_MNIST_DIR,
+    FMNIST_MEAN,
+    FMNIST_STD,
+    load_full_fashion_mnist,
+    read_idx,
+)
 from slimformer.errors import SlimformerError
-from slimformer.models.vit import TimmViTAdapter, create_vit, save_timm_dir
+from slimformer.models.vit import ARCHITECTURE, MODEL_ARGS, TimmViTAdapter, create_vit, save_timm_dir
 
 __all__ = ["ARCHITECTURE", "DEBIAN_FASHION_MNIST_DIR", "FMNIST_MEAN", "FMNIST_STD", "MODEL_ARGS", "TRAIN_INFO",
            "TrainResult", "evaluate_accuracy", "load_full_fashion_mnist", "main", "read_idx",
            "train_fashion_mnist_vit"]
 
-ARCHITECTURE = "vit_tiny_patch16_224"
-MODEL_ARGS: dict[str, Any] = {"img_size": 28, "patch_size": 7, "in_chans": 1, "num_classes": 10, "embed_dim": 96,
-                              "depth": 4, "num_heads": 4, "mlp_ratio": 4.0}
-"""The default teacher: 16 patch tokens + class token, 4 blocks of width 96 (4 heads of 24), FFN 384; 0.45 M
-parameters, about 3 GFLOP per training step of 128 images (forward + backward)."""
-FMNIST_MEAN = 0.2860
-FMNIST_STD = 0.3530
-DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 TRAIN_INFO = "train_info.json"
-_IDX_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-              "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
-               0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
 
 
 @dataclass(frozen=True)
@@ -81,43 +75,6 @@ class TrainResult:
 
 
 # -- data ------------------------------------------------------------------------------------------
-def read_idx(path: Path) -> np.ndarray:
-    """Read one IDX file (optionally gzip-compressed): magic 0x0000, dtype code, rank, big-endian dims."""
-    path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
-        raise SlimformerError(f"{path}: not an IDX file (bad magic number)")
-    code, ndim = raw[2], raw[3]
-    if code not in _IDX_DTYPES:
-        raise SlimformerError(f"{path}: unknown IDX data type 0x{code:02x}")
-    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
-    dtype = np.dtype(_IDX_DTYPES[code])
-    count = int(np.prod(dims, dtype=np.int64)) if ndim else 1
-    offset = 4 + 4 * ndim
-    if len(raw) - offset != count * dtype.itemsize:
-        raise SlimformerError(f"{path}: IDX header says {dims} of {dtype}, but the data holds "
-                              f"{len(raw) - offset} bytes")
-    data = np.frombuffer(raw, dtype=dtype, count=count, offset=offset).reshape(dims)
-    return data.astype(dtype.newbyteorder("=")) if dtype.byteorder == ">" else data.copy()
-
-
-def load_full_fashion_mnist(split: str, root: Path = DEBIAN_FASHION_MNIST_DIR
-                            ) -> tuple[np.ndarray, np.ndarray] | None:
-    """The full Fashion-MNIST split from IDX gzip files in `root` (Debian's package), or None if absent."""
-    if split not in _IDX_FILES:
-        raise SlimformerError(f"Fashion-MNIST split must be 'train' or 'test', got {split!r}")
-    img_file, lab_file = (Path(root) / name for name in _IDX_FILES[split])
-    if not (img_file.is_file() and lab_file.is_file()):
-        return None
-    images, labels = read_idx(img_file), read_idx(lab_file)
-    if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
-        raise SlimformerError(f"{img_file}: expected (N, 28, 28) images and (N,) labels, got "
-                              f"{images.shape} and {labels.shape}")
-    return images.astype(np.uint8, copy=False), labels.astype(np.int64)
-
-
 def _augment(x: torch.Tensor, gen: torch.Generator, pad: int = 2) -> torch.Tensor:
     """Random crop with zero padding `pad` and random horizontal flip; x: (B, H, W) floats in [0, 1]."""
     b, h, w = x.shape
@@ -310,7 +267,7 @@ def train_fashion_mnist_vit(out_dir: Path, *, epochs: int = 3, train_limit: int 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m slimformer.models.vit_train",
+    ap = argparse.ArgumentParser(prog="python benchmarks/train_vit.py",
                                  description="Train a small timm ViT on Fashion-MNIST from scratch.")
     ap.add_argument("--out", required=True, type=Path, help="output directory (a timm model directory)")
     ap.add_argument("--epochs", type=int, default=3)
