@@ -102,7 +102,8 @@ class LatencyConfig(_Strict):
 
 class MultiFidelityConfig(_Strict):
     """Score each feasible plan on a leading slice of the search batches first and stop it (PRUNED) when even an
-    optimistic full-data prediction is beaten by a finished plan with no more memory and latency (search/fidelity.py).
+    optimistic full-data prediction is beaten by a finished plan with no more memory and latency
+    (search/multifidelity.py).
 
     slice: fraction of the search batches (at least one batch); margin: standard deviations of the observed
     (full - slice) quality difference added to the prediction; min_observations: plans fully scored (with their
