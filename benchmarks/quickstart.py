@@ -48,21 +48,22 @@ def main() -> int:
                    if t.datetime_complete and t.datetime_start)
     pareto = json.loads((run_dir / "pareto.json").read_text())
     baselines = json.loads((run_dir / "baselines.json").read_text())
-    m = s["quality_metric"]
+    m = s.quality_metric
     result = {
         "command": "python benchmarks/quickstart.py" + (f" --trials {args.trials}" if args.trials else ""),
         "date": time.strftime("%Y-%m-%d"),
         "cpu": cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "optuna": optuna.__version__,
         "wall_s": round(wall, 1),
-        "trials": len(trials), "evaluated_trials": s["evaluated_trials"],
-        "infeasible_trials": s["infeasible_trials"],
+        "trials": len(trials), "evaluated_trials": s.evaluated_trials,
+        "infeasible_trials": s.infeasible_trials,
         "trials_per_min": round(len(trials) / (search_s / 60), 2) if search_s else None,
-        "evaluated_trials_per_min": round(s["evaluated_trials"] / (search_s / 60), 2) if search_s else None,
-        "mean_trial_s": s["mean_trial_s"], "mean_forward_s": s["mean_eval_s"],
-        "mean_outside_forward_s": s["mean_outside_forward_s"],
-        "best_recipe": s["best_recipe"], "best_baseline": s["best_baseline"],
-        "latency_label": s.get("latency_label", "roofline estimate"),
+        "evaluated_trials_per_min": round(s.evaluated_trials / (search_s / 60), 2) if search_s else None,
+        "mean_trial_s": s.mean_trial_s, "mean_forward_s": s.mean_eval_s,
+        "mean_outside_forward_s": s.mean_outside_forward_s,
+        "best_recipe": None if s.best_recipe is None else s.best_recipe.to_json(m),
+        "best_baseline": None if s.best_baseline is None else s.best_baseline.to_json(m),
+        "latency_label": s.latency_label,
         "pareto": [{k: e[k] for k in ("trial", "memory_percent", "latency_ms_estimate")} |
                    {"search": e["search_metrics"][m], "heldout": e["heldout_metrics"][m],
                     "heldout_neighbours": e["heldout_metrics"].get("neighbours")} for e in pareto["trials"]],

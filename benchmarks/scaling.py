@@ -44,7 +44,8 @@ def run_setup(ctx: Any, name: str, trials: int, run_dir: Path) -> dict[str, Any]
 
     from slimformer.compression.apply import DecompositionCache
     from slimformer.search.ray_backend import run_ray
-    from slimformer.search.runner import counted_trials, run_trials
+    from slimformer.search.records import TrialRecord, counted_trials
+    from slimformer.search.runner import run_trials
     from slimformer.search.storage import close_storage, make_storage
     from slimformer.threads import set_threads
 
@@ -67,17 +68,19 @@ def run_setup(ctx: Any, name: str, trials: int, run_dir: Path) -> dict[str, Any]
         close_storage(storage)
     fin = [t for t in done if t.datetime_start and t.datetime_complete]
     span = (max(t.datetime_complete for t in fin) - min(t.datetime_start for t in fin)).total_seconds()
-    evaluated = [t for t in done if t.state == optuna.trial.TrialState.COMPLETE and "trial_s" in t.user_attrs]
+    records = [TrialRecord.from_trial(t) for t in done if t.state == optuna.trial.TrialState.COMPLETE]
+    evaluated = [(r.trial_s, r.apply_s, r.eval_s) for r in records
+                 if r.trial_s is not None and r.apply_s is not None and r.eval_s is not None]
     counted = counted_trials(done)
     return {"setup": name, "backend": backend, "workers": workers, "threads": threads, "counted": counted,
-            "over_budget": sum(1 for t in done if t.user_attrs.get("feasible") is False),
+            "over_budget": sum(1 for t in done if TrialRecord.from_trial(t).feasible is False),
             "span_s": round(span, 2), "wall_s": round(wall, 2), "trials_per_min": round(60 * counted / span, 2),
-            "mean_trial_s": round(statistics.fmean(t.user_attrs["trial_s"] for t in evaluated), 3),
+            "mean_trial_s": round(statistics.fmean(trial_s for trial_s, _, _ in evaluated), 3),
             "mean_serial_s": round((sum((t.datetime_complete - t.datetime_start).total_seconds() for t in fin) -
-                                    sum(t.user_attrs["apply_s"] + t.user_attrs["eval_s"] for t in evaluated))
+                                    sum(apply_s + eval_s for _, apply_s, eval_s in evaluated))
                                    / max(1, counted), 4),
-            "mean_bookkeeping_s": round(statistics.fmean(t.user_attrs["trial_s"] - t.user_attrs["apply_s"] -
-                                                         t.user_attrs["eval_s"] for t in evaluated), 4),
+            "mean_bookkeeping_s": round(statistics.fmean(trial_s - apply_s - eval_s
+                                                         for trial_s, apply_s, eval_s in evaluated), 4),
             "loadavg_before": [round(x, 2) for x in load0], "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
 
 

@@ -75,8 +75,8 @@ def hypervolume(points: list[tuple[float, ...]]) -> float:
 
 
 def counted_prefix(trials: list[Any], n: int) -> list[Any]:
-    """The trials (by number) up to the one that makes the n-th counted trial (runner.counted_trials)."""
-    from slimformer.search.runner import counted_trials
+    """The trials (by number) up to the one that makes the n-th counted trial (records.counted_trials)."""
+    from slimformer.search.records import counted_trials
 
     out: list[Any] = []
     counted = 0
@@ -91,7 +91,7 @@ def counted_prefix(trials: list[Any], n: int) -> list[Any]:
 def normaliser(ctx: Any, baselines: list[Any]) -> dict[str, Any]:
     """The reference point and ideal of each objective (see the module docstring)."""
     from slimformer.compression.plan import CompressionPlan
-    from slimformer.search.runner import latency_ms
+    from slimformer.search.evaluate import latency_ms
 
     m = ctx.quality_metric
     int4 = [b.search_metrics[m] for b in baselines if b.fits and b.search_metrics and b.name.startswith("uniform-int4")]
@@ -121,7 +121,7 @@ def hv_axes(objectives: list[str], norm: dict[str, Any]) -> list[str]:
 
 
 def score(trials: list[Any], objectives: list[str], norm: dict[str, Any], n: int) -> dict[str, Any]:
-    from slimformer.search.runner import counted_trials, is_feasible
+    from slimformer.search.records import TrialRecord, counted_trials, is_feasible, is_infeasible
 
     pre = counted_prefix(trials, n)
     feas = [t for t in pre if is_feasible(t)]
@@ -129,11 +129,12 @@ def score(trials: list[Any], objectives: list[str], norm: dict[str, Any], n: int
     pts = [tuple(goodness(dict(zip(objectives, t.values)), norm)[o] for o in axes) for t in feas]
     front = [t for t, p in zip(feas, pts) if not any(
         all(a >= b for a, b in zip(q, p)) and any(a > b for a, b in zip(q, p)) for q in pts)]
-    starts = [p for t, p in zip(feas, pts) if "start_point" in t.user_attrs]
+    starts = [p for t, p in zip(feas, pts) if TrialRecord.from_trial(t).start_point is not None]
     return {"hv": round(hypervolume(pts), 6), "hv_start_points": round(hypervolume(starts), 6),
             "counted": counted_trials(pre), "feasible": len(feas),
-            "over_budget": sum(1 for t in pre if t.user_attrs.get("feasible") is False),
-            "front": len(front), "front_start_points": sum(1 for t in front if "start_point" in t.user_attrs),
+            "over_budget": sum(1 for t in pre if is_infeasible(t)),
+            "front": len(front),
+            "front_start_points": sum(1 for t in front if TrialRecord.from_trial(t).start_point is not None),
             "front_plans": sorted({hashlib.sha1(repr(sorted(t.params.items())).encode()).hexdigest()[:10]
                                    for t in front}),
             "pruned": sum(1 for t in pre if t.state.name == "PRUNED"),
@@ -157,7 +158,8 @@ def run_arm(ctx: Any, arm: str, seed: int, trials: int, root: Path, load_only: b
     """Run (or resume; with load_only just load) one (arm, seed) study; returns its trials."""
     from slimformer.search import runner
     from slimformer.search.config import SearchConfig
-    from slimformer.search.runner import counted_trials, infeasible_trials, run_trials
+    from slimformer.search.records import counted_trials, infeasible_trials
+    from slimformer.search.runner import run_trials
     from slimformer.search.storage import close_storage, make_storage
 
     base = ctx.config.model_dump()
@@ -205,8 +207,8 @@ def main() -> int:
 
     from slimformer.search import SearchConfig, prepare
     from slimformer.search import start as start_mod
+    from slimformer.search.records import counted_trials, is_infeasible
     from slimformer.search.rundir import run_baselines
-    from slimformer.search.runner import counted_trials
 
     root = Path(args.run_root)
     root.mkdir(parents=True, exist_ok=True)
@@ -239,7 +241,7 @@ def main() -> int:
             trials = run_arm(ctx, arm, seed, args.trials, root, load_only=args.report_only)
             secs = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in trials
                        if t.datetime_complete and t.datetime_start)
-            over = sum(1 for t in trials if t.user_attrs.get("feasible") is False)
+            over = sum(1 for t in trials if is_infeasible(t))
             finished = counted_trials(trials) >= args.trials or over >= OVER_BUDGET_CAP * args.trials
             runs.append({"arm": arm, "seed": seed, "trial_seconds": round(secs, 1), "study_trials": len(trials),
                          "finished": finished,

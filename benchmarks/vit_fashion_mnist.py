@@ -77,6 +77,7 @@ def main() -> int:
     from train_vit import TRAIN_INFO, train_fashion_mnist_vit  # benchmarks/train_vit.py, next to this script
 
     from slimformer.search import run_search
+    from slimformer.search.results import BestBaseline, BestRecipe
 
     t_start = time.perf_counter()
     info_file = args.teacher_dir / TRAIN_INFO
@@ -100,15 +101,15 @@ def main() -> int:
     res = run_search(cfg, progress=False, log=print)
     search_wall = time.perf_counter() - t0
     s = res.summary
-    m = s["quality_metric"]
+    m = s.quality_metric
     study = optuna.load_study(study_name=cfg.study_name, storage=res.storage)
-    states = s["trial_states"]
+    states = s.trial_states
     pareto = json.loads((args.run_dir / "pareto.json").read_text())
     baselines = json.loads((args.run_dir / "baselines.json").read_text())
-    best, base = s["best_recipe"], s["best_baseline"]
+    best, base = s.best_recipe, s.best_baseline
 
-    def held(entry: dict[str, Any] | None, key: str) -> float | None:
-        return None if entry is None else entry["heldout_metrics"].get(key)
+    def held(entry: BestRecipe | BestBaseline | None, key: str) -> float | None:
+        return None if entry is None else entry.heldout_metrics.get(key)
 
     result = {
         "benchmark": "vit_fashion_mnist",
@@ -121,15 +122,15 @@ def main() -> int:
             "config": cfg.model_dump(mode="json"),
             "trials": len(study.trials),
             "trial_states": states,
-            "infeasible_trials": s["infeasible_trials"],
+            "infeasible_trials": s.infeasible_trials,
             "wall_s": round(search_wall, 1),
-            "mean_trial_s": s["mean_trial_s"],
-            "budget_percent": s["budget_percent"],
-            "fp32_bytes": s["fp32_bytes"],
+            "mean_trial_s": s.mean_trial_s,
+            "budget_percent": s.budget_percent,
+            "fp32_bytes": s.fp32_bytes,
             "pareto_size": len(pareto["trials"]),
         },
-        "best_recipe": best,
-        "best_baseline": base,
+        "best_recipe": None if best is None else best.to_json(m),
+        "best_baseline": None if base is None else base.to_json(m),
         "heldout_delta": None if best is None or base is None else {
             k: held(best, k) - held(base, k) for k in ("agreement", "accuracy", "neg_kl")
             if held(best, k) is not None and held(base, k) is not None},
@@ -144,8 +145,8 @@ def main() -> int:
     tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
     tmp.replace(args.out)
 
-    print(f"search: {len(study.trials)} trials {states}, {s['infeasible_trials']} over budget, "
-          f"{search_wall:.0f} s, budget {s['budget_percent']:.1f}% of fp32")
+    print(f"search: {len(study.trials)} trials {states}, {s.infeasible_trials} over budget, "
+          f"{search_wall:.0f} s, budget {s.budget_percent:.1f}% of fp32")
     ta = held(best, "teacher_accuracy") or held(base, "teacher_accuracy")
     if ta is not None:
         print(f"teacher held-out accuracy (1,000 packaged test images): {ta:.4f}")

@@ -272,7 +272,9 @@ def _context_for_run(run_dir: Path) -> tuple[Any, Any, Any]:
 
 def export_recipe(run_dir: str | Path, trial: int, out: str | Path | None = None) -> Recipe:
     """The recipe of any finished, feasible trial of a run (written to `out` when given)."""
-    from slimformer.search.runner import is_feasible, trial_plan
+    from slimformer.search.evaluate import trial_plan
+    from slimformer.search.records import TrialRecord, is_feasible
+    from slimformer.search.results import RecipeProvenance
 
     rd = Path(run_dir)
     ctx, study, url = _context_for_run(rd)
@@ -281,14 +283,13 @@ def export_recipe(run_dir: str | Path, trial: int, out: str | Path | None = None
         raise ConfigError(f"trial {trial} is not in {rd} (trials 0..{max(trials, default=-1)})")
     t = trials[trial]
     if not is_feasible(t):
+        over = TrialRecord.from_trial(t).feasible is False
         raise ConfigError(f"trial {trial} is {t.state.name} and "
-                          f"{'over the memory budget' if t.user_attrs.get('feasible') is False else 'not evaluated'}; "
+                          f"{'over the memory budget' if over else 'not evaluated'}; "
                           "pick a completed trial within the budget")
+    provenance = RecipeProvenance.of_trial(ctx.config.study_name, url, t)
     rec = Recipe.from_plan(trial_plan(ctx, t), ctx.adapter, hardware_profile=ctx.profile.name,
-                           hardware_profile_version=ctx.profile.version, provenance={
-        "study": ctx.config.study_name, "storage": url, "trial": trial,
-        "metrics": {"memory_bytes": t.user_attrs["memory_bytes"], "latency_ms_estimate": t.user_attrs["latency_ms"],
-                    **{f"search_{k}": v for k, v in t.user_attrs.get("metrics", {}).items()}}})
+                           hardware_profile_version=ctx.profile.version, provenance=provenance.to_json())
     if out is not None:
         rec.save(out)
     return rec
@@ -296,7 +297,9 @@ def export_recipe(run_dir: str | Path, trial: int, out: str | Path | None = None
 
 def report(run_dir: str | Path) -> Path:
     """Rewrite pareto.json, recipes, pareto.png and report.html from the study as it stands."""
-    from slimformer.search.rundir import BaselineResult, read_json, write_outputs
+    from slimformer.fileio import read_json
+    from slimformer.search.results import BaselineResult
+    from slimformer.search.rundir import write_outputs
 
     rd = Path(run_dir)
     ctx, study, url = _context_for_run(rd)

@@ -44,17 +44,15 @@ def search(config: Path | None, trials: int | None, timeout: float | None, stora
     res = run(config, trials=trials, timeout=timeout, storage=storage, run_dir=run_dir,
               progress=not no_progress, log=_log, backend=backend, address=address, workers=workers)
     s = res.summary
-    m = s["quality_metric"]
+    m = s.quality_metric
     click.echo(f"run directory: {res.run_dir}")
-    click.echo(f"trials: {s['trial_states']} ({s['infeasible_trials']} over budget, not evaluated)")
-    if s["best_recipe"]:
-        b = s["best_recipe"]
-        click.echo(f"best recipe: {res.run_dir / b['recipe']}  {b['memory_percent']:.2f}% of fp32, "
-                   f"held-out {m} {b[f'heldout_{m}']:.4f}")
-    if s["best_baseline"]:
-        b = s["best_baseline"]
-        click.echo(f"best uniform baseline in budget: {b['name']}  {b['memory_percent']:.2f}% of fp32, "
-                   f"held-out {m} {b[f'heldout_{m}']:.4f}")
+    click.echo(f"trials: {s.trial_states} ({s.infeasible_trials} over budget, not evaluated)")
+    if s.best_recipe:
+        click.echo(f"best recipe: {res.run_dir / s.best_recipe.recipe}  {s.best_recipe.memory_percent:.2f}% of fp32, "
+                   f"held-out {m} {s.best_recipe.heldout_quality:.4f}")
+    if s.best_baseline:
+        click.echo(f"best uniform baseline in budget: {s.best_baseline.name}  "
+                   f"{s.best_baseline.memory_percent:.2f}% of fp32, held-out {m} {s.best_baseline.heldout_quality:.4f}")
     click.echo(f"report: {res.run_dir / 'report.html'}")
 
 

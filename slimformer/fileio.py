@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -29,6 +30,16 @@ def atomic_write(path: Path, data: str | bytes) -> int:
         Path(tmp).unlink(missing_ok=True)
         raise
     return len(raw)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write `obj` as indented JSON, atomically (values JSON cannot hold are written as str)."""
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json(path: Path, default: Any) -> Any:
+    """The JSON in `path`, or `default` when the file does not exist."""
+    return json.loads(path.read_text()) if path.exists() else default
 
 
 def yaml_mapping(text: str, source: str, error: type[Exception], expected: str) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from pydantic import Field, ValidationError, field_validator
 
 from slimformer.errors import ConfigError
 from slimformer.fileio import atomic_write
-from slimformer.schema import StrictModel as _Strict
+from slimformer.schema import StrictModel
 
 SCHEMA_VERSION = 2
 READABLE_SCHEMAS = (1, 2)
@@ -31,7 +31,7 @@ DEFAULT_PROFILE = "amd-epyc-avx512-2t-torch"
 _SUFFIXES = (".yaml", ".yml")
 
 
-class Fit(_Strict):
+class Fit(StrictModel):
     """A linear model t_us = sum(coef[i] * feature_i) fitted by non-negative least squares.
 
     features name the inputs (see predict.py); rmse_rel is the fit's relative RMS error; n the samples.
@@ -43,7 +43,7 @@ class Fit(_Strict):
     n: int = 0
 
 
-class KernelTable(_Strict):
+class KernelTable(StrictModel):
     """One linear kernel class (e.g. `matmulnbits:4:32`), piecewise in M = batch x seq tokens.
 
     times[i][a][b]: measured µs at M = m_values[i], K = dims[a], N = dims[b], made non-decreasing along
@@ -59,7 +59,7 @@ class KernelTable(_Strict):
     times: list[list[list[float]]] = Field(default_factory=list)
 
 
-class Residual(_Strict):
+class Residual(StrictModel):
     """Whole-graph correction for one model family, fitted on full exported reference models (residual.py):
     ms = sum over kernel families f of class_scale[f] (default `scale`) * kernel ms of f
        + sum over layers of (per_layer_ms + tokens * (per_layer_token_us + kept-head share *
@@ -77,7 +77,7 @@ class Residual(_Strict):
     rmse_rel: float = 0.0
 
 
-class LatencyModel(_Strict):
+class LatencyModel(StrictModel):
     """The calibrated latency model: per-kernel-class tables and fits, overheads and residuals."""
 
     linear: dict[str, KernelTable] = Field(default_factory=dict)
@@ -89,7 +89,7 @@ class LatencyModel(_Strict):
     flops_ms_per_gflop: float = 0.0  # the FLOPs proxy's single constant (fitted on the reference models)
 
 
-class Noise(_Strict):
+class Noise(StrictModel):
     """Run-to-run noise: relative spread of repeated timings of the same graph during calibration."""
 
     median_rel_iqr: float
@@ -98,7 +98,7 @@ class Noise(_Strict):
     loadavg: list[float] = Field(default_factory=list)
 
 
-class CalibrationInfo(_Strict):
+class CalibrationInfo(StrictModel):
     """How the latency model was made: command, duration, grid size, load average before/after."""
 
     command: str
@@ -110,7 +110,7 @@ class CalibrationInfo(_Strict):
     loadavg_after: list[float] = Field(default_factory=list)
 
 
-class ValidationResult(_Strict):
+class ValidationResult(StrictModel):
     """Held-out accuracy of the latency model on one model (see validate.py); errors are relative."""
 
     model: str
@@ -134,7 +134,7 @@ class ValidationResult(_Strict):
     fingerprint: str = ""
 
 
-class HardwareProfile(_Strict):
+class HardwareProfile(StrictModel):
     """Measured characteristics of one machine at a fixed thread count and runtime.
 
     peak_gflops_fp32: best fp32 GEMM rate seen (GFLOP/s, 1e9) at `threads` threads.

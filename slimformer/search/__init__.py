@@ -9,18 +9,21 @@ from typing import Any
 
 from slimformer.search.config import SearchConfig
 from slimformer.search.context import SearchContext, prepare
+from slimformer.search.results import SearchSummary
 from slimformer.search.rundir import check_or_write_config, run_baselines, write_outputs
 from slimformer.search.runner import run_trials
 from slimformer.search.storage import close_storage, hide_password, lock_run_dir, make_storage, unlock_run_dir
 
-__all__ = ["SearchConfig", "SearchContext", "SearchResult", "prepare", "run_search"]
+__all__ = ["SearchConfig", "SearchContext", "SearchResult", "SearchSummary", "prepare", "run_search"]
 
 
 @dataclass(frozen=True)
 class SearchResult:
+    """A finished search: its run directory, storage URL (password hidden) and summary (summary.json)."""
+
     run_dir: Path
     storage: str
-    summary: dict[str, Any]
+    summary: SearchSummary
 
 
 def run_search(config: SearchConfig, *, trials: int | None = None, timeout: float | None = None,

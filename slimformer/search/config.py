@@ -13,14 +13,14 @@ from pydantic import Field, ValidationError, field_validator
 from slimformer.errors import ConfigError
 from slimformer.fileio import first_validation_error, yaml_mapping
 from slimformer.recovery.config import RecoverStageConfig
-from slimformer.schema import FrozenModel as _Strict
+from slimformer.schema import FrozenModel
 from slimformer.spaces.config import SpaceConfig
 
 OBJECTIVES = ("quality", "latency", "memory")
 QUICKSTART_CONFIG = Path(__file__).resolve().parent.parent / "data" / "quickstart.yaml"
 
 
-class DataConfig(_Strict):
+class DataConfig(FrozenModel):
     """Where evaluation data comes from and how it is split (search vs held-out)."""
 
     source: str = "fortunes"  # fortunes | fashion-mnist | path.txt | path.jsonl | hf:NAME[:CONFIG]:SPLIT:COLUMN
@@ -32,7 +32,7 @@ class DataConfig(_Strict):
     seed: int = 0
 
 
-class BudgetConfig(_Strict):
+class BudgetConfig(FrozenModel):
     """Hard memory budget: a percentage of the fp32 weights ('15%') or bytes ('12MB', '900KB', 12000000)."""
 
     memory: str | int
@@ -71,7 +71,7 @@ def _parse_budget(v: str | int, fp32_bytes: int) -> int | None:
     return out if out > 0 else None
 
 
-class SamplerConfig(_Strict):
+class SamplerConfig(FrozenModel):
     """The Optuna sampler; repair: move over-budget proposals down to the budget before they are tried
     (search/repair.py)."""
 
@@ -81,7 +81,7 @@ class SamplerConfig(_Strict):
     repair: bool = True
 
 
-class LatencyConfig(_Strict):
+class LatencyConfig(FrozenModel):
     """How the latency objective is priced, at one batch size and sequence length.
 
     source: auto (the profile's calibrated model when it has one, else the roofline estimate) | estimate
@@ -97,9 +97,10 @@ class LatencyConfig(_Strict):
     kernels: Literal["exact", "fast"] = "exact"  # measured: the ONNX kernels candidates are exported with
 
 
-class MultiFidelityConfig(_Strict):
+class MultiFidelityConfig(FrozenModel):
     """Score each feasible plan on a leading slice of the search batches first and stop it (PRUNED) when even an
-    optimistic full-data prediction is beaten by a finished plan with no more memory and latency (search/fidelity.py).
+    optimistic full-data prediction is beaten by a finished plan with no more memory and latency
+    (search/multifidelity.py).
 
     slice: fraction of the search batches (at least one batch); margin: standard deviations of the observed
     (full - slice) quality difference added to the prediction; min_observations: plans fully scored (with their
@@ -112,7 +113,7 @@ class MultiFidelityConfig(_Strict):
     min_observations: int = Field(8, ge=2)
 
 
-class SearchConfig(_Strict):
+class SearchConfig(FrozenModel):
     """Everything a search needs. Paths are relative to the working directory."""
 
     model: str

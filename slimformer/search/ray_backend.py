@@ -32,7 +32,17 @@ from tqdm.auto import tqdm
 
 from slimformer.errors import ConfigError
 from slimformer.search.context import SearchContext
-from slimformer.search.storage import close_storage, hide_password, is_network_url, open_storage, worker_id
+from slimformer.search.records import counted_trials
+from slimformer.search.runner import ensure_start_points, fail_interrupted, open_study, run_trials
+from slimformer.search.storage import (
+    WORKER_ATTR,
+    close_storage,
+    hide_password,
+    is_network_url,
+    open_storage,
+    worker_id,
+)
+from slimformer.threads import set_threads
 
 BACKENDS = ("local", "ray")
 POLL_S = 2.0
@@ -75,9 +85,6 @@ def worker_main(ctx: SearchContext, url: str, run_dir_file: bool, study_name: st
     """One Ray worker: the local trial loop on the shared study (runs in the worker process)."""
     import torch
 
-    from slimformer.search.runner import WORKER_ATTR, run_trials
-    from slimformer.threads import set_threads
-
     set_threads(threads)
     storage, _ = open_storage(url, heartbeat=True, run_dir_file=run_dir_file)
     t0 = time.perf_counter()
@@ -99,7 +106,6 @@ def run_ray(ctx: SearchContext, storage: optuna.storages.BaseStorage, url: str, 
     import ray
 
     from slimformer.compression.apply import DecompositionCache
-    from slimformer.search.runner import counted_trials, ensure_start_points, fail_interrupted, open_study
 
     say = log or (lambda msg: None)
     shown = hide_password(url)
@@ -150,8 +156,6 @@ def wait_for(pending: list[Any], study: optuna.Study, trials: int, done0: int, p
              ) -> tuple[list[dict[str, Any]], list[str]]:
     """Wait for the worker tasks, showing the study's progress; (results, error lines)."""
     import ray
-
-    from slimformer.search.runner import counted_trials
 
     results: list[dict[str, Any]] = []
     errors: list[str] = []

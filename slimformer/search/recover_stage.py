@@ -14,10 +14,14 @@ from typing import Any
 import optuna
 
 from slimformer import data as data_mod
+from slimformer.fileio import read_json, write_json
 from slimformer.models.base import Batch
 from slimformer.recovery import RecoveryRecord, recover
 from slimformer.recovery.data import IMAGE_SOURCES, training_batches
 from slimformer.search.context import SearchContext
+from slimformer.search.evaluate import trial_plan
+from slimformer.search.records import TrialRecord
+from slimformer.search.results import RecoveredTrial, RecoverySummary
 from slimformer.threads import using_threads
 
 RECOVERED_FILE = "recovered.json"
@@ -50,16 +54,17 @@ def _key(trial: optuna.trial.FrozenTrial, settings: dict[str, Any]) -> str:
 def recover_front(ctx: SearchContext, run_dir: Any, front: list[optuna.trial.FrozenTrial],
                   log: Any = None) -> dict[int, RecoveryRecord]:
     """Recover the top-k trials of `front`; {trial number: record} (empty when the config has no `recover`)."""
-    from slimformer.search.rundir import read_json, write_json
-    from slimformer.search.runner import trial_plan
-
     cfg = ctx.config.recover
     if cfg is None or not front:
         return {}
     say = log or (lambda _msg: None)
     m = ctx.quality_metric
     settings = cfg.model_dump(mode="json", exclude_none=True)
-    chosen = sorted(front, key=lambda t: -t.user_attrs.get("metrics", {}).get(m, float("-inf")))[: cfg.top_k]
+
+    def search_quality(t: optuna.trial.FrozenTrial) -> float:
+        return (TrialRecord.from_trial(t).metrics or {}).get(m, float("-inf"))
+
+    chosen = sorted(front, key=lambda t: -search_quality(t))[: cfg.top_k]
     f = run_dir / RECOVERED_FILE
     cache: dict[str, Any] = read_json(f, {})
     out: dict[int, RecoveryRecord] = {}
@@ -82,12 +87,11 @@ def recover_front(ctx: SearchContext, run_dir: Any, front: list[optuna.trial.Fro
     return out
 
 
-def recovery_summary(records: dict[int, RecoveryRecord], metric: str) -> dict[str, Any] | None:
+def recovery_summary(records: dict[int, RecoveryRecord], metric: str) -> RecoverySummary | None:
     """Before/after held-out quality per recovered trial and the best trial after recovery."""
     if not records:
         return None
-    rows = [{"trial": n, f"before_{metric}": r.before.get(metric), f"after_{metric}": r.after.get(metric),
-             "steps": r.steps, "seconds": r.seconds} for n, r in sorted(records.items())]
-    best = max(rows, key=lambda r: r[f"after_{metric}"] if r[f"after_{metric}"] is not None else float("-inf"))
-    return {"trials": rows, "best_trial": best["trial"], f"best_after_{metric}": best[f"after_{metric}"],
-            "settings": next(iter(records.values())).settings}
+    rows = [RecoveredTrial(n, r.before.get(metric), r.after.get(metric), r.steps, r.seconds)
+            for n, r in sorted(records.items())]
+    best = max(rows, key=lambda r: r.after if r.after is not None else float("-inf"))
+    return RecoverySummary(rows, best.trial, best.after, next(iter(records.values())).settings)

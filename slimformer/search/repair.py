@@ -23,9 +23,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from slimformer.compression.memory import plan_memory
 from slimformer.search.context import SearchContext
-from slimformer.search.runner import SENSITIVITY_ATTR
-
-REPAIRED_ATTR = "repaired_steps"
+from slimformer.search.records import TrialRecord, study_sensitivity
 
 
 def repair_params(ctx: SearchContext, params: dict[str, Any], order: dict[str, list[Any]],
@@ -65,7 +63,7 @@ def repair_params(ctx: SearchContext, params: dict[str, Any], order: dict[str, l
 
 def sensitivity_gains(study: optuna.Study) -> dict[tuple[str, Any], float] | None:
     """(param, choice) -> measured quality gain over the cheapest choice, from the study's sensitivity table."""
-    sens = study.user_attrs.get(SENSITIVITY_ATTR)
+    sens = study_sensitivity(study)
     if not sens:
         return None
     return {(u["param"], u["choice"]): float(u["quality_gain"]) for u in sens.get("upgrades", [])}
@@ -99,7 +97,7 @@ class BudgetRepairSampler(optuna.samplers.BaseSampler):
             self._gains = sensitivity_gains(study)
         repaired, steps = repair_params(self._ctx, params, self._order, self._gains or {})
         if steps:
-            study._storage.set_trial_user_attr(trial._trial_id, REPAIRED_ATTR, steps)
+            TrialRecord(repaired_steps=steps).write_to(study._storage, trial._trial_id)
         return repaired
 
     def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,

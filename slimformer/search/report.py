@@ -11,11 +11,12 @@ import optuna
 
 from slimformer.fileio import atomic_write
 from slimformer.search.context import SearchContext
-from slimformer.search.runner import is_feasible
+from slimformer.search.records import TrialRecord, is_feasible
+from slimformer.search.results import BaselineResult, ParetoEntry, SearchSummary
 
 
-def write_pareto_png(path: Path, ctx: SearchContext, study: optuna.Study, entries: list[dict[str, Any]],
-                     baselines: list[Any]) -> None:
+def write_pareto_png(path: Path, ctx: SearchContext, study: optuna.Study, entries: list[ParetoEntry],
+                     baselines: list[BaselineResult]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -25,11 +26,11 @@ def write_pareto_png(path: Path, ctx: SearchContext, study: optuna.Study, entrie
     qi = ctx.config.objectives.index("quality")
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=110)
     feas = [t for t in study.get_trials(deepcopy=False) if is_feasible(t)]
-    ax.scatter([t.user_attrs["memory_percent"] for t in feas], [t.values[qi] for t in feas], s=12,
+    ax.scatter([TrialRecord.from_trial(t).memory_percent for t in feas], [t.values[qi] for t in feas], s=12,
                c="#b0b0b0", label="evaluated trials (search set)")
-    ax.scatter([e["memory_percent"] for e in entries], [e["heldout_metrics"][m] for e in entries], s=36,
+    ax.scatter([e.memory_percent for e in entries], [e.heldout_metrics[m] for e in entries], s=36,
                c="#d62728", label="Pareto trials (held-out)", zorder=3)
-    shown = [e["heldout_metrics"][m] for e in entries]
+    shown = [e.heldout_metrics[m] for e in entries]
     floor = (min(shown) - 0.05) if shown else None  # keep the front readable; far-off baselines noted
     for b in baselines:
         if b.fits and b.heldout_metrics:
@@ -82,67 +83,67 @@ def _spec_text(spec: dict[str, Any] | None) -> str:
     return " ".join(parts)
 
 
-def per_layer_table(ctx: SearchContext, entry: dict[str, Any]) -> str:
+def per_layer_table(ctx: SearchContext, entry: ParetoEntry) -> str:
     """Rows = layers (and embeddings), columns = roles; each cell the unit's compression."""
-    units = entry["plan"]["units"]
+    units = entry.plan["units"]
     roles = list(dict.fromkeys(u.role for u in ctx.adapter.units if u.layer is not None))
     rows = []
     emb = [u for u in ctx.adapter.units if u.layer is None]
     for u in emb:
         rows.append(["embeddings", _spec_text(units.get(u.name))] + [""] * (len(roles) + 1))
     for info in ctx.adapter.layers:
-        ls = entry["plan"]["layers"].get(str(info.index), {})
+        ls = entry.plan["layers"].get(str(info.index), {})
         cells = [_spec_text(units.get(u.name)) for r in roles for u in ctx.adapter.units
                  if u.layer == info.index and u.role == r]
         structure = ", ".join(f"{k}={v}" for k, v in ls.items() if v is not None)
         rows.append([f"layer {info.index}", ""] + cells + [structure])
-    sharing = entry["plan"].get("sharing")
+    sharing = entry.plan.get("sharing")
     note = f"<p>sharing: {html.escape(str(sharing))}</p>" if sharing else ""
     return _table(["", "embedding", *roles, "heads/neurons"], rows) + note
 
 
-def write_report(path: Path, ctx: SearchContext, entries: list[dict[str, Any]], baselines: list[Any],
-                 summary: dict[str, Any]) -> None:
+def write_report(path: Path, ctx: SearchContext, entries: list[ParetoEntry], baselines: list[BaselineResult],
+                 summary: SearchSummary) -> None:
     m = ctx.quality_metric
     png = path.parent / "pareto.png"
     img = base64.b64encode(png.read_bytes()).decode() if png.exists() else ""
-    best, base = summary.get("best_recipe"), summary.get("best_baseline")
+    best, base = summary.best_recipe, summary.best_baseline
     verdict = "no feasible plan was evaluated"
     if best and base:
-        diff = best[f"heldout_{m}"] - base[f"heldout_{m}"]
-        verdict = (f"best recipe trial {best['trial']}: held-out {m} {best[f'heldout_{m}']:.4f} at "
-                   f"{best['memory_percent']:.2f}% of fp32, vs best uniform baseline {base['name']}: "
-                   f"{base[f'heldout_{m}']:.4f} at {base['memory_percent']:.2f}% ({diff:+.4f})")
+        diff = best.heldout_quality - base.heldout_quality
+        verdict = (f"best recipe trial {best.trial}: held-out {m} {best.heldout_quality:.4f} at "
+                   f"{best.memory_percent:.2f}% of fp32, vs best uniform baseline {base.name}: "
+                   f"{base.heldout_quality:.4f} at {base.memory_percent:.2f}% ({diff:+.4f})")
     elif best:
-        verdict = (f"best recipe trial {best['trial']}: held-out {m} {best[f'heldout_{m}']:.4f}; "
+        verdict = (f"best recipe trial {best.trial}: held-out {m} {best.heldout_quality:.4f}; "
                    "no uniform baseline fits the budget")
-    lat_kind = str(summary.get("latency_source", "estimate"))
-    front_rows = [[e["trial"], e["memory_percent"], e["memory_bytes"], e["latency_ms_estimate"],
-                   e["search_metrics"].get(m), e["heldout_metrics"].get(m),
-                   *[e["heldout_metrics"].get(k) for k in ctx.heldout_eval.metric_names if k != m],
-                   e["recipe"]] for e in sorted(entries, key=lambda e: e["memory_bytes"])]
+    lat_kind = summary.latency_source
+    front_rows = [[e.trial, e.memory_percent, e.memory_bytes, e.latency_ms_estimate,
+                   e.search_metrics.get(m), e.heldout_metrics.get(m),
+                   *[e.heldout_metrics.get(k) for k in ctx.heldout_eval.metric_names if k != m],
+                   e.recipe] for e in sorted(entries, key=lambda e: e.memory_bytes)]
     others = [k for k in ctx.heldout_eval.metric_names if k != m]
     base_rows = [[b.name, b.memory_percent, "yes" if b.fits else "no", b.latency_ms,
                   (b.search_metrics or {}).get(m), (b.heldout_metrics or {}).get(m),
                   *[(b.heldout_metrics or {}).get(k) for k in others]] for b in baselines]
-    top = sorted(entries, key=lambda e: -e["heldout_metrics"][m])[:3]
-    layers_html = "".join(f"<h3>trial {e['trial']} ({e['memory_percent']:.2f}%, held-out {m} "
-                          f"{e['heldout_metrics'][m]:.4f})</h3>{per_layer_table(ctx, e)}" for e in top)
+    top = sorted(entries, key=lambda e: -e.heldout_metrics[m])[:3]
+    layers_html = "".join(f"<h3>trial {e.trial} ({e.memory_percent:.2f}%, held-out {m} "
+                          f"{e.heldout_metrics[m]:.4f})</h3>{per_layer_table(ctx, e)}" for e in top)
     doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>slimformer report</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:3px 7px;font-size:13px}}th{{background:#f3f3f3}}</style></head><body>
 <h1>slimformer search report</h1>
-<p>model <b>{html.escape(ctx.config.model)}</b>; budget {summary['budget_percent']:.2f}% of fp32
+<p>model <b>{html.escape(ctx.config.model)}</b>; budget {summary.budget_percent:.2f}% of fp32
 ({ctx.budget_bytes / 1e6:.2f} MB of {ctx.fp32_bytes / 1e6:.2f} MB); quality metric <b>{m}</b>;
 hardware profile {html.escape(ctx.profile.name)}.
-Latency values are priced by <b>{html.escape(str(summary.get('latency_label', 'estimate (roofline)')))}</b>{
+Latency values are priced by <b>{html.escape(summary.latency_label)}</b>{
 "" if lat_kind == "measured" else ", not measured"}{
 " (plans over the budget are never exported: their latency is the roofline estimate)" if lat_kind == "measured"
 else ""}.</p>
 <p><b>{html.escape(verdict)}</b></p>
-<p>trials: {html.escape(str(summary['trial_states']))}; {summary['infeasible_trials']} over budget (not evaluated);
-mean trial {_fmt(summary['mean_trial_s'])} s, of which outside forward passes
-{_fmt(summary['mean_outside_forward_s'])} s.</p>
+<p>trials: {html.escape(str(summary.trial_states))}; {summary.infeasible_trials} over budget (not evaluated);
+mean trial {_fmt(summary.mean_trial_s)} s, of which outside forward passes
+{_fmt(summary.mean_outside_forward_s)} s.</p>
 <img src="data:image/png;base64,{img}" alt="Pareto front">
 <h2>Pareto front (feasible trials)</h2>
 {_table(["trial", "memory %", "bytes", f"latency ms ({lat_kind})", f"search {m}", f"held-out {m}",

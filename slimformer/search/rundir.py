@@ -13,35 +13,38 @@
 
 from __future__ import annotations
 
-import json
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import optuna
 import yaml
 
-from slimformer import __version__
 from slimformer.compression.plan import CompressionPlan
 from slimformer.compression.recipe import Recipe
 from slimformer.errors import ConfigError
 from slimformer.evaluators.latency import MEASURED_LABEL, resolved_source, source_label
-from slimformer.fileio import atomic_write
+from slimformer.fileio import atomic_write, read_json, write_json
 from slimformer.search.baselines import uniform_baselines
 from slimformer.search.config import SearchConfig
 from slimformer.search.context import SearchContext
-from slimformer.search.runner import evaluate_plan, pareto_trials, trial_plan
+from slimformer.search.evaluate import evaluate_plan, trial_plan
+from slimformer.search.records import TrialRecord
+from slimformer.search.recover_stage import recover_front, recovery_summary
+from slimformer.search.report import write_pareto_png, write_report
+from slimformer.search.results import (
+    BaselineResult,
+    BestBaseline,
+    BestRecipe,
+    ParetoEntry,
+    ParetoFront,
+    RecipeProvenance,
+    RecoverySummary,
+    SearchSummary,
+    pareto_trials,
+)
 
 IDENTITY_KEYS = ("model", "space", "budget", "objectives", "quality_metric", "data")
-
-
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-
-
-def read_json(path: Path, default: Any) -> Any:
-    return json.loads(path.read_text()) if path.exists() else default
 
 
 def check_or_write_config(run_dir: Path, config: SearchConfig) -> None:
@@ -66,18 +69,6 @@ def plan_summary(plan: CompressionPlan) -> dict[str, Any]:
         "sharing": {"groups": [list(g) for g in plan.sharing.groups], "scope": plan.sharing.scope}
         if plan.sharing.groups else None,
     }
-
-
-@dataclass
-class BaselineResult:
-    name: str
-    memory_bytes: int
-    memory_percent: float
-    fits: bool
-    latency_ms: float | None = None
-    search_metrics: dict[str, float] | None = None
-    heldout_metrics: dict[str, float] | None = None
-    error: str | None = None
 
 
 def run_baselines(ctx: SearchContext, run_dir: Path, log: Any) -> list[BaselineResult]:
@@ -119,13 +110,10 @@ def heldout_for_pareto(ctx: SearchContext, run_dir: Path, front: list[optuna.tri
 
 
 def write_outputs(ctx: SearchContext, run_dir: Path, study: optuna.Study, baselines: list[BaselineResult],
-                  study_name: str, storage: str, elapsed_s: float, log: Any = None) -> dict[str, Any]:
+                  study_name: str, storage: str, elapsed_s: float, log: Any = None) -> SearchSummary:
     """Pareto front, recipes, summary and report, from the study as it stands (recovering the top-k plans
     first when the config has `recover`)."""
-    from slimformer.search.recover_stage import recover_front, recovery_summary
-    from slimformer.search.report import write_pareto_png, write_report
-
-    front = pareto_trials(study, ctx)
+    front = pareto_trials(study, ctx.config.objectives)
     heldout = heldout_for_pareto(ctx, run_dir, front)
     recovered = recover_front(ctx, run_dir, front, log)
     m = ctx.quality_metric
@@ -138,91 +126,63 @@ def write_outputs(ctx: SearchContext, run_dir: Path, study: optuna.Study, baseli
             stale.unlink()
     for t in front:
         plan = trial_plan(ctx, t)
-        entry = {
-            "trial": t.number,
-            "memory_bytes": t.user_attrs["memory_bytes"],
-            "memory_percent": t.user_attrs["memory_percent"],
-            "latency_ms_estimate": t.user_attrs["latency_ms"],  # the latency objective, however priced
-            **{k: t.user_attrs[k] for k in ("latency_source", "latency_iqr_ms") if k in t.user_attrs},
-            "search_metrics": t.user_attrs.get("metrics", {}),
-            "heldout_metrics": heldout[t.number],
-            "params": t.params,
-            "plan": plan_summary(plan),
-            "recipe": f"recipes/trial-{t.number}.yaml",
-        }
-        if t.number in recovered:  # held-out metrics before/after distillation
-            entry["recovery"] = recovered[t.number].model_dump(mode="json")
+        entry = ParetoEntry.from_trial(t, plan_summary(plan), heldout[t.number], recovered.get(t.number))
         entries.append(entry)
+        provenance = RecipeProvenance.of_trial(study_name, storage, t, heldout=entry.heldout_metrics)
         recipe = Recipe.from_plan(plan, ctx.adapter, hardware_profile=ctx.profile.name,
-                                  hardware_profile_version=ctx.profile.version, provenance={
-            "study": study_name, "storage": storage, "trial": t.number,
-            "metrics": {"memory_bytes": entry["memory_bytes"], "memory_percent": entry["memory_percent"],
-                        "latency_ms_estimate": entry["latency_ms_estimate"],
-                        **{f"search_{k}": v for k, v in entry["search_metrics"].items()},
-                        **{f"heldout_{k}": v for k, v in entry["heldout_metrics"].items()}},
-            "versions": versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        }).model_copy(update={"recovery": recovered.get(t.number)})
-        recipe.save(recipes_dir / f"trial-{t.number}.yaml")
-    write_json(run_dir / "pareto.json", {"objectives": ctx.config.objectives, "quality_metric": m,
-                                          "budget_bytes": ctx.budget_bytes, "fp32_bytes": ctx.fp32_bytes,
-                                          "trials": entries})
-    summary = summarize(ctx, study, entries, baselines, elapsed_s)
-    summary["recovery"] = recovery_summary(recovered, m)
-    write_json(run_dir / "summary.json", summary)
+                                  hardware_profile_version=ctx.profile.version, provenance=provenance.to_json()
+                                  ).model_copy(update={"recovery": recovered.get(t.number)})
+        recipe.save(run_dir / entry.recipe)
+    write_json(run_dir / "pareto.json", ParetoFront(ctx.config.objectives, m, ctx.budget_bytes, ctx.fp32_bytes,
+                                                    entries).to_json())
+    summary = summarize(ctx, study, entries, baselines, elapsed_s, recovery=recovery_summary(recovered, m))
+    write_json(run_dir / "summary.json", summary.to_json())
     write_pareto_png(run_dir / "pareto.png", ctx, study, entries, baselines)
     write_report(run_dir / "report.html", ctx, entries, baselines, summary)
     return summary
 
 
-def summarize(ctx: SearchContext, study: optuna.Study, entries: list[dict[str, Any]],
-              baselines: list[BaselineResult], elapsed_s: float) -> dict[str, Any]:
+def summarize(ctx: SearchContext, study: optuna.Study, entries: list[ParetoEntry], baselines: list[BaselineResult],
+              elapsed_s: float, recovery: RecoverySummary | None = None) -> SearchSummary:
     m = ctx.quality_metric
     states: dict[str, int] = {}
     done = [t for t in study.get_trials(deepcopy=False)]
     for t in done:
         states[t.state.name] = states.get(t.state.name, 0) + 1
-    evaluated = [t for t in done if "trial_s" in t.user_attrs]
-    best = max(entries, key=lambda e: e["heldout_metrics"][m], default=None)
-    fitting = [b for b in baselines if b.fits and b.heldout_metrics]
-    best_base = max(fitting, key=lambda b: b.heldout_metrics[m], default=None)  # type: ignore[index]
+    records = [TrialRecord.from_trial(t) for t in done]
+    timed = [(r.trial_s, r.eval_s) for r in records if r.trial_s is not None and r.eval_s is not None]
+    best = max(entries, key=lambda e: e.heldout_metrics[m], default=None)
+    fitting = [BestBaseline(b.name, b.memory_percent, b.heldout_metrics[m], b.heldout_metrics)
+               for b in baselines if b.fits and b.heldout_metrics]
+    best_base = max(fitting, key=lambda b: b.heldout_quality, default=None)
 
     def mean(xs: list[float]) -> float | None:
         return sum(xs) / len(xs) if xs else None
 
-    return {
-        "model": ctx.config.model,
-        "quality_metric": m,
-        "budget_bytes": ctx.budget_bytes,
-        "budget_percent": round(100 * ctx.budget_bytes / ctx.fp32_bytes, 3),
-        "fp32_bytes": ctx.fp32_bytes,
-        "trial_states": states,
-        "infeasible_trials": sum(1 for t in done if t.user_attrs.get("feasible") is False),
-        "evaluated_trials": len(evaluated),
-        "pruned_trials": states.get("PRUNED", 0),  # multi-fidelity: stopped after the slice (search/fidelity.py)
-        "mean_pruned_trial_s": mean([t.user_attrs["pruned_s"] for t in done if "pruned_s" in t.user_attrs]),
-        "elapsed_s": round(elapsed_s, 1),
-        "mean_trial_s": mean([t.user_attrs["trial_s"] for t in evaluated]),
-        "mean_eval_s": mean([t.user_attrs["eval_s"] for t in evaluated]),
-        "mean_outside_forward_s": mean([t.user_attrs["trial_s"] - t.user_attrs["eval_s"] for t in evaluated]),
-        "best_recipe": None if best is None else {
-            "trial": best["trial"], "recipe": best["recipe"], "memory_percent": best["memory_percent"],
-            f"heldout_{m}": best["heldout_metrics"][m], "heldout_metrics": best["heldout_metrics"]},
-        "best_baseline": None if best_base is None else {
-            "name": best_base.name, "memory_percent": best_base.memory_percent,
-            f"heldout_{m}": best_base.heldout_metrics[m], "heldout_metrics": best_base.heldout_metrics},  # type: ignore[index]
-        "latency_label": (f"{MEASURED_LABEL}; batch {ctx.config.latency.batch} x seq {ctx.config.latency.seq}, "
-                          f"{ctx.config.latency.kernels} kernels"
-                          if ctx.config.latency.source == "measured"
-                          else source_label(ctx.config.latency.source, ctx.profile)),
-        "latency_source": resolved_source(ctx.config.latency.source, ctx.profile),
-        "hardware_profile": ctx.profile.name,
-        "hardware_profile_version": ctx.profile.version,
-    }
-
-
-def versions() -> dict[str, str]:
-    import torch
-    import transformers
-
-    return {"slimformer": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "optuna": optuna.__version__}
+    return SearchSummary(
+        model=ctx.config.model,
+        quality_metric=m,
+        budget_bytes=ctx.budget_bytes,
+        budget_percent=round(100 * ctx.budget_bytes / ctx.fp32_bytes, 3),
+        fp32_bytes=ctx.fp32_bytes,
+        trial_states=states,
+        infeasible_trials=sum(1 for r in records if r.feasible is False),
+        evaluated_trials=sum(1 for r in records if r.evaluated),
+        pruned_trials=states.get("PRUNED", 0),
+        mean_pruned_trial_s=mean([r.pruned_s for r in records if r.pruned_s is not None]),
+        elapsed_s=round(elapsed_s, 1),
+        mean_trial_s=mean([trial_s for trial_s, _ in timed]),
+        mean_eval_s=mean([eval_s for _, eval_s in timed]),
+        mean_outside_forward_s=mean([trial_s - eval_s for trial_s, eval_s in timed]),
+        best_recipe=None if best is None else BestRecipe(best.trial, best.recipe, best.memory_percent,
+                                                         best.heldout_metrics[m], best.heldout_metrics),
+        best_baseline=best_base,
+        latency_label=(f"{MEASURED_LABEL}; batch {ctx.config.latency.batch} x seq {ctx.config.latency.seq}, "
+                       f"{ctx.config.latency.kernels} kernels"
+                       if ctx.config.latency.source == "measured"
+                       else source_label(ctx.config.latency.source, ctx.profile)),
+        latency_source=resolved_source(ctx.config.latency.source, ctx.profile),
+        hardware_profile=ctx.profile.name,
+        hardware_profile_version=ctx.profile.version,
+        recovery=recovery,
+    )

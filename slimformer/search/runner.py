@@ -9,6 +9,8 @@ Several drivers (processes, Ray workers) may share one study on a shared storage
 the start points are queued once per study (`ensure_start_points`), each driver starts a trial only while
 the study's counted trials plus the trials running elsewhere stay below `trials` (so the study ends with
 exactly `trials` counted trials), and a dead driver's running trial is failed by heartbeat and retried.
+
+Scoring a plan lives in search/evaluate.py, what a trial records in search/records.py.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import math
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,27 +29,31 @@ from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from slimformer.compression.memory import plan_memory
-from slimformer.compression.plan import CompressionPlan
 from slimformer.errors import ConfigError
-from slimformer.evaluators.latency import LatencyEstimate
+from slimformer.fileio import write_json
 from slimformer.search.context import SearchContext
-from slimformer.search.storage import (
-    GRACE_PERIOD,
-    WORKER_ATTR,
-    default_url,
-    fail_stale_trials,
-    open_storage,
-    worker_id,
+from slimformer.search.evaluate import evaluate_plan, latency_record, price_latency
+from slimformer.search.multifidelity import evaluate_or_prune
+from slimformer.search.records import (
+    INTERRUPTED,
+    SURPLUS,
+    StartClaim,
+    TrialRecord,
+    counted_trials,
+    infeasible_trials,
+    is_feasible,
+    start_claim,
+    study_sensitivity,
+    write_start_claim,
+    write_study_sensitivity,
 )
+from slimformer.search.repair import BudgetRepairSampler
+from slimformer.search.results import DIRECTIONS
+from slimformer.search.start import enqueue_start_points
+from slimformer.search.storage import GRACE_PERIOD, WORKER_ATTR, default_url, fail_stale_trials, open_storage, worker_id
 
-DIRECTIONS = {"quality": "maximize", "latency": "minimize", "memory": "minimize"}
 WORST_QUALITY = -1.0
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-INTERRUPTED = "interrupted (driver stopped)"
-SURPLUS = "interrupted (surplus: other drivers' trials completed the study's count as this one started)"
 INFEASIBLE_CAP = 20  # stop after this many over-budget samples per requested trial
-START_ATTR = "slimformer_start_points"  # study user attr: {"by": claimant, "at": time, "queued": n or None}
-SENSITIVITY_ATTR = "slimformer_sensitivity"  # study user attr: the sensitivity measured for the start points
 START_WAIT_S = 900.0  # longest wait for another driver to queue the start points
 POLL_S = 1.0  # how often a driver waiting on other drivers' trials looks at the study
 
@@ -75,45 +81,17 @@ class _QuietSurplus(logging.Filter):
         return True
 
 
-logging.getLogger("optuna.study._optimize").addFilter(_QuietSurplus())  # a surplus trial is no failure to report
+_QUIET = _QuietSurplus()
+
+
+def quiet_surplus_warnings() -> None:
+    """Install the filter on Optuna's trial logger (once; called when trials run, not at import)."""
+    logger = logging.getLogger("optuna.study._optimize")
+    if _QUIET not in logger.filters:
+        logger.addFilter(_QUIET)
 
 
 CATCH = (RuntimeError, FloatingPointError, ValueError, MemoryError)
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    """One plan's scores: quality metrics on a data set, estimated latency, exact memory, timings."""
-
-    metrics: dict[str, float]
-    quality: float
-    latency_ms: float
-    memory_bytes: int
-    apply_s: float
-    eval_s: float
-
-
-def evaluate_plan(ctx: SearchContext, plan: CompressionPlan, heldout: bool = False) -> Evaluation:
-    """Compress a fresh copy with `plan` and score it (search set, or held-out set)."""
-    mem = plan_memory(ctx.adapter, plan).total_bytes
-    lat = latency_ms(ctx, plan)
-    t0 = time.perf_counter()
-    model = ctx.compress(plan)
-    t1 = time.perf_counter()
-    result = (ctx.heldout_eval if heldout else ctx.search_eval).evaluate(model)
-    t2 = time.perf_counter()
-    return Evaluation(result.metrics, result.value(ctx.quality_metric), lat, mem, t1 - t0, t2 - t1)
-
-
-def price_latency(ctx: SearchContext, plan: CompressionPlan) -> LatencyEstimate:
-    """The latency objective for `plan`, priced by the search's latency source (`latency.source`; see
-    evaluators/latency), for the model `apply_plan` builds; its `trial_attrs()` is what the trial records."""
-    return ctx.latency_source().price(ctx.adapter, plan)
-
-
-def latency_ms(ctx: SearchContext, plan: CompressionPlan) -> float:
-    """`price_latency(ctx, plan).ms`."""
-    return price_latency(ctx, plan).ms
 
 
 def make_sampler(ctx: SearchContext) -> optuna.samplers.BaseSampler:
@@ -127,8 +105,6 @@ def make_sampler(ctx: SearchContext) -> optuna.samplers.BaseSampler:
         base = optuna.samplers.RandomSampler(seed=s.seed)
     if not s.repair:
         return base
-    from slimformer.search.repair import BudgetRepairSampler
-
     return BudgetRepairSampler(base, ctx)
 
 
@@ -156,7 +132,7 @@ def fail_interrupted(study: optuna.Study) -> int:
     """Mark trials left RUNNING by a killed driver as FAIL (single-driver storages only)."""
     n = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study._storage.set_trial_user_attr(t._trial_id, "fail_reason", INTERRUPTED)
+        TrialRecord(fail_reason=INTERRUPTED).write_to(study._storage, t._trial_id)
         study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
         n += 1
     return n
@@ -180,48 +156,35 @@ def make_objective(ctx: SearchContext, limit: int | None = None) -> Callable[[op
             now = trial.study.get_trials(deepcopy=False)
             ahead = sum(1 for t in now if t.number < trial.number and is_in_flight(t))
             if counted_trials(now) + ahead >= limit:
-                trial.set_user_attr("fail_reason", SURPLUS)
+                TrialRecord(fail_reason=SURPLUS).write(trial)
                 raise SurplusTrial(SURPLUS)
         plan = ctx.space.suggest(trial)
         mem = plan_memory(ctx.adapter, plan)
         priced = price_latency(ctx, plan)
         lat = priced.ms
-        trial.set_user_attr("memory_bytes", mem.total_bytes)
-        trial.set_user_attr("memory_percent", round(mem.percent, 4))
-        trial.set_user_attr("latency_ms", lat)
-        for key, value in priced.trial_attrs().items():
-            trial.set_user_attr(key, value)
+        replace(latency_record(priced), memory_bytes=mem.total_bytes, memory_percent=round(mem.percent, 4)).write(trial)
         trial.set_constraint("memory", float(mem.total_bytes - ctx.budget_bytes))
         if mem.total_bytes > ctx.budget_bytes:
-            trial.set_user_attr("feasible", False)
+            TrialRecord(feasible=False).write(trial)
             return objective_values(ctx, WORST_QUALITY, lat, mem.total_bytes)
         try:
             if ctx.config.multi_fidelity.enabled:
-                from slimformer.search.fidelity import evaluate_or_prune
-
                 ev = evaluate_or_prune(ctx, plan, trial, lat, mem.total_bytes)  # raises TrialPruned when dominated
             else:
                 ev = evaluate_plan(ctx, plan)
         except optuna.TrialPruned:
             raise
         except Exception as exc:
-            trial.set_user_attr("fail_reason", f"{exc.__class__.__name__}: {str(exc)[:300]}")
+            TrialRecord(fail_reason=f"{exc.__class__.__name__}: {str(exc)[:300]}").write(trial)
             raise
         if not math.isfinite(ev.quality):
-            trial.set_user_attr("fail_reason", "quality is not finite")
+            TrialRecord(fail_reason="quality is not finite").write(trial)
             raise FloatingPointError("quality is not finite")
-        trial.set_user_attr("feasible", True)
-        trial.set_user_attr("metrics", ev.metrics)
-        trial.set_user_attr("apply_s", ev.apply_s)
-        trial.set_user_attr("eval_s", ev.eval_s)
-        trial.set_user_attr("trial_s", time.perf_counter() - t0)
+        TrialRecord(feasible=True, metrics=ev.metrics, apply_s=ev.apply_s, eval_s=ev.eval_s,
+                    trial_s=time.perf_counter() - t0).write(trial)
         return objective_values(ctx, ev.quality, lat, mem.total_bytes)
 
     return objective
-
-
-def is_feasible(t: optuna.trial.FrozenTrial) -> bool:
-    return t.state == TrialState.COMPLETE and bool(t.user_attrs.get("feasible"))
 
 
 def best_quality(study: optuna.Study, ctx: SearchContext) -> float | None:
@@ -257,13 +220,11 @@ def ensure_start_points(ctx: SearchContext, study: optuna.Study, log: Any = None
     """
     say = log or (lambda msg: None)
     queued = 0
-    claim = study.user_attrs.get(START_ATTR)
+    claim = start_claim(study)
     if claim is None and not study.get_trials(deepcopy=False):
         token = f"{worker_id()}:{uuid.uuid4().hex[:8]}"
-        study.set_user_attr(START_ATTR, {"by": token, "at": time.time(), "queued": None})
-        if study.user_attrs[START_ATTR]["by"] == token:
-            from slimformer.search.start import enqueue_start_points
-
+        write_start_claim(study, StartClaim(token, time.time()))
+        if (mine := start_claim(study)) is not None and mine.by == token:
             try:
                 try:
                     queued, sens = enqueue_start_points(ctx, study, log=log)
@@ -273,23 +234,20 @@ def ensure_start_points(ctx: SearchContext, study: optuna.Study, log: Any = None
                     plain = replace(ctx, config=ctx.config.model_copy(update={"start_points": "random"}))
                     queued, sens = enqueue_start_points(plain, study, log=log)
                 if sens is not None:
-                    study.set_user_attr(SENSITIVITY_ATTR, sens.to_json())
+                    write_study_sensitivity(study, sens.to_json())
             finally:  # drivers waiting for the start points go on even if this one failed
-                study.set_user_attr(START_ATTR, {"by": token, "at": time.time(), "queued": queued})
+                write_start_claim(study, StartClaim(token, time.time(), queued))
     elif claim is None:
-        study.set_user_attr(START_ATTR, {"by": "none (the study already held trials)", "at": time.time(),
-                                         "queued": 0})
+        write_start_claim(study, StartClaim("none (the study already held trials)", time.time(), 0))
     else:
         t0 = time.monotonic()
-        if claim.get("queued") is None:
-            say(f"waiting for {claim.get('by')} to queue the start points")
-        while study.user_attrs[START_ATTR].get("queued") is None and time.monotonic() - t0 < START_WAIT_S:
+        if claim.queued is None:
+            say(f"waiting for {claim.by} to queue the start points")
+        while (now := start_claim(study)) is not None and now.queued is None and time.monotonic() - t0 < START_WAIT_S:
             time.sleep(POLL_S)
     if sensitivity_path is not None and not sensitivity_path.exists():
-        sens_json = study.user_attrs.get(SENSITIVITY_ATTR)
+        sens_json = study_sensitivity(study)
         if sens_json:
-            from slimformer.search.rundir import write_json
-
             write_json(sensitivity_path, sens_json)
     return queued
 
@@ -317,6 +275,7 @@ def trial_loop(ctx: SearchContext, study: optuna.Study, trials: int, timeout: fl
     skipped_start = infeasible_trials(study)
     cap = INFEASIBLE_CAP * trials
     objective = make_objective(ctx, limit=trials)
+    quiet_surplus_warnings()
     bar = tqdm(total=remaining, desc="trials", unit="trial", disable=not progress, dynamic_ncols=True)
 
     def show(st: optuna.Study, done: int, skipped: int) -> None:
@@ -345,52 +304,6 @@ def trial_loop(ctx: SearchContext, study: optuna.Study, trials: int, timeout: fl
     return study
 
 
-def _trials(study: optuna.Study | list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
-    return study if isinstance(study, list) else study.get_trials(deepcopy=False)
-
-
-def was_interrupted(t: optuna.trial.FrozenTrial) -> bool:
-    """Failed because its driver died (killed exclusive driver, or a worker without heartbeat)."""
-    return str(t.user_attrs.get("fail_reason", "")).startswith("interrupted")
-
-
-def counted_trials(study: optuna.Study | list[optuna.trial.FrozenTrial]) -> int:
-    """Finished trials that count toward `trials`: evaluated (or failed) plans; over-budget samples are
-    free (never evaluated) and do not count; trials a killed driver left behind do not count."""
-    return sum(1 for t in _trials(study) if t.state in FINISHED
-               and t.user_attrs.get("feasible") is not False and not was_interrupted(t))
-
-
-def infeasible_trials(study: optuna.Study | list[optuna.trial.FrozenTrial]) -> int:
-    return sum(1 for t in _trials(study) if t.user_attrs.get("feasible") is False)
-
-
-def trial_plan(ctx: SearchContext, trial: optuna.trial.FrozenTrial) -> CompressionPlan:
-    """Rebuild a trial's plan from its stored parameters."""
-    return ctx.space.plan_from_params(trial.params)
-
-
 def default_storage(run_dir: Path) -> str:
     """URL of the run directory's own SQLite study (storage.default_url)."""
     return default_url(run_dir)
-
-
-def pareto_trials(study: optuna.Study, ctx: SearchContext) -> list[optuna.trial.FrozenTrial]:
-    """Feasible, completed, non-dominated trials (duplicates of the same params collapse to the first)."""
-    feas = [t for t in study.get_trials(deepcopy=False) if is_feasible(t)]
-    signs = [1.0 if DIRECTIONS[o] == "maximize" else -1.0 for o in ctx.config.objectives]
-
-    def dominates(a: Any, b: Any) -> bool:
-        va = [s * v for s, v in zip(signs, a.values)]
-        vb = [s * v for s, v in zip(signs, b.values)]
-        return all(x >= y for x, y in zip(va, vb)) and any(x > y for x, y in zip(va, vb))
-
-    front = [t for t in feas if not any(dominates(o, t) for o in feas if o is not t)]
-    seen: set[str] = set()
-    out = []
-    for t in sorted(front, key=lambda t: t.number):
-        key = repr(sorted(t.params.items()))
-        if key not in seen:
-            seen.add(key)
-            out.append(t)
-    return out

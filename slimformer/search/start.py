@@ -21,6 +21,7 @@ import optuna
 from slimformer.compression.memory import plan_memory
 from slimformer.evaluators.quality import FidelityEvaluator
 from slimformer.search.context import SearchContext
+from slimformer.search.records import TrialRecord
 
 
 @dataclass(frozen=True)
@@ -128,5 +129,5 @@ def enqueue_start_points(ctx: SearchContext, study: optuna.Study, log: Any = Non
     for p in ctx.space.random_feasible_params(ctx.budget_bytes, want - len(points), seed=ctx.config.sampler.seed):
         add(p, "random-feasible")
     for params, source in points:
-        study.enqueue_trial(params, user_attrs={"start_point": source})
+        study.enqueue_trial(params, user_attrs=TrialRecord(start_point=source).to_user_attrs())
     return len(points), sens

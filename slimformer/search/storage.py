@@ -33,11 +33,11 @@ from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import FrozenTrial, TrialState
 
 from slimformer.errors import ConfigError
+from slimformer.search.records import STALE, TrialRecord, retry_attrs
 
 HEARTBEAT_INTERVAL = 10  # seconds between heartbeats of a running trial
 GRACE_PERIOD = 30  # a running trial without a heartbeat for this long belongs to a dead worker
 MAX_RETRY = 1  # a stale trial's parameters are tried once more
-STALE = "interrupted (worker stopped sending heartbeats)"
 HEARTBEAT_ATTR = "slimformer:heartbeat"  # trial system attr (journal storages): time.time() of the last beat
 WORKER_ATTR = "slimformer:worker"  # trial system attr: host:pid of the process running it
 JOURNAL = "journal:"
@@ -208,7 +208,7 @@ class RetryStaleTrial:
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         clean = copy.copy(trial)
-        clean.user_attrs = {k: v for k, v in trial.user_attrs.items() if k == "start_point"}
+        clean.user_attrs = retry_attrs(trial.user_attrs)
         clean.system_attrs = {k: v for k, v in trial.system_attrs.items() if not k.startswith("slimformer:")}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -219,7 +219,7 @@ def _tag_stale(storage: BaseStorage, trial_ids: list[int]) -> None:
     """Record why a stale trial is about to be failed (user attrs can only be set while it runs)."""
     for tid in trial_ids:
         try:
-            storage.set_trial_user_attr(tid, "fail_reason", STALE)
+            TrialRecord(fail_reason=STALE).write_to(storage, tid)
         except (UpdateFinishedTrialError, KeyError):  # another process failed it first
             pass
 

@@ -28,9 +28,9 @@ def test_search_with_the_calibrated_profile(tmp_path: Path, tmp_path_factory: py
                       latency={"source": "auto", "batch": 1, "seq": 16})
     res = search(write_config(tmp_path / "s.yaml", cfg), progress=False)
     prof = load_profile(SHIPPED)
-    assert res.summary["latency_source"] == "calibrated"
-    assert res.summary["latency_label"].startswith("calibrated") and prof.version in res.summary["latency_label"]
-    assert res.summary["hardware_profile_version"] == prof.version
+    assert res.summary.latency_source == "calibrated"
+    assert res.summary.latency_label.startswith("calibrated") and prof.version in res.summary.latency_label
+    assert res.summary.hardware_profile_version == prof.version
     recipe = yaml.safe_load(next((tmp_path / "run" / "recipes").glob("*.yaml")).read_text())
     assert recipe["hardware_profile"] == SHIPPED and recipe["hardware_profile_version"] == prof.version
     lat = [e["latency_ms_estimate"] for e in json.loads((tmp_path / "run" / "pareto.json").read_text())["trials"]]

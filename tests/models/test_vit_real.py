@@ -172,7 +172,7 @@ def test_tiny_search_on_the_trained_vit(trained, tmp_path) -> None:
         assert {"agreement", "accuracy", "teacher_accuracy", "neg_kl"} <= set(held)
         assert 0.0 <= held["accuracy"] <= 1.0 and held["teacher_accuracy"] > 0.5
         assert entry["memory_bytes"] <= pareto["budget_bytes"]
-    assert res.summary["best_recipe"] is not None
+    assert res.summary.best_recipe is not None
 
 
 def test_idx_reader_round_trip(tmp_path) -> None:

@@ -76,8 +76,9 @@ def test_search_recovers_the_top_plans(tiny_model_dir: Path, tmp_path: Path) -> 
         assert e["recovery"]["before"] == pytest.approx(e["heldout_metrics"])
         assert e["recovery"]["steps"] == 2
         assert Recipe.load(result.run_dir / e["recipe"]).recovery is not None
-    summary = result.summary["recovery"]
-    assert {r["trial"] for r in summary["trials"]} == {e["trial"] for e in recovered}
+    summary = result.summary.recovery
+    assert summary is not None
+    assert {r.trial for r in summary.trials} == {e["trial"] for e in recovered}
     cache = (result.run_dir / "recovered.json").read_text()
     from slimformer.api import report
 

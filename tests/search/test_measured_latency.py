@@ -43,8 +43,8 @@ def test_measured_search_times_feasible_plans_and_labels_them(tmp_path: Path, ti
         assert t.user_attrs["latency_source"] == "measured" and t.user_attrs["latency_runs"] == 5
         assert t.user_attrs["latency_ms"] > 0 and t.user_attrs["latency_iqr_ms"] >= 0
         assert t.values[1] == t.user_attrs["latency_ms"]  # the objective is the measured median
-    assert result.summary["latency_source"] == "measured"
-    assert result.summary["latency_label"].startswith("measured") and "seq 16" in result.summary["latency_label"]
+    assert result.summary.latency_source == "measured"
+    assert result.summary.latency_label.startswith("measured") and "seq 16" in result.summary.latency_label
     pareto = json.loads((tmp_path / "run" / "pareto.json").read_text())
     assert pareto["trials"] and all(e["latency_source"] == "measured" for e in pareto["trials"])
     assert "latency ms (measured)" in (tmp_path / "run" / "report.html").read_text()

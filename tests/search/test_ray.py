@@ -12,8 +12,8 @@ from optuna.trial import TrialState
 
 from slimformer.api import search
 from slimformer.errors import ConfigError
-from slimformer.search.runner import WORKER_ATTR, counted_trials
-from slimformer.search.storage import default_url
+from slimformer.search.records import counted_trials
+from slimformer.search.storage import WORKER_ATTR, default_url
 
 needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
                                reason="ray is not installed: pip install 'slimformer[ray]'")
@@ -44,7 +44,7 @@ def test_two_ray_workers_give_the_run_directory_of_a_local_run(tmp_path: Path, t
     assert counted_trials(trials) == requested
     workers = {t.system_attrs.get(WORKER_ATTR) for t in trials if t.user_attrs.get("feasible") is not None}
     assert None not in workers and 1 <= len(workers) <= 2
-    assert sum(res.summary["trial_states"].values()) == len(trials)
+    assert sum(res.summary.trial_states.values()) == len(trials)
 
     more = search(cfg_path, progress=False, trials=requested + 2)  # a local run resumes a Ray run's study
     assert counted_trials(study_trials(more.storage)) == requested + 2

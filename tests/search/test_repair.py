@@ -13,7 +13,8 @@ from slimformer.api import search
 from slimformer.compression.memory import plan_memory
 from slimformer.search.config import SearchConfig
 from slimformer.search.context import prepare
-from slimformer.search.repair import REPAIRED_ATTR, repair_params
+from slimformer.search.records import TrialRecord
+from slimformer.search.repair import repair_params
 
 
 def _size(ctx, params) -> int:
@@ -53,8 +54,8 @@ def test_search_with_repair_evaluates_plans_that_fit(tmp_path: Path, tiny_model_
     trials = study_trials(res.storage)
     sampled = [t for t in trials if "start_point" not in t.user_attrs]
     assert len(sampled) == 12 and all(t.user_attrs.get("feasible") is True for t in sampled), "no over-budget samples"
-    assert any(t.user_attrs.get(REPAIRED_ATTR) for t in sampled)
-    assert res.summary["infeasible_trials"] == 0 and len(trials) == 12
+    assert any(TrialRecord.from_trial(t).repaired_steps for t in sampled)
+    assert res.summary.infeasible_trials == 0 and len(trials) == 12
     assert all(t.state == TrialState.COMPLETE for t in trials)
     for t in sampled:  # the stored parameters are the evaluated (repaired) plan
-        assert t.user_attrs["memory_bytes"] <= res.summary["budget_bytes"]
+        assert t.user_attrs["memory_bytes"] <= res.summary.budget_bytes

@@ -28,7 +28,8 @@ from helpers import LINEAR_ROLES, build_tiny_model, study_trials, tiny_config, w
 from optuna.trial import TrialState
 
 from slimformer.api import search
-from slimformer.search.runner import INTERRUPTED, counted_trials, default_storage
+from slimformer.search.records import INTERRUPTED, counted_trials
+from slimformer.search.runner import default_storage
 
 PG_URL = os.environ.get("SLIMFORMER_TEST_PG_URL")
 needs_pg = pytest.mark.skipif(not PG_URL, reason="SLIMFORMER_TEST_PG_URL is not set: run `export "
@@ -169,7 +170,7 @@ def test_a_trial_producing_nan_fails_with_its_reason_and_the_search_goes_on(tmp_
     assert by_number[1].state == TrialState.COMPLETE, "the search goes on"
     assert all(t.state == TrialState.FAIL for t in trials if t.params.get("g1.L0.bits") == 16)
     assert_whole_study(trials, 6)
-    assert res.summary["trial_states"]["FAIL"] >= 1
+    assert res.summary.trial_states["FAIL"] >= 1
     front = json.loads((tmp_path / "run" / "pareto.json").read_text())["trials"]
     assert front and 0 not in {e["trial"] for e in front}
 

@@ -17,6 +17,7 @@ from slimformer.compression.recipe import Recipe
 from slimformer.errors import BudgetError, ConfigError
 from slimformer.models import load
 from slimformer.search.config import SearchConfig
+from slimformer.search.results import ParetoFront, SearchSummary
 from slimformer.search.runner import default_storage
 
 RUN_FILES = ("config.yaml", "study.db", "baselines.json", "pareto.json", "pareto.png", "report.html",
@@ -50,7 +51,8 @@ def test_run_directory_holds_every_output(shared_run) -> None:
     assert all(t.state in (TrialState.COMPLETE, TrialState.FAIL) for t in trials)
 
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary == result.summary
+    assert summary == result.summary.to_json(), "summary.json is the returned summary"
+    assert SearchSummary.from_json(summary) == result.summary
     assert sum(summary["trial_states"].values()) == 8
     assert summary["quality_metric"] == "cosine"
     assert summary["best_recipe"] is not None
@@ -63,6 +65,7 @@ def test_pareto_json_entries_have_heldout_metrics_and_recipes(shared_run) -> Non
     assert pareto["objectives"] == ["quality", "latency", "memory"]
     entries = pareto["trials"]
     assert entries, "at least one feasible Pareto trial"
+    assert ParetoFront.from_json(pareto).to_json() == pareto, "the typed front reads and writes the file's schema"
     for e in entries:
         assert set(e["heldout_metrics"]) >= {"cosine"}
         assert -1.0 <= e["heldout_metrics"]["cosine"] <= 1.0 + 1e-6
@@ -124,11 +127,11 @@ def test_infeasible_trials_never_reach_the_pareto_front(tmp_path: Path, tiny_mod
     infeasible = {t.number for t in trials if t.user_attrs.get("feasible") is False}
     assert {0, 1} <= infeasible
     assert 2 not in infeasible
-    assert result.summary["infeasible_trials"] == len(infeasible)
+    assert result.summary.infeasible_trials == len(infeasible)
     for t in trials:
         if t.number in infeasible:
             assert "metrics" not in t.user_attrs, "infeasible plans are not evaluated"
-            assert t.user_attrs["memory_bytes"] > result.summary["budget_bytes"]
+            assert t.user_attrs["memory_bytes"] > result.summary.budget_bytes
     front = {e["trial"] for e in json.loads((tmp_path / "run" / "pareto.json").read_text())["trials"]}
     assert front and not (front & infeasible)
     recipes = {p.name for p in (tmp_path / "run" / "recipes").glob("*.yaml")}
@@ -157,7 +160,7 @@ def test_resume_keeps_trials_and_tops_up_to_the_requested_count(tmp_path: Path, 
     more = study_trials(url)
     assert len(more) == 12 and _numbers(more) == list(range(12))
     assert _count(more, TrialState.COMPLETE, TrialState.FAIL) == 12
-    assert sum(res.summary["trial_states"].values()) == 12
+    assert sum(res.summary.trial_states.values()) == 12
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["trials"] == 12
 
 
@@ -167,7 +170,7 @@ def test_fewer_trials_than_start_points_leaves_no_waiting_trials(tmp_path: Path,
                                                                   baselines=False))
     res = search(cfg_path, progress=False)
     trials = study_trials(default_storage(tmp_path / "run"))
-    assert res.summary["trial_states"] == {"COMPLETE": 2}, res.summary["trial_states"]
+    assert res.summary.trial_states == {"COMPLETE": 2}, res.summary.trial_states
     assert len(trials) == 2
 
 

@@ -23,10 +23,8 @@ from slimformer.api import search
 from slimformer.errors import ConfigError
 from slimformer.search.config import SearchConfig
 from slimformer.search.context import prepare
+from slimformer.search.records import STALE, START_ATTR, SURPLUS, counted_trials
 from slimformer.search.runner import (
-    START_ATTR,
-    SURPLUS,
-    counted_trials,
     default_storage,
     ensure_start_points,
     make_objective,
@@ -37,7 +35,6 @@ from slimformer.search.storage import (
     GRACE_PERIOD,
     HEARTBEAT_ATTR,
     HEARTBEAT_INTERVAL,
-    STALE,
     WORKER_ATTR,
     HeartbeatRDBStorage,
     RetryStaleTrial,

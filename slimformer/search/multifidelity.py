@@ -29,9 +29,8 @@ import torch
 
 from slimformer.compression.plan import CompressionPlan
 from slimformer.search.context import SearchContext
-from slimformer.search.runner import Evaluation, is_feasible
-
-SLICE_ATTR = "slice_quality"
+from slimformer.search.evaluate import Evaluation
+from slimformer.search.records import TrialRecord, is_feasible
 
 
 @dataclass(frozen=True)
@@ -56,8 +55,8 @@ def slice_batches(ctx: SearchContext) -> int:
 
 def slice_noise(trials: list[optuna.trial.FrozenTrial], quality_index: int) -> SliceNoise | None:
     """The noise model from fully scored feasible trials that recorded their slice quality."""
-    diffs = [t.values[quality_index] - float(t.user_attrs[SLICE_ATTR]) for t in trials
-             if is_feasible(t) and SLICE_ATTR in t.user_attrs]
+    diffs = [t.values[quality_index] - float(q) for t in trials
+             if is_feasible(t) and (q := TrialRecord.from_trial(t).slice_quality) is not None]
     if len(diffs) < 2:
         return None
     return SliceNoise(len(diffs), statistics.fmean(diffs), statistics.stdev(diffs), max(diffs))
@@ -91,7 +90,7 @@ def evaluate_or_prune(ctx: SearchContext, plan: CompressionPlan, trial: optuna.T
     t1 = time.perf_counter()
     head = ev.outputs(model, 0, k)
     q_slice = ev.score(head).value(ctx.quality_metric)
-    trial.set_user_attr(SLICE_ATTR, q_slice)
+    TrialRecord(slice_quality=q_slice).write(trial)
     if k < len(ev.batches) and math.isfinite(q_slice):
         trials = trial.study.get_trials(deepcopy=False)
         noise = slice_noise(trials, objectives.index("quality"))
@@ -100,13 +99,11 @@ def evaluate_or_prune(ctx: SearchContext, plan: CompressionPlan, trial: optuna.T
             winner = dominating_trial(trials, objectives, values, upper)
             if winner is not None:
                 full_q = winner.values[objectives.index("quality")]
-                trial.set_user_attr("feasible", True)
-                trial.set_user_attr("eval_s", time.perf_counter() - t1)
-                trial.set_user_attr("apply_s", t1 - t0)
-                trial.set_user_attr("pruned_s", time.perf_counter() - t0)
-                trial.set_user_attr("pruned_reason", f"slice {ctx.quality_metric} {q_slice:.4f} + {upper - q_slice:.4f}"
-                                    f" (noise of {noise.n} plans) < {full_q:.4f} of trial {winner.number}, which "
-                                    "needs no more memory or latency")
+                TrialRecord(feasible=True, eval_s=time.perf_counter() - t1, apply_s=t1 - t0,
+                            pruned_s=time.perf_counter() - t0,
+                            pruned_reason=f"slice {ctx.quality_metric} {q_slice:.4f} + {upper - q_slice:.4f}"
+                            f" (noise of {noise.n} plans) < {full_q:.4f} of trial {winner.number}, which "
+                            "needs no more memory or latency").write(trial)
                 raise optuna.TrialPruned(f"dominated by trial {winner.number}")
     rest = ev.outputs(model, k, None) if k < len(ev.batches) else head[:0]
     result = ev.score(torch.cat([head, rest]))

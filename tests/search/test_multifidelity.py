@@ -1,4 +1,4 @@
-"""Multi-fidelity (search/fidelity.py): slice-then-rest scoring equals full scoring, the pruning rule, and PRUNED
+"""Multi-fidelity (search/multifidelity.py): slice-then-rest scoring equals full scoring, the pruning rule, and PRUNED
 trials in a real tiny search (counted, listed in the summary, never on the front, resumable)."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from slimformer.api import search
 from slimformer.errors import ConfigError
 from slimformer.evaluators.quality import FidelityEvaluator
 from slimformer.search.config import SearchConfig
-from slimformer.search.fidelity import SLICE_ATTR, dominating_trial, slice_noise
-from slimformer.search.runner import counted_trials
+from slimformer.search.multifidelity import dominating_trial, slice_noise
+from slimformer.search.records import TrialRecord, counted_trials
 
 OBJECTIVES = ["quality", "latency", "memory"]
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -37,7 +37,7 @@ def test_slice_then_rest_scores_exactly_like_the_whole_set(tiny_bert, batches) -
 
 
 def _done(number: int, q: float, lat: float, mem: float, slice_q: float | None, feasible: bool = True):
-    attrs = {"feasible": feasible} | ({SLICE_ATTR: slice_q} if slice_q is not None else {})
+    attrs = TrialRecord(feasible=feasible, slice_quality=slice_q).to_user_attrs()
     t = create_trial(values=[q, lat, mem], params={"x": 0.0}, distributions={"x": FloatDistribution(0, 1)},
                      user_attrs=attrs)
     t.number = number
@@ -83,17 +83,17 @@ def test_pruned_trials_count_are_summarised_and_never_reach_the_front(tmp_path: 
     assert pruned, "margin 0 on a random tiny model prunes some plans"
     assert counted_trials(trials) == 14 and all(t.state in FINISHED for t in trials)
     assert sorted(t.number for t in trials) == list(range(len(trials)))
-    assert res.summary["pruned_trials"] == len(pruned) == res.summary["trial_states"]["PRUNED"]
+    assert res.summary.pruned_trials == len(pruned) == res.summary.trial_states["PRUNED"]
     front = {e["trial"] for e in json.loads((tmp_path / "run" / "pareto.json").read_text())["trials"]}
     assert front and not front & {t.number for t in pruned}
     by_number = {t.number: t for t in trials}
     for t in pruned:
         reason = t.user_attrs["pruned_reason"]
         winner = by_number[int(reason.split("of trial ")[1].split(",")[0])]
-        assert winner.state == TrialState.COMPLETE and winner.values[0] > t.user_attrs[SLICE_ATTR]
+        assert winner.state == TrialState.COMPLETE and winner.values[0] > TrialRecord.from_trial(t).slice_quality
         assert winner.values[2] <= t.user_attrs["memory_bytes"] and winner.values[1] <= t.user_attrs["latency_ms"]
     full = [t for t in trials if t.state == TrialState.COMPLETE and t.user_attrs.get("feasible")]
-    assert all(SLICE_ATTR in t.user_attrs for t in full)
+    assert all(TrialRecord.from_trial(t).slice_quality is not None for t in full)
 
     more = search(cfg_path, progress=False, trials=18)  # resume keeps pruned trials counted
     assert counted_trials(study_trials(more.storage)) == 18

@@ -1,0 +1,159 @@
+"""What a search stores in its Optuna study, in one place: the trial record (trial user attrs) and the two
+study user attrs (start-point claim, sensitivity table).
+
+Every read or write of those attr names goes through this module, so the schema lives here only. A trial's
+record is written piecewise while it runs (memory and latency first, then the evaluation or the failure);
+each piece is a `TrialRecord` holding just the fields known at that point (`None` fields are not written).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+import optuna
+from optuna.storages import BaseStorage
+from optuna.trial import FrozenTrial, TrialState
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+# fail_reason values; was_interrupted() recognises the "interrupted" prefix (such trials do not count)
+INTERRUPTED = "interrupted (driver stopped)"
+SURPLUS = "interrupted (surplus: other drivers' trials completed the study's count as this one started)"
+STALE = "interrupted (worker stopped sending heartbeats)"
+
+START_ATTR = "slimformer_start_points"  # study user attr: {"by": claimant, "at": time, "queued": n or None}
+SENSITIVITY_ATTR = "slimformer_sensitivity"  # study user attr: the sensitivity measured for the start points
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """A trial's user attrs, typed. Field names are the stored attr names; `None` means "not recorded"."""
+
+    start_point: str | None = None  # queued start point: its source (uniform, sensitivity-greedy, ...)
+    repaired_steps: int | None = None  # budget repair moved this many parameters one step down
+    memory_bytes: int | None = None
+    memory_percent: float | None = None
+    latency_ms: float | None = None  # the latency objective, however priced
+    latency_source: str | None = None  # measured latency only: where the value came from, and its spread
+    latency_iqr_ms: float | None = None
+    latency_runs: int | None = None
+    latency_threads: int | None = None
+    latency_kernels: str | None = None
+    feasible: bool | None = None  # False: over the memory budget, never evaluated
+    slice_quality: float | None = None  # multi-fidelity: quality on the first slice of the search data
+    metrics: dict[str, float] | None = None  # search-set metrics of an evaluated plan
+    apply_s: float | None = None
+    eval_s: float | None = None
+    trial_s: float | None = None
+    pruned_s: float | None = None
+    pruned_reason: str | None = None
+    fail_reason: str | None = None
+
+    @classmethod
+    def from_user_attrs(cls, attrs: Mapping[str, Any]) -> TrialRecord:
+        """The record in a user-attr mapping (attrs this schema does not know are ignored)."""
+        return cls(**{k: attrs[k] for k in _FIELDS if k in attrs})
+
+    @classmethod
+    def from_trial(cls, trial: FrozenTrial) -> TrialRecord:
+        return cls.from_user_attrs(trial.user_attrs)
+
+    def to_user_attrs(self) -> dict[str, Any]:
+        """The recorded (not None) fields, by attr name."""
+        return {k: v for k in _FIELDS if (v := getattr(self, k)) is not None}
+
+    def write(self, trial: optuna.Trial) -> None:
+        """Record these fields on a running trial."""
+        for k, v in self.to_user_attrs().items():
+            trial.set_user_attr(k, v)
+
+    def write_to(self, storage: BaseStorage, trial_id: int) -> None:
+        """Record these fields through the storage (samplers and storages hold a trial id, not a Trial)."""
+        for k, v in self.to_user_attrs().items():
+            storage.set_trial_user_attr(trial_id, k, v)
+
+    @property
+    def evaluated(self) -> bool:
+        """Fully scored (its trial time is recorded): what the summary's timing means are over."""
+        return self.trial_s is not None
+
+
+_FIELDS = tuple(f.name for f in fields(TrialRecord))
+
+
+def retry_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """The user attrs a retried trial carries over from the stale one: its start-point label only."""
+    return TrialRecord(start_point=TrialRecord.from_user_attrs(attrs).start_point).to_user_attrs()
+
+
+def is_feasible(t: FrozenTrial) -> bool:
+    """Completed and within the memory budget: a candidate for the Pareto front."""
+    return t.state == TrialState.COMPLETE and bool(TrialRecord.from_trial(t).feasible)
+
+
+def is_infeasible(t: FrozenTrial) -> bool:
+    """Sampled over the memory budget (never evaluated)."""
+    return TrialRecord.from_trial(t).feasible is False
+
+
+def was_interrupted(t: FrozenTrial) -> bool:
+    """Failed because its driver died (killed exclusive driver, or a worker without heartbeat)."""
+    return str(TrialRecord.from_trial(t).fail_reason or "").startswith("interrupted")
+
+
+def counted(t: FrozenTrial) -> bool:
+    """Counts toward `trials`: finished, not an over-budget sample, not left behind by a killed driver."""
+    return t.state in FINISHED and TrialRecord.from_trial(t).feasible is not False and not was_interrupted(t)
+
+
+def _trials(study: optuna.Study | Iterable[FrozenTrial]) -> Iterable[FrozenTrial]:
+    return study.get_trials(deepcopy=False) if isinstance(study, optuna.Study) else study
+
+
+def counted_trials(study: optuna.Study | Iterable[FrozenTrial]) -> int:
+    """Finished trials that count toward `trials`: evaluated (or failed) plans; over-budget samples are
+    free (never evaluated) and do not count; trials a killed driver left behind do not count."""
+    return sum(1 for t in _trials(study) if counted(t))
+
+
+def infeasible_trials(study: optuna.Study | Iterable[FrozenTrial]) -> int:
+    return sum(1 for t in _trials(study) if is_infeasible(t))
+
+
+# -- study user attrs ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StartClaim:
+    """Which driver queues the start points (study attr START_ATTR); `queued` None while it is queueing."""
+
+    by: str
+    at: float
+    queued: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"by": self.by, "at": self.at, "queued": self.queued}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> StartClaim:
+        return cls(str(data.get("by")), float(data.get("at") or 0.0), data.get("queued"))
+
+
+def start_claim(study: optuna.Study) -> StartClaim | None:
+    raw = study.user_attrs.get(START_ATTR)
+    return None if raw is None else StartClaim.from_json(raw)
+
+
+def write_start_claim(study: optuna.Study, claim: StartClaim) -> None:
+    study.set_user_attr(START_ATTR, claim.to_json())
+
+
+def study_sensitivity(study: optuna.Study) -> dict[str, Any] | None:
+    """The sensitivity table the start points measured (start.Sensitivity.to_json), or None."""
+    return study.user_attrs.get(SENSITIVITY_ATTR) or None
+
+
+def write_study_sensitivity(study: optuna.Study, table: dict[str, Any]) -> None:
+    study.set_user_attr(SENSITIVITY_ATTR, table)
