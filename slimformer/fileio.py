@@ -68,7 +68,7 @@ def clean_stale_temp_dirs(final: Path) -> list[Path]:
     longer runs); others' files and live runs' temp dirs are left alone. Returns the removed paths."""
     final = Path(final)
     prefix = f".{final.name}{TMP_TAG}"
-    removed = []
+    removed: list[Path] = []
     if not final.parent.is_dir():
         return removed
     for p in final.parent.glob(f"{prefix}*"):
@@ -101,8 +101,8 @@ def atomic_dir(final: Path) -> Iterator[Path]:
 
     The temp dir is removed on any error; ones that killed runs left behind are removed on the next call for
     the same `final` (clean_stale_temp_dirs). Everything in it gets the modes mkdir/open would give
-    (normal_modes: mkdtemp's 0700, and writers that create 0600 files, would hide shared outputs). An existing `final` is replaced (moved aside, then
-    removed)."""
+    (normal_modes: mkdtemp's 0700, and writers that create 0600 files, would hide shared outputs). An existing
+    `final` is replaced (moved aside, then removed)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temp_dirs(final)
