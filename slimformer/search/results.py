@@ -225,6 +225,7 @@ class SearchSummary:
     hardware_profile: str
     hardware_profile_version: str | None
     recovery: RecoverySummary | None = None
+    duplicate_trials: int = 0  # plans sampled again, answered from the trial that evaluated them (PRUNED)
 
     def to_json(self) -> dict[str, Any]:
         m = self.quality_metric
@@ -232,7 +233,8 @@ class SearchSummary:
             "model": self.model, "quality_metric": m, "budget_bytes": self.budget_bytes,
             "budget_percent": self.budget_percent, "fp32_bytes": self.fp32_bytes, "trial_states": self.trial_states,
             "infeasible_trials": self.infeasible_trials, "evaluated_trials": self.evaluated_trials,
-            "pruned_trials": self.pruned_trials, "mean_pruned_trial_s": self.mean_pruned_trial_s,
+            "pruned_trials": self.pruned_trials, "duplicate_trials": self.duplicate_trials,
+            "mean_pruned_trial_s": self.mean_pruned_trial_s,
             "elapsed_s": self.elapsed_s, "mean_trial_s": self.mean_trial_s, "mean_eval_s": self.mean_eval_s,
             "mean_outside_forward_s": self.mean_outside_forward_s,
             "best_recipe": None if self.best_recipe is None else self.best_recipe.to_json(m),
@@ -252,7 +254,7 @@ class SearchSummary:
                    None if best is None else BestRecipe.from_json(best, m),
                    None if base is None else BestBaseline.from_json(base, m),
                    d["latency_label"], d["latency_source"], d["hardware_profile"], d["hardware_profile_version"],
-                   None if rec is None else RecoverySummary.from_json(rec, m))
+                   None if rec is None else RecoverySummary.from_json(rec, m), int(d.get("duplicate_trials", 0)))
 
 
 @dataclass(frozen=True)

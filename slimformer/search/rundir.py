@@ -29,6 +29,7 @@ from slimformer.search.baselines import uniform_baselines
 from slimformer.search.config import SearchConfig
 from slimformer.search.context import SearchContext
 from slimformer.search.evaluate import evaluate_plan, trial_plan
+from slimformer.search.pause import pause_at
 from slimformer.search.records import TrialRecord
 from slimformer.search.recover_stage import recover_front, recovery_summary
 from slimformer.search.report import write_pareto_png, write_report
@@ -94,6 +95,7 @@ def run_baselines(ctx: SearchContext, run_dir: Path, log: Any) -> list[BaselineR
                 log(f"baseline {b.name} failed: {r.error}")
         results.append(r)
         write_json(f, [asdict(x) for x in results])
+        pause_at("baselines", lambda fits=r.fits: fits)
     write_json(f, [asdict(x) for x in results])
     return results
 
@@ -135,6 +137,7 @@ def write_outputs(ctx: SearchContext, run_dir: Path, study: optuna.Study, baseli
         recipe.save(run_dir / entry.recipe)
     write_json(run_dir / "pareto.json", ParetoFront(ctx.config.objectives, m, ctx.budget_bytes, ctx.fp32_bytes,
                                                     entries).to_json())
+    pause_at("outputs")
     summary = summarize(ctx, study, entries, baselines, elapsed_s, recovery=recovery_summary(recovered, m))
     write_json(run_dir / "summary.json", summary.to_json())
     write_pareto_png(run_dir / "pareto.png", ctx, study, entries, baselines)
@@ -168,7 +171,7 @@ def summarize(ctx: SearchContext, study: optuna.Study, entries: list[ParetoEntry
         trial_states=states,
         infeasible_trials=sum(1 for r in records if r.feasible is False),
         evaluated_trials=sum(1 for r in records if r.evaluated),
-        pruned_trials=states.get("PRUNED", 0),
+        pruned_trials=states.get("PRUNED", 0) - sum(1 for r in records if r.duplicate_of is not None),
         mean_pruned_trial_s=mean([r.pruned_s for r in records if r.pruned_s is not None]),
         elapsed_s=round(elapsed_s, 1),
         mean_trial_s=mean([trial_s for trial_s, _ in timed]),
@@ -185,4 +188,5 @@ def summarize(ctx: SearchContext, study: optuna.Study, entries: list[ParetoEntry
         hardware_profile=ctx.profile.name,
         hardware_profile_version=ctx.profile.version,
         recovery=recovery,
+        duplicate_trials=sum(1 for r in records if r.duplicate_of is not None),
     )

@@ -21,6 +21,7 @@ import optuna
 from slimformer.compression.memory import plan_memory
 from slimformer.evaluators.quality import FidelityEvaluator
 from slimformer.search.context import SearchContext
+from slimformer.search.pause import pause_at
 from slimformer.search.records import TrialRecord
 
 
@@ -70,6 +71,7 @@ def measure_sensitivity(ctx: SearchContext, batches: int = 1) -> Sensitivity | N
         return quick.evaluate(model).value(ctx.quality_metric)
 
     q0 = quality(base)
+    pause_at("sensitivity")
     ups = []
     for p, choices in order.items():
         for c in choices[1:]:
@@ -105,7 +107,10 @@ def greedy_plans(ctx: SearchContext, sens: Sensitivity, n: int) -> list[dict[str
 
 def enqueue_start_points(ctx: SearchContext, study: optuna.Study, log: Any = None
                          ) -> tuple[int, Sensitivity | None]:
-    """Queue at most min(population, trials) feasible start points; returns (count, sensitivity)."""
+    """Queue at most min(population, trials) feasible start points; returns (count, sensitivity).
+
+    Points whose parameters a trial of the study already holds (queued or run, e.g. by a driver killed while
+    queueing, whose claim this driver took over) are not queued again."""
     say = log or (lambda msg: None)
     want = min(ctx.config.sampler.population_size, ctx.config.trials)
     points: list[tuple[dict[str, Any], str]] = []
@@ -128,6 +133,12 @@ def enqueue_start_points(ctx: SearchContext, study: optuna.Study, log: Any = Non
                 add(p, "sensitivity-greedy")
     for p in ctx.space.random_feasible_params(ctx.budget_bytes, want - len(points), seed=ctx.config.sampler.seed):
         add(p, "random-feasible")
+    held = [t.params or t.system_attrs.get("fixed_params") or {} for t in study.get_trials(deepcopy=False)]
+    queued = 0
     for params, source in points:
+        if any(params == h for h in held):
+            continue
         study.enqueue_trial(params, user_attrs=TrialRecord(start_point=source).to_user_attrs())
-    return len(points), sens
+        queued += 1
+        pause_at("start-points")
+    return queued, sens
