@@ -243,10 +243,11 @@ def latency_budget(config: SearchConfig, adapter: ModelAdapter, space: SearchSpa
     fastest = space.plan_from_params(fastest_params(space, predict or price))
     fastest_ms = price(fastest)
     if fastest_ms > budget:
-        kind = "measured" if config.latency.source == "measured" else "predicted"
+        measured = config.latency.source == "measured"
+        kind, where = ("measured", "on this machine") if measured else ("predicted", f"on profile {profile.name}")
         of_fp32 = f" of the fp32 model's {fp32_ms:.3g} ms = {budget:.3g} ms" if fp32_ms is not None else ""
         raise BudgetError(
-            f"budget.latency {config.budget.latency}{of_fp32} is below the fastest plan of the "
-            f"space ({kind} {fastest_ms:.3g} ms at batch {settings.batch}, seq {settings.seq} on profile "
-            f"{profile.name}); raise it or add faster choices (fewer heads or neurons, lower rank_fraction)")
+            f"budget.latency {config.budget.latency}{of_fp32} is below the fastest plan of the space ({kind} "
+            f"{fastest_ms:.3g} ms at batch {settings.batch}, seq {settings.seq} {where}); raise it or add faster "
+            "choices (fewer heads or neurons, lower rank_fraction)")
     return budget, fp32_ms

@@ -67,7 +67,7 @@ def _unset_dropped(v: Any) -> Any:
     return {k: x for k, x in v.items() if x is not None} if isinstance(v, dict) else v
 
 
-def latency_budget(ctx: SearchContext) -> LatencyBudget | None:
+def resolved_latency_budget(ctx: SearchContext) -> LatencyBudget | None:
     """The search's resolved latency budget for pareto.json and summary.json (None without budget.latency)."""
     if ctx.latency_budget_ms is None or ctx.config.budget.latency is None:
         return None
@@ -158,7 +158,7 @@ def write_outputs(ctx: SearchContext, run_dir: Path, study: optuna.Study, baseli
                                   ).model_copy(update={"recovery": recovered.get(t.number)})
         recipe.save(run_dir / entry.recipe)
     write_json(run_dir / "pareto.json", ParetoFront(ctx.config.objectives, m, ctx.budget_bytes, ctx.fp32_bytes,
-                                                    entries, latency_budget(ctx)).to_json())
+                                                    entries, resolved_latency_budget(ctx)).to_json())
     summary = summarize(ctx, study, entries, baselines, elapsed_s, recovery=recovery_summary(recovered, m))
     write_json(run_dir / "summary.json", summary.to_json())
     write_pareto_png(run_dir / "pareto.png", ctx, study, entries, baselines)
@@ -209,5 +209,5 @@ def summarize(ctx: SearchContext, study: optuna.Study, entries: list[ParetoEntry
         hardware_profile=ctx.profile.name,
         hardware_profile_version=ctx.profile.version,
         recovery=recovery,
-        latency_budget=latency_budget(ctx),
+        latency_budget=resolved_latency_budget(ctx),
     )

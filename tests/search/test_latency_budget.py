@@ -197,3 +197,14 @@ def test_mismatch_is_said_once_only_when_latency_matters(tmp_path: Path, tiny_mo
         with caplog.at_level("WARNING", logger="slimformer"):  # no log given: one record on the slimformer logger
             prepare(SearchConfig.model_validate(base))
     assert len([r for r in caplog.records if "made elsewhere" in r.getMessage()]) == 1
+
+
+def test_measured_search_times_the_fp32_reference_and_the_fastest_plan(tmp_path: Path, tiny_model_dir: Path) -> None:
+    measured = {"source": "measured", "batch": 1, "seq": 16, "runs": 3}
+    ctx = _ctx(tiny_model_dir, tmp_path, "50x", latency=measured)
+    assert ctx.fp32_latency_ms is not None and ctx.fp32_latency_ms > 0
+    assert ctx.latency_budget_ms == pytest.approx(50 * ctx.fp32_latency_ms)
+    assert ctx.latency_predictor() is not ctx.latency_source(), "repair predicts; trials are measured"
+    with pytest.raises(BudgetError, match=r"^budget\.latency 1us is below the fastest plan of the space \(measured "
+                                          r"\d+\.\d+ ms at batch 1, seq 16 on this machine\)"):
+        _ctx(tiny_model_dir, tmp_path, "1us", latency=measured)
