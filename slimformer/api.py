@@ -289,9 +289,9 @@ def export_recipe(run_dir: str | Path, trial: int, out: str | Path | None = None
         raise ConfigError(f"trial {trial} is not in {rd} (trials 0..{max(trials, default=-1)})")
     t = trials[trial]
     if not is_feasible(t):
-        over = TrialRecord.from_trial(t).feasible is False
-        raise ConfigError(f"trial {trial} is {t.state.name} and "
-                          f"{'over the memory budget' if over else 'not evaluated'}; "
+        record = TrialRecord.from_trial(t)
+        why = f"over the {record.over_budget or 'memory'} budget" if record.feasible is False else "not evaluated"
+        raise ConfigError(f"trial {trial} is {t.state.name} and {why}; "
                           "pick a completed trial within the budget")
     provenance = RecipeProvenance.of_trial(ctx.config.study_name, url, t)
     rec = Recipe.from_plan(trial_plan(ctx, t), ctx.adapter, hardware_profile=ctx.profile.name,

@@ -41,7 +41,8 @@ class TrialRecord:
     latency_runs: int | None = None
     latency_threads: int | None = None
     latency_kernels: str | None = None
-    feasible: bool | None = None  # False: over the memory budget, never evaluated
+    feasible: bool | None = None  # False: over the memory or the latency budget, never evaluated
+    over_budget: str | None = None  # which budgets an infeasible plan broke: memory, latency or memory+latency
     slice_quality: float | None = None  # multi-fidelity: quality on the first slice of the search data
     metrics: dict[str, float] | None = None  # search-set metrics of an evaluated plan
     apply_s: float | None = None
@@ -90,12 +91,14 @@ def retry_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def is_feasible(t: FrozenTrial) -> bool:
-    """Completed and within the memory budget: a candidate for the Pareto front."""
-    return t.state == TrialState.COMPLETE and bool(TrialRecord.from_trial(t).feasible)
+    """Completed, within the memory and latency budgets and no Optuna constraint violated: a candidate for the
+    Pareto front."""
+    return (t.state == TrialState.COMPLETE and bool(TrialRecord.from_trial(t).feasible)
+            and all(v <= 0 for v in t.constraints.values()))
 
 
 def is_infeasible(t: FrozenTrial) -> bool:
-    """Sampled over the memory budget (never evaluated)."""
+    """Sampled over the memory or latency budget (never evaluated)."""
     return TrialRecord.from_trial(t).feasible is False
 
 

@@ -1,8 +1,8 @@
 """The Optuna driver: sample a plan, price its memory, evaluate it if it fits, tell the study.
 
-Infeasible plans (over the memory budget) are never evaluated: they are told to the study with a
-positive `memory` constraint (Optuna's constrained domination steers away from them) and the worst
-quality, and they are never Pareto points. Re-running the same command resumes: finished trials are
+Infeasible plans (over the memory budget, or over budget.latency when set) are never evaluated: they are told
+to the study with a positive `memory` / `latency` constraint (Optuna's constrained domination steers away from
+them) and the worst quality, and they are never Pareto points. Re-running the same command resumes: finished trials are
 kept, trials left RUNNING by a killed driver are marked FAIL and replaced, the total reaches `trials`.
 
 Several drivers (processes, Ray workers) may share one study on a shared storage (search/storage.py):
@@ -151,6 +151,14 @@ def objective_values(ctx: SearchContext, quality: float, lat: float, mem: int) -
     return [vals[o] for o in ctx.config.objectives]
 
 
+def set_constraints(ctx: SearchContext, trial: optuna.Trial, memory_bytes: int, latency_ms: float) -> None:
+    """The trial's Optuna constraints (positive = violated), the same names on every priced trial of a study:
+    `memory` (bytes over budget) and, with a latency budget, `latency` (ms over budget)."""
+    trial.set_constraint("memory", float(memory_bytes - ctx.budget_bytes))
+    if ctx.latency_budget_ms is not None:
+        trial.set_constraint("latency", float(latency_ms - ctx.latency_budget_ms))
+
+
 def make_objective(ctx: SearchContext, limit: int | None = None) -> Callable[[optuna.Trial], list[float]]:
     """The trial function. With `limit` (the study's trial count), a trial that finds the count already met
     by finished trials and running trials numbered below it is surplus: it fails at once with fail_reason
@@ -172,9 +180,9 @@ def make_objective(ctx: SearchContext, limit: int | None = None) -> Callable[[op
         priced = price_latency(ctx, plan)
         lat = priced.ms
         replace(latency_record(priced), memory_bytes=mem.total_bytes, memory_percent=round(mem.percent, 4)).write(trial)
-        trial.set_constraint("memory", float(mem.total_bytes - ctx.budget_bytes))
-        if mem.total_bytes > ctx.budget_bytes:
-            TrialRecord(feasible=False).write(trial)
+        set_constraints(ctx, trial, mem.total_bytes, lat)
+        if over := ctx.over_budget(mem.total_bytes, lat):
+            TrialRecord(feasible=False, over_budget="+".join(over)).write(trial)
             return objective_values(ctx, WORST_QUALITY, lat, mem.total_bytes)
         answer_if_duplicate(trial, plan, evaluated)  # a plan the study has evaluated: PRUNED, not counted
         pause_at("trial", lambda: counted_trials(trial.study) >= 2)
