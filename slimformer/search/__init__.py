@@ -12,7 +12,14 @@ from slimformer.search.context import SearchContext, prepare
 from slimformer.search.results import SearchSummary
 from slimformer.search.rundir import check_or_write_config, run_baselines, write_outputs
 from slimformer.search.runner import run_trials
-from slimformer.search.storage import close_storage, hide_password, lock_run_dir, make_storage, unlock_run_dir
+from slimformer.search.storage import (
+    check_storage_url,
+    close_storage,
+    hide_password,
+    lock_run_dir,
+    make_storage,
+    unlock_run_dir,
+)
 
 __all__ = ["SearchConfig", "SearchContext", "SearchResult", "SearchSummary", "prepare", "run_search"]
 
@@ -57,9 +64,12 @@ def run_search(config: SearchConfig, *, trials: int | None = None, timeout: floa
         from slimformer.search.ray_backend import check_options
 
         check_options(backend, address, workers, config.storage)
-    # a shared storage is opened (validated) before anything is written; the default one lives in the run dir
-    shared = make_storage(config.storage, out) if config.storage is not None else None
+    # a shared storage is checked (form, driver, directory) before the model is loaded and opened (which may
+    # create its file) only once everything else validated; the default one lives in the run dir
+    if config.storage is not None:
+        check_storage_url(config.storage)
     ctx = prepare(config, log=say)
+    shared = make_storage(config.storage, out) if config.storage is not None else None
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     lock = None
