@@ -32,7 +32,8 @@ def main() -> None:
 @click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="Run trials in this process, or in Ray workers sharing the study.")
 @click.option("--address", help="Ray cluster to join (with --backend ray; needs a database --storage).")
-@click.option("--workers", type=click.IntRange(min=1, max=MAX_THREADS), help="Ray workers (with --backend ray; default: CPUs).")
+@click.option("--workers", type=click.IntRange(min=1, max=MAX_THREADS),
+              help="Ray workers (with --backend ray; default: CPUs).")
 @_errors
 def search(config: Path | None, trials: int | None, timeout: float | None, storage: str | None,
            run_dir: Path | None, no_progress: bool, backend: str, address: str | None, workers: int | None) -> None:
@@ -143,10 +144,12 @@ def _int_list(ctx: Any, param: Any, value: str) -> tuple[int, ...]:
 @click.option("--model", help="Uncompressed model (needed for a recipe or an .onnx TARGET).")
 @click.option("--data", default="fortunes", show_default=True, help="Held-out data for fidelity and inputs.")
 @click.option("--samples", default=256, show_default=True, type=click.IntRange(min=2, max=MAX_SAMPLES))
-@click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1, max=MAX_THREADS), help="Intra-op threads.")
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1, max=MAX_THREADS),
+              help="Intra-op threads.")
 @click.option("--seq", "seqs", default="64,128", show_default=True, callback=_int_list, help="Sequence lengths.")
 @click.option("--batch", "batches", default="1,32", show_default=True, callback=_int_list, help="Batch sizes.")
-@click.option("--runs", default=30, show_default=True, type=click.IntRange(min=1, max=MAX_SAMPLES), help="Timed runs per model.")
+@click.option("--runs", default=30, show_default=True, type=click.IntRange(min=1, max=MAX_SAMPLES),
+              help="Timed runs per model.")
 @click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0, max=MAX_SAMPLES))
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write results as JSON.")
 @_KERNELS_OPTION

@@ -31,7 +31,8 @@ def _ints(ctx: Any, param: Any, value: str | None) -> tuple[int, ...] | None:
 
 @click.command("calibrate")
 @click.option("--runtime", type=click.Choice(["onnxruntime"]), default="onnxruntime", show_default=True)
-@click.option("--threads", type=click.IntRange(min=1, max=MAX_THREADS), default=1, show_default=True, help="Intra-op threads.")
+@click.option("--threads", type=click.IntRange(min=1, max=MAX_THREADS), default=1, show_default=True,
+              help="Intra-op threads.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Profile YAML to write.")
 @click.option("--quick", is_flag=True, help="A short run (about a minute): fewer shapes, MiniLM reference only.")
 @click.option("--name", help="Profile name (default: from CPU, ISA, threads and runtime).")
@@ -49,10 +50,9 @@ def calibrate_cmd(runtime: str, threads: int, out: Path, quick: bool, name: str 
     import tempfile
     from dataclasses import replace
 
+    from slimformer.fileio import check_output_path
     from slimformer.hardware_profiles.calibrate import CalibrationGrid, calibrate
     from slimformer.hardware_profiles.profile import load_profile, save_profile
-
-    from slimformer.fileio import check_output_path
 
     del runtime  # one runtime today; the option fixes the CLI for more
     check_output_path(out, "--out")
@@ -107,10 +107,13 @@ def show_cmd(profile: str) -> None:
 @profile_group.command("validate")
 @click.argument("profile")
 @click.option("--model", required=True, help="Model id/dir, or vit-fmnist (the Fashion-MNIST ViT geometry).")
-@click.option("--configs", default=60, show_default=True, type=click.IntRange(min=2, max=MAX_SAMPLES), help="Random held-out plans.")
-@click.option("--threads", type=click.IntRange(min=1, max=MAX_THREADS), help="Intra-op threads (default: the profile's).")
+@click.option("--configs", default=60, show_default=True, type=click.IntRange(min=2, max=MAX_SAMPLES),
+              help="Random held-out plans.")
+@click.option("--threads", type=click.IntRange(min=1, max=MAX_THREADS),
+              help="Intra-op threads (default: the profile's).")
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1, max=4096))
-@click.option("--seq", type=click.IntRange(min=1, max=65536), help="Sequence length (default 128; a ViT's token count).")
+@click.option("--seq", type=click.IntRange(min=1, max=65536),
+              help="Sequence length (default 128; a ViT's token count).")
 @click.option("--runs", default=15, show_default=True, type=click.IntRange(min=3, max=MAX_SAMPLES),
               help="Rounds per timing pass (at least; fast models get more, up to 400, so a pass lasts 20 s).")
 @click.option("--seed", default=0, show_default=True, type=int)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from slimformer.fileio import check_output_path
 from slimformer.search.config import SearchConfig
 from slimformer.search.context import SearchContext, prepare
 from slimformer.search.results import SearchSummary
@@ -60,6 +61,7 @@ def run_search(config: SearchConfig, *, trials: int | None = None, timeout: floa
         from slimformer.errors import ConfigError
 
         raise ConfigError(f"--run-dir {out} is a file; pass a directory path")
+    check_output_path(out, "--run-dir", kind="dir")
     if backend != "local" or address is not None or workers is not None:
         from slimformer.search.ray_backend import check_options
 

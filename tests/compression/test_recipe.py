@@ -27,7 +27,8 @@ def _recipe(**kw) -> Recipe:
                 rules=[Rule(match="re:.*query", spec=SpecModel(bits=8)),
                        Rule(match="embeddings.word_embeddings", spec=SpecModel(rank=16, bits=4, group_size=32))],
                 layers=[LayerRule(layer=0, heads_kept=2)],
-                sharing=None, provenance={"study": "s", "trial": 3, "metrics": {"search_cosine": 0.97, "memory_bytes": 1200}})
+                sharing=None,
+                provenance={"study": "s", "trial": 3, "metrics": {"search_cosine": 0.97, "memory_bytes": 1200}})
     base.update(kw)
     return Recipe(**base)
 
