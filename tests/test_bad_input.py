@@ -177,6 +177,14 @@ CASES: dict[str, Case] = {
     "search-space-empty": lambda e, d: ([*S, _cfg(e, d, space={"groups": []})], ("space.groups",)),
     "search-space-bits-3": lambda e, d: (
         [*S, _cfg(e, d, space={"groups": [{"select": {"role": ["query"]}, "bits": [3]}]})], ("bits",)),
+    "search-space-layer-range-huge": lambda e, d: (
+        [*S, _cfg(e, d, space={"groups": [{"select": {"layers": "0-99999999999"}, "bits": [8]}]})], ("layers",)),
+    "search-space-group-size-huge": lambda e, d: (
+        [*S, _cfg(e, d, space={"groups": [{"bits": [4], "group_size": [2**70]}]})], ("group_size",)),
+    "search-space-cycle-huge": lambda e, d: (
+        [*S, _cfg(e, d, space={"groups": [{"bits": [8]}], "sharing": ["cycle" + "9" * 30]})], ("sharing",)),
+    "search-space-heads-zero": lambda e, d: (
+        [*S, _cfg(e, d, space={"groups": [{"bits": [8], "heads_kept": [0]}]})], ("heads_kept",)),
     "search-profile-missing": lambda e, d: ([*S, _cfg(e, d, hardware_profile=str(d / "p.yaml"))], ("p.yaml",)),
     "search-profile-not-utf8": lambda e, d: (
         [*S, _cfg(e, d, hardware_profile=str(_raw(d, "p.yaml", NOT_UTF8)))], ("p.yaml", "not UTF-8")),
@@ -256,6 +264,21 @@ CASES: dict[str, Case] = {
         ["apply", _recipe(d, {"layers": [{"layer": 99, "heads_kept": 1}]}), "--model", e.model], ("99",)),
     "apply-recipe-layer-huge": lambda e, d: (
         ["apply", _recipe(d, {"layers": [{"layer": 10**30, "heads_kept": 1}]}), "--model", e.model], ("layer",)),
+    "apply-recipe-rank-huge": lambda e, d: (
+        ["apply", _recipe(d, {"rules": [{"match": QUERY, "spec": {"rank": 2**70}}]}), "--model", e.model],
+        ("rank",)),
+    "apply-recipe-group-size-huge": lambda e, d: (
+        ["apply", _recipe(d, {"rules": [{"match": QUERY, "spec": {"bits": 4, "group_size": 2**70}}]}),
+         "--model", e.model], ("group_size",)),
+    "apply-recipe-sparsity-nan": lambda e, d: (
+        ["apply", _recipe(d, "slimformer_recipe: 1\nmodel: {id: tiny}\nrules:\n- {match: %s, spec: {sparsity: .nan}}\n"
+                          % QUERY), "--model", e.model], ("sparsity",)),
+    "apply-recipe-neurons-huge": lambda e, d: (
+        ["apply", _recipe(d, {"layers": [{"layer": 0, "neurons_kept": 2**70}]}), "--model", e.model],
+        ("neurons_kept",)),
+    "apply-recipe-sharing-huge-layer": lambda e, d: (
+        ["apply", _recipe(d, {"sharing": {"groups": [[0, 2**70]], "scope": "ffn"}}), "--model", e.model],
+        ("recipe",)),
     "apply-out-under-a-file": lambda e, d: (["apply", e.recipe, "--model", e.model, "--out", _blocker(d) / "o"],
                                             ("--out",)),
     "apply-out-foreign-dir": lambda e, d: (

@@ -23,14 +23,15 @@ from slimformer.models.base import ModelAdapter
 from slimformer.schema import FrozenModel
 
 RECIPE_VERSION = 1
+MAX_WIDTH = 1 << 24  # bound on ranks, group sizes and kept counts: above any model, below any integer overflow
 
 
 class SpecModel(FrozenModel):
-    rank: int | None = None
-    sparsity: float = 0.0
+    rank: int | None = Field(None, ge=1, le=MAX_WIDTH)
+    sparsity: float = Field(0.0, ge=0, lt=1, allow_inf_nan=False)
     pattern: Literal["unstructured", "2:4"] = "unstructured"
     bits: Literal[32, 16, 8, 4] = 32
-    group_size: int | None = None
+    group_size: int | None = Field(None, ge=1, le=MAX_WIDTH)
     method: Literal["rtn", "gptq"] = "rtn"
 
     def to_spec(self) -> UnitSpec:
@@ -62,9 +63,9 @@ class Rule(FrozenModel):
 
 
 class LayerRule(FrozenModel):
-    layer: int = Field(ge=0)
-    heads_kept: int | None = Field(default=None, ge=1)
-    neurons_kept: int | None = Field(default=None, ge=1)
+    layer: int = Field(ge=0, le=MAX_WIDTH)
+    heads_kept: int | None = Field(default=None, ge=1, le=MAX_WIDTH)
+    neurons_kept: int | None = Field(default=None, ge=1, le=MAX_WIDTH)
 
 
 class SharingModel(FrozenModel):
