@@ -271,8 +271,8 @@ CASES: dict[str, Case] = {
         ["apply", _recipe(d, {"rules": [{"match": QUERY, "spec": {"bits": 4, "group_size": 2**70}}]}),
          "--model", e.model], ("group_size",)),
     "apply-recipe-sparsity-nan": lambda e, d: (
-        ["apply", _recipe(d, "slimformer_recipe: 1\nmodel: {id: tiny}\nrules:\n- {match: %s, spec: {sparsity: .nan}}\n"
-                          % QUERY), "--model", e.model], ("sparsity",)),
+        ["apply", _recipe(d, "slimformer_recipe: 1\nmodel: {id: tiny}\nrules:\n- match: " + QUERY +
+                          "\n  spec: {sparsity: .nan}\n"), "--model", e.model], ("sparsity",)),
     "apply-recipe-neurons-huge": lambda e, d: (
         ["apply", _recipe(d, {"layers": [{"layer": 0, "neurons_kept": 2**70}]}), "--model", e.model],
         ("neurons_kept",)),

@@ -77,7 +77,8 @@ class GroupConfig(FrozenModel):
     group_size: list[int | None] = [None]
     method: list[Literal["rtn", "gptq"]] = ["rtn"]  # rounding for 8/4 bits (gptq uses calibration Hessians)
     heads_kept: list[Annotated[int, Field(ge=1, le=MAX_WIDTH)]] | None = None
-    neurons_kept: list[Annotated[float, Field(gt=0, le=MAX_WIDTH)]] | None = None  # <= 1.0: fraction of the FFN width; > 1: absolute count
+    # <= 1.0: fraction of the FFN width; > 1: absolute count
+    neurons_kept: list[Annotated[float, Field(gt=0, le=MAX_WIDTH)]] | None = None
     per_layer: bool | None = None  # overrides the space-wide setting
 
     @field_validator("rank_fraction")
