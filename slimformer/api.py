@@ -268,10 +268,13 @@ def _check_onnx_file(path: Path) -> None:
     import onnx
 
     try:
-        onnx.load(str(path), load_external_data=False)
+        proto = onnx.load(str(path), load_external_data=False)
+        problem = None if proto.graph.node and proto.graph.input and proto.graph.output else "no graph"
     except Exception as exc:
-        raise ConfigError(f"{path} is not a readable ONNX model ({type(exc).__name__}); pass a model.onnx "
-                          "written by `slimformer export` or `apply --onnx`") from None
+        problem = type(exc).__name__
+    if problem is not None:
+        raise ConfigError(f"{path} is not a readable ONNX model ({problem}); pass a model.onnx "
+                          "written by `slimformer export` or `apply --onnx`")
 
 
 def _context_for_run(run_dir: Path) -> tuple[Any, Any, str]:

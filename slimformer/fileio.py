@@ -51,7 +51,7 @@ def read_json(path: Path, default: Any, what: str = "JSON file",
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise error(f"{what} {path}: not valid JSON ({exc.msg} at line {exc.lineno}); fix or replace the file") \
+        raise error(f"{what} {path}: invalid JSON ({exc.msg} at line {exc.lineno}); fix or replace the file") \
             from None
 
 
