@@ -185,6 +185,10 @@ CASES: dict[str, Case] = {
         [*S, _cfg(e, d, space={"groups": [{"bits": [8]}], "sharing": ["cycle" + "9" * 30]})], ("sharing",)),
     "search-space-heads-zero": lambda e, d: (
         [*S, _cfg(e, d, space={"groups": [{"bits": [8], "heads_kept": [0]}]})], ("heads_kept",)),
+    "search-recover-batch-huge": lambda e, d: ([*S, _cfg(e, d, recover={"batch_size": 10**12})],
+                                               ("recover.batch_size",)),
+    "search-recover-minutes-inf": lambda e, d: (
+        [*S, _raw(d, "c.yaml", _cfg(e, d).read_text() + "recover: {minutes: .inf}\n")], ("recover.minutes",)),
     "search-profile-missing": lambda e, d: ([*S, _cfg(e, d, hardware_profile=str(d / "p.yaml"))], ("p.yaml",)),
     "search-profile-not-utf8": lambda e, d: (
         [*S, _cfg(e, d, hardware_profile=str(_raw(d, "p.yaml", NOT_UTF8)))], ("p.yaml", "not UTF-8")),
@@ -286,6 +290,9 @@ CASES: dict[str, Case] = {
     "apply-onnx-without-out": lambda e, d: (["apply", e.recipe, "--model", e.model, "--onnx"], ("--onnx needs",)),
     "apply-steps-without-recover": lambda e, d: (["apply", e.recipe, "--model", e.model, "--steps", 3],
                                                  ("add --recover",)),
+    "apply-recover-data-not-utf8": lambda e, d: (
+        ["apply", e.recipe, "--model", e.model, "--recover", "--steps", 1, "--recover-data",
+         _raw(d, "t.txt", b"\xff" * 64), "--samples", 4], ("not UTF-8",)),
     "apply-data-not-utf8": lambda e, d: (
         ["apply", e.recipe, "--model", e.model, "--data", _raw(d, "t.txt", b"\xff" * 64), "--samples", 4],
         ("not UTF-8",)),
