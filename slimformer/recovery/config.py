@@ -44,7 +44,8 @@ class RecoveryConfig(FrozenModel):
     temperature: float = Field(2.0, gt=0, allow_inf_nan=False)
     seed: int = Field(0, ge=0, le=2**32 - 1)
     data: str = "auto"  # auto (debian-fortunes if installed, else fortunes / fashion-mnist), texts; held-out excluded
-    samples: int | None = Field(None, ge=1, le=MAX_COUNT)  # at most this many training samples (None: all that are not held out)
+    # at most this many training samples (None: all that are not held out)
+    samples: int | None = Field(None, ge=1, le=MAX_COUNT)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @model_validator(mode="after")
