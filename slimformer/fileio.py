@@ -85,8 +85,9 @@ class _NoAliasLoader(yaml.SafeLoader):
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
             mark = self.peek_event().start_mark
-            raise yaml.composer.ComposerError(None, None, f"YAML aliases (*{self.peek_event().anchor}) are not "
-                                              "allowed; write the value out", mark)
+            anchor = self.peek_event().anchor
+            raise yaml.composer.ComposerError(None, None, f"YAML aliases (*{anchor}) are not allowed, write each "
+                                              "value out", mark)
         return super().compose_node(parent, index)
 
 
@@ -99,12 +100,22 @@ def safe_load_yaml(text: str) -> Any:
         loader.dispose()
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error as `problem at line L, column C` (one line, without PyYAML's source excerpt)."""
+    problem = getattr(exc, "problem", None)
+    mark = getattr(exc, "problem_mark", None)
+    if problem is None:
+        return " ".join(str(exc).split())[:300]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}"
+
+
 def yaml_mapping(text: str, source: str, error: type[Exception], expected: str) -> dict[str, Any]:
     """Parse YAML that must be a mapping (no aliases); `error(...)` with one line naming `source` otherwise."""
     try:
         data = safe_load_yaml(text)
     except yaml.YAMLError as exc:
-        raise error(f"{source}: not valid YAML ({' '.join(str(exc).split())[:300]})") from None
+        raise error(f"{source}: not valid YAML ({yaml_problem(exc)})") from None
     except RecursionError:
         raise error(f"{source}: not valid YAML (nested too deeply)") from None
     if not isinstance(data, dict):

@@ -21,7 +21,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from slimformer.errors import ConfigError
-from slimformer.fileio import MAX_DOCUMENT_BYTES, atomic_write, read_text_file, safe_load_yaml
+from slimformer.fileio import MAX_DOCUMENT_BYTES, atomic_write, read_text_file, safe_load_yaml, yaml_problem
 from slimformer.schema import StrictModel
 
 SCHEMA_VERSION = 2
@@ -235,8 +235,7 @@ def _load_file(path: Path) -> HardwareProfile:
     try:
         data = safe_load_yaml(text)
     except yaml.YAMLError as e:
-        detail = " ".join(str(e).split())
-        raise ConfigError(f"hardware profile {path} is not valid YAML: {detail}") from e
+        raise ConfigError(f"hardware profile {path} is not valid YAML: {yaml_problem(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(
             f"hardware profile {path} must be a YAML mapping of keys to values (got {type(data).__name__})"
