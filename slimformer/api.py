@@ -13,7 +13,7 @@ from slimformer.compression.plan import CompressionPlan
 from slimformer.compression.recipe import Recipe
 from slimformer.compression.saving import check_out_dir, load_any, write_compressed
 from slimformer.errors import ConfigError
-from slimformer.fileio import atomic_dir
+from slimformer.fileio import atomic_dir, check_output_path
 from slimformer.models import ModelAdapter
 from slimformer.search import SearchConfig, SearchResult, run_search
 
@@ -128,16 +128,21 @@ def apply_recipe(recipe: str | Path | Recipe, model: str, out_dir: str | Path | 
     if kernels != "exact" and not onnx:
         raise ConfigError(f"--kernels {kernels} applies to the ONNX export; add --onnx (and --out)")
     rec = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
+    if out_dir is not None:
+        check_output_path(out_dir, "--out", kind="dir")
+        if Path(out_dir).exists() and any(Path(out_dir).iterdir()) and not (Path(out_dir) / "slimformer.yaml").exists():
+            raise ConfigError(f"--out {out_dir} exists and is not a slimformer output; choose an empty path")
     adapter = load_any(model)
     plan = rec.to_plan(adapter)
     if rec.model.sha256 and rec.model.sha256 != adapter.weights_sha256():
-        import warnings
+        msg = (f"warning: recipe was made for weights {rec.model.sha256[:12]}…, this model has "
+               f"{adapter.weights_sha256()[:12]}…; applying anyway")
+        if log is not None:
+            log(msg)
+        else:
+            import warnings
 
-        warnings.warn(f"recipe was made for weights {rec.model.sha256[:12]}…, this model has "
-                      f"{adapter.weights_sha256()[:12]}…; applying anyway", stacklevel=2)
-    if out_dir is not None and Path(out_dir).exists() and any(Path(out_dir).iterdir()) \
-            and not (Path(out_dir) / "slimformer.yaml").exists():
-        raise ConfigError(f"--out {out_dir} exists and is not a slimformer output; choose an empty path")
+            warnings.warn(msg, stacklevel=2)
     act = hessians = None
     needs_act = any(s.rank is not None for s in plan.units.values())
     needs_h = any(s.quantized and s.method == "gptq" for s in plan.units.values())
@@ -204,6 +209,7 @@ def export_model(model_dir: str | Path, out: str | Path | None = None, kernels: 
     d = Path(model_dir)
     if not (d / RECIPE_FILE).is_file():
         raise ConfigError(f"{d} is not a compressed slimformer model directory (no {RECIPE_FILE})")
+    check_output_path(Path(out) if out is not None else d / "model.onnx", "--out" if out is not None else "model.onnx")
     adapter = load_compressed(d)
     cal = _calibration_batches(adapter, "fortunes", 64) if kernels == "fast" else None
     return _export_checked(adapter, adapter.model, Path(out) if out is not None else d / "model.onnx",
@@ -246,13 +252,14 @@ def bench(target: str | Path, model: str | None = None, data: str = "fortunes", 
             if model is None:
                 raise ConfigError(f"bench on an .onnx file needs --model (the uncompressed model {t.name} was "
                                   "made from: tokenizer and fp32 teacher)")
+            _check_onnx_file(t)
             ref_id, onnx_path = model, t
         else:
             if model is None:
                 raise ConfigError(f"bench on a recipe needs --model (the model {t.name} is applied to)")
             say(f"applying {t} to {model}")
             res = apply_recipe(t, model, out_dir=Path(tmp) / "compressed", data=data, samples=samples, onnx=True,
-                               kernels=kernels)
+                               kernels=kernels, log=log)
             assert res.onnx is not None
             ref_id, onnx_path = model, res.onnx.path
         reference = load_any(ref_id)
@@ -261,19 +268,46 @@ def bench(target: str | Path, model: str | None = None, data: str = "fortunes", 
         return result
 
 
-def _context_for_run(run_dir: Path) -> tuple[Any, Any, Any]:
+def _check_onnx_file(path: Path) -> None:
+    """ConfigError (one line) unless `path` parses as an ONNX model (external weights are not read)."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+        problem = None if proto.graph.node and proto.graph.input and proto.graph.output else "no graph"
+    except Exception as exc:
+        problem = type(exc).__name__
+    if problem is not None:
+        raise ConfigError(f"{path} is not a readable ONNX model ({problem}); pass a model.onnx "
+                          "written by `slimformer export` or `apply --onnx`")
+
+
+def _context_for_run(run_dir: Path) -> tuple[Any, Any, str]:
+    """(context, study, storage URL with its password masked) of an existing run directory; Optuna's
+    "Using an existing study" line is not printed."""
+    import optuna
+
     from slimformer.search.context import prepare
     from slimformer.search.runner import default_storage, open_study
+    from slimformer.search.storage import check_storage_url, hide_password
 
     cfg_file = run_dir / "config.yaml"
     if not cfg_file.exists():
         raise ConfigError(f"{run_dir} is not a slimformer run directory (no config.yaml)")
     cfg = SearchConfig.load(cfg_file)
-    ctx = prepare(cfg)
-    url = cfg.storage or default_storage(run_dir)
     if cfg.storage is None and not (run_dir / "study.db").exists():
         raise ConfigError(f"{run_dir}: no study.db; the search has not run yet")
-    return ctx, open_study(ctx, url, cfg.study_name), url
+    if cfg.storage is not None:
+        check_storage_url(cfg.storage)
+    ctx = prepare(cfg)
+    url = cfg.storage or default_storage(run_dir)
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = open_study(ctx, url, cfg.study_name)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    return ctx, study, hide_password(url)
 
 
 def export_recipe(run_dir: str | Path, trial: int, out: str | Path | None = None) -> Recipe:
@@ -283,6 +317,8 @@ def export_recipe(run_dir: str | Path, trial: int, out: str | Path | None = None
     from slimformer.search.results import RecipeProvenance
 
     rd = Path(run_dir)
+    if out is not None:
+        check_output_path(out, "--out")
     ctx, study, url = _context_for_run(rd)
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     if trial not in trials:
@@ -308,6 +344,8 @@ def report(run_dir: str | Path) -> Path:
     from slimformer.search.rundir import write_outputs
 
     rd = Path(run_dir)
+    if rd.is_dir():
+        check_output_path(rd, "run directory", kind="dir")
     ctx, study, url = _context_for_run(rd)
     baselines = [BaselineResult(**b) for b in read_json(rd / "baselines.json", [])]
     prev = read_json(rd / "summary.json", {})

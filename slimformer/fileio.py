@@ -15,6 +15,10 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from slimformer.errors import SlimformerError
+
+MAX_DOCUMENT_BYTES = 1_000_000  # configs, recipes, model metadata: far below this; a bigger file is a mistake
+
 
 def atomic_write(path: Path, data: str | bytes) -> int:
     """Write via a temp file in the same folder and rename, so a reader never sees half a file.
@@ -132,20 +136,106 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def read_json(path: Path, default: Any) -> Any:
-    """The JSON in `path`, or `default` when the file does not exist."""
-    return json.loads(path.read_text()) if path.exists() else default
+def read_json(path: Path, default: Any, what: str = "JSON file",
+              error: type[SlimformerError] = SlimformerError) -> Any:
+    """The JSON in `path`, or `default` when the file does not exist; `error` (one line naming the file) when
+    it cannot be read or is not JSON."""
+    if not Path(path).exists():
+        return default
+    text = read_text_file(path, what, error=error, max_bytes=None)  # files slimformer wrote: no size cap
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise error(f"{what} {path}: invalid JSON ({exc.msg} at line {exc.lineno}); fix or replace the file") \
+            from None
+
+
+def read_text_file(path: str | os.PathLike[str], what: str, error: type[SlimformerError] = SlimformerError,
+                   max_bytes: int | None = MAX_DOCUMENT_BYTES) -> str:
+    """The UTF-8 text of a file the user gave (config, recipe, data, model metadata), or `error` with one line
+    naming `what`, the file and the fix: missing, a directory, unreadable, over `max_bytes`, not UTF-8."""
+    p = Path(path)
+    if p.is_dir():
+        raise error(f"{what} {p} is a directory; pass a file")
+    if not p.is_file():
+        raise error(f"{what} {p} does not exist")
+    try:
+        with p.open("rb") as f:
+            raw = f.read() if max_bytes is None else f.read(max_bytes + 1)
+    except OSError as exc:
+        raise error(f"cannot read {what} {p}: {exc.strerror or exc}; check its permissions") from None
+    if max_bytes is not None and len(raw) > max_bytes:
+        raise error(f"{what} {p} is over {max_bytes // 1_000_000} MB; a {what} is a small text file, check the path")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(f"{what} {p} is not UTF-8 text (byte {exc.start}: {raw[exc.start:exc.start + 1]!r}); "
+                    "save it as UTF-8") from None
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses aliases (`*name`, `<<: *name`): a few KB of nested aliases expand to
+    gigabytes when the document is copied or validated ("billion laughs"); slimformer's files never need them."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            anchor = self.peek_event().anchor
+            raise yaml.composer.ComposerError(None, None, f"YAML aliases (*{anchor}) are not allowed, write each "
+                                              "value out", mark)
+        return super().compose_node(parent, index)
+
+
+def safe_load_yaml(text: str) -> Any:
+    """yaml.safe_load without aliases (see _NoAliasLoader); raises yaml.YAMLError."""
+    loader = _NoAliasLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error as `problem at line L, column C` (one line, without PyYAML's source excerpt)."""
+    problem = getattr(exc, "problem", None)
+    mark = getattr(exc, "problem_mark", None)
+    if problem is None:
+        return " ".join(str(exc).split())[:300]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}"
 
 
 def yaml_mapping(text: str, source: str, error: type[Exception], expected: str) -> dict[str, Any]:
-    """Parse YAML that must be a mapping; `error(...)` with one line naming `source` otherwise."""
+    """Parse YAML that must be a mapping (no aliases); `error(...)` with one line naming `source` otherwise."""
     try:
-        data = yaml.safe_load(text)
+        data = safe_load_yaml(text)
     except yaml.YAMLError as exc:
-        raise error(f"{source}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise error(f"{source}: not valid YAML ({yaml_problem(exc)})") from None
+    except RecursionError:
+        raise error(f"{source}: not valid YAML (nested too deeply)") from None
     if not isinstance(data, dict):
         raise error(f"{source}: {expected}")
     return data
+
+
+def check_output_path(path: str | os.PathLike[str], option: str, kind: str = "file") -> Path:
+    """Refuse an output path that cannot be written, before any compute: `kind` 'file' must not be a directory,
+    'dir' must not be a file; its nearest existing ancestor must be a writable directory. Returns the path."""
+    p = Path(path).expanduser()
+    if kind == "file" and p.is_dir():
+        raise SlimformerError(f"{option} {p} is a directory; name a file")
+    if kind == "dir" and p.exists() and not p.is_dir():
+        raise SlimformerError(f"{option} {p} is a file; name a directory")
+    if kind == "file" and p.exists() and not os.access(p, os.W_OK):
+        raise SlimformerError(f"{option} {p} is not writable; choose another path")
+    parent = p.absolute().parent if kind == "file" or not p.exists() else p.absolute()
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise SlimformerError(f"{option} {p}: {parent} is a file, not a directory; choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SlimformerError(f"{option} {p}: directory {parent} is not writable; choose another path")
+    return p
 
 
 def first_validation_error(exc: ValidationError) -> str:

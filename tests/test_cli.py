@@ -270,7 +270,7 @@ def test_export_recipe_prints_valid_yaml(shared_run, tiny_model_dir: Path) -> No
     rec = Recipe.from_yaml(res.stdout)
     saved = Recipe.load(run_dir / "recipes" / f"trial-{n}.yaml")
     assert rec.rules == saved.rules and rec.layers == saved.layers and rec.sharing == saved.sharing
-    assert rec.provenance["trial"] == n
+    assert rec.provenance.trial == n
     adapter = load(str(tiny_model_dir))
     assert rec.to_plan(adapter) == saved.to_plan(adapter)
 
@@ -281,7 +281,7 @@ def test_export_recipe_to_file(shared_run, tmp_path: Path) -> None:
     out = tmp_path / "r.yaml"
     res = invoke("export-recipe", run_dir, "--trial", n, "--out", out)
     assert res.exit_code == 0, stderr_of(res)
-    assert Recipe.load(out).provenance["trial"] == n
+    assert Recipe.load(out).provenance.trial == n
 
 
 @pytest.mark.parametrize("trial", [999, -1])

@@ -8,7 +8,6 @@ model's config/tokenizer, so `load_compressed` rebuilds the model with no access
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -19,8 +18,8 @@ from slimformer.compression.apply import apply_plan
 from slimformer.compression.modules import SlimEmbedding, SlimLinear
 from slimformer.compression.recipe import Recipe
 from slimformer.errors import ModelLoadError
-from slimformer.fileio import atomic_dir
-from slimformer.models import COMPRESSED_MARKER, get_family, load_from, locate
+from slimformer.fileio import atomic_dir, read_json
+from slimformer.models import COMPRESSED_MARKER, get_family, load_from, locate, model_load_errors
 from slimformer.models.base import ModelAdapter
 
 MODEL_FILE = "model.safetensors"
@@ -81,10 +80,19 @@ def load_compressed(model_dir: Path) -> ModelAdapter:
 
     The returned adapter's `model` is the compressed model and its `recipe` attribute the recipe.
     """
+    with model_load_errors(model_dir):
+        return _load_compressed(model_dir)
+
+
+def _load_compressed(model_dir: Path) -> ModelAdapter:
     meta_file = model_dir / "slimformer_model.json"
     if not meta_file.exists():
         raise ModelLoadError(f"{model_dir}: missing slimformer_model.json; not a slimformer output directory")
-    adapter = get_family(json.loads(meta_file.read_text())["family"]).skeleton(model_dir)
+    meta = read_json(meta_file, {}, "model metadata", ModelLoadError)
+    if not isinstance(meta, dict) or not isinstance(meta.get("family"), str):
+        raise ModelLoadError(f"{meta_file}: no model family recorded; the directory is damaged, write it again "
+                             "with `slimformer apply --out`")
+    adapter = get_family(meta["family"]).skeleton(model_dir)
     recipe = Recipe.load(model_dir / RECIPE_FILE)
     plan = recipe.to_plan(adapter)
     model = apply_plan(adapter, plan, rtn_fallback=True)  # values come from the file below

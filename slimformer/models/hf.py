@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from slimformer.errors import ModelLoadError
+from slimformer.fileio import read_json
 from slimformer.models.base import Batch, Unit
 from slimformer.models.discover import describe_model
 from slimformer.models.modalities import TEXT_INPUTS, TextFamily
@@ -26,12 +27,15 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spec
 def read_st_pooling(model_dir: Path) -> tuple[str, int]:
     """Pooling mode and max sequence length of a sentence-transformers directory (mean, 256 if absent)."""
     pooling, max_len = "mean", 256
-    modules = json.loads((model_dir / "modules.json").read_text())
+    modules = read_json(model_dir / "modules.json", [], "sentence-transformers modules file", ModelLoadError)
+    if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
+        raise ModelLoadError(f"{model_dir / 'modules.json'}: expected a JSON list of modules; restore the file from "
+                             "the model's source")
     for m in modules:
-        if m.get("type", "").endswith("Pooling"):
-            cfg_file = model_dir / m.get("path", "") / "config.json"
+        if str(m.get("type", "")).endswith("Pooling"):
+            cfg_file = model_dir / str(m.get("path", "")) / "config.json"
             if cfg_file.exists():
-                cfg = json.loads(cfg_file.read_text())
+                cfg = read_json(cfg_file, {}, "pooling config", ModelLoadError)
                 for mode in POOLING_MODES:
                     key = f"pooling_mode_{mode}_tokens" if mode != "cls" else "pooling_mode_cls_token"
                     if cfg.get(key):
@@ -39,7 +43,8 @@ def read_st_pooling(model_dir: Path) -> tuple[str, int]:
                         break
     bert_cfg = model_dir / "sentence_bert_config.json"
     if bert_cfg.exists():
-        max_len = int(json.loads(bert_cfg.read_text()).get("max_seq_length", max_len))
+        max_len = int(read_json(bert_cfg, {}, "sentence-transformers config", ModelLoadError).get("max_seq_length",
+                                                                                                   max_len))
     return pooling, max_len
 
 

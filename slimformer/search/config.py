@@ -12,12 +12,19 @@ import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from slimformer.errors import ConfigError
-from slimformer.fileio import first_validation_error, yaml_mapping
+from slimformer.fileio import first_validation_error, read_text_file, yaml_mapping
 from slimformer.recovery.config import RecoverStageConfig
 from slimformer.schema import FrozenModel
 from slimformer.spaces.config import SpaceConfig
+from slimformer.threads import MAX_THREADS
 
 OBJECTIVES = ("quality", "latency", "memory")
+# upper bounds: far above any real use, low enough that no value overflows a C integer or exhausts memory
+MAX_SAMPLES = 1_000_000
+MAX_BATCH = 4096
+MAX_SEQ = 65536
+MAX_SEED = 2**32 - 1
+MAX_TRIALS = 10_000_000
 QUICKSTART_CONFIG = Path(__file__).resolve().parent.parent / "data" / "quickstart.yaml"
 
 
@@ -25,12 +32,12 @@ class DataConfig(FrozenModel):
     """Where evaluation data comes from and how it is split (search vs held-out)."""
 
     source: str = "fortunes"  # fortunes | fashion-mnist | path.txt | path.jsonl | hf:NAME[:CONFIG]:SPLIT:COLUMN
-    search_samples: int = Field(128, ge=4)
-    heldout_samples: int = Field(256, ge=4)
-    calibration_samples: int = Field(64, ge=1)
-    batch_size: int = Field(32, ge=1)
-    max_length: int = Field(128, ge=8)
-    seed: int = 0
+    search_samples: int = Field(128, ge=4, le=MAX_SAMPLES)
+    heldout_samples: int = Field(256, ge=4, le=MAX_SAMPLES)
+    calibration_samples: int = Field(64, ge=1, le=MAX_SAMPLES)
+    batch_size: int = Field(32, ge=1, le=MAX_BATCH)
+    max_length: int = Field(128, ge=8, le=MAX_SEQ)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
 
 
 class BudgetConfig(FrozenModel):
@@ -128,8 +135,8 @@ class SamplerConfig(FrozenModel):
     (search/repair.py)."""
 
     name: Literal["nsga2", "tpe", "random"] = "nsga2"
-    population_size: int = Field(16, ge=2)
-    seed: int | None = 0
+    population_size: int = Field(16, ge=2, le=MAX_SAMPLES)
+    seed: int | None = Field(0, ge=0, le=MAX_SEED)
     repair: bool = True
 
 
@@ -142,10 +149,11 @@ class LatencyConfig(FrozenModel):
     """
 
     source: Literal["auto", "estimate", "calibrated", "measured"] = "auto"
-    batch: int = Field(1, ge=1)
-    seq: int = Field(128, ge=1)
-    threads: int | None = Field(None, ge=1)  # deployment intra-op threads; differing from the profile's warns
-    runs: int = Field(30, ge=1)  # measured: timed runs per candidate (median taken, IQR recorded)
+    batch: int = Field(1, ge=1, le=MAX_BATCH)
+    seq: int = Field(128, ge=1, le=MAX_SEQ)
+    # deployment intra-op threads; differing from the profile's warns
+    threads: int | None = Field(None, ge=1, le=MAX_THREADS)
+    runs: int = Field(30, ge=1, le=MAX_SAMPLES)  # measured: timed runs per candidate (median taken, IQR recorded)
     kernels: Literal["exact", "fast"] = "exact"  # measured: the ONNX kernels candidates are exported with
 
 
@@ -162,7 +170,7 @@ class MultiFidelityConfig(FrozenModel):
     enabled: bool = False
     slice: float = Field(0.25, gt=0, le=1)
     margin: float = Field(3.0, ge=0)
-    min_observations: int = Field(8, ge=2)
+    min_observations: int = Field(8, ge=2, le=MAX_SAMPLES)
 
 
 class SearchConfig(FrozenModel):
@@ -175,8 +183,8 @@ class SearchConfig(FrozenModel):
     objectives: list[Literal["quality", "latency", "memory"]] = ["quality", "latency", "memory"]
     quality_metric: str | None = None  # cosine | neighbours (encoders); agreement | accuracy | neg_kl
     sampler: SamplerConfig = SamplerConfig()
-    trials: int = Field(60, ge=1)
-    timeout: float | None = Field(None, gt=0)
+    trials: int = Field(60, ge=1, le=MAX_TRIALS)
+    timeout: float | None = Field(None, gt=0, allow_inf_nan=False)
     storage: str | None = None
     study_name: str = "slimformer"
     run_dir: str = "runs/search"
@@ -185,7 +193,7 @@ class SearchConfig(FrozenModel):
     multi_fidelity: MultiFidelityConfig = MultiFidelityConfig()
     baselines: bool = True
     start_points: Literal["sensitivity", "random", "none"] = "sensitivity"  # first generation (search/start.py)
-    threads: int | None = Field(None, ge=1)
+    threads: int | None = Field(None, ge=1, le=MAX_THREADS)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     recover: RecoverStageConfig | None = None  # distil the top-k Pareto plans after the trials (recover_stage.py)
 
@@ -208,9 +216,14 @@ class SearchConfig(FrozenModel):
     def load(cls, path: str | Path | None) -> SearchConfig:
         """Load a config file; None means the embedded Quickstart defaults."""
         p = QUICKSTART_CONFIG if path is None else Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        return cls.from_yaml(p.read_text(), source=str(p))
+        return cls.from_yaml(read_text_file(p, "config file", ConfigError), source=str(p))
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """The config as YAML, with a storage URL's password masked (`user:***@host`): config.yaml in a run
+        directory never holds a secret (the password comes from the environment, see search/storage.py)."""
+        from slimformer.search.storage import hide_password
+
+        data = self.model_dump(mode="json")
+        if data.get("storage"):
+            data["storage"] = hide_password(data["storage"])
+        return yaml.safe_dump(data, sort_keys=False)

@@ -169,9 +169,9 @@ def prepare(config: SearchConfig, *, log: Any = None, validated: Callable[[], No
         validated()
     warn_if_mismatched(config, profile, log)
     seed_everything(config.data.seed)
+    sets = load_eval_sets(config, adapter)  # before the first log line: bad data is the only line on stderr
     say(f"model {adapter.model_id}: {len(adapter.units)} units, fp32 {fp32 / 1e6:.2f} MB, budget "
         f"{budget / 1e6:.2f} MB; computing teacher outputs")
-    sets = load_eval_sets(config, adapter)
     search_eval = FidelityEvaluator(adapter, sets.search, device=device)
     if metric not in search_eval.metric_names:
         raise ConfigError(f"quality_metric {metric!r} is not available for this model/data; "

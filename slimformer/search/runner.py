@@ -56,7 +56,15 @@ from slimformer.search.records import (
 from slimformer.search.repair import BudgetRepairSampler
 from slimformer.search.results import DIRECTIONS
 from slimformer.search.start import enqueue_start_points
-from slimformer.search.storage import GRACE_PERIOD, WORKER_ATTR, default_url, fail_stale_trials, open_storage, worker_id
+from slimformer.search.storage import (
+    GRACE_PERIOD,
+    WORKER_ATTR,
+    default_url,
+    fail_stale_trials,
+    hide_password,
+    open_storage,
+    worker_id,
+)
 
 WORST_QUALITY = -1.0
 INFEASIBLE_CAP = 20  # stop after this many over-budget samples per requested trial
@@ -121,7 +129,7 @@ def open_study(ctx: SearchContext, storage: str | optuna.storages.BaseStorage, s
     """Create or load the study; `storage` is a URL (opened with storage.open_storage) or a storage
     object (from storage.make_storage; `label` names it in messages)."""
     if isinstance(storage, str):
-        label = label or storage
+        label = label or hide_password(storage)
         storage, _ = open_storage(storage)
     label = label or type(storage).__name__
     directions = [DIRECTIONS[o] for o in ctx.config.objectives]
@@ -129,7 +137,7 @@ def open_study(ctx: SearchContext, storage: str | optuna.storages.BaseStorage, s
         study = optuna.create_study(storage=storage, study_name=study_name, directions=directions,
                                     sampler=make_sampler(ctx), load_if_exists=True)
     except ValueError as exc:
-        raise ConfigError(f"storage {label}: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"storage {label}: {hide_password(str(exc).splitlines()[0])}") from None
     if [d.name.lower() for d in study.directions] != directions:
         raise ConfigError(f"study {study_name!r} in {label} has other objectives; use a new --run-dir "
                           "or study_name")

@@ -75,7 +75,7 @@ def test_round_trip_reproduces_the_compressed_model(make_tiny, batches, family, 
     a = make_tiny(family)
     plan = _vit_plan(a) if family == "vit" else _bert_plan(a)
     model = apply_plan(a, plan)
-    recipe = Recipe.from_plan(plan, a, provenance={"test": family})
+    recipe = Recipe.from_plan(plan, a, provenance={"study": family})
     out_dir = save_compressed(a, model, recipe, tmp_path / "packed")
     assert out_dir == tmp_path / "packed"
 

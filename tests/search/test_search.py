@@ -100,7 +100,7 @@ def test_every_recipe_loads_and_applies_to_the_model(shared_run, tiny_model_dir:
     adapter = load(str(tiny_model_dir))
     for e in entries:
         rec = Recipe.load(run_dir / e["recipe"])
-        assert rec.provenance["trial"] == e["trial"]
+        assert rec.provenance.trial == e["trial"]
         assert rec.model.sha256 == adapter.weights_sha256()
         plan = rec.to_plan(adapter)
         assert not plan.is_identity
@@ -239,5 +239,5 @@ def test_any_optuna_storage_url(tmp_path: Path, tiny_model_dir: Path) -> None:
     # The run directory remembers its storage: exporting a recipe reads the study from there.
     front = json.loads((tmp_path / "run" / "pareto.json").read_text())["trials"]
     rec = export_recipe(tmp_path / "run", front[0]["trial"])
-    assert rec.provenance["storage"] == url
+    assert rec.provenance.storage == url
     assert isinstance(rec.to_plan(load(str(tiny_model_dir))), CompressionPlan)
