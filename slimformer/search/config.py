@@ -94,7 +94,9 @@ class LatencyConfig(FrozenModel):
     seq: int = Field(128, ge=1)
     threads: int | None = Field(None, ge=1)  # deployment intra-op threads; differing from the profile's warns
     runs: int = Field(30, ge=1)  # measured: timed runs per candidate (median taken, IQR recorded)
-    kernels: Literal["exact", "fast"] = "exact"  # measured: the ONNX kernels candidates are exported with
+    # measured: the ONNX kernels candidates are exported with; null = each unit's kernel (the space's `kernel`
+    # choice), exact / fast = an override of every unit
+    kernels: Literal["exact", "fast"] | None = None
 
 
 class MultiFidelityConfig(FrozenModel):
