@@ -20,6 +20,7 @@ from slimformer.evaluators.latency import LatencySettings, LatencySource, make_l
 from slimformer.evaluators.quality import FidelityEvaluator
 from slimformer.hardware_profiles import HardwareProfile, load_profile
 from slimformer.hardware_profiles.machine import warn_if_mismatched
+from slimformer.hardware_profiles.predict import require_linear_class
 from slimformer.models import ModelAdapter
 from slimformer.models.base import Batch
 from slimformer.search.config import SearchConfig
@@ -111,6 +112,8 @@ def prepare(config: SearchConfig, *, log: Any = None) -> SearchContext:
     profile = load_profile(config.hardware_profile)
     if resolved_source(config.latency.source, profile) == "calibrated":  # ConfigError when it has no model
         warn_if_mismatched(profile, config.latency.threads)
+        if any("int8" in g.kernel for g in config.space.groups):  # found now, not as a failed trial
+            require_linear_class(profile, "dynamic_int8")
     adapter = load_any(config.model, max_length=config.data.max_length)
     metric = config.quality_metric or adapter.default_quality_metric
     space = SearchSpace(adapter, config.space)
