@@ -36,7 +36,8 @@ runs interleaved across variants on a loaded machine, so +-10%):
   not used. `DequantizeLinear -> MatMul` is rewritten by ORT into exactly that inexact kernel at load,
   which rules out the plain QDQ form for weights feeding a MatMul.
 Per unit, `kernel: int8` lowers that unit to kernels.dynamic_int8 without smoothing (what the torch model
-computes for it, so the search scores the deployed numerics); `kernels='fast'` overrides every unit and trades exactness for ORT's int8 GEMM (kernels.dynamic_int8): MiniLM, 2 threads, batch 1,
+computes for it, so the search scores the deployed numerics); `kernels='fast'` overrides every unit and trades
+exactness for ORT's int8 GEMM (kernels.dynamic_int8): MiniLM, 2 threads, batch 1,
 round-robin vs ORT per-channel dynamic int8 on the Quickstart 15% recipe: exact x1.6-2.7, MatMulNBits
 accuracy_level=4 x1.4-1.8 (cosine 0.9805), DynamicQuantizeMatMul x0.87-0.96 (cosine 0.9730 unsmoothed,
 0.9778 with SmoothQuant alpha 0.7-0.85; exact 0.9809). Details in docs/ARCHITECTURE.md.

@@ -113,3 +113,38 @@ def test_calibration_measures_the_int8_kernel() -> None:
     proto, feed = mb.linear_graph(KernelChoice("dynamic_int8", 8), 4, 32, 16, copies=2)
     assert sum(n.op_type == "DynamicQuantizeMatMul" for n in proto.graph.node) == 2
     assert mb.time_graph(proto, feed, 2, 1, runs=3).median_us >= 0
+
+
+def test_search_over_the_kernel_axis_writes_int8_recipes(tmp_path: Path,
+                                                         tmp_path_factory: pytest.TempPathFactory) -> None:
+    """End to end on the shipped profile: the kernel is a trial parameter, priced and scored, and a Pareto
+    recipe that chose int8 says so (per unit)."""
+    import optuna
+    import yaml
+
+    from slimformer.api import search
+
+    groups = [{"select": {"role": ["embedding"]}, "bits": [8]},
+              {"select": {"role": list(LINEAR_ROLES)}, "bits": [8, 4], "kernel": ["exact", "int8"]}]
+    cfg = tiny_config(tiny_model_dir(tmp_path_factory), tmp_path / "run", trials=6, baselines=False,
+                      hardware_profile=SHIPPED, space={"groups": groups, "per_layer": False},
+                      latency={"source": "calibrated", "batch": 1, "seq": 16})
+    res = search(write_config(tmp_path / "s.yaml", cfg), progress=False)
+    study = optuna.load_study(study_name=None, storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and "g1.kernel" in t.params]
+    assert {t.params["g1.kernel"] for t in done} == {"exact", "int8"}
+    by_kernel = {}
+    for t in done:
+        if t.params["g1.bits"] == 8 and t.user_attrs.get("feasible", True):
+            by_kernel.setdefault(t.params["g1.kernel"], set()).add(round(t.values[1], 6))
+    if len(by_kernel) == 2:  # same bytes, different kernel: priced apart
+        assert not by_kernel["exact"] & by_kernel["int8"]
+    recipes = sorted((tmp_path / "run" / "recipes").glob("*.yaml"))
+    assert recipes
+    for f in recipes:
+        trial = int(f.stem.split("-")[1])
+        rules = yaml.safe_load(f.read_text())["rules"]
+        kern = study.trials[trial].params.get("g1.kernel")
+        linear = [r for r in rules if "embeddings" not in r["match"]]
+        assert all(r["spec"].get("kernel", "exact") == kern for r in linear), (kern, linear)
+    assert res.summary is not None
