@@ -223,11 +223,16 @@ def dynamic_quantize_uint8(x: Tensor) -> tuple[Tensor, Tensor]:
 
 def int8_linear(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
     """y = x W^T (+ bias) as the int8 compute kernel runs it: uint8 activations (per tensor) times the int8
-    weight (per row), the integer products rescaled by scale_x * scale_row. Not differentiable (rounding)."""
+    weight (per row), the integer products rescaled by scale_x * scale_row. With gradients on (recovery), the
+    rounding is straight-through: the value is the int8 kernel's, the gradient the fp32 linear's."""
     wq, s8 = requantize_rows_int8(w)
-    xq, sx = dynamic_quantize_uint8(x)
+    xq, sx = dynamic_quantize_uint8(x.detach())
     y = torch.nn.functional.linear(xq, wq) * (sx * s8)
-    return y if bias is None else y + bias
+    y = y if bias is None else y + bias.detach()
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (bias is not None and bias.requires_grad)):
+        exact = torch.nn.functional.linear(x, w, bias)
+        return exact + (y - exact).detach()
+    return y
 
 
 def pack_nibbles(vals: Tensor) -> Tensor:

@@ -120,3 +120,19 @@ def test_dynamic_quantisation_rule() -> None:
     wq, s8 = ops.requantize_rows_int8(w)
     assert torch.equal(wq[0], torch.tensor([51.0, -127.0, 25.0])) and torch.equal(wq[1], torch.zeros(3))
     assert np.isclose(float(s8[0]), 1.0 / 127.0)
+
+
+def test_int8_linear_is_straight_through_under_gradients() -> None:
+    """Recovery trains through int8 units: the gradient is the fp32 linear's, the value the int8 kernel's."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 16, requires_grad=True)
+    w = torch.randn(8, 16, requires_grad=True)
+    b = torch.randn(8, requires_grad=True)
+    y = ops.int8_linear(x, w, b)
+    with torch.no_grad():
+        exact_value = ops.int8_linear(x, w, b)
+    assert torch.allclose(y, exact_value, atol=1e-5)
+    y.sum().backward()
+    assert torch.allclose(w.grad, torch.ones(3, 8).T @ x.detach())
+    assert torch.allclose(x.grad, torch.ones(3, 8) @ w.detach())
+    assert torch.allclose(b.grad, torch.full((8,), 3.0))
