@@ -84,7 +84,9 @@ class OnnxExportResult:
     resident_bytes: int
     cosine: float  # mean cosine of ONNX outputs to the torch compressed model's on the fidelity data
     max_abs_diff: float
-    kernels: str = "exact"  # exact (cosine ~1.0 to torch) | fast (activations quantised: ~0.99, documented)
+    # per-unit (each unit's recipe kernel; cosine ~1.0 to torch, which computes the int8 units the same way) |
+    # exact | fast (overrides of every unit; fast: SmoothQuant int8 GEMMs, ~0.99 to torch, documented)
+    kernels: str = "per-unit"
 
 
 @dataclass(frozen=True)
@@ -110,14 +112,15 @@ def _calibration_batches(adapter: ModelAdapter, data: str, n: int) -> list[Any]:
 
 def apply_recipe(recipe: str | Path | Recipe, model: str, out_dir: str | Path | None = None,
                  data: str = "fortunes", samples: int = 256, calibration: int = 64,
-                 onnx: bool = False, kernels: str = "exact", recover: Any = None, progress: bool = False,
+                 onnx: bool = False, kernels: str | None = None, recover: Any = None, progress: bool = False,
                  log: Any = None) -> ApplyResult:
     """Compress `model` as the recipe says, measure memory and fidelity, optionally save to `out_dir`.
 
     Fidelity is measured against the uncompressed model on held-out data (never the search set for
     the packaged corpus). The recipe's provenance is kept; applying twice gives identical weights.
     `onnx=True` (needs `out_dir`) also writes `out_dir/model.onnx` and checks it against the torch model;
-    `kernels` ('exact' | 'fast') picks the ONNX kernels (slimformer.export.kernels).
+    `kernels`: None (each unit's recipe kernel) or 'exact' | 'fast' to override every unit's ONNX kernel
+    (slimformer.export.kernels).
     `recover` (a slimformer.recovery.RecoveryConfig) distils the compressed model from the uncompressed one on
     data disjoint from the held-out set before measuring/saving; the saved recipe records it.
     """
@@ -125,7 +128,7 @@ def apply_recipe(recipe: str | Path | Recipe, model: str, out_dir: str | Path | 
 
     if onnx and out_dir is None:
         raise ConfigError("--onnx needs --out: model.onnx is written into the output directory")
-    if kernels != "exact" and not onnx:
+    if kernels is not None and not onnx:
         raise ConfigError(f"--kernels {kernels} applies to the ONNX export; add --onnx (and --out)")
     rec = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
     if out_dir is not None:
@@ -181,7 +184,7 @@ def apply_recipe(recipe: str | Path | Recipe, model: str, out_dir: str | Path | 
     return ApplyResult(saved, mem, result.metrics, result.n_samples, exported, recovered)
 
 
-def _export_checked(adapter: ModelAdapter, model: Any, path: Path, batches: list[Any], kernels: str = "exact",
+def _export_checked(adapter: ModelAdapter, model: Any, path: Path, batches: list[Any], kernels: str | None = None,
                     calibration: list[Any] | None = None) -> OnnxExportResult:
     """Export `model` to `path` and compare the ONNX outputs with the torch model's on `batches`."""
     import numpy as np
@@ -196,10 +199,11 @@ def _export_checked(adapter: ModelAdapter, model: Any, path: Path, batches: list
     out = onnx_outputs(info.path, batches)
     cos = (out * ref).sum(-1) / np.maximum(np.linalg.norm(out, axis=-1) * np.linalg.norm(ref, axis=-1), 1e-12)
     return OnnxExportResult(info.path, info.file_bytes, resident_weight_bytes(info.path), float(cos.mean()),
-                            float(np.abs(out - ref).max()), kernels)
+                            float(np.abs(out - ref).max()), info.kernel_mode)
 
 
-def export_model(model_dir: str | Path, out: str | Path | None = None, kernels: str = "exact") -> OnnxExportResult:
+def export_model(model_dir: str | Path, out: str | Path | None = None, kernels: str | None = None
+                 ) -> OnnxExportResult:
     """Export a compressed model directory (written by `apply --out`) to ONNX, `model_dir/model.onnx` by default.
 
     The agreement check runs the torch and ONNX models on 64 held-out fortunes texts (or test images).
@@ -218,13 +222,14 @@ def export_model(model_dir: str | Path, out: str | Path | None = None, kernels: 
 
 def bench(target: str | Path, model: str | None = None, data: str = "fortunes", samples: int = 256,
           threads: int = 1, seqs: tuple[int, ...] = (64, 128), batches: tuple[int, ...] = (1, 32), runs: int = 30,
-          warmup: int = 3, work_dir: str | Path | None = None, log: Any = None, kernels: str = "exact") -> Any:
+          warmup: int = 3, work_dir: str | Path | None = None, log: Any = None, kernels: str | None = None) -> Any:
     """Benchmark a compressed model (a recipe, a compressed directory or an .onnx file) against fp32 and
     onnxruntime dynamic-int8 baselines; returns `slimformer.export.bench.BenchResult`.
 
     A recipe needs `model` (what it is applied to); an .onnx file needs `model` (the uncompressed model:
     tokenizer and fp32 teacher); a compressed directory uses `model` or else the recipe's model id.
-    `kernels` ('exact' | 'fast') is how a recipe or directory target is exported (recorded in `extra`).
+    `kernels` (None: each unit's recipe kernel; 'exact' | 'fast': an override of every unit) is how a recipe or
+    directory target is exported (recorded in `extra`).
     """
     import tempfile
 
@@ -264,7 +269,7 @@ def bench(target: str | Path, model: str | None = None, data: str = "fortunes", 
             ref_id, onnx_path = model, res.onnx.path
         reference = load_any(ref_id)
         result = bench_models(reference, onnx_path, target_name=str(t), **opts)  # type: ignore[arg-type]
-        result.extra["kernels"] = "as stored in the file" if t.suffix.lower() == ".onnx" else kernels
+        result.extra["kernels"] = "as stored in the file" if t.suffix.lower() == ".onnx" else kernels or "per-unit"
         return result
 
 

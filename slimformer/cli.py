@@ -59,8 +59,9 @@ def search(config: Path | None, trials: int | None, timeout: float | None, stora
 
 
 _KERNELS_OPTION = click.option(
-    "--kernels", type=click.Choice(["exact", "fast"]), default="exact", show_default=True,
-    help="ONNX kernels: exact (bit-faithful to the torch model) or fast (int8 GEMMs, activations quantised).")
+    "--kernels", type=click.Choice(["exact", "fast"]), default=None,
+    help="Override every unit's ONNX kernel: exact (bit-faithful weight-only kernels) or fast (int8 GEMMs, "
+         "activations quantised, SmoothQuant). Default: each unit's recipe kernel (exact, or int8 where it says so).")
 
 
 @main.command()
@@ -80,7 +81,7 @@ _KERNELS_OPTION = click.option(
               "excluded.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Recovery learning rate (default 5e-4).")
 @_errors
-def apply(recipe: Path, model: str, out: Path | None, data: str, samples: int, to_onnx: bool, kernels: str,
+def apply(recipe: Path, model: str, out: Path | None, data: str, samples: int, to_onnx: bool, kernels: str | None,
           do_recover: bool, steps: int | None, minutes: float | None, recover_data: str | None,
           lr: float | None) -> None:
     """Apply RECIPE to a model, print memory and fidelity, and optionally save it (--recover: distil first)."""
@@ -122,7 +123,7 @@ def _echo_onnx(o: Any) -> None:
               help="ONNX file (default MODEL_DIR/model.onnx).")
 @_KERNELS_OPTION
 @_errors
-def export_cmd(model_dir: Path, out: Path | None, kernels: str) -> None:
+def export_cmd(model_dir: Path, out: Path | None, kernels: str | None) -> None:
     """Export a compressed model directory (from `apply --out`) to ONNX with physical int4/int8 kernels."""
     from slimformer.api import export_model
 
@@ -155,7 +156,7 @@ def _int_list(ctx: Any, param: Any, value: str) -> tuple[int, ...]:
 @_KERNELS_OPTION
 @_errors
 def bench(target: Path, model: str | None, data: str, samples: int, threads: int, seqs: tuple[int, ...],
-          batches: tuple[int, ...], runs: int, warmup: int, json_out: Path | None, kernels: str) -> None:
+          batches: tuple[int, ...], runs: int, warmup: int, json_out: Path | None, kernels: str | None) -> None:
     """Benchmark TARGET (recipe, compressed directory or .onnx) against fp32 and ORT dynamic int8 in ONNX Runtime."""
     from slimformer.api import bench as run
     from slimformer.fileio import atomic_write, check_output_path

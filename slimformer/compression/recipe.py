@@ -33,14 +33,15 @@ class SpecModel(FrozenModel):
     bits: Literal[32, 16, 8, 4] = 32
     group_size: int | None = Field(None, ge=1, le=MAX_WIDTH)
     method: Literal["rtn", "gptq"] = "rtn"
+    kernel: Literal["exact", "int8"] = "exact"  # written only when "int8" (recipes without it read as before)
 
     def to_spec(self) -> UnitSpec:
-        return UnitSpec(self.rank, self.sparsity, self.pattern, self.bits, self.group_size, self.method)
+        return UnitSpec(self.rank, self.sparsity, self.pattern, self.bits, self.group_size, self.method, self.kernel)
 
     @classmethod
     def from_spec(cls, s: UnitSpec) -> SpecModel:
         return cls(rank=s.rank, sparsity=s.sparsity, pattern=s.pattern, bits=s.bits, group_size=s.group_size,
-                   method=s.method)
+                   method=s.method, kernel=s.kernel)
 
 
 class Rule(FrozenModel):
@@ -175,6 +176,9 @@ class Recipe(FrozenModel):
         data["provenance"] = self.provenance.model_dump(mode="json", exclude_defaults=True)  # the keys written
         if data.get("recovery") is None:
             data.pop("recovery", None)  # recipes without recovery read exactly as before
+        for rule in data.get("rules", []):
+            if rule["spec"].get("kernel") == "exact":
+                del rule["spec"]["kernel"]  # the default: recipes of exact-kernel plans stay byte-identical
         return yaml.safe_dump(data, sort_keys=False, width=120)
 
     @classmethod

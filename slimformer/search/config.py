@@ -154,7 +154,9 @@ class LatencyConfig(FrozenModel):
     # deployment intra-op threads; differing from the profile's warns
     threads: int | None = Field(None, ge=1, le=MAX_THREADS)
     runs: int = Field(30, ge=1, le=MAX_SAMPLES)  # measured: timed runs per candidate (median taken, IQR recorded)
-    kernels: Literal["exact", "fast"] = "exact"  # measured: the ONNX kernels candidates are exported with
+    # measured: the ONNX kernels candidates are exported with; null = each unit's kernel (the space's `kernel`
+    # choice), exact / fast = an override of every unit
+    kernels: Literal["exact", "fast"] | None = None
 
 
 class MultiFidelityConfig(FrozenModel):

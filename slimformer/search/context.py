@@ -21,6 +21,7 @@ from slimformer.evaluators.latency import LatencySettings, LatencySource, make_l
 from slimformer.evaluators.quality import FidelityEvaluator
 from slimformer.hardware_profiles import HardwareProfile, load_profile
 from slimformer.hardware_profiles.machine import warn_if_mismatched as warn_machine
+from slimformer.hardware_profiles.predict import require_linear_class
 from slimformer.models import ModelAdapter
 from slimformer.models.base import Batch
 from slimformer.search.config import SearchConfig
@@ -147,7 +148,9 @@ def prepare(config: SearchConfig, *, log: Any = None, validated: Callable[[], No
     if config.threads:
         set_threads(config.threads)
     profile = load_profile(config.hardware_profile)
-    resolved_source(config.latency.source, profile)  # ConfigError when `calibrated` and the profile has no model
+    if resolved_source(config.latency.source, profile) == "calibrated":  # ConfigError when it has no model
+        if any("int8" in g.kernel for g in config.space.groups):  # found now, not as a failed trial
+            require_linear_class(profile, "dynamic_int8")
     adapter = load_any(config.model, max_length=config.data.max_length)
     metric = config.quality_metric or adapter.default_quality_metric
     space = SearchSpace(adapter, config.space)

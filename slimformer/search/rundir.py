@@ -81,7 +81,8 @@ def resolved_latency_budget(ctx: SearchContext) -> LatencyBudget | None:
 def plan_summary(plan: CompressionPlan) -> dict[str, Any]:
     """A JSON-able plan: unit specs, layer specs and sharing."""
     return {
-        "units": {k: {f: v for f, v in asdict(s).items() if v not in (None, 0.0, "unstructured") or f == "bits"}
+        "units": {k: {f: v for f, v in asdict(s).items()
+                      if (v not in (None, 0.0, "unstructured") or f == "bits") and (f, v) != ("kernel", "exact")}
                   for k, s in plan.units.items()},
         "layers": {str(i): asdict(s) for i, s in plan.layers.items()},
         "sharing": {"groups": [list(g) for g in plan.sharing.groups], "scope": plan.sharing.scope}
@@ -205,7 +206,7 @@ def summarize(ctx: SearchContext, study: optuna.Study, entries: list[ParetoEntry
                                                          best.heldout_metrics[m], best.heldout_metrics),
         best_baseline=best_base,
         latency_label=(f"{MEASURED_LABEL}; batch {ctx.config.latency.batch} x seq {ctx.config.latency.seq}, "
-                       f"{ctx.config.latency.kernels} kernels"
+                       f"{ctx.config.latency.kernels or 'per-unit'} kernels"
                        if ctx.config.latency.source == "measured"
                        else source_label(ctx.config.latency.source, ctx.profile)),
         latency_source=resolved_source(ctx.config.latency.source, ctx.profile),

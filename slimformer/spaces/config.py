@@ -76,6 +76,9 @@ class GroupConfig(FrozenModel):
     bits: list[Literal[32, 16, 8, 4]] = [32]
     group_size: list[int | None] = [None]
     method: list[Literal["rtn", "gptq"]] = ["rtn"]  # rounding for 8/4 bits (gptq uses calibration Hessians)
+    # compute of 8/4-bit linears: exact (weight-only, fp32 matmul) or int8 (int8 GEMM, activations quantised);
+    # ignored for other bits and for embedding tables, like group_size
+    kernel: list[Literal["exact", "int8"]] = ["exact"]
     heads_kept: list[Annotated[int, Field(ge=1, le=MAX_WIDTH)]] | None = None
     # <= 1.0: fraction of the FFN width; > 1: absolute count
     neurons_kept: list[Annotated[float, Field(gt=0, le=MAX_WIDTH)]] | None = None
@@ -108,6 +111,13 @@ class GroupConfig(FrozenModel):
     def _bits(cls, v: list[int]) -> list[int]:
         if not v:
             raise ValueError("bits needs at least one choice (32, 16, 8 or 4)")
+        return v
+
+    @field_validator("kernel")
+    @classmethod
+    def _kernel(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("kernel needs at least one choice (exact or int8)")
         return v
 
 
