@@ -339,6 +339,7 @@ def _bench_front(ctx: Any, run_dir: Path, n: int, runs: int, log: Any) -> list[A
     roofline = make_latency_source("estimate", LatencySettings(ctx.profile, lat.batch, lat.seq))
     say = log or (lambda _msg: None)
     plans = []
+    load = list(os.getloadavg()) if hasattr(os, "getloadavg") else []
     for i, e in enumerate(top, 1):
         say(f"bench {i}/{len(top)}: trial {e.trial} ({e.recipe})")
         res = bench(run_dir / e.recipe, ctx.config.model, data=ctx.config.data.source,
@@ -347,5 +348,5 @@ def _bench_front(ctx: Any, run_dir: Path, n: int, runs: int, log: Any) -> list[A
         rl = roofline.price(ctx.adapter, ctx.space.plan_from_params(e.params)).ms
         plans.append(MeasuredPlan.of(e.trial, e.recipe, e.latency_ms_estimate, rl, res))
         write_front_bench(run_dir, FrontBench(lat.batch, res.seqs[0], threads, lat.kernels, cpu_model(),
-                                              ort.__version__, res.date, plans))
+                                              ort.__version__, res.date, plans, load, os.cpu_count() or 0))
     return entries

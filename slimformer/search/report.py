@@ -245,12 +245,17 @@ def measured_section(inp: ReportInputs) -> str:
     table = sortable_table(["trial", f"{kind} ms", "measured ms (median)", "IQR ms", "measured / predicted",
                             "roofline ms", "measured / roofline", "fp32 ms", "x fp32", "model.onnx MB",
                             f"ONNX {metric} vs fp32"], rows)
-    return (f"<p>Measured by <code>slimformer report --bench</code> on {_esc(fb.date)}: CPU {_esc(fb.cpu)}, "
+    warn, load = "", ""
+    if fb.busy:
+        warn = (f"<p class='warn'>Measured on a busy machine (load average {fb.loadavg[0]:.1f} on {fb.cpus} CPUs): "
+                "these timings are inflated; rerun <code>report --bench</code> on an idle machine.</p>")
+    elif fb.loadavg:
+        load = f" Load average {fb.loadavg[0]:.1f} on {fb.cpus or '?'} CPUs when the timing began."
+    return (f"{warn}<p>Measured by <code>slimformer report --bench</code> on {_esc(fb.date)}: CPU {_esc(fb.cpu)}, "
             f"onnxruntime {_esc(fb.onnxruntime)}, {fb.threads} thread(s), batch {fb.batch} x seq {fb.seq}, "
             f"{_esc(fb.kernels)} kernels; median of timed runs, alternating with the fp32 export (x fp32 is the "
             f"median of per-round ratios). The roofline estimate is a lower-bound model of the same plan (profile "
-            f"peak rate and bandwidth): measured / roofline says how far the kernels are from it. Timings on a busy "
-            f"machine are slower than on an idle one.</p>{table}")
+            f"peak rate and bandwidth): measured / roofline says how far the kernels are from it.{load}</p>{table}")
 
 
 _NOTATION = ("intN gG: N-bit integer weights, one scale per G inputs (per output channel without g); rtn / gptq: "

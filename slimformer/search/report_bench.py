@@ -8,7 +8,7 @@ measured beside predicted latency and the ratio to the roofline estimate of the 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,13 @@ class FrontBench:
     onnxruntime: str
     date: str
     plans: list[MeasuredPlan]
+    loadavg: list[float] = field(default_factory=list)  # 1/5/15-minute load average when the timing began
+    cpus: int = 0  # logical CPUs of the machine (to read the load average against)
+
+    @property
+    def busy(self) -> bool:
+        """The machine had more runnable work than half its CPUs when timing began (timings inflated)."""
+        return bool(self.loadavg) and self.cpus > 0 and self.loadavg[0] > 0.5 * self.cpus
 
     def to_json(self) -> dict[str, Any]:
         return {**{k: v for k, v in asdict(self).items() if k != "plans"},
@@ -76,7 +83,7 @@ class FrontBench:
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> FrontBench:
         return cls(d["batch"], d["seq"], d["threads"], d["kernels"], d["cpu"], d["onnxruntime"], d["date"],
-                   [MeasuredPlan(**p) for p in d["plans"]])
+                   [MeasuredPlan(**p) for p in d["plans"]], list(d.get("loadavg", [])), int(d.get("cpus", 0)))
 
     def of_trial(self, trial: int) -> MeasuredPlan | None:
         return next((p for p in self.plans if p.trial == trial), None)

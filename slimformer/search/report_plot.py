@@ -70,6 +70,21 @@ def _baseline_q(b: BaselineResult, metric: str) -> float | None:
     return b.heldout_metrics[metric]
 
 
+def _measured_off_axis(p: PlotInputs) -> list[str]:
+    """The measured latencies as text when drawing them would squash the predicted ones (another machine, or a
+    busy one: more than 1.5x the largest predicted value, or under half the smallest); else empty."""
+    if p.measured is None:
+        return []
+    front = {e.trial for e in p.front}
+    plans = [mp for mp in p.measured.plans if mp.trial in front]
+    xs = [e.latency_ms_estimate for e in p.front] + [c.latency_ms for c in p.cloud]
+    if not plans or not xs:
+        return []
+    if all(0.5 * min(xs) <= mp.measured_ms <= 1.5 * max(xs) for mp in plans):
+        return []
+    return [f"trial {mp.trial} {mp.measured_ms:.1f} ms (predicted {mp.predicted_ms:.1f})" for mp in plans]
+
+
 def pareto_figure(p: PlotInputs) -> Figure:
     """The two-panel figure (left: memory, right: latency; shared quality axis)."""
     from matplotlib.figure import Figure
@@ -110,7 +125,8 @@ def pareto_figure(p: PlotInputs) -> Figure:
     ax_mem.axvline(p.budget_percent, color="black", ls="--", lw=1)
     if p.latency_budget_ms is not None:
         ax_lat.axvline(p.latency_budget_ms, color="black", ls="--", lw=1)
-    if p.measured is not None:
+    off_axis = _measured_off_axis(p)
+    if p.measured is not None and not off_axis:
         front = {e.trial: e for e in p.front}
         for mp in p.measured.plans:
             if mp.trial in front:
@@ -141,12 +157,15 @@ def pareto_figure(p: PlotInputs) -> Figure:
     handles.append(Line2D([], [], color="black", ls="--", lw=1, label=f"memory budget ({p.budget_percent:.2f}%)"))
     if p.latency_budget_ms is not None:
         handles[-1].set_label(f"budgets ({p.budget_percent:.2f}% of fp32; {p.latency_budget_ms:g} ms)")
-    if p.measured is not None:
+    if p.measured is not None and not off_axis:
         handles.append(Line2D([], [], ls=":", marker="x", color="black", ms=7,
-                              label="measured on this machine (report --bench), joined to the prediction"))
+                              label="measured (report --bench), joined to the prediction"))
     notes = [CAPTION, *p.notes]
     if below:
         notes.append("Below the plotted range: " + "; ".join(below) + ".")
+    if off_axis:
+        notes.append("Measured with report --bench (see report.html), far from the predicted range: "
+                     + "; ".join(off_axis) + ".")
     caption = "\n".join(_wrap(n, 190) for n in notes)
     height = fig.get_figheight()
     caption_in = 0.08 + 0.15 * (caption.count("\n") + 1)  # inches, at fontsize 8

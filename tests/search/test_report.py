@@ -17,7 +17,7 @@ from slimformer.errors import ConfigError
 from slimformer.fileio import read_json
 from slimformer.models import load
 from slimformer.search.report import LatencyNote, ReportInputs, next_steps, per_layer_table, report_units, write_report
-from slimformer.search.report_bench import BENCH_FILE, read_front_bench
+from slimformer.search.report_bench import BENCH_FILE, FrontBench, MeasuredPlan, read_front_bench
 from slimformer.search.report_html import trial_states_text
 from slimformer.search.report_plot import CloudPoint, PlotInputs, pareto_figure, write_pareto_png
 from slimformer.search.results import BaselineResult, ParetoFront, SearchSummary
@@ -127,6 +127,38 @@ def test_plot_has_two_panels_and_the_legend_outside_them(shared_run, tmp_path: P
     write_pareto_png(out, inp)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (run_dir / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _measured(inp: PlotInputs, factor: float) -> FrontBench:
+    e = inp.front[0]
+    ms = e.latency_ms_estimate * factor
+    plan = MeasuredPlan(e.trial, e.recipe, e.latency_ms_estimate, e.latency_ms_estimate / 2, ms, ms, ms, 3, ms, 1.0,
+                        1000, {"cosine": 1.0})
+    return FrontBench(1, 128, 1, "exact", "CPU", "1.0", "today", [plan], [9.0, 8.0, 7.0], 2)
+
+
+def test_plot_draws_measured_latency_near_the_prediction_and_names_it_when_far(shared_run) -> None:
+    inp = _plot_inputs(shared_run[1])
+    near = pareto_figure(replace(inp, measured=_measured(inp, 1.1)))
+    assert any("measured (report --bench)" in t.get_text() for t in near.legends[0].get_texts())
+    far = pareto_figure(replace(inp, measured=_measured(inp, 6.0)))
+    assert not any("measured" in t.get_text() for t in far.legends[0].get_texts())
+    assert any("far from the predicted range: trial" in t.get_text() for t in far.texts), "named in the caption"
+    lat = far.axes[1]
+    assert lat.get_xlim()[1] < 2 * max(e.latency_ms_estimate for e in inp.front), "the axis is not stretched"
+
+
+def test_bench_json_round_trips_and_flags_a_busy_machine(tmp_path: Path) -> None:
+    from slimformer.search.report_bench import write_front_bench
+
+    e = MeasuredPlan(3, "recipes/trial-3.yaml", 10.0, 5.0, 20.0, 19.0, 21.0, 30, 40.0, 0.5, 1234, {"cosine": 0.99})
+    fb = FrontBench(1, 128, 2, "exact", "CPU", "1.32", "2026-01-01", [e], [3.0, 2.0, 1.0], 2)
+    write_front_bench(tmp_path, fb)
+    back = read_front_bench(tmp_path)
+    assert back == fb and back.busy and back.of_trial(3) == e and back.of_trial(4) is None
+    assert e.over_predicted == 2.0 and e.over_roofline == 4.0
+    (tmp_path / BENCH_FILE).write_text("{not json")
+    assert read_front_bench(tmp_path) is None, "an unreadable bench.json leaves the report without it"
 
 
 def _copy(run_dir: Path, tmp_path: Path) -> Path:
