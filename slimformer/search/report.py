@@ -154,6 +154,22 @@ def next_steps(inp: ReportInputs) -> list[tuple[str, str]]:
     return steps
 
 
+def shell_lines(cmd: str, width: int = 96) -> str:
+    """`cmd` broken before options into lines ending in ` \\` once it is longer than `width` (still one command
+    when pasted into a shell; tokens are re-quoted, so a quoted argument is never split)."""
+    if len(cmd) <= width:
+        return cmd
+    lines: list[str] = []
+    for tok in (shlex.quote(t) for t in shlex.split(cmd)):
+        if lines and (tok.startswith("--") and len(lines[-1]) + len(tok) + 1 > width):
+            lines.append("    " + tok)
+        elif lines:
+            lines[-1] += " " + tok
+        else:
+            lines.append(tok)
+    return " \\\n".join(lines)
+
+
 def latency_text(lat: LatencyNote) -> str:
     """Where the latency numbers come from, said honestly (the profile's machine vs this one)."""
     shape = f"batch {lat.batch} x seq {lat.seq}, {lat.threads} thread(s)"
@@ -320,7 +336,7 @@ def write_report(path: Path, inp: ReportInputs, png_name: str = "pareto.png") ->
     png = path.parent / png_name
     img = (f"<img src='data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}' "
            f"alt='quality vs memory and quality vs latency' style='max-width:100%'>") if png.exists() else ""
-    steps = "".join(f"<p>{_esc(what)}</p><pre>{_esc(cmd)}</pre>" for what, cmd in next_steps(inp))
+    steps = "".join(f"<p>{_esc(what)}</p><pre>{_esc(shell_lines(cmd))}</pre>" for what, cmd in next_steps(inp))
     timing = (f"Mean trial {s.mean_trial_s:.1f} s (of which {s.mean_outside_forward_s:.1f} s outside forward "
               f"passes); the search ran {s.elapsed_s:.0f} s." if s.mean_trial_s is not None
               and s.mean_outside_forward_s is not None else f"The search ran {s.elapsed_s:.0f} s.")
@@ -358,7 +374,7 @@ marked "search"); objectives: {_esc(", ".join(inp.objectives))}.</p>
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1180px;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}
 th{background:#f1f1f1}table.sortable th{cursor:pointer}td{font-variant-numeric:tabular-nums}
-pre{white-space:pre-wrap;overflow-wrap:anywhere;background:#f6f6f6;border:1px solid #ddd;padding:.5em .8em;
+pre{overflow-x:auto;background:#f6f6f6;border:1px solid #ddd;padding:.5em .8em;
 margin:.2em 0 .8em}
 .verdict{font-size:1.1em;font-weight:600}.warn{background:#fff4e0;border-left:4px solid #e69500;padding:.4em .8em}
 .small{font-size:12px;color:#555}details{margin:.4em 0}summary{cursor:pointer;font-weight:600}"""

@@ -16,7 +16,15 @@ from slimformer.api import report
 from slimformer.errors import ConfigError
 from slimformer.fileio import read_json
 from slimformer.models import load
-from slimformer.search.report import LatencyNote, ReportInputs, next_steps, per_layer_table, report_units, write_report
+from slimformer.search.report import (
+    LatencyNote,
+    ReportInputs,
+    next_steps,
+    per_layer_table,
+    report_units,
+    shell_lines,
+    write_report,
+)
 from slimformer.search.report_bench import BENCH_FILE, FrontBench, MeasuredPlan, read_front_bench
 from slimformer.search.report_html import trial_states_text
 from slimformer.search.report_plot import CloudPoint, PlotInputs, pareto_figure, write_pareto_png
@@ -78,6 +86,20 @@ def test_report_escapes_a_hostile_model_name(shared_run, tiny_model_dir: Path, t
     assert "--model '<script>alert('\"'\"'x'\"'\"')</script>&\"evil\" model'" in apply_cmd, "shell-quoted"
     assert "'runs/a b;rm -rf ~/recipes/trial-" in apply_cmd
     assert "CPU B" in doc and "made elsewhere" in doc, "a profile from another CPU is said so"
+
+
+def test_long_commands_break_into_lines_bash_reads_as_one_command() -> None:
+    import shlex
+    import subprocess
+
+    cmd = shlex.join(["slimformer", "apply", "runs/a b;rm -rf ~/r.yaml", "--model", "<x --out y>", "--out",
+                      "model-trial-1-rec", "--recover", "--minutes", "15", "--onnx"])
+    wrapped = shell_lines(cmd, width=50)
+    assert wrapped.count(" \\\n    --") >= 2
+    args = subprocess.run(["bash", "-c", 'printf "%s\\0" ' + wrapped.removeprefix("slimformer ")],
+                          capture_output=True, text=True, check=True).stdout.split("\0")[:-1]
+    assert args == shlex.split(cmd)[1:]
+    assert shell_lines("slimformer report run --bench 3") == "slimformer report run --bench 3"
 
 
 def test_per_layer_cells_show_rounding_and_kernel_when_present(shared_run, tiny_model_dir: Path) -> None:
