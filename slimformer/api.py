@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +11,9 @@ from slimformer.compression.calibration import collect_activation_scales, collec
 from slimformer.compression.memory import MemoryReport, plan_memory
 from slimformer.compression.plan import CompressionPlan
 from slimformer.compression.recipe import Recipe
-from slimformer.compression.saving import load_any, save_compressed
+from slimformer.compression.saving import check_out_dir, load_any, write_compressed
 from slimformer.errors import ConfigError
+from slimformer.fileio import atomic_dir
 from slimformer.models import ModelAdapter
 from slimformer.search import SearchConfig, SearchResult, run_search
 
@@ -161,12 +162,17 @@ def apply_recipe(recipe: str | Path | Recipe, model: str, out_dir: str | Path | 
     mem = plan_memory(adapter, plan)
     saved = None
     exported = None
-    if out_dir is not None:
-        saved = save_compressed(adapter, compressed, rec, Path(out_dir))
-        if onnx:
-            cal_batches = _calibration_batches(adapter, data, calibration) if kernels == "fast" else None
-            exported = _export_checked(adapter, compressed, saved / "model.onnx", evaluator.batches, kernels,
-                                       cal_batches)
+    if out_dir is not None:  # every file (model.onnx too) is written in a temp dir renamed into place at the end
+        saved = Path(out_dir)
+        check_out_dir(saved)
+        with atomic_dir(saved) as tmp:
+            write_compressed(adapter, compressed, rec, tmp)
+            if onnx:
+                cal_batches = _calibration_batches(adapter, data, calibration) if kernels == "fast" else None
+                exported = _export_checked(adapter, compressed, tmp / "model.onnx", evaluator.batches, kernels,
+                                           cal_batches)
+        if exported is not None:
+            exported = replace(exported, path=saved / exported.path.name)
     return ApplyResult(saved, mem, result.metrics, result.n_samples, exported, recovered)
 
 
@@ -283,9 +289,9 @@ def export_recipe(run_dir: str | Path, trial: int, out: str | Path | None = None
         raise ConfigError(f"trial {trial} is not in {rd} (trials 0..{max(trials, default=-1)})")
     t = trials[trial]
     if not is_feasible(t):
-        over = TrialRecord.from_trial(t).feasible is False
-        raise ConfigError(f"trial {trial} is {t.state.name} and "
-                          f"{'over the memory budget' if over else 'not evaluated'}; "
+        record = TrialRecord.from_trial(t)
+        why = f"over the {record.over_budget or 'memory'} budget" if record.feasible is False else "not evaluated"
+        raise ConfigError(f"trial {trial} is {t.state.name} and {why}; "
                           "pick a completed trial within the budget")
     provenance = RecipeProvenance.of_trial(ctx.config.study_name, url, t)
     rec = Recipe.from_plan(trial_plan(ctx, t), ctx.adapter, hardware_profile=ctx.profile.name,

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +19,8 @@ from pydantic import ValidationError
 def atomic_write(path: Path, data: str | bytes) -> int:
     """Write via a temp file in the same folder and rename, so a reader never sees half a file.
 
-    Returns the bytes written. Files are created 0644 (mkstemp's 0600 would hide shared outputs).
+    Returns the bytes written. Files get the mode a plain open() would give (0666 less the umask; mkstemp's
+    0600 would hide shared outputs).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -24,12 +29,102 @@ def atomic_write(path: Path, data: str | bytes) -> int:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(raw)
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return len(raw)
+
+
+TMP_TAG = ".slimformer-tmp."  # temp dirs are named .NAME.slimformer-tmp.HOST.PID.RANDOM next to NAME
+
+
+def current_umask() -> int:
+    """This process's umask (read from /proc where it exists: setting it to read it is not thread-safe)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def clean_stale_temp_dirs(final: Path) -> list[Path]:
+    """Remove the temp dirs that `atomic_dir` runs killed on this host left next to `final` (their owning pid no
+    longer runs); others' files and live runs' temp dirs are left alone. Returns the removed paths."""
+    final = Path(final)
+    prefix = f".{final.name}{TMP_TAG}"
+    removed: list[Path] = []
+    if not final.parent.is_dir():
+        return removed
+    for p in final.parent.glob(f"{prefix}*"):
+        host, _, rest = p.name[len(prefix):].rpartition(".")[0].rpartition(".")
+        if not p.is_dir() or p.is_symlink() or host != socket.gethostname() or not rest.isdigit() \
+                or _pid_alive(int(rest)):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+
+def normal_modes(root: Path) -> None:
+    """Give a directory tree the modes plain mkdir/open give: 0777 (dirs, executables) or 0666, less the umask."""
+    mask = current_umask()
+    os.chmod(root, 0o777 & ~mask)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            os.chmod(os.path.join(dirpath, d), 0o777 & ~mask)
+        for f in filenames:
+            path = os.path.join(dirpath, f)
+            if not os.path.islink(path):
+                os.chmod(path, (0o777 if os.stat(path).st_mode & 0o111 else 0o666) & ~mask)
+
+
+@contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Build a directory in a temp dir next to `final` and rename it into place when the block ends without
+    error, so `final` is either the old directory or the complete new one, never half of one.
+
+    The temp dir is removed on any error; ones that killed runs left behind are removed on the next call for
+    the same `final` (clean_stale_temp_dirs). Everything in it gets the modes mkdir/open would give
+    (normal_modes: mkdtemp's 0700, and writers that create 0600 files, would hide shared outputs). An existing
+    `final` is replaced (moved aside, then removed)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temp_dirs(final)
+    tag = f".{final.name}{TMP_TAG}{socket.gethostname()}.{os.getpid()}."
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=tag))
+    try:
+        yield tmp
+        normal_modes(tmp)
+        old = Path(tempfile.mkdtemp(dir=final.parent, prefix=tag)) if final.exists() else None
+        if old is not None:
+            os.replace(final, old)  # an empty dir is replaced by a rename
+        try:
+            os.rename(tmp, final)
+        except BaseException:
+            if old is not None:
+                os.rename(old, final)
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_json(path: Path, obj: Any) -> None:

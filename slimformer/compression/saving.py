@@ -9,8 +9,6 @@ model's config/tokenizer, so `load_compressed` rebuilds the model with no access
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -21,6 +19,7 @@ from slimformer.compression.apply import apply_plan
 from slimformer.compression.modules import SlimEmbedding, SlimLinear
 from slimformer.compression.recipe import Recipe
 from slimformer.errors import ModelLoadError
+from slimformer.fileio import atomic_dir
 from slimformer.models import COMPRESSED_MARKER, get_family, load_from, locate
 from slimformer.models.base import ModelAdapter
 
@@ -53,26 +52,27 @@ def packed_bytes(tensors: dict[str, Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def save_compressed(adapter: ModelAdapter, model: nn.Module, recipe: Recipe, out_dir: Path) -> Path:
-    """Write a compressed model directory atomically (a temp dir renamed into place)."""
+def check_out_dir(out_dir: Path) -> None:
+    """An output path must be new, empty or an earlier slimformer output (which is replaced)."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not (out_dir / RECIPE_FILE).exists():
-            raise ModelLoadError(f"--out {out_dir} exists and is not a slimformer output; choose an empty path")
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent if out_dir.parent.exists() else None,
-                                prefix=f".{out_dir.name}."))
-    try:
-        adapter.save_base(tmp)
-        adapter.copy_source_files(tmp)
-        save_file(pack_model(model), str(tmp / MODEL_FILE), metadata={"format": "slimformer-packed-v1"})
-        recipe.save(tmp / RECIPE_FILE)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not (out_dir / RECIPE_FILE).exists():
+        raise ModelLoadError(f"--out {out_dir} exists and is not a slimformer output; choose an empty path")
+
+
+def write_compressed(adapter: ModelAdapter, model: nn.Module, recipe: Recipe, out_dir: Path) -> None:
+    """Write the files of a compressed model directory into an existing (temp) directory."""
+    adapter.save_base(out_dir)
+    adapter.copy_source_files(out_dir)
+    save_file(pack_model(model), str(out_dir / MODEL_FILE), metadata={"format": "slimformer-packed-v1"})
+    recipe.save(out_dir / RECIPE_FILE)
+
+
+def save_compressed(adapter: ModelAdapter, model: nn.Module, recipe: Recipe, out_dir: Path) -> Path:
+    """Write a compressed model directory atomically (fileio.atomic_dir: a temp dir renamed into place)."""
+    out_dir = Path(out_dir)
+    check_out_dir(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        write_compressed(adapter, model, recipe, tmp)
     return out_dir
 
 

@@ -57,9 +57,16 @@ def run_search(config: SearchConfig, *, trials: int | None = None, timeout: floa
         from slimformer.search.ray_backend import check_options
 
         check_options(backend, address, workers, config.storage)
-    # a shared storage is opened (validated) before anything is written; the default one lives in the run dir
-    shared = make_storage(config.storage, out) if config.storage is not None else None
-    ctx = prepare(config, log=say)
+    # a shared storage is opened (validated) once the model and budgets are, before the teacher outputs and before
+    # anything is written; the default one lives in the run dir
+    shared: tuple[Any, str, bool] | None = None
+
+    def open_shared() -> None:
+        nonlocal shared
+        if config.storage is not None:
+            shared = make_storage(config.storage, out)
+
+    ctx = prepare(config, log=log, validated=open_shared)  # no log: prepare's hardware-mismatch line goes to logging
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     lock = None

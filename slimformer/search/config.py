@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from fractions import Fraction
 from pathlib import Path
@@ -33,9 +34,12 @@ class DataConfig(FrozenModel):
 
 
 class BudgetConfig(FrozenModel):
-    """Hard memory budget: a percentage of the fp32 weights ('15%') or bytes ('12MB', '900KB', 12000000)."""
+    """Hard budgets. memory: a percentage of the fp32 weights ('15%') or bytes ('12MB', '900KB', 12000000).
+    latency (optional): milliseconds of one forward pass at the `latency` shape ('8ms', '0.25s', '800us') or a
+    multiple of the fp32 model's latency priced by the search's latency source ('0.5x')."""
 
     memory: str | int
+    latency: str | None = None
 
     @field_validator("memory")
     @classmethod
@@ -44,12 +48,60 @@ class BudgetConfig(FrozenModel):
             raise ValueError(f"{v!r}: write a positive percentage of fp32 like '15%' or a size like '12MB'")
         return v
 
+    @field_validator("latency", mode="before")
+    @classmethod
+    def _parse_latency(cls, v: object) -> str | None:
+        if v is None:
+            return None
+        if not isinstance(v, str) or parse_latency_budget(v) is None:
+            raise ValueError(f"{v!r}: {LATENCY_FORMS}")
+        return v
+
+    def latency_ms(self, fp32_ms: float | None = None) -> float | None:
+        """The latency budget in ms (None without one); a relative budget ('0.5x') needs the fp32 model's
+        latency `fp32_ms` from the search's latency source."""
+        if self.latency is None:
+            return None
+        parsed = parse_latency_budget(self.latency)
+        assert parsed is not None  # validated on construction
+        value, relative = parsed
+        if not relative:
+            return value
+        if fp32_ms is None:
+            raise ValueError("a relative latency budget needs the fp32 model's latency")
+        return value * fp32_ms
+
+    @property
+    def latency_is_relative(self) -> bool:
+        parsed = None if self.latency is None else parse_latency_budget(self.latency)
+        return parsed is not None and parsed[1]
+
     def to_bytes(self, fp32_bytes: int) -> int:
         out = _parse_budget(self.memory, fp32_bytes)
         if out is None:
             raise ConfigError(f"budget.memory {self.memory!r}: write a percentage of fp32 like '15%' or a "
                               "size like '12MB'")
         return out
+
+
+LATENCY_FORMS = ("write a positive time like '8ms', '0.25s', '800us' or a multiple of the fp32 model's "
+                 "latency like '0.5x'")
+_LATENCY_UNITS = {"MS": 1.0, "S": 1000.0, "US": 1e-3}
+
+
+def parse_latency_budget(v: str) -> tuple[float, bool] | None:
+    """(amount, relative) of a latency budget: ms for '8ms'/'0.25s'/'800us', a factor for '0.5x'; None when
+    malformed, zero, negative or without a unit."""
+    s = v.strip().upper().replace(" ", "")
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+)(MS|S|US|X)", s)
+    if not m:
+        return None
+    amount = float(m.group(1))
+    if not (amount > 0 and math.isfinite(amount)):
+        return None
+    if m.group(2) == "X":
+        return amount, True
+    return amount * _LATENCY_UNITS[m.group(2)], False
 
 
 _UNITS = {"B": 1, "": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}

@@ -237,7 +237,8 @@ def baseline_table(inp: ReportInputs) -> str:
     m = inp.metric
     others = [k for k in inp.metrics if k != m]
     kind = _latency_kind(inp.latency.source)
-    rows = [[b.name, _mb(b.memory_bytes), f"{b.memory_percent:.2f}", "yes" if b.fits else "no (not evaluated)",
+    rows = [[b.name, _mb(b.memory_bytes), f"{b.memory_percent:.2f}",
+             "yes" if b.fits else f"no ({b.over_budget or 'memory'})",
              "" if b.latency_ms is None else f"{b.latency_ms:.2f}", _num((b.search_metrics or {}).get(m)),
              _num((b.heldout_metrics or {}).get(m)), *[_num((b.heldout_metrics or {}).get(k)) for k in others],
              b.error or ""] for b in inp.baselines]
@@ -330,6 +331,14 @@ def per_layer_sections(inp: ReportInputs) -> str:
     return "".join(out)
 
 
+def _latency_budget(s: SearchSummary) -> str:
+    b = s.latency_budget
+    if b is None:
+        return ""
+    of_fp32 = f", {b.spec} of the fp32 model's {b.fp32_ms:.2f} ms" if b.spec.endswith("x") and b.fp32_ms else ""
+    return f", latency budget {b.ms:.2f} ms{_esc(of_fp32)} (batch {b.batch} x seq {b.seq}, {_esc(b.source)})"
+
+
 def write_report(path: Path, inp: ReportInputs, png_name: str = "pareto.png") -> None:
     """report.html in `path` (pareto.png next to it is inlined)."""
     s, m = inp.summary, inp.metric
@@ -344,8 +353,9 @@ def write_report(path: Path, inp: ReportInputs, png_name: str = "pareto.png") ->
 <title>slimformer report: {_esc(inp.model)}</title><style>{_CSS}</style></head><body>
 <h1>slimformer search report</h1>
 <p>Model <b>{_esc(inp.model)}</b>; memory budget {s.budget_percent:.2f}% of the fp32 weights
-({_mb(inp.budget_bytes)} MB of {_mb(inp.fp32_bytes)} MB); quality metric <b>{_esc(m)}</b> (held-out data unless
-marked "search"); objectives: {_esc(", ".join(inp.objectives))}.</p>
+({_mb(inp.budget_bytes)} MB of {_mb(inp.fp32_bytes)} MB){_latency_budget(s)};
+quality metric <b>{_esc(m)}</b> (held-out data unless marked "search");
+objectives: {_esc(", ".join(inp.objectives))}.</p>
 <h2>Verdict</h2>
 {verdict(inp)}
 <h2>Next steps</h2>

@@ -45,13 +45,17 @@ def trial_states_text(s: SearchSummary) -> str:
     st = s.trial_states
     total = sum(st.values())
     evaluated = max(0, st.get("COMPLETE", 0) - s.infeasible_trials)
-    parts = [f"{evaluated} evaluated within the memory budget"]
+    budgets = "the memory and latency budgets" if s.latency_budget is not None else "the memory budget"
+    parts = [f"{evaluated} evaluated within {budgets}"]
     if s.infeasible_trials:
-        parts.append(f"{s.infeasible_trials} sampled over the budget (skipped without evaluation; they do not count "
-                     "toward the trial count)")
-    if st.get("PRUNED"):
-        parts.append(f"{st['PRUNED']} stopped early by multi-fidelity pruning (clearly dominated after a slice of "
-                     "the data)")
+        parts.append(f"{s.infeasible_trials} sampled over {'a' if s.latency_budget is not None else 'the'} budget "
+                     "(skipped without evaluation; they do not count toward the trial count)")
+    pruned = st.get("PRUNED", 0) - s.duplicate_trials
+    if pruned > 0:
+        parts.append(f"{pruned} stopped early by multi-fidelity pruning (clearly dominated after a slice of the data)")
+    if s.duplicate_trials:
+        parts.append(f"{s.duplicate_trials} repeated an evaluated plan (answered from that trial, not evaluated "
+                     "again; stored as PRUNED)")
     if st.get("FAIL"):
         parts.append(f"{st['FAIL']} failed (the reason is the trial's fail_reason in the study; trials interrupted "
                      "by a stopped driver are redone)")

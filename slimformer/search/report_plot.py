@@ -156,7 +156,7 @@ def pareto_figure(p: PlotInputs) -> Figure:
                               label=f"baseline {b.name} (held-out)"))
     handles.append(Line2D([], [], color="black", ls="--", lw=1, label=f"memory budget ({p.budget_percent:.2f}%)"))
     if p.latency_budget_ms is not None:
-        handles[-1].set_label(f"budgets ({p.budget_percent:.2f}% of fp32; {p.latency_budget_ms:g} ms)")
+        handles[-1].set_label(f"budgets ({p.budget_percent:.2f}% of fp32; {p.latency_budget_ms:.2f} ms)")
     if p.measured is not None and not off_axis:
         handles.append(Line2D([], [], ls=":", marker="x", color="black", ms=7,
                               label="measured (report --bench), joined to the prediction"))

@@ -119,6 +119,9 @@ def test_trial_states_in_words(shared_run) -> None:
     text = trial_states_text(replace(s, trial_states={"COMPLETE": 10, "PRUNED": 2, "FAIL": 1}, infeasible_trials=3))
     assert text.startswith("13 trials: 7 evaluated within the memory budget; 3 sampled over the budget")
     assert "2 stopped early by multi-fidelity pruning" in text and "1 failed" in text
+    dup = trial_states_text(replace(s, trial_states={"COMPLETE": 5, "PRUNED": 3}, infeasible_trials=0,
+                                    duplicate_trials=2))
+    assert "1 stopped early" in dup and "2 repeated an evaluated plan" in dup
 
 
 def _plot_inputs(run_dir: Path) -> PlotInputs:
@@ -142,6 +145,8 @@ def test_plot_has_two_panels_and_the_legend_outside_them(shared_run, tmp_path: P
     labels = [t.get_text() for t in legend.get_texts()]
     assert "Pareto trials (held-out data)" in labels and "evaluated trials (search set)" in labels
     assert any(lbl.startswith("baseline ") for lbl in labels)
+    with_latency_budget = pareto_figure(replace(inp, latency_budget_ms=0.5))
+    assert any(list(ln.get_xdata()) == [0.5, 0.5] for ln in with_latency_budget.axes[1].get_lines())
     FigureCanvasAgg(fig).draw()
     box = legend.get_window_extent()
     assert all(box.y1 < ax.get_window_extent().y0 for ax in fig.axes), "the legend sits below both panels"

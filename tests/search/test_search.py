@@ -17,6 +17,7 @@ from slimformer.compression.recipe import Recipe
 from slimformer.errors import BudgetError, ConfigError
 from slimformer.models import load
 from slimformer.search.config import SearchConfig
+from slimformer.search.records import counted_trials, duplicate_trials
 from slimformer.search.results import ParetoFront, SearchSummary
 from slimformer.search.runner import default_storage
 
@@ -158,9 +159,10 @@ def test_resume_keeps_trials_and_tops_up_to_the_requested_count(tmp_path: Path, 
 
     res = search(cfg_path, progress=False, trials=12)
     more = study_trials(url)
-    assert len(more) == 12 and _numbers(more) == list(range(12))
-    assert _count(more, TrialState.COMPLETE, TrialState.FAIL) == 12
-    assert sum(res.summary.trial_states.values()) == 12
+    dups = duplicate_trials(more)  # plans sampled again: answered from the study, PRUNED, not counted
+    assert len(more) == 12 + dups and _numbers(more) == list(range(12 + dups))
+    assert _count(more, TrialState.COMPLETE, TrialState.FAIL) == 12 and counted_trials(more) == 12
+    assert sum(res.summary.trial_states.values()) == 12 + dups and res.summary.duplicate_trials == dups
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["trials"] == 12
 
 
