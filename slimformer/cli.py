@@ -30,7 +30,8 @@ def main() -> None:
 @click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path), help="Output directory.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-              help="Run trials in this process, or in Ray workers sharing the study.")
+              help="Run trials in this process, or in Ray workers running slimformer's own trial loop on one "
+                   "shared Optuna study (not Ray Tune: for a Tuner use slimformer.search.tune, docs/CLI.md).")
 @click.option("--address", help="Ray cluster to join (with --backend ray; needs a database --storage).")
 @click.option("--workers", type=click.IntRange(min=1, max=MAX_THREADS),
               help="Ray workers (with --backend ray; default: CPUs).")
