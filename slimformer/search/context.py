@@ -11,7 +11,12 @@ import torch
 from torch import Tensor, nn
 
 from slimformer.compression.apply import DecompositionCache, apply_plan
-from slimformer.compression.calibration import collect_activation_scales, collect_hessians
+from slimformer.compression.calibration import (
+    StructureStats,
+    collect_activation_scales,
+    collect_hessians,
+    collect_structure_stats,
+)
 from slimformer.compression.memory import plan_memory
 from slimformer.compression.plan import CompressionPlan
 from slimformer.compression.saving import load_any
@@ -72,6 +77,7 @@ class SearchContext:
     device: str
     hessians: dict[str, Tensor] | None = None
     latency: LatencySource | None = None  # what prices the latency objective: made on first use (latency_source)
+    structure_stats: StructureStats | None = None  # head/neuron input moments, when the space prunes by data
 
     def memory(self, plan: CompressionPlan) -> int:
         return plan_memory(self.adapter, plan).total_bytes
@@ -93,7 +99,8 @@ class SearchContext:
         measured 14x slower with 2 threads than with 1 on the shared 2-core machine (0.53 s vs 7.3 s).
         """
         with using_threads(1):
-            return apply_plan(self.adapter, plan, self.cache, self.act_scales, hessians=self.hessians)
+            return apply_plan(self.adapter, plan, self.cache, self.act_scales, hessians=self.hessians,
+                              structure_stats=self.structure_stats)
 
 
 def seed_everything(seed: int) -> None:
@@ -136,5 +143,9 @@ def prepare(config: SearchConfig, *, log: Any = None) -> SearchContext:
     act_scales = collect_activation_scales(adapter, sets.calibration) if config.space.data_aware_lowrank else None
     uses_gptq = any("gptq" in g.method for g in config.space.groups) or config.baselines
     hessians = collect_hessians(adapter, sets.calibration) if uses_gptq else None
+    prunes = any(g.heads_kept or g.neurons_kept for g in config.space.groups)
+    structure_data = prunes and (config.space.structure.importance == "activation" or config.space.structure.refit)
+    structure_stats = collect_structure_stats(adapter, sets.calibration) if structure_data else None
     return SearchContext(config, adapter, space, profile, fp32, budget, min_bytes, sets, search_eval,
-                         heldout_eval, act_scales, DecompositionCache(), metric, device, hessians)
+                         heldout_eval, act_scales, DecompositionCache(), metric, device, hessians,
+                         structure_stats=structure_stats)
