@@ -27,7 +27,11 @@ from torch import Tensor
 from slimformer.compression.calibration import InputMoments
 from slimformer.errors import PlanError
 
-REFIT_DAMP = 0.01  # ridge lambda relative to the mean diagonal of the kept inputs' covariance
+# Ridge lambda relative to the mean diagonal of the kept inputs' covariance. Measured on MiniLM (held-out cosine,
+# every layer, 64 / 256 calibration texts): 0.01 over-fits 64 texts (50% of the heads: 0.834, and 0.790 on a
+# second text domain), 0.1 gives 0.860 / 0.822 there and is within 0.004 of the best of {0.01, 0.1, 1, 10} on
+# every cut with 256 texts; 1 and above under-fit the FFN (50% of neurons, 256 texts: 0.882 vs 0.902).
+REFIT_DAMP = 0.1
 
 
 def _moment(mom: InputMoments, centered: bool) -> Tensor:
@@ -63,11 +67,12 @@ def head_scores(w_out: Tensor, mom: InputMoments, num_heads: int, centered: bool
 
 
 def refit_projection(w: Tensor, bias: Tensor | None, keep: Tensor, mom: InputMoments,
-                     damp: float = REFIT_DAMP) -> tuple[Tensor, Tensor | None]:
+                     damp: float | None = None) -> tuple[Tensor, Tensor | None]:
     """Ridge least-squares weights (out, len(keep)) and bias of a projection that now reads only the kept
     input columns, fitted so its output matches the full projection's on the calibration moments."""
     if mom.second.shape != (w.shape[1], w.shape[1]):
         raise PlanError(f"input moments {tuple(mom.second.shape)} do not match weight {tuple(w.shape)}")
+    damp = REFIT_DAMP if damp is None else damp
     keep = keep.to(torch.long).cpu()
     c = _moment(mom, bias is not None)
     w64 = w.detach().to(device="cpu", dtype=torch.float64)
