@@ -248,3 +248,18 @@ def test_real_minilm_data_refit_beats_weight_norms(minilm, texts) -> None:
     cos = {s: ev.evaluate(apply_plan(minilm, CompressionPlan(layers=layers, structure=s),
                                      structure_stats=stats)).metrics["cosine"] for s in (StructureSpec(), DATA)}
     assert cos[DATA] > cos[StructureSpec()] + 0.1, cos
+
+
+def test_saved_model_with_a_data_structure_loads_without_calibration_data(tiny_bert, batches, run_outputs,
+                                                                          tmp_path) -> None:
+    from slimformer.compression.saving import load_compressed, save_compressed
+
+    a = tiny_bert
+    data = batches(a)
+    plan = CompressionPlan({u.name: UnitSpec(bits=8) for u in a.units if u.kind == "linear"},
+                           {0: LayerSpec(2, 24), 1: LayerSpec(neurons_kept=40)}, structure=DATA)
+    model = apply_plan(a, plan, structure_stats=collect_structure_stats(a, data))
+    save_compressed(a, model, Recipe.from_plan(plan, a), tmp_path / "out")
+    back = load_compressed(tmp_path / "out")
+    assert back.recipe.structure is not None  # type: ignore[attr-defined]
+    assert torch.equal(run_outputs(a, back.model, data), run_outputs(a, model, data))
