@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from slimformer.compression.apply import apply_plan
-from slimformer.compression.calibration import collect_activation_scales, collect_hessians
+from slimformer.compression.calibration import collect_activation_scales, collect_hessians, collect_structure_stats
 from slimformer.compression.memory import MemoryReport, plan_memory
 from slimformer.compression.plan import CompressionPlan
 from slimformer.compression.recipe import Recipe
@@ -146,14 +146,16 @@ def apply_recipe(recipe: str | Path | Recipe, model: str, out_dir: str | Path | 
             import warnings
 
             warnings.warn(msg, stacklevel=2)
-    act = hessians = None
+    act = hessians = stats = None
     needs_act = any(s.rank is not None for s in plan.units.values())
     needs_h = any(s.quantized and s.method == "gptq" for s in plan.units.values())
-    if needs_act or needs_h:
+    needs_s = bool(plan.layers) and plan.structure.needs_data
+    if needs_act or needs_h or needs_s:
         cal = _calibration_batches(adapter, data, calibration)
         act = collect_activation_scales(adapter, cal) if needs_act else None
         hessians = collect_hessians(adapter, cal) if needs_h else None
-    compressed = apply_plan(adapter, plan, act_scales=act, hessians=hessians)
+        stats = collect_structure_stats(adapter, cal) if needs_s else None
+    compressed = apply_plan(adapter, plan, act_scales=act, hessians=hessians, structure_stats=stats)
     evaluator = FidelityEvaluator(adapter, _fidelity_batches(adapter, data, samples))
     result = evaluator.evaluate(compressed)
     recovered = None

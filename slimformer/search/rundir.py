@@ -59,7 +59,8 @@ def check_or_write_config(run_dir: Path, config: SearchConfig) -> None:
     new = config.model_dump(mode="json")
     if f.exists():
         old = yaml.safe_load(f.read_text()) or {}
-        changed = [k for k in IDENTITY_KEYS if _unset_dropped(old.get(k)) != _unset_dropped(new.get(k))]
+        changed = [k for k in IDENTITY_KEYS
+                   if _unset_dropped(_identity(old, k)) != _unset_dropped(_identity(new, k))]
         if changed:
             raise ConfigError(f"{run_dir} holds a search with a different {', '.join(changed)}; "
                               "use another --run-dir to start a new search")
@@ -80,6 +81,18 @@ def resolved_latency_budget(ctx: SearchContext) -> LatencyBudget | None:
     return LatencyBudget(round(ctx.latency_budget_ms, 6), ctx.config.budget.latency,
                          None if ctx.fp32_latency_ms is None else round(ctx.fp32_latency_ms, 6), cfg.batch, cfg.seq,
                          resolved_source(cfg.source, ctx.profile))
+
+
+def _identity(cfg: dict[str, Any], key: str) -> Any:
+    """A config section as resume compares it: `space.structure` counts only when the space prunes heads or
+    neurons, and a config written before the field existed pruned by weight norms without re-fit."""
+    v = cfg.get(key)
+    if key == "space" and isinstance(v, dict):
+        v = {**v}
+        v.setdefault("structure", {"importance": "weight", "refit": False})
+        if not any(g.get("heads_kept") or g.get("neurons_kept") for g in v.get("groups") or []):
+            v.pop("structure")
+    return v
 
 
 def plan_summary(plan: CompressionPlan) -> dict[str, Any]:
