@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import platform
 import re
-import warnings
 
+from slimformer.errors import notice
 from slimformer.hardware_profiles.profile import HardwareProfile
 
 # ISA extensions worth recording (as spelled in /proc/cpuinfo); everything else is dropped.
@@ -84,8 +83,7 @@ def mismatch(profile: HardwareProfile, threads: int | None = None) -> str | None
 
 
 def warn_if_mismatched(profile: HardwareProfile, threads: int | None = None) -> None:
-    """Emit `mismatch` as one warning line (warnings + logging) when there is one."""
+    """Emit `mismatch` as one notice (a SlimformerWarning; the CLI prints one `warning:` line) when there is one."""
     msg = mismatch(profile, threads)
     if msg:
-        warnings.warn(msg, stacklevel=2)
-        logging.getLogger("slimformer").warning(msg)
+        notice(msg, stacklevel=2)

@@ -26,11 +26,11 @@ from typing import Any
 
 import optuna
 from optuna.trial import TrialState
-from tqdm.auto import tqdm
 
 from slimformer.compression.memory import plan_memory
 from slimformer.errors import ConfigError
 from slimformer.fileio import write_json
+from slimformer.progress import progress_bar
 from slimformer.search.context import SearchContext
 from slimformer.search.evaluate import evaluate_plan, latency_record, price_latency
 from slimformer.search.multifidelity import evaluate_or_prune
@@ -276,7 +276,7 @@ def trial_loop(ctx: SearchContext, study: optuna.Study, trials: int, timeout: fl
     cap = INFEASIBLE_CAP * trials
     objective = make_objective(ctx, limit=trials)
     quiet_surplus_warnings()
-    bar = tqdm(total=remaining, desc="trials", unit="trial", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(remaining, desc="trials", unit="trial", disable=not progress, dynamic_ncols=True)
 
     def show(st: optuna.Study, done: int, skipped: int) -> None:
         bar.update(max(0, min(done, trials) - done0 - bar.n))
