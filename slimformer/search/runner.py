@@ -19,6 +19,7 @@ import logging
 import math
 import time
 import uuid
+import warnings
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -125,7 +126,18 @@ def open_study(ctx: SearchContext, storage: str | optuna.storages.BaseStorage, s
     if [d.name.lower() for d in study.directions] != directions:
         raise ConfigError(f"study {study_name!r} in {label} has other objectives; use a new --run-dir "
                           "or study_name")
+    names = metric_names(ctx)
+    if study.metric_names != names:  # optuna-dashboard labels the axes with these instead of "Objective 0"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(names)
     return study
+
+
+def metric_names(ctx: SearchContext) -> list[str]:
+    """The study's objective names as Optuna stores them: the quality metric, latency_ms, memory_bytes."""
+    names = {"quality": ctx.quality_metric, "latency": "latency_ms", "memory": "memory_bytes"}
+    return [names[o] for o in ctx.config.objectives]
 
 
 def fail_interrupted(study: optuna.Study) -> int:
@@ -234,7 +246,7 @@ def ensure_start_points(ctx: SearchContext, study: optuna.Study, log: Any = None
                     plain = replace(ctx, config=ctx.config.model_copy(update={"start_points": "random"}))
                     queued, sens = enqueue_start_points(plain, study, log=log)
                 if sens is not None:
-                    write_study_sensitivity(study, sens.to_json())
+                    write_study_sensitivity(study, sens.to_json(), sensitivity_path)
             finally:  # drivers waiting for the start points go on even if this one failed
                 write_start_claim(study, StartClaim(token, time.time(), queued))
     elif claim is None:
