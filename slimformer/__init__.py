@@ -7,6 +7,8 @@ then re-apply the chosen plan from a YAML recipe. The API is imported lazily (mo
 
 from __future__ import annotations
 
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -28,3 +30,23 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """The package module's type: `slimformer.search` stays the API function when the subpackage of the same
+    name is imported (the import system's binding of `slimformer.search` to the subpackage is ignored; the
+    subpackage itself lives in sys.modules["slimformer.search"], which is what `import slimformer.search.x`
+    uses). This is what the eager `from slimformer.api import search` used to give."""
+
+    @property
+    def search(self) -> Any:
+        from slimformer.api import search
+
+        return search
+
+    @search.setter
+    def search(self, value: Any) -> None:
+        pass
+
+
+sys.modules[__name__].__class__ = _Package

@@ -217,4 +217,4 @@ main.add_command(calibrate_cmd)
 main.add_command(profile_group)
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    main(prog_name="slimformer")

@@ -157,3 +157,16 @@ def test_line_progress_disabled_prints_nothing() -> None:
     bar.update(10)
     bar.close()
     assert buf.getvalue() == ""
+
+
+def test_apply_prints_a_notice_once_as_one_clean_line(tiny_model_dir: Path, tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("slimformer_recipe: 1\nmodel: {id: tiny, sha256: " + "ab" * 32 + "}\n"
+                      "rules:\n- match: 're:.*query'\n  spec: {bits: 8}\n")
+    res = CliRunner().invoke(main, ["apply", str(recipe), "--model", str(tiny_model_dir), "--samples", "8"])
+    assert res.exit_code == 0, res.output
+    err = res.stderr.splitlines()
+    notices = [ln for ln in err if "recipe was made for weights" in ln]
+    assert len(notices) == 1 and notices[0].startswith("warning: recipe was made for weights abababababab"), err
+    assert not any("Warning:" in ln or ".py:" in ln for ln in err), err
+    assert any(ln.startswith("[slimformer] scoring fidelity on 8 held-out") for ln in err), err
