@@ -47,6 +47,7 @@ class LineProgress:
         self._last_n = 0
         self._last_t = self._t0
         self._closed = False
+        self._pending = False  # a line is due; written at the next postfix/update/close, so it shows the postfix
 
     def _line(self) -> str:
         elapsed = time.monotonic() - self._t0
@@ -61,26 +62,36 @@ class LineProgress:
         print(self._line(), file=self.file or sys.stderr, flush=True)
         self._last_n, self._last_t = self.n, time.monotonic()
 
-    def _maybe_emit(self) -> None:
+    def _check(self) -> None:
         due_n = self._every_n is not None and self.n - self._last_n >= self._every_n
         if due_n or time.monotonic() - self._last_t >= self._every_s:
+            self._pending = True
+
+    def _flush(self) -> None:
+        if self._pending:
+            self._pending = False
             self._emit()
 
     def update(self, n: int = 1) -> None:
+        self._flush()
         self.n += n
-        self._maybe_emit()
+        self._check()
 
     def refresh(self) -> None:
-        self._maybe_emit()
+        self._check()
+        self._flush()
 
     def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
         self.postfix = s
+        self._flush()
 
     def set_postfix(self, **kwargs: Any) -> None:
         self.postfix = ", ".join(f"{k}={v}" for k, v in kwargs.items())
+        self._flush()
 
     def close(self) -> None:
-        if not self._closed and self.n != self._last_n:
+        if not self._closed and (self._pending or self.n != self._last_n):
+            self._pending = False
             self._emit()
         self._closed = True
 

@@ -139,16 +139,16 @@ def test_notice_is_a_user_warning_for_python_callers() -> None:
 def test_line_progress_prints_whole_lines_every_tenth() -> None:
     buf = io.StringIO()
     bar = LineProgress(50, "trials", unit="trial", file=buf, every_seconds=1e9)
-    for _ in range(50):
+    for i in range(50):
         bar.update(1)
-        bar.set_postfix_str("best 0.98")
+        bar.set_postfix_str(f"best {i}")  # each line shows the postfix set right after its update
     bar.close()
     text = buf.getvalue()
     assert "\r" not in text
     lines = text.splitlines()
     assert len(lines) == 10
-    assert lines[0].startswith("[slimformer] trials: 5/50 trial (10%)")
-    assert lines[-1].startswith("[slimformer] trials: 50/50 trial (100%)") and lines[-1].endswith("best 0.98")
+    assert lines[0].startswith("[slimformer] trials: 5/50 trial (10%)") and lines[0].endswith("best 4")
+    assert lines[-1].startswith("[slimformer] trials: 50/50 trial (100%)") and lines[-1].endswith("best 49")
 
 
 def test_line_progress_disabled_prints_nothing() -> None:
@@ -170,3 +170,12 @@ def test_apply_prints_a_notice_once_as_one_clean_line(tiny_model_dir: Path, tmp_
     assert len(notices) == 1 and notices[0].startswith("warning: recipe was made for weights abababababab"), err
     assert not any("Warning:" in ln or ".py:" in ln for ln in err), err
     assert any(ln.startswith("[slimformer] scoring fidelity on 8 held-out") for ln in err), err
+
+
+def test_line_progress_without_postfix_calls_still_prints_on_close() -> None:
+    buf = io.StringIO()
+    bar = LineProgress(4, "calibrate", file=buf, every_seconds=1e9)
+    for _ in range(4):
+        bar.update(1)
+    bar.close()
+    assert buf.getvalue().splitlines()[-1].startswith("[slimformer] calibrate: 4/4 it (100%)")
