@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 import pytest
-from click.testing import CliRunner
+from helpers import invoke
 from helpers import tiny_model_dir as _tiny_model_dir
 
 from slimformer.cli import main
@@ -102,11 +102,11 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_inspect_json_to_file_and_stdout(tiny_model_dir: Path, tmp_path: Path) -> None:
-    res = CliRunner().invoke(main, ["inspect", str(tiny_model_dir), "--json", str(tmp_path / "u.json")])
+    res = invoke("inspect", tiny_model_dir, "--json", tmp_path / "u.json")
     assert res.exit_code == 0, res.output
     assert "memory breakdown" in res.stdout and f"wrote {tmp_path / 'u.json'}" in res.stdout
     on_file = json.loads((tmp_path / "u.json").read_text())
-    res2 = CliRunner().invoke(main, ["inspect", str(tiny_model_dir), "--json"])
+    res2 = invoke("inspect", tiny_model_dir, "--json")
     assert json.loads(res2.stdout) == on_file
 
 
@@ -163,7 +163,7 @@ def test_apply_prints_a_notice_once_as_one_clean_line(tiny_model_dir: Path, tmp_
     recipe = tmp_path / "r.yaml"
     recipe.write_text("slimformer_recipe: 1\nmodel: {id: tiny, sha256: " + "ab" * 32 + "}\n"
                       "rules:\n- match: 're:.*query'\n  spec: {bits: 8}\n")
-    res = CliRunner().invoke(main, ["apply", str(recipe), "--model", str(tiny_model_dir), "--samples", "8"])
+    res = invoke("apply", recipe, "--model", tiny_model_dir, "--samples", "8")
     assert res.exit_code == 0, res.output
     err = res.stderr.splitlines()
     notices = [ln for ln in err if "recipe was made for weights" in ln]
