@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from slimformer.compression.apply import apply_plan
 from slimformer.compression.calibration import collect_activation_scales, collect_hessians, collect_structure_stats
@@ -12,10 +12,12 @@ from slimformer.compression.memory import MemoryReport, plan_memory
 from slimformer.compression.plan import CompressionPlan
 from slimformer.compression.recipe import Recipe
 from slimformer.compression.saving import check_out_dir, load_any, write_compressed
-from slimformer.errors import ConfigError
+from slimformer.errors import ConfigError, notice
 from slimformer.fileio import atomic_dir, check_output_path
 from slimformer.models import ModelAdapter
-from slimformer.search import SearchConfig, SearchResult, run_search
+
+if TYPE_CHECKING:  # search (optuna) is imported by the functions that use it: `inspect` does not load it
+    from slimformer.search import SearchConfig, SearchResult
 
 
 def load_model(model: str, max_length: int | None = None) -> ModelAdapter:
@@ -71,6 +73,8 @@ def inspect_model(model: str | ModelAdapter) -> InspectReport:
 
 def search(config: str | Path | SearchConfig | None = None, **overrides: Any) -> SearchResult:
     """Run or resume a search; `config` None uses the embedded Quickstart defaults."""
+    from slimformer.search import SearchConfig, run_search
+
     cfg = config if isinstance(config, SearchConfig) else SearchConfig.load(config)
     return run_search(cfg, **overrides)
 
@@ -130,6 +134,7 @@ def apply_recipe(recipe: str | Path | Recipe, model: str, out_dir: str | Path | 
         raise ConfigError("--onnx needs --out: model.onnx is written into the output directory")
     if kernels is not None and not onnx:
         raise ConfigError(f"--kernels {kernels} applies to the ONNX export; add --onnx (and --out)")
+    say = log or (lambda _msg: None)
     rec = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
     if out_dir is not None:
         check_output_path(out_dir, "--out", kind="dir")
@@ -138,24 +143,21 @@ def apply_recipe(recipe: str | Path | Recipe, model: str, out_dir: str | Path | 
     adapter = load_any(model)
     plan = rec.to_plan(adapter)
     if rec.model.sha256 and rec.model.sha256 != adapter.weights_sha256():
-        msg = (f"warning: recipe was made for weights {rec.model.sha256[:12]}…, this model has "
-               f"{adapter.weights_sha256()[:12]}…; applying anyway")
-        if log is not None:
-            log(msg)
-        else:
-            import warnings
-
-            warnings.warn(msg, stacklevel=2)
+        notice(f"recipe was made for weights {rec.model.sha256[:12]}…, this model has "
+               f"{adapter.weights_sha256()[:12]}…; applying anyway", stacklevel=2)
     act = hessians = stats = None
     needs_act = any(s.rank is not None for s in plan.units.values())
     needs_h = any(s.quantized and s.method == "gptq" for s in plan.units.values())
     needs_s = bool(plan.layers) and plan.structure.needs_data
     if needs_act or needs_h or needs_s:
+        say(f"calibrating on {calibration} {data} samples (activation scales / GPTQ Hessians / structure)")
         cal = _calibration_batches(adapter, data, calibration)
         act = collect_activation_scales(adapter, cal) if needs_act else None
         hessians = collect_hessians(adapter, cal) if needs_h else None
         stats = collect_structure_stats(adapter, cal) if needs_s else None
+    say(f"applying the plan ({len(plan.units)} units)")
     compressed = apply_plan(adapter, plan, act_scales=act, hessians=hessians, structure_stats=stats)
+    say(f"scoring fidelity on {samples} held-out {data} samples")
     evaluator = FidelityEvaluator(adapter, _fidelity_batches(adapter, data, samples))
     result = evaluator.evaluate(compressed)
     recovered = None
@@ -163,10 +165,12 @@ def apply_recipe(recipe: str | Path | Recipe, model: str, out_dir: str | Path | 
         from slimformer.recovery import recover as run_recovery
         from slimformer.recovery.data import training_batches
 
+        say(f"recovery: preparing {recover.data or 'default'} training data and the teacher")
         held = adapter.recovery_exclusions(data, samples)
         train = training_batches(adapter, recover.data, recover.batch_size, held, recover.samples, recover.seed)
         recovered = run_recovery(adapter, compressed, train, recover, progress=progress, log=log,
                                  evaluator=evaluator)
+        say("scoring the recovered model on the held-out samples")
         result = evaluator.evaluate(compressed)
         rec = rec.model_copy(update={"recovery": recovered.record()})
     mem = plan_memory(adapter, plan)
@@ -175,9 +179,11 @@ def apply_recipe(recipe: str | Path | Recipe, model: str, out_dir: str | Path | 
     if out_dir is not None:  # every file (model.onnx too) is written in a temp dir renamed into place at the end
         saved = Path(out_dir)
         check_out_dir(saved)
+        say(f"saving {out_dir}")
         with atomic_dir(saved) as tmp:
             write_compressed(adapter, compressed, rec, tmp)
             if onnx:
+                say(f"exporting ONNX ({kernels or 'per-unit'} kernels) and checking it against torch")
                 cal_batches = _calibration_batches(adapter, data, calibration) if kernels == "fast" else None
                 exported = _export_checked(adapter, compressed, tmp / "model.onnx", evaluator.batches, kernels,
                                            cal_batches)
@@ -204,8 +210,8 @@ def _export_checked(adapter: ModelAdapter, model: Any, path: Path, batches: list
                             float(np.abs(out - ref).max()), info.kernel_mode)
 
 
-def export_model(model_dir: str | Path, out: str | Path | None = None, kernels: str | None = None
-                 ) -> OnnxExportResult:
+def export_model(model_dir: str | Path, out: str | Path | None = None, kernels: str | None = None,
+                 log: Any = None) -> OnnxExportResult:
     """Export a compressed model directory (written by `apply --out`) to ONNX, `model_dir/model.onnx` by default.
 
     The agreement check runs the torch and ONNX models on 64 held-out fortunes texts (or test images).
@@ -216,7 +222,10 @@ def export_model(model_dir: str | Path, out: str | Path | None = None, kernels: 
     if not (d / RECIPE_FILE).is_file():
         raise ConfigError(f"{d} is not a compressed slimformer model directory (no {RECIPE_FILE})")
     check_output_path(Path(out) if out is not None else d / "model.onnx", "--out" if out is not None else "model.onnx")
+    say = log or (lambda _msg: None)
+    say(f"loading {d}")
     adapter = load_compressed(d)
+    say(f"exporting ONNX ({kernels} kernels) and checking it against torch on 64 held-out samples")
     cal = _calibration_batches(adapter, "fortunes", 64) if kernels == "fast" else None
     return _export_checked(adapter, adapter.model, Path(out) if out is not None else d / "model.onnx",
                            _fidelity_batches(adapter, "fortunes", 64), kernels, cal)
@@ -294,6 +303,7 @@ def _context_for_run(run_dir: Path) -> tuple[Any, Any, str]:
     "Using an existing study" line is not printed."""
     import optuna
 
+    from slimformer.search import SearchConfig
     from slimformer.search.context import prepare
     from slimformer.search.runner import default_storage, open_study
     from slimformer.search.storage import check_storage_url, hide_password

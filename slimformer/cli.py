@@ -1,24 +1,35 @@
-"""`slimformer` command line: parses arguments, calls slimformer.api, prints. Bad input exits with 2."""
+"""`slimformer` command line: parses arguments, calls slimformer.api, prints. Bad input exits with 2.
+
+Nothing heavy is imported at module level (each command imports slimformer.api when it runs), so `--help`
+and `--version` answer in a fraction of a second.
+"""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import click
 
-from slimformer.cli_errors import MAX_SAMPLES, MAX_THREADS, MAX_TRIALS
+from slimformer import __version__
+from slimformer.cli_errors import (
+    MAX_SAMPLES,
+    MAX_THREADS,
+    MAX_TRIALS,
+    json_option,
+    no_progress_option,
+    progress_logger,
+    write_json_out,
+)
 from slimformer.cli_errors import errors as _errors
-
-
-def _log(msg: str) -> None:
-    click.echo(f"[slimformer] {msg}", err=True)
+from slimformer.cli_errors import int_list as _int_list
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="slimformer")
-def main() -> None:
+@click.version_option(__version__, prog_name="slimformer")
+@click.option("--verbose", "-v", is_flag=True,
+              help="Show third-party logs and warnings (Optuna, Ray, transformers) that are hidden by default.")
+def main(verbose: bool) -> None:
     """Hardware-aware compression search for Transformers (rank, sparsity, bits, sharing)."""
 
 
@@ -28,7 +39,7 @@ def main() -> None:
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Stop starting trials after S seconds.")
 @click.option("--storage", help="Optuna storage URL (default: SQLite in the run directory).")
 @click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path), help="Output directory.")
-@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@no_progress_option
 @click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="Run trials in this process, or in Ray workers running slimformer's own trial loop on one "
                    "shared Optuna study (not Ray Tune: for a Tuner use slimformer.search.tune, docs/CLI.md).")
@@ -45,7 +56,8 @@ def search(config: Path | None, trials: int | None, timeout: float | None, stora
     from slimformer.api import search as run
 
     res = run(config, trials=trials, timeout=timeout, storage=storage, run_dir=run_dir,
-              progress=not no_progress, log=_log, backend=backend, address=address, workers=workers)
+              progress=not no_progress, log=progress_logger(no_progress), backend=backend,
+              address=address, workers=workers)
     s = res.summary
     m = s.quality_metric
     click.echo(f"run directory: {res.run_dir}")
@@ -70,7 +82,8 @@ _KERNELS_OPTION = click.option(
 @click.option("--model", required=True, help="Model directory or id the recipe is applied to.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Write the compressed model here.")
 @click.option("--data", default="fortunes", show_default=True, help="Held-out data for the fidelity check.")
-@click.option("--samples", default=256, show_default=True, type=click.IntRange(min=2, max=MAX_SAMPLES))
+@click.option("--samples", default=256, show_default=True, type=click.IntRange(min=2, max=MAX_SAMPLES),
+              help="Held-out samples the fidelity is measured on.")
 @click.option("--onnx", "to_onnx", is_flag=True, help="Also write OUT/model.onnx (needs --out).")
 @_KERNELS_OPTION
 @click.option("--recover", "do_recover", is_flag=True,
@@ -81,10 +94,11 @@ _KERNELS_OPTION = click.option(
               "package is installed, else the packaged fortunes; fashion-mnist for a ViT); held-out texts are "
               "excluded.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Recovery learning rate (default 5e-4).")
+@no_progress_option
 @_errors
 def apply(recipe: Path, model: str, out: Path | None, data: str, samples: int, to_onnx: bool, kernels: str | None,
           do_recover: bool, steps: int | None, minutes: float | None, recover_data: str | None,
-          lr: float | None) -> None:
+          lr: float | None, no_progress: bool) -> None:
     """Apply RECIPE to a model, print memory and fidelity, and optionally save it (--recover: distil first)."""
     from slimformer.api import apply_recipe
     from slimformer.errors import ConfigError
@@ -97,7 +111,7 @@ def apply(recipe: Path, model: str, out: Path | None, data: str, samples: int, t
     elif any(v is not None for v in (steps, minutes, recover_data, lr)):
         raise ConfigError("--steps, --minutes, --recover-data and --lr set recovery; add --recover")
     res = apply_recipe(recipe, model, out_dir=out, data=data, samples=samples, onnx=to_onnx, kernels=kernels,
-                       recover=recover, progress=True, log=_log)
+                       recover=recover, progress=not no_progress, log=progress_logger(no_progress))
     mem = res.memory
     click.echo(f"memory: {mem.total_bytes:,d} bytes = {mem.percent:.2f}% of fp32 ({mem.fp32_bytes:,d})")
     if res.recovery is not None:
@@ -123,53 +137,50 @@ def _echo_onnx(o: Any) -> None:
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               help="ONNX file (default MODEL_DIR/model.onnx).")
 @_KERNELS_OPTION
+@no_progress_option
 @_errors
-def export_cmd(model_dir: Path, out: Path | None, kernels: str | None) -> None:
+def export_cmd(model_dir: Path, out: Path | None, kernels: str | None, no_progress: bool) -> None:
     """Export a compressed model directory (from `apply --out`) to ONNX with physical int4/int8 kernels."""
     from slimformer.api import export_model
 
-    _echo_onnx(export_model(model_dir, out, kernels=kernels))
-
-
-def _int_list(ctx: Any, param: Any, value: str) -> tuple[int, ...]:
-    try:
-        vals = tuple(int(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
-    if not vals or min(vals) < 1 or max(vals) > 65536:
-        raise click.BadParameter(f"expected comma-separated integers from 1 to 65536, got {value!r}")
-    return vals
+    _echo_onnx(export_model(model_dir, out, kernels=kernels, log=progress_logger(no_progress)))
 
 
 @main.command("bench")
 @click.argument("target", type=click.Path(path_type=Path))
 @click.option("--model", help="Uncompressed model (needed for a recipe or an .onnx TARGET).")
 @click.option("--data", default="fortunes", show_default=True, help="Held-out data for fidelity and inputs.")
-@click.option("--samples", default=256, show_default=True, type=click.IntRange(min=2, max=MAX_SAMPLES))
+@click.option("--samples", default=256, show_default=True, type=click.IntRange(min=2, max=MAX_SAMPLES),
+              help="Held-out samples for the fidelity columns.")
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1, max=MAX_THREADS),
               help="Intra-op threads.")
-@click.option("--seq", "seqs", default="64,128", show_default=True, callback=_int_list, help="Sequence lengths.")
-@click.option("--batch", "batches", default="1,32", show_default=True, callback=_int_list, help="Batch sizes.")
+@click.option("--seq", "seqs", default="64,128", show_default=True, callback=_int_list,
+              help="Sequence lengths, comma-separated.")
+@click.option("--batch", "batches", default="1,32", show_default=True, callback=_int_list,
+              help="Batch sizes, comma-separated.")
 @click.option("--runs", default=30, show_default=True, type=click.IntRange(min=1, max=MAX_SAMPLES),
               help="Timed runs per model.")
-@click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0, max=MAX_SAMPLES))
-@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write results as JSON.")
+@click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0, max=MAX_SAMPLES),
+              help="Untimed runs per model before timing.")
+@json_option
 @_KERNELS_OPTION
+@no_progress_option
 @_errors
 def bench(target: Path, model: str | None, data: str, samples: int, threads: int, seqs: tuple[int, ...],
-          batches: tuple[int, ...], runs: int, warmup: int, json_out: Path | None, kernels: str | None) -> None:
+          batches: tuple[int, ...], runs: int, warmup: int, json_out: str | None, kernels: str | None,
+          no_progress: bool) -> None:
     """Benchmark TARGET (recipe, compressed directory or .onnx) against fp32 and ORT dynamic int8 in ONNX Runtime."""
     from slimformer.api import bench as run
-    from slimformer.fileio import atomic_write, check_output_path
+    from slimformer.fileio import check_output_path
 
     if json_out is not None:
         check_output_path(json_out, "--json")
     res = run(target, model, data=data, samples=samples, threads=threads, seqs=seqs, batches=batches, runs=runs,
-              warmup=warmup, log=_log, kernels=kernels)
-    click.echo(res.format())
+              warmup=warmup, log=progress_logger(no_progress), kernels=kernels)
+    if json_out != "-":
+        click.echo(res.format())
     if json_out is not None:
-        atomic_write(json_out, json.dumps(res.to_dict(), indent=2) + "\n")
-        click.echo(f"wrote {json_out}")
+        write_json_out(json_out, res.to_dict())
 
 
 @main.command("export-recipe")
@@ -194,14 +205,15 @@ def export_recipe(run_dir: Path, trial: int, out: Path | None) -> None:
               help="Also export the N Pareto plans with the best held-out quality to ONNX (temporary folder) and "
                    "time them here, at the search's batch x seq and threads, beside the predicted latency and the "
                    "roofline estimate (bench.json, and a table in the report). 0 exports nothing.")
-@click.option("--runs", default=30, show_default=True, type=click.IntRange(min=1),
+@click.option("--runs", default=30, show_default=True, type=click.IntRange(min=1, max=MAX_SAMPLES),
               help="Timed runs per plan with --bench.")
+@no_progress_option
 @_errors
-def report(run_dir: Path, bench_n: int, runs: int) -> None:
+def report(run_dir: Path, bench_n: int, runs: int, no_progress: bool) -> None:
     """Rebuild pareto.json, recipes, pareto.png and report.html of a run from its study (--bench N: measure)."""
     from slimformer.api import report as rebuild
 
-    out = rebuild(run_dir, bench=bench_n, runs=runs, log=_log)
+    out = rebuild(run_dir, bench=bench_n, runs=runs, log=progress_logger(no_progress))
     if bench_n:
         from slimformer.search.report_bench import read_front_bench
 
@@ -215,20 +227,20 @@ def report(run_dir: Path, bench_n: int, runs: int) -> None:
 
 @main.command()
 @click.argument("model")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@json_option
 @_errors
-def inspect(model: str, as_json: bool) -> None:
+def inspect(model: str, json_out: str | None) -> None:
     """List MODEL's compressible units and its memory breakdown."""
     from dataclasses import asdict
 
     from slimformer.api import inspect_model
 
     rep = inspect_model(model)
-    if as_json:
-        click.echo(json.dumps({"model": rep.model_id, "units": [asdict(u) for u in rep.units],
-                               "memory": rep.memory.by_group, "total_bytes": rep.memory.total_bytes}, indent=2))
-    else:
+    if json_out != "-":
         click.echo(rep.format())
+    if json_out is not None:
+        write_json_out(json_out, {"model": rep.model_id, "units": [asdict(u) for u in rep.units],
+                                  "memory": rep.memory.by_group, "total_bytes": rep.memory.total_bytes})
 
 
 from slimformer.cli_profiles import calibrate_cmd, profile_group  # noqa: E402
@@ -237,4 +249,4 @@ main.add_command(calibrate_cmd)
 main.add_command(profile_group)
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    main(prog_name="slimformer")

@@ -9,28 +9,18 @@ from typing import Any
 
 import click
 
-from slimformer.cli_errors import MAX_SAMPLES, MAX_THREADS
+from slimformer.cli_errors import MAX_SAMPLES, MAX_THREADS, no_progress_option, progress_logger
 from slimformer.cli_errors import errors as _errors
+from slimformer.cli_errors import int_list as _ints
 from slimformer.errors import ConfigError
 
 BENCH_DOC = Path("docs/BENCHMARKS.md")
 RESULTS_DIR = Path("benchmarks/results")
 
 
-def _ints(ctx: Any, param: Any, value: str | None) -> tuple[int, ...] | None:
-    if value is None:
-        return None
-    try:
-        out = tuple(int(x) for x in value.split(",") if x.strip())
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
-    if not out or min(out) < 1 or max(out) > 65536:
-        raise click.BadParameter("values must be integers from 1 to 65536")
-    return out
-
-
 @click.command("calibrate")
-@click.option("--runtime", type=click.Choice(["onnxruntime"]), default="onnxruntime", show_default=True)
+@click.option("--runtime", type=click.Choice(["onnxruntime"]), default="onnxruntime", show_default=True,
+              help="Inference runtime whose kernels are measured.")
 @click.option("--threads", type=click.IntRange(min=1, max=MAX_THREADS), default=1, show_default=True,
               help="Intra-op threads.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Profile YAML to write.")
@@ -39,7 +29,7 @@ def _ints(ctx: Any, param: Any, value: str | None) -> tuple[int, ...] | None:
 @click.option("--m", "m_values", callback=_ints, help="Override the token counts M measured (e.g. 1,128).")
 @click.option("--dims", callback=_ints, help="Override the K/N widths measured (e.g. 96,384).")
 @click.option("--references", help="Comma-separated reference models for the residual ('none' for none).")
-@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@no_progress_option
 @click.option("--refit-residual", "refit_from", help="Keep this profile's kernel tables; only re-time the "
               "reference models and re-fit the whole-graph residual.")
 @_errors
@@ -62,8 +52,7 @@ def calibrate_cmd(runtime: str, threads: int, out: Path, quick: bool, name: str 
         refs = CalibrationGrid.full().references if references is None else tuple(
             r.strip() for r in references.split(",") if r.strip() and r.strip() != "none")
         with tempfile.TemporaryDirectory() as tmp:
-            profile = refit(load_profile(refit_from), refs, Path(tmp),
-                            log=None if no_progress else lambda m: click.echo(f"[slimformer] {m}", err=True))
+            profile = refit(load_profile(refit_from), refs, Path(tmp), log=progress_logger(no_progress))
         save_profile(profile, out)
         click.echo(f"{profile.name} ({profile.version}): residual re-fitted on {', '.join(refs)} -> {out}")
         return
@@ -111,19 +100,22 @@ def show_cmd(profile: str) -> None:
               help="Random held-out plans.")
 @click.option("--threads", type=click.IntRange(min=1, max=MAX_THREADS),
               help="Intra-op threads (default: the profile's).")
-@click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1, max=4096))
-@click.option("--seq", type=click.IntRange(min=1, max=65536),
-              help="Sequence length (default 128; a ViT's token count).")
+@click.option("--batch", "batches", default="1", show_default=True, callback=_ints,
+              help="Batch sizes, comma-separated (each batch x seq pair is validated).")
+@click.option("--seq", "seqs", callback=_ints,
+              help="Sequence lengths, comma-separated (default 128; a ViT's token count).")
 @click.option("--runs", default=15, show_default=True, type=click.IntRange(min=3, max=MAX_SAMPLES),
               help="Rounds per timing pass (at least; fast models get more, up to 400, so a pass lasts 20 s).")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random held-out plans.")
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), help="Keep the exported models here.")
 @click.option("--write", is_flag=True, help="Also write the result into the profile file, benchmarks/results/ and "
               "docs/BENCHMARKS.md (run from the repository root); by default nothing is written.")
 @click.option("--no-write", is_flag=True, hidden=True, help="The default (kept for old scripts).")
+@no_progress_option
 @_errors
-def validate_cmd(profile: str, model: str, configs: int, threads: int | None, batch: int, seq: int | None,
-                 runs: int, seed: int, work_dir: Path | None, write: bool, no_write: bool) -> None:
+def validate_cmd(profile: str, model: str, configs: int, threads: int | None, batches: tuple[int, ...],
+                 seqs: tuple[int, ...] | None, runs: int, seed: int, work_dir: Path | None, write: bool,
+                 no_write: bool, no_progress: bool) -> None:
     """Measure random held-out plans and report the calibrated model's error next to the FLOPs proxy's."""
     import tempfile
 
@@ -144,36 +136,48 @@ def validate_cmd(profile: str, model: str, configs: int, threads: int | None, ba
         check_output_path(work_dir, "--work-dir", kind="dir")
     threads = threads or prof.threads
     adapter = reference_adapter(model)
-    if seq is None:
-        seq = adapter.default_latency_seq
-    with tempfile.TemporaryDirectory() as tmp:
-        wd = work_dir or Path(tmp)
-        result, rows = validate(prof, adapter, configs, batch, seq, threads, wd, seed=seed, runs=runs,
-                                log=lambda m: click.echo(f"[slimformer] {m}", err=True))
-    line = (f"{model} batch {batch} seq {seq}, {result.configs} held-out plans, {threads} thread(s): "
+    pairs = [(b, s) for b in batches for s in (seqs or (adapter.default_latency_seq,))]
+    say = progress_logger(no_progress) or (lambda _m: None)
+    lines, outs = [], []
+    for batch, seq in pairs:
+        with tempfile.TemporaryDirectory() as tmp:
+            result, rows = validate(prof, adapter, configs, batch, seq, threads, work_dir or Path(tmp), seed=seed,
+                                    runs=runs, log=say)
+        line = _result_line(model, batch, seq, threads, result)
+        click.echo(line)
+        lines.append(line)
+        prof = with_result(prof, result)
+        stem = results_stem(prof.name, model) + ("" if len(pairs) == 1 else f"-b{batch}-s{seq}")
+        outs.append((RESULTS_DIR / f"{stem}.json", rows_json(result, rows, threads)))
+    if not write:
+        return
+    path = resolve_path(profile)
+    shown = path.resolve().relative_to(Path.cwd()) if path.resolve().is_relative_to(Path.cwd()) else path
+    save_profile(prof, path)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    from slimformer.fileio import atomic_write
+
+    for out, payload in outs:
+        atomic_write(out, json.dumps(payload, indent=1))
+    body = "\n\n".join(lines)
+    files = ", ".join(f"`{out}`" for out, _ in outs)
+    update_bench_doc(f"profile-validate-{adapter.doc_label}",
+                     f"`slimformer profile validate {profile} --model {model} --configs {configs}`\n\n{body}\n\n"
+                     f"Results: {files}; profile validation section updated (`{shown}`); calibration "
+                     f"took {prof.calibration.seconds if prof.calibration else 0:.0f} s "
+                     f"(`{prof.calibration.command if prof.calibration else 'unknown'}`).")
+    click.echo(f"wrote {path}, {', '.join(str(o) for o, _ in outs)}, {BENCH_DOC}")
+
+
+def _result_line(model: str, batch: int, seq: int, threads: int, result: Any) -> str:
+    """One validation result as the line printed and written into docs/BENCHMARKS.md."""
+    return (f"{model} batch {batch} seq {seq}, {result.configs} held-out plans, {threads} thread(s): "
             f"MAPE {100 * result.mape:.2f}%, within 5% {100 * result.within_5:.0f}%, within 10% "
             f"{100 * result.within_10:.0f}%, p95 {100 * result.p95_error:.1f}%, Kendall tau {result.kendall_tau:.3f}; "
             f"FLOPs proxy MAPE {100 * result.flops_mape:.2f}%, within 10% {100 * result.flops_within_10:.0f}%, "
             f"tau {result.flops_kendall_tau:.3f}; roofline estimate MAPE {100 * (result.estimate_mape or 0):.1f}%, "
             f"tau {result.estimate_kendall_tau or 0:.3f}; noise floor {100 * result.noise_floor:.2f}%; "
             f"load {result.loadavg}")
-    click.echo(line)
-    if not write:
-        return
-    path = resolve_path(profile)
-    shown = path.resolve().relative_to(Path.cwd()) if path.resolve().is_relative_to(Path.cwd()) else path
-    save_profile(with_result(prof, result), path)
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    out = RESULTS_DIR / f"{results_stem(prof.name, model)}.json"
-    from slimformer.fileio import atomic_write
-
-    atomic_write(out, json.dumps(rows_json(result, rows, threads), indent=1))
-    update_bench_doc(f"profile-validate-{adapter.doc_label}",
-                     f"`slimformer profile validate {profile} --model {model} --configs {configs}`\n\n{line}\n\n"
-                     f"Results: `{out}`; profile validation section updated (`{shown}`); calibration "
-                     f"took {prof.calibration.seconds if prof.calibration else 0:.0f} s "
-                     f"(`{prof.calibration.command if prof.calibration else 'unknown'}`).")
-    click.echo(f"wrote {path}, {out}, {BENCH_DOC}")
 
 
 def update_bench_doc(marker: str, body: str, doc: Path = BENCH_DOC) -> None:

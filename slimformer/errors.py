@@ -25,3 +25,15 @@ class ModelLoadError(SlimformerError):
 
 class BudgetError(SlimformerError):
     """A memory or latency budget that no plan in the search space can meet."""
+
+
+class SlimformerWarning(UserWarning):
+    """A notice for the user (e.g. a hardware profile made on another CPU); the CLI prints it as `warning: ...`."""
+
+
+def notice(message: str, stacklevel: int = 2) -> None:
+    """Issue a user-facing notice as a SlimformerWarning: Python callers filter it like any warning; the CLI
+    shows each distinct one once as one `warning: ...` line on stderr (no file:line)."""
+    import warnings
+
+    warnings.warn(message, SlimformerWarning, stacklevel=stacklevel + 1)

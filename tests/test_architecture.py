@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent / "slimformer"
 # packages that share a layer are peers and may import each other only in the order they are listed.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors",),
-    ("fileio", "schema", "threads"),
+    ("fileio", "schema", "threads", "progress"),
     ("data",),
     ("models",),
     ("compression",),

@@ -557,7 +557,7 @@ def test_sha256_mismatch_is_one_clean_warning_line(env: Env, tmp_path: Path) -> 
     assert res.exit_code == 0, res.stderr
     warn = [ln for ln in res.stderr.splitlines() if "recipe was made for weights" in ln]
     assert warn == [ln for ln in res.stderr.splitlines() if "arning" in ln]
-    assert len(warn) == 1 and warn[0].startswith("[slimformer] warning: ") and "UserWarning" not in res.stderr
+    assert len(warn) == 1 and warn[0].startswith("warning: ") and "UserWarning" not in res.stderr
 
 
 def test_report_and_export_recipe_do_not_print_optuna_lines(env: Env, tmp_path: Path) -> None:

@@ -2,6 +2,8 @@
 
 Rules match unit names exactly or by `re:` regex; the first matching rule wins; a rule that matches
 no unit of the model is an error (it names a unit the model lacks). Unknown keys are rejected.
+The writer is compact (one `re:` rule per distinct spec, spec fields at their defaults left out, in flow
+style); the reader accepts that and the long form (one exact-name rule per unit, every field written) alike.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pydantic import Field, ValidationError, field_validator
 from slimformer.compression.plan import CompressionPlan, LayerSpec, SharingSpec, StructureSpec, UnitSpec
 from slimformer.compression.plan_semantics import canonical_plan
 from slimformer.compression.records import RecoveryRecord
+from slimformer.compression.rule_patterns import matches_exactly, pattern_for
 from slimformer.errors import PlanError, RecipeError
 from slimformer.fileio import atomic_write, first_validation_error, read_text_file, yaml_mapping
 from slimformer.models.base import ModelAdapter
@@ -167,12 +170,17 @@ class Recipe(FrozenModel):
     @classmethod
     def from_plan(cls, plan: CompressionPlan, adapter: ModelAdapter, hardware_profile: str | None = None,
                   provenance: Provenance | Mapping[str, Any] | None = None,
-                  hardware_profile_version: str | None = None) -> Recipe:
-        """One exact-name rule per compressed unit, in model order (of the canonical plan: units shared
-        away carry their representative's spec)."""
+                  hardware_profile_version: str | None = None,
+                  compact: bool = True) -> Recipe:
+        """Rules for the compressed units of the canonical plan (units shared away carry their representative's
+        spec). `compact`: one rule per distinct spec (an exact name for a single unit, else the shortest `re:`
+        pattern that matches exactly those units; rule_patterns.py), ordered by the first unit in model order;
+        otherwise one exact-name rule per unit, in model order. Identity units get no rule either way."""
         plan = canonical_plan(adapter, plan)
-        rules = [Rule(match=n, spec=SpecModel.from_spec(plan.units[n])) for n in adapter.unit_names
-                 if n in plan.units and not plan.units[n].is_identity]
+        names = list(adapter.unit_names)
+        kept = [n for n in names if n in plan.units and not plan.units[n].is_identity]
+        rules = [Rule(match=n, spec=SpecModel.from_spec(plan.units[n])) for n in kept] if not compact \
+            else _compact_rules({n: plan.units[n] for n in kept}, names)
         layers = [LayerRule(layer=i, heads_kept=s.heads_kept, neurons_kept=s.neurons_kept)
                   for i, s in sorted(plan.layers.items()) if s != LayerSpec()]
         sharing = None if not plan.sharing.groups else SharingModel(
@@ -186,15 +194,19 @@ class Recipe(FrozenModel):
 
     # -- YAML ----------------------------------------------------------------------------------------
     def to_yaml(self) -> str:
+        """YAML with each rule's spec on one line (fields at their defaults left out) and empty sections left
+        out; `from_yaml` reads it back to an equal Recipe."""
         data = self.model_dump(mode="json", exclude_none=False)
         data["provenance"] = self.provenance.model_dump(mode="json", exclude_defaults=True)  # the keys written
-        for optional in ("structure", "recovery"):
-            if data.get(optional) is None:
-                data.pop(optional, None)  # recipes without them read and write exactly as before
-        for rule in data.get("rules", []):
-            if rule["spec"].get("kernel") == "exact":
-                del rule["spec"]["kernel"]  # the default: recipes of exact-kernel plans stay byte-identical
-        return yaml.safe_dump(data, sort_keys=False, width=120)
+        for key, empty in (("hardware_profile", None), ("hardware_profile_version", None), ("recovery", None),
+                           ("structure", None), ("sharing", None), ("layers", []), ("provenance", {})):
+            if key in data and data[key] == empty:
+                del data[key]  # the reader's default
+        data["rules"] = [{"match": r.match, "spec": _Flow(r.spec.model_dump(mode="json", exclude_defaults=True))}
+                         for r in self.rules]
+        if self.layers:
+            data["layers"] = [_Flow(lr.model_dump(mode="json", exclude_none=True)) for lr in self.layers]
+        return yaml.dump(data, Dumper=_RecipeDumper, sort_keys=False, width=120, allow_unicode=True)
 
     @classmethod
     def from_yaml(cls, text: str, source: str = "recipe") -> Recipe:
@@ -213,3 +225,36 @@ class Recipe(FrozenModel):
     def save(self, path: str | Path) -> None:
         atomic_write(Path(path), self.to_yaml())
 
+
+
+class _Flow(dict):  # type: ignore[type-arg]
+    """A mapping written in YAML flow style (`{bits: 4, group_size: 32}`)."""
+
+
+class _RecipeDumper(yaml.SafeDumper):
+    """yaml.safe_dump, plus `_Flow` mappings on one line."""
+
+
+_RecipeDumper.add_representer(
+    _Flow, lambda d, v: d.represent_mapping("tag:yaml.org,2002:map", dict(v), flow_style=True))
+
+
+def _compact_rules(specs: dict[str, UnitSpec], names: list[str]) -> list[Rule]:
+    """One rule per distinct spec (see Recipe.from_plan); a pattern that would not match exactly its units
+    among `names` (cannot happen for well-formed names, checked anyway) falls back to exact-name rules."""
+    by_spec: dict[UnitSpec, list[str]] = {}
+    for n, s in specs.items():
+        by_spec.setdefault(s, []).append(n)
+    order = {n: i for i, n in enumerate(names)}
+    rules: list[tuple[int, Rule]] = []
+    for spec, units in by_spec.items():
+        sm = SpecModel.from_spec(spec)
+        if len(units) == 1:
+            rules.append((order[units[0]], Rule(match=units[0], spec=sm)))
+            continue
+        pat = pattern_for(units, names)
+        if matches_exactly(pat, units, names):
+            rules.append((min(order[u] for u in units), Rule(match=f"re:{pat}", spec=sm)))
+        else:  # pragma: no cover - defensive
+            rules += [(order[u], Rule(match=u, spec=sm)) for u in units]
+    return [r for _, r in sorted(rules, key=lambda x: x[0])]

@@ -40,6 +40,7 @@ from slimformer.hardware_profiles.profile import (
 )
 from slimformer.hardware_profiles.references import MINILM, VIT_FMNIST
 from slimformer.hardware_profiles.residual_fit import fit_residuals
+from slimformer.progress import progress_bar
 
 LINEAR_CLASSES: tuple[KernelChoice, ...] = (
     KernelChoice("matmul", 32),
@@ -226,7 +227,6 @@ def calibrate(threads: int, grid: CalibrationGrid | None = None, name: str | Non
     import tempfile
 
     import onnxruntime as ort
-    from tqdm.auto import tqdm
 
     if threads < 1:
         raise ConfigError(f"--threads must be >= 1 (got {threads})")
@@ -237,8 +237,8 @@ def calibrate(threads: int, grid: CalibrationGrid | None = None, name: str | Non
     n_elw = len(mb.ELEMENTWISE) * len(g.elem_rows) * len(g.elem_widths)
     n_ref = sum(len(g.reference_shapes.get(r, ())) if g.reference_shapes else (2 if r == VIT_FMNIST else 4)
                 for r in g.references)
-    bar = tqdm(total=n_lin + n_emb + n_att + n_elw + n_ref, desc="calibrate", disable=not progress,
-               file=sys.stderr, unit="bench")
+    bar = progress_bar(n_lin + n_emb + n_att + n_elw + n_ref, desc="calibrate", disable=not progress,
+                       file=sys.stderr, unit="bench")
 
     def step(k: int, label: str) -> None:
         bar.update(k)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import platform
 import re
 from collections.abc import Callable
 
+from slimformer.errors import notice
 from slimformer.hardware_profiles.profile import HardwareProfile
 
 # ISA extensions worth recording (as spelled in /proc/cpuinfo); everything else is dropped.
@@ -85,12 +85,12 @@ def mismatch(profile: HardwareProfile, threads: int | None = None) -> str | None
 
 def warn_if_mismatched(profile: HardwareProfile, threads: int | None = None,
                        log: Callable[[str], None] | None = None) -> str | None:
-    """Say `mismatch` once, as one plain line: through `log` when given, else the `slimformer` logger (no Python
-    warning: that would add a file:line and, with logging, say it twice). Returns the line, or None."""
+    """Say `mismatch` once, as one plain line: through `log` when given, else as a notice (a SlimformerWarning,
+    which the CLI prints as one `warning:` line, no file:line). Returns the line, or None."""
     msg = mismatch(profile, threads)
     if msg:
         if log is not None:
             log(msg)
         else:
-            logging.getLogger("slimformer").warning(msg)
+            notice(msg, stacklevel=2)
     return msg

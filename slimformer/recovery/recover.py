@@ -87,7 +87,11 @@ def recover(teacher: ModelAdapter, model: nn.Module, train_batches: Sequence[Bat
     device = _device(config.device)
     if evaluator is None and eval_batches:
         evaluator = FidelityEvaluator(teacher, eval_batches, device=str(device))
+    if evaluator is not None:
+        say("recovery: scoring the model before distillation on the held-out samples")
     before = evaluator.evaluate(model).metrics if evaluator is not None else {}
+    span = f"{config.step_budget} steps" if config.step_budget is not None else f"{config.minutes} min"
+    say(f"recovery: distilling on {len(train_batches)} training batches on {device} ({span})")
 
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
@@ -115,10 +119,10 @@ def recover(teacher: ModelAdapter, model: nn.Module, train_batches: Sequence[Bat
     cached_bytes = 0
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from slimformer.progress import progress_bar
 
-        bar = tqdm(total=budget_steps if budget_steps is not None else int(budget_s or 0), desc="recover",
-                   unit="step" if budget_steps is not None else "s", leave=False)
+        bar = progress_bar(budget_steps if budget_steps is not None else int(budget_s or 0), desc="recover",
+                           unit="step" if budget_steps is not None else "s", leave=False)
     start = time.perf_counter()
     step = 0
     samples = 0

@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from tqdm.auto import tqdm
 
 from slimformer.errors import ConfigError
+from slimformer.progress import progress_bar
 from slimformer.search.context import SearchContext
 from slimformer.search.records import counted_trials
 from slimformer.search.runner import ensure_start_points, fail_interrupted, open_study, run_trials
@@ -186,7 +186,8 @@ def wait_for(pending: list[Any], study: optuna.Study, trials: int, done0: int, p
 
     results: list[dict[str, Any]] = []
     errors: list[str] = []
-    bar = tqdm(total=max(0, trials - done0), desc="trials", unit="trial", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(max(0, trials - done0), desc="trials", unit="trial", disable=not progress,
+                       dynamic_ncols=True)
     try:
         while pending:
             ready, pending = ray.wait(pending, num_returns=len(pending), timeout=POLL_S)

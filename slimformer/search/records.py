@@ -1,5 +1,5 @@
 """What a search stores in its Optuna study, in one place: the trial record (trial user attrs) and the two
-study user attrs (start-point claim, sensitivity table).
+study user attrs (start-point claim, sensitivity table or a pointer to its file).
 
 Every read or write of those attr names goes through this module, so the schema lives here only. A trial's
 record is written piecewise while it runs (memory and latency first, then the evaluation or the failure);
@@ -8,13 +8,18 @@ each piece is a `TrialRecord` holding just the fields known at that point (`None
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
+
+from slimformer.fileio import write_json
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
@@ -24,7 +29,7 @@ SURPLUS = "interrupted (surplus: other drivers' trials completed the study's cou
 STALE = "interrupted (worker stopped sending heartbeats)"
 
 START_ATTR = "slimformer_start_points"  # study user attr: {"by", "at", "beat": last heartbeat, "queued": n or None}
-SENSITIVITY_ATTR = "slimformer_sensitivity"  # study user attr: the sensitivity measured for the start points
+SENSITIVITY_ATTR = "slimformer_sensitivity"  # study user attr: the sensitivity table, or a pointer to its file
 
 
 @dataclass(frozen=True)
@@ -172,10 +177,53 @@ def write_start_claim(study: optuna.Study, claim: StartClaim) -> None:
     study.set_user_attr(START_ATTR, claim.to_json())
 
 
+def _sqlite_dir(study: optuna.Study) -> Path | None:
+    """The folder of the study's SQLite file, or None for any other storage (a server, a journal, memory)."""
+    storage = getattr(study._storage, "_backend", study._storage)  # optuna wraps RDBStorage in a cache
+    url = getattr(storage, "url", None)
+    if not isinstance(url, str) or not url.startswith("sqlite:///") or ":memory:" in url:
+        return None
+    return Path(url[len("sqlite:///"):].split("?", 1)[0]).resolve().parent
+
+
+def _digest(table: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(table, sort_keys=True).encode()).hexdigest()
+
+
 def study_sensitivity(study: optuna.Study) -> dict[str, Any] | None:
-    """The sensitivity table the start points measured (start.Sensitivity.to_json), or None."""
-    return study.user_attrs.get(SENSITIVITY_ATTR) or None
+    """The sensitivity table the start points measured (start.Sensitivity.to_json), or None (also when the
+    attr points to a file that is missing or was changed: the search then repairs plans without it)."""
+    raw = study.user_attrs.get(SENSITIVITY_ATTR)
+    if isinstance(raw, dict) and set(raw) == {"file", "sha256"}:
+        path = Path(raw["file"])
+        if not path.is_absolute():
+            base = _sqlite_dir(study)
+            if base is None:
+                return None
+            path = base / path
+        try:
+            table = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        return table if isinstance(table, dict) and _digest(table) == raw["sha256"] else None
+    return raw or None
 
 
-def write_study_sensitivity(study: optuna.Study, table: dict[str, Any]) -> None:
-    study.set_user_attr(SENSITIVITY_ATTR, table)
+def write_study_sensitivity(study: optuna.Study, table: dict[str, Any], path: Path | None = None) -> None:
+    """Store the sensitivity table for every driver of the study.
+
+    With `path` (the run directory's sensitivity.json) and a SQLite study, the table goes to that file and the
+    study keeps only a pointer {file, sha256} (the file relative to the SQLite file's folder when it lies under
+    it, so a moved run directory still resolves): SQLite is one machine's file, so every driver can read the
+    run directory, and optuna-dashboard shows a small attr instead of a large blob. Any other storage (a
+    database server, a journal file that may sit on a shared file system, memory) keeps the whole table in the
+    study: drivers on other machines may not see this run directory.
+    """
+    base = _sqlite_dir(study) if path is not None else None
+    if path is None or base is None:
+        study.set_user_attr(SENSITIVITY_ATTR, table)
+        return
+    write_json(path, table)
+    full = path.resolve()
+    shown = str(full.relative_to(base)) if full.is_relative_to(base) else str(full)
+    study.set_user_attr(SENSITIVITY_ATTR, {"file": shown, "sha256": _digest(table)})

@@ -142,14 +142,16 @@ def run_baselines(ctx: SearchContext, run_dir: Path, log: Any) -> list[BaselineR
     return results
 
 
-def heldout_for_pareto(ctx: SearchContext, run_dir: Path, front: list[optuna.trial.FrozenTrial]
-                       ) -> dict[int, dict[str, float]]:
+def heldout_for_pareto(ctx: SearchContext, run_dir: Path, front: list[optuna.trial.FrozenTrial],
+                       log: Any = None) -> dict[int, dict[str, float]]:
     f = run_dir / "heldout.json"
     cache = {int(k): v for k, v in read_json(f, {}).items()}
-    for t in front:
-        if t.number not in cache:
-            cache[t.number] = evaluate_plan(ctx, trial_plan(ctx, t), heldout=True).metrics
-            write_json(f, {str(k): v for k, v in sorted(cache.items())})
+    todo = [t for t in front if t.number not in cache]
+    for i, t in enumerate(todo):
+        if log:
+            log(f"held-out scoring of Pareto trial {t.number} ({i + 1}/{len(todo)})")
+        cache[t.number] = evaluate_plan(ctx, trial_plan(ctx, t), heldout=True).metrics
+        write_json(f, {str(k): v for k, v in sorted(cache.items())})
     return cache
 
 
@@ -158,7 +160,7 @@ def write_outputs(ctx: SearchContext, run_dir: Path, study: optuna.Study, baseli
     """Pareto front, recipes, summary and report, from the study as it stands (recovering the top-k plans
     first when the config has `recover`)."""
     front = pareto_trials(study, ctx.config.objectives)
-    heldout = heldout_for_pareto(ctx, run_dir, front)
+    heldout = heldout_for_pareto(ctx, run_dir, front, log)
     recovered = recover_front(ctx, run_dir, front, log)
     m = ctx.quality_metric
     entries = []

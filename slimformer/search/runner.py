@@ -20,6 +20,7 @@ import math
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -27,13 +28,13 @@ from typing import Any
 
 import optuna
 from optuna.trial import TrialState
-from tqdm.auto import tqdm
 
 from slimformer.compression.memory import plan_memory
 from slimformer.compression.plan import CompressionPlan
 from slimformer.compression.plan_semantics import canonical_plan
 from slimformer.errors import ConfigError
 from slimformer.fileio import write_json
+from slimformer.progress import progress_bar
 from slimformer.search.context import SearchContext
 from slimformer.search.evaluate import evaluate_plan, latency_record, price_latency
 from slimformer.search.multifidelity import evaluate_or_prune
@@ -141,7 +142,18 @@ def open_study(ctx: SearchContext, storage: str | optuna.storages.BaseStorage, s
     if [d.name.lower() for d in study.directions] != directions:
         raise ConfigError(f"study {study_name!r} in {label} has other objectives; use a new --run-dir "
                           "or study_name")
+    names = metric_names(ctx)
+    if study.metric_names != names:  # optuna-dashboard labels the axes with these instead of "Objective 0"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(names)
     return study
+
+
+def metric_names(ctx: SearchContext) -> list[str]:
+    """The study's objective names as Optuna stores them: the quality metric, latency_ms, memory_bytes."""
+    names = {"quality": ctx.quality_metric, "latency": "latency_ms", "memory": "memory_bytes"}
+    return [names[o] for o in ctx.config.objectives]
 
 
 def fail_interrupted(study: optuna.Study) -> int:
@@ -303,7 +315,7 @@ def ensure_start_points(ctx: SearchContext, study: optuna.Study, log: Any = None
         if claim is None or exclusive or time.time() - claim.last_sign_of_life() > START_STALE_S:
             if claim is not None:
                 say(f"start points: taking over the unfinished claim of {claim.by} (its driver stopped)")
-            taken = _claim_and_queue(ctx, study, say)
+            taken = _claim_and_queue(ctx, study, say, sensitivity_path)
             if taken is not None:
                 queued = taken
                 break
@@ -321,9 +333,11 @@ def ensure_start_points(ctx: SearchContext, study: optuna.Study, log: Any = None
     return queued
 
 
-def _claim_and_queue(ctx: SearchContext, study: optuna.Study, say: Callable[[str], None]) -> int | None:
+def _claim_and_queue(ctx: SearchContext, study: optuna.Study, say: Callable[[str], None],
+                     sensitivity_path: Path | None = None) -> int | None:
     """Claim the start points and queue them, with a heartbeat thread on the claim; None: another driver's
-    claim won the read-back."""
+    claim won the read-back. The sensitivity table goes to the study (or `sensitivity_path`, see
+    records.write_study_sensitivity)."""
     token = f"{worker_id()}:{uuid.uuid4().hex[:8]}"
     at = time.time()
     write_start_claim(study, StartClaim(token, at, None, at))
@@ -350,7 +364,7 @@ def _claim_and_queue(ctx: SearchContext, study: optuna.Study, say: Callable[[str
             plain = replace(ctx, config=ctx.config.model_copy(update={"start_points": "random"}))
             queued, sens = enqueue_start_points(plain, study, log=say)
         if sens is not None:
-            write_study_sensitivity(study, sens.to_json())
+            write_study_sensitivity(study, sens.to_json(), sensitivity_path)
     finally:  # drivers waiting for the start points go on even if this one failed
         stop.set()
         beater.join()
@@ -382,7 +396,7 @@ def trial_loop(ctx: SearchContext, study: optuna.Study, trials: int, timeout: fl
     cap = INFEASIBLE_CAP * trials
     objective = make_objective(ctx, limit=trials)
     quiet_surplus_warnings()
-    bar = tqdm(total=remaining, desc="trials", unit="trial", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(remaining, desc="trials", unit="trial", disable=not progress, dynamic_ncols=True)
 
     def show(st: optuna.Study, done: int, skipped: int) -> None:
         bar.update(max(0, min(done, trials) - done0 - bar.n))

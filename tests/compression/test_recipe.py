@@ -49,13 +49,14 @@ def test_yaml_round_trip(tmp_path) -> None:
 def test_from_plan_to_plan_is_the_canonical_plan(tiny_any) -> None:
     a = tiny_any
     plan = _plan(a)
-    recipe = Recipe.from_plan(plan, a, hardware_profile="hw", provenance={"trial": 1})
+    recipe = Recipe.from_plan(plan, a, hardware_profile="hw", provenance={"trial": 1}, compact=False)
     assert recipe.model.id == a.model_id and recipe.model.sha256 == a.weights_sha256()
     assert all(not r.match.startswith("re:") for r in recipe.rules)
     canon = canonical_plan(a, plan)
-    # one exact rule per compressed unit of the canonical plan (shared-away twins carry the rep's spec)
+    # long form: one exact rule per compressed unit of the canonical plan (shared-away twins carry the rep's spec)
     assert [r.match for r in recipe.rules] == [n for n in a.unit_names if n in canon.units]
     assert recipe.to_plan(a) == canon
+    assert Recipe.from_plan(plan, a).to_plan(a) == canon  # the default, compact form: same plan
     assert Recipe.from_yaml(recipe.to_yaml()).to_plan(a) == canon
     # the canonical plan is a fixed point
     assert Recipe.from_plan(canon, a).to_plan(a) == canon
