@@ -8,11 +8,11 @@ from typing import Any
 
 from slimformer.compression.apply import apply_plan
 from slimformer.compression.calibration import collect_activation_scales, collect_hessians
-from slimformer.compression.memory import MemoryReport, plan_memory
+from slimformer.compression.memory import MemoryReport, plan_memory, set_deploy
 from slimformer.compression.plan import CompressionPlan
 from slimformer.compression.recipe import Recipe
-from slimformer.compression.saving import load_any, save_compressed
-from slimformer.errors import ConfigError
+from slimformer.compression.saving import ONNX_FILE, RECIPE_FILE, load_any, save_compressed
+from slimformer.errors import BudgetError, ConfigError
 from slimformer.models import ModelAdapter
 from slimformer.search import SearchConfig, SearchResult, run_search
 
@@ -76,7 +76,7 @@ def search(config: str | Path | SearchConfig | None = None, **overrides: Any) ->
 
 @dataclass(frozen=True)
 class OnnxExportResult:
-    """`model.onnx` written next to a compressed model: sizes and agreement with the torch model."""
+    """`onnx/model.onnx` written into a compressed model directory: sizes and agreement with the torch model."""
 
     path: Path
     file_bytes: int
@@ -115,7 +115,7 @@ def apply_recipe(recipe: str | Path | Recipe, model: str, out_dir: str | Path | 
 
     Fidelity is measured against the uncompressed model on held-out data (never the search set for
     the packaged corpus). The recipe's provenance is kept; applying twice gives identical weights.
-    `onnx=True` (needs `out_dir`) also writes `out_dir/model.onnx` and checks it against the torch model;
+    `onnx=True` (needs `out_dir`) also writes `out_dir/onnx/model.onnx` and checks it against the torch model;
     `kernels` ('exact' | 'fast') picks the ONNX kernels (slimformer.export.kernels).
     `recover` (a slimformer.recovery.RecoveryConfig) distils the compressed model from the uncompressed one on
     data disjoint from the held-out set before measuring/saving; the saved recipe records it.
@@ -123,11 +123,15 @@ def apply_recipe(recipe: str | Path | Recipe, model: str, out_dir: str | Path | 
     from slimformer.evaluators.quality import FidelityEvaluator
 
     if onnx and out_dir is None:
-        raise ConfigError("--onnx needs --out: model.onnx is written into the output directory")
+        raise ConfigError("--onnx needs --out: onnx/model.onnx is written into the output directory")
     if kernels != "exact" and not onnx:
         raise ConfigError(f"--kernels {kernels} applies to the ONNX export; add --onnx (and --out)")
     rec = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
     adapter = load_any(model)
+    if _recipe_budget(rec).get("deploy") == "onnx":  # price memory as the search that made the recipe did
+        from slimformer.export import graph_overhead_bytes
+
+        set_deploy(adapter, "onnx", graph_overhead_bytes(adapter))
     plan = rec.to_plan(adapter)
     if rec.model.sha256 and rec.model.sha256 != adapter.weights_sha256():
         import warnings
@@ -165,23 +169,54 @@ def apply_recipe(recipe: str | Path | Recipe, model: str, out_dir: str | Path | 
         saved = save_compressed(adapter, compressed, rec, Path(out_dir))
         if onnx:
             cal_batches = _calibration_batches(adapter, data, calibration) if kernels == "fast" else None
-            exported = _export_checked(adapter, compressed, saved / "model.onnx", evaluator.batches, kernels,
-                                       cal_batches)
+            exported = _export_checked(adapter, compressed, saved / ONNX_FILE, evaluator.batches, kernels,
+                                       cal_batches, _recipe_sha256(saved))
+            _check_onnx_budget(rec, exported)
     return ApplyResult(saved, mem, result.metrics, result.n_samples, exported, recovered)
 
 
+def _recipe_budget(rec: Recipe) -> dict[str, Any]:
+    """The recipe's provenance `budget: {bytes, deploy}` (written by searches), {} when absent."""
+    budget = rec.provenance.get("budget")
+    return budget if isinstance(budget, dict) else {}
+
+
+def _check_onnx_budget(rec: Recipe, exported: OnnxExportResult) -> None:
+    """BudgetError (and the ONNX file removed) when the file exceeds the budget the recipe was searched under
+    for the onnx deploy target (provenance `budget: {bytes, deploy}`; recipes without it are not checked)."""
+    budget = _recipe_budget(rec)
+    if budget.get("deploy") != "onnx" or not isinstance(budget.get("bytes"), int):
+        return
+    if exported.file_bytes > budget["bytes"]:
+        exported.path.unlink(missing_ok=True)
+        hint = "; --kernels fast stores int4 codes as int8, use --kernels exact" if exported.kernels == "fast" else \
+            "; please report it: the onnx memory model under-estimated this plan"
+        raise BudgetError(f"{exported.path} is {exported.file_bytes:,d} bytes, over the recipe's budget of "
+                          f"{budget['bytes']:,d} bytes (provenance budget, deploy onnx); the file was removed{hint}")
+
+
+def _recipe_sha256(model_dir: Path) -> str:
+    """sha256 of a compressed directory's recipe file, recorded in the ONNX file's metadata_props."""
+    import hashlib
+
+    return hashlib.sha256((model_dir / RECIPE_FILE).read_bytes()).hexdigest()
+
+
 def _export_checked(adapter: ModelAdapter, model: Any, path: Path, batches: list[Any], kernels: str = "exact",
-                    calibration: list[Any] | None = None) -> OnnxExportResult:
-    """Export `model` to `path` and compare the ONNX outputs with the torch model's on `batches`."""
+                    calibration: list[Any] | None = None, recipe_sha256: str | None = None) -> OnnxExportResult:
+    """Export `model` to `path` and compare the ONNX outputs with the torch model's on `batches` (the
+    deployed output: `adapter.export_outputs(...)[0]`, e.g. the normalised sentence embedding)."""
     import numpy as np
     import torch
 
     from slimformer.export import export_onnx, onnx_outputs, resident_weight_bytes
 
-    info = export_onnx(adapter, model, path, kernels=kernels, calibration=calibration)  # type: ignore[arg-type]
+    meta = {"recipe_sha256": recipe_sha256} if recipe_sha256 else None
+    info = export_onnx(adapter, model, path, kernels=kernels, calibration=calibration,  # type: ignore[arg-type]
+                       metadata=meta)
     with torch.no_grad():
         model.eval()
-        ref = torch.cat([adapter.output(model, b).to(torch.float32) for b in batches]).cpu().numpy()
+        ref = torch.cat([adapter.export_outputs(model, b)[0].to(torch.float32) for b in batches]).cpu().numpy()
     out = onnx_outputs(info.path, batches)
     cos = (out * ref).sum(-1) / np.maximum(np.linalg.norm(out, axis=-1) * np.linalg.norm(ref, axis=-1), 1e-12)
     return OnnxExportResult(info.path, info.file_bytes, resident_weight_bytes(info.path), float(cos.mean()),
@@ -189,19 +224,20 @@ def _export_checked(adapter: ModelAdapter, model: Any, path: Path, batches: list
 
 
 def export_model(model_dir: str | Path, out: str | Path | None = None, kernels: str = "exact") -> OnnxExportResult:
-    """Export a compressed model directory (written by `apply --out`) to ONNX, `model_dir/model.onnx` by default.
+    """Export a compressed model directory (written by `apply --out`) to ONNX, `model_dir/onnx/model.onnx` by
+    default.
 
     The agreement check runs the torch and ONNX models on 64 held-out fortunes texts (or test images).
     """
-    from slimformer.compression.saving import RECIPE_FILE, load_compressed
+    from slimformer.compression.saving import load_compressed
 
     d = Path(model_dir)
     if not (d / RECIPE_FILE).is_file():
         raise ConfigError(f"{d} is not a compressed slimformer model directory (no {RECIPE_FILE})")
     adapter = load_compressed(d)
     cal = _calibration_batches(adapter, "fortunes", 64) if kernels == "fast" else None
-    return _export_checked(adapter, adapter.model, Path(out) if out is not None else d / "model.onnx",
-                           _fidelity_batches(adapter, "fortunes", 64), kernels, cal)
+    return _export_checked(adapter, adapter.model, Path(out) if out is not None else d / ONNX_FILE,
+                           _fidelity_batches(adapter, "fortunes", 64), kernels, cal, _recipe_sha256(d))
 
 
 def bench(target: str | Path, model: str | None = None, data: str = "fortunes", samples: int = 256,
@@ -287,7 +323,8 @@ def export_recipe(run_dir: str | Path, trial: int, out: str | Path | None = None
         raise ConfigError(f"trial {trial} is {t.state.name} and "
                           f"{'over the memory budget' if over else 'not evaluated'}; "
                           "pick a completed trial within the budget")
-    provenance = RecipeProvenance.of_trial(ctx.config.study_name, url, t)
+    provenance = RecipeProvenance.of_trial(ctx.config.study_name, url, t, budget_bytes=ctx.budget_bytes,
+                                           deploy=ctx.config.deploy)
     rec = Recipe.from_plan(trial_plan(ctx, t), ctx.adapter, hardware_profile=ctx.profile.name,
                            hardware_profile_version=ctx.profile.version, provenance=provenance.to_json())
     if out is not None:

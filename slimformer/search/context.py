@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from slimformer.compression.apply import DecompositionCache, apply_plan
 from slimformer.compression.calibration import collect_activation_scales, collect_hessians
-from slimformer.compression.memory import plan_memory
+from slimformer.compression.memory import plan_memory, set_deploy
 from slimformer.compression.plan import CompressionPlan
 from slimformer.compression.saving import load_any
 from slimformer.errors import BudgetError, ConfigError
@@ -115,6 +115,10 @@ def prepare(config: SearchConfig, *, log: Any = None) -> SearchContext:
     metric = config.quality_metric or adapter.default_quality_metric
     space = SearchSpace(adapter, config.space)
     fp32 = plan_memory(adapter, CompressionPlan()).total_bytes
+    if config.deploy == "onnx":  # budget.memory applies to the ONNX file: every plan_memory below prices it
+        from slimformer.export import graph_overhead_bytes
+
+        set_deploy(adapter, "onnx", graph_overhead_bytes(adapter))
     budget = config.budget.to_bytes(fp32)
     min_plan = space.min_memory_plan()
     min_bytes = plan_memory(adapter, min_plan).total_bytes
