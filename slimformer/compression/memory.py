@@ -35,7 +35,7 @@ DEPLOY_TARGETS: tuple[str, ...] = ("safetensors", "onnx")
 _MIN_BLOCK, _MAX_BLOCK = 16, 256  # MatMulNBits / GatherBlockQuantized blocks (export.kernels; a test keeps them equal)
 # graph bytes a kernel adds beyond its initializers: (fixed, per character of the module path); bounds of
 # the nodes/value names measured on tiny BERTs and MiniLM (DequantizeLinear+Gemm: 6 nodes naming the path ~16x)
-_FILE_SLACK = 2048  # metadata the fp32 measurement lacks (recipe_sha256), varint widths, opset imports
+_FILE_SLACK = 2048  # metadata_props (~300 bytes, not in the fp32 measurement), varint widths, opset imports
 _KERNEL_GRAPH = {"matmulnbits": (160, 6), "dequant_gemm": (400, 18), "fp16": (200, 6),
                  "gather_block_quantized": (160, 6), "gather_dequant": (400, 18), "lowrank": (400, 16)}
 

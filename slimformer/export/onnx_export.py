@@ -313,8 +313,9 @@ def graph_overhead_bytes(adapter: ModelAdapter) -> int:
     from slimformer.compression.plan import CompressionPlan
 
     with tempfile.TemporaryDirectory() as tmp:
-        info = export_fp32(adapter, Path(tmp) / "fp32.onnx")
-    return max(0, info.file_bytes - plan_memory(adapter, CompressionPlan(), "safetensors").total_bytes)
+        proto = onnx.load(str(export_fp32(adapter, Path(tmp) / "fp32.onnx").path))
+    del proto.metadata_props[:]  # metadata (max_length...) varies with how the model was loaded: in the slack
+    return max(0, proto.ByteSize() - plan_memory(adapter, CompressionPlan(), "safetensors").total_bytes)
 
 
 def session(path: Path | str, threads: int | None = None) -> Any:
