@@ -110,7 +110,8 @@ def main() -> int:
                                ("vit-fmnist", args.vit_configs, "runs/validate-vit")):
             # the exports are kept (and reused when the plans are the same) in a gitignored folder
             subprocess.run([sys.executable, "-m", "slimformer.cli", "profile", "validate", args.profile, "--model",
-                            model, "--configs", str(n), "--runs", str(args.runs), "--work-dir", work], check=True)
+                            model, "--configs", str(n), "--runs", str(args.runs), "--work-dir", work, "--write"],
+                           check=True)
     from slimformer.cli_profiles import update_bench_doc
     from slimformer.fileio import atomic_write
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +11,9 @@ from slimformer.compression.calibration import collect_activation_scales, collec
 from slimformer.compression.memory import MemoryReport, plan_memory, set_deploy
 from slimformer.compression.plan import CompressionPlan
 from slimformer.compression.recipe import Recipe
-from slimformer.compression.saving import ONNX_FILE, RECIPE_FILE, load_any, save_compressed
+from slimformer.compression.saving import ONNX_FILE, RECIPE_FILE, check_out_dir, load_any, write_compressed
 from slimformer.errors import BudgetError, ConfigError
+from slimformer.fileio import atomic_dir, check_output_path
 from slimformer.models import ModelAdapter
 from slimformer.search import SearchConfig, SearchResult, run_search
 
@@ -83,7 +84,9 @@ class OnnxExportResult:
     resident_bytes: int
     cosine: float  # mean cosine of ONNX outputs to the torch compressed model's on the fidelity data
     max_abs_diff: float
-    kernels: str = "exact"  # exact (cosine ~1.0 to torch) | fast (activations quantised: ~0.99, documented)
+    # per-unit (each unit's recipe kernel; cosine ~1.0 to torch, which computes the int8 units the same way) |
+    # exact | fast (overrides of every unit; fast: SmoothQuant int8 GEMMs, ~0.99 to torch, documented)
+    kernels: str = "per-unit"
 
 
 @dataclass(frozen=True)
@@ -109,14 +112,15 @@ def _calibration_batches(adapter: ModelAdapter, data: str, n: int) -> list[Any]:
 
 def apply_recipe(recipe: str | Path | Recipe, model: str, out_dir: str | Path | None = None,
                  data: str = "fortunes", samples: int = 256, calibration: int = 64,
-                 onnx: bool = False, kernels: str = "exact", recover: Any = None, progress: bool = False,
+                 onnx: bool = False, kernels: str | None = None, recover: Any = None, progress: bool = False,
                  log: Any = None) -> ApplyResult:
     """Compress `model` as the recipe says, measure memory and fidelity, optionally save to `out_dir`.
 
     Fidelity is measured against the uncompressed model on held-out data (never the search set for
     the packaged corpus). The recipe's provenance is kept; applying twice gives identical weights.
     `onnx=True` (needs `out_dir`) also writes `out_dir/onnx/model.onnx` and checks it against the torch model;
-    `kernels` ('exact' | 'fast') picks the ONNX kernels (slimformer.export.kernels).
+    `kernels`: None (each unit's recipe kernel) or 'exact' | 'fast' to override every unit's ONNX kernel
+    (slimformer.export.kernels).
     `recover` (a slimformer.recovery.RecoveryConfig) distils the compressed model from the uncompressed one on
     data disjoint from the held-out set before measuring/saving; the saved recipe records it.
     """
@@ -124,9 +128,13 @@ def apply_recipe(recipe: str | Path | Recipe, model: str, out_dir: str | Path | 
 
     if onnx and out_dir is None:
         raise ConfigError("--onnx needs --out: onnx/model.onnx is written into the output directory")
-    if kernels != "exact" and not onnx:
+    if kernels is not None and not onnx:
         raise ConfigError(f"--kernels {kernels} applies to the ONNX export; add --onnx (and --out)")
     rec = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
+    if out_dir is not None:
+        check_output_path(out_dir, "--out", kind="dir")
+        if Path(out_dir).exists() and any(Path(out_dir).iterdir()) and not (Path(out_dir) / "slimformer.yaml").exists():
+            raise ConfigError(f"--out {out_dir} exists and is not a slimformer output; choose an empty path")
     adapter = load_any(model)
     if _recipe_budget(rec).get("deploy") == "onnx":  # price memory as the search that made the recipe did
         from slimformer.export import graph_overhead_bytes
@@ -134,13 +142,14 @@ def apply_recipe(recipe: str | Path | Recipe, model: str, out_dir: str | Path | 
         set_deploy(adapter, "onnx", graph_overhead_bytes(adapter))
     plan = rec.to_plan(adapter)
     if rec.model.sha256 and rec.model.sha256 != adapter.weights_sha256():
-        import warnings
+        msg = (f"warning: recipe was made for weights {rec.model.sha256[:12]}…, this model has "
+               f"{adapter.weights_sha256()[:12]}…; applying anyway")
+        if log is not None:
+            log(msg)
+        else:
+            import warnings
 
-        warnings.warn(f"recipe was made for weights {rec.model.sha256[:12]}…, this model has "
-                      f"{adapter.weights_sha256()[:12]}…; applying anyway", stacklevel=2)
-    if out_dir is not None and Path(out_dir).exists() and any(Path(out_dir).iterdir()) \
-            and not (Path(out_dir) / "slimformer.yaml").exists():
-        raise ConfigError(f"--out {out_dir} exists and is not a slimformer output; choose an empty path")
+            warnings.warn(msg, stacklevel=2)
     act = hessians = None
     needs_act = any(s.rank is not None for s in plan.units.values())
     needs_h = any(s.quantized and s.method == "gptq" for s in plan.units.values())
@@ -165,13 +174,18 @@ def apply_recipe(recipe: str | Path | Recipe, model: str, out_dir: str | Path | 
     mem = plan_memory(adapter, plan)
     saved = None
     exported = None
-    if out_dir is not None:
-        saved = save_compressed(adapter, compressed, rec, Path(out_dir))
-        if onnx:
-            cal_batches = _calibration_batches(adapter, data, calibration) if kernels == "fast" else None
-            exported = _export_checked(adapter, compressed, saved / ONNX_FILE, evaluator.batches, kernels,
-                                       cal_batches, _recipe_sha256(saved))
-            _check_onnx_budget(rec, exported)
+    if out_dir is not None:  # every file (onnx/model.onnx too) is written in a temp dir renamed into place at the end
+        saved = Path(out_dir)
+        check_out_dir(saved)
+        with atomic_dir(saved) as tmp:
+            write_compressed(adapter, compressed, rec, tmp)
+            if onnx:
+                cal_batches = _calibration_batches(adapter, data, calibration) if kernels == "fast" else None
+                exported = _export_checked(adapter, compressed, tmp / ONNX_FILE, evaluator.batches, kernels,
+                                           cal_batches, _recipe_sha256(tmp))
+                _check_onnx_budget(rec, exported)  # raises inside: nothing is written
+        if exported is not None:
+            exported = replace(exported, path=saved / ONNX_FILE)
     return ApplyResult(saved, mem, result.metrics, result.n_samples, exported, recovered)
 
 
@@ -182,17 +196,16 @@ def _recipe_budget(rec: Recipe) -> dict[str, Any]:
 
 
 def _check_onnx_budget(rec: Recipe, exported: OnnxExportResult) -> None:
-    """BudgetError (and the ONNX file removed) when the file exceeds the budget the recipe was searched under
-    for the onnx deploy target (provenance `budget: {bytes, deploy}`; recipes without it are not checked)."""
+    """BudgetError when the ONNX file exceeds the budget the recipe was searched under for the onnx deploy
+    target (provenance `budget: {bytes, deploy}`; recipes without it are not checked)."""
     budget = _recipe_budget(rec)
     if budget.get("deploy") != "onnx" or not isinstance(budget.get("bytes"), int):
         return
     if exported.file_bytes > budget["bytes"]:
-        exported.path.unlink(missing_ok=True)
         hint = "; --kernels fast stores int4 codes as int8, use --kernels exact" if exported.kernels == "fast" else \
             "; please report it: the onnx memory model under-estimated this plan"
-        raise BudgetError(f"{exported.path} is {exported.file_bytes:,d} bytes, over the recipe's budget of "
-                          f"{budget['bytes']:,d} bytes (provenance budget, deploy onnx); the file was removed{hint}")
+        raise BudgetError(f"{ONNX_FILE} would be {exported.file_bytes:,d} bytes, over the recipe's budget of "
+                          f"{budget['bytes']:,d} bytes (provenance budget, deploy onnx); nothing was written{hint}")
 
 
 def _recipe_sha256(model_dir: Path) -> str:
@@ -202,7 +215,7 @@ def _recipe_sha256(model_dir: Path) -> str:
     return hashlib.sha256((model_dir / RECIPE_FILE).read_bytes()).hexdigest()
 
 
-def _export_checked(adapter: ModelAdapter, model: Any, path: Path, batches: list[Any], kernels: str = "exact",
+def _export_checked(adapter: ModelAdapter, model: Any, path: Path, batches: list[Any], kernels: str | None = None,
                     calibration: list[Any] | None = None, recipe_sha256: str | None = None) -> OnnxExportResult:
     """Export `model` to `path` and compare the ONNX outputs with the torch model's on `batches` (the
     deployed output: `adapter.export_outputs(...)[0]`, e.g. the normalised sentence embedding)."""
@@ -220,10 +233,11 @@ def _export_checked(adapter: ModelAdapter, model: Any, path: Path, batches: list
     out = onnx_outputs(info.path, batches)
     cos = (out * ref).sum(-1) / np.maximum(np.linalg.norm(out, axis=-1) * np.linalg.norm(ref, axis=-1), 1e-12)
     return OnnxExportResult(info.path, info.file_bytes, resident_weight_bytes(info.path), float(cos.mean()),
-                            float(np.abs(out - ref).max()), kernels)
+                            float(np.abs(out - ref).max()), info.kernel_mode)
 
 
-def export_model(model_dir: str | Path, out: str | Path | None = None, kernels: str = "exact") -> OnnxExportResult:
+def export_model(model_dir: str | Path, out: str | Path | None = None, kernels: str | None = None
+                 ) -> OnnxExportResult:
     """Export a compressed model directory (written by `apply --out`) to ONNX, `model_dir/onnx/model.onnx` by
     default.
 
@@ -234,6 +248,7 @@ def export_model(model_dir: str | Path, out: str | Path | None = None, kernels: 
     d = Path(model_dir)
     if not (d / RECIPE_FILE).is_file():
         raise ConfigError(f"{d} is not a compressed slimformer model directory (no {RECIPE_FILE})")
+    check_output_path(Path(out) if out is not None else d / ONNX_FILE, "--out" if out is not None else ONNX_FILE)
     adapter = load_compressed(d)
     cal = _calibration_batches(adapter, "fortunes", 64) if kernels == "fast" else None
     return _export_checked(adapter, adapter.model, Path(out) if out is not None else d / ONNX_FILE,
@@ -242,13 +257,14 @@ def export_model(model_dir: str | Path, out: str | Path | None = None, kernels: 
 
 def bench(target: str | Path, model: str | None = None, data: str = "fortunes", samples: int = 256,
           threads: int = 1, seqs: tuple[int, ...] = (64, 128), batches: tuple[int, ...] = (1, 32), runs: int = 30,
-          warmup: int = 3, work_dir: str | Path | None = None, log: Any = None, kernels: str = "exact") -> Any:
+          warmup: int = 3, work_dir: str | Path | None = None, log: Any = None, kernels: str | None = None) -> Any:
     """Benchmark a compressed model (a recipe, a compressed directory or an .onnx file) against fp32 and
     onnxruntime dynamic-int8 baselines; returns `slimformer.export.bench.BenchResult`.
 
     A recipe needs `model` (what it is applied to); an .onnx file needs `model` (the uncompressed model:
     tokenizer and fp32 teacher); a compressed directory uses `model` or else the recipe's model id.
-    `kernels` ('exact' | 'fast') is how a recipe or directory target is exported (recorded in `extra`).
+    `kernels` (None: each unit's recipe kernel; 'exact' | 'fast': an override of every unit) is how a recipe or
+    directory target is exported (recorded in `extra`).
     """
     import tempfile
 
@@ -276,34 +292,62 @@ def bench(target: str | Path, model: str | None = None, data: str = "fortunes", 
             if model is None:
                 raise ConfigError(f"bench on an .onnx file needs --model (the uncompressed model {t.name} was "
                                   "made from: tokenizer and fp32 teacher)")
+            _check_onnx_file(t)
             ref_id, onnx_path = model, t
         else:
             if model is None:
                 raise ConfigError(f"bench on a recipe needs --model (the model {t.name} is applied to)")
             say(f"applying {t} to {model}")
             res = apply_recipe(t, model, out_dir=Path(tmp) / "compressed", data=data, samples=samples, onnx=True,
-                               kernels=kernels)
+                               kernels=kernels, log=log)
             assert res.onnx is not None
             ref_id, onnx_path = model, res.onnx.path
         reference = load_any(ref_id)
         result = bench_models(reference, onnx_path, target_name=str(t), **opts)  # type: ignore[arg-type]
-        result.extra["kernels"] = "as stored in the file" if t.suffix.lower() == ".onnx" else kernels
+        result.extra["kernels"] = "as stored in the file" if t.suffix.lower() == ".onnx" else kernels or "per-unit"
         return result
 
 
-def _context_for_run(run_dir: Path) -> tuple[Any, Any, Any]:
+def _check_onnx_file(path: Path) -> None:
+    """ConfigError (one line) unless `path` parses as an ONNX model (external weights are not read)."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+        problem = None if proto.graph.node and proto.graph.input and proto.graph.output else "no graph"
+    except Exception as exc:
+        problem = type(exc).__name__
+    if problem is not None:
+        raise ConfigError(f"{path} is not a readable ONNX model ({problem}); pass a model.onnx "
+                          "written by `slimformer export` or `apply --onnx`")
+
+
+def _context_for_run(run_dir: Path) -> tuple[Any, Any, str]:
+    """(context, study, storage URL with its password masked) of an existing run directory; Optuna's
+    "Using an existing study" line is not printed."""
+    import optuna
+
     from slimformer.search.context import prepare
     from slimformer.search.runner import default_storage, open_study
+    from slimformer.search.storage import check_storage_url, hide_password
 
     cfg_file = run_dir / "config.yaml"
     if not cfg_file.exists():
         raise ConfigError(f"{run_dir} is not a slimformer run directory (no config.yaml)")
     cfg = SearchConfig.load(cfg_file)
-    ctx = prepare(cfg)
-    url = cfg.storage or default_storage(run_dir)
     if cfg.storage is None and not (run_dir / "study.db").exists():
         raise ConfigError(f"{run_dir}: no study.db; the search has not run yet")
-    return ctx, open_study(ctx, url, cfg.study_name), url
+    if cfg.storage is not None:
+        check_storage_url(cfg.storage)
+    ctx = prepare(cfg)
+    url = cfg.storage or default_storage(run_dir)
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = open_study(ctx, url, cfg.study_name)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    return ctx, study, hide_password(url)
 
 
 def export_recipe(run_dir: str | Path, trial: int, out: str | Path | None = None) -> Recipe:
@@ -313,15 +357,17 @@ def export_recipe(run_dir: str | Path, trial: int, out: str | Path | None = None
     from slimformer.search.results import RecipeProvenance
 
     rd = Path(run_dir)
+    if out is not None:
+        check_output_path(out, "--out")
     ctx, study, url = _context_for_run(rd)
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     if trial not in trials:
         raise ConfigError(f"trial {trial} is not in {rd} (trials 0..{max(trials, default=-1)})")
     t = trials[trial]
     if not is_feasible(t):
-        over = TrialRecord.from_trial(t).feasible is False
-        raise ConfigError(f"trial {trial} is {t.state.name} and "
-                          f"{'over the memory budget' if over else 'not evaluated'}; "
+        record = TrialRecord.from_trial(t)
+        why = f"over the {record.over_budget or 'memory'} budget" if record.feasible is False else "not evaluated"
+        raise ConfigError(f"trial {trial} is {t.state.name} and {why}; "
                           "pick a completed trial within the budget")
     provenance = RecipeProvenance.of_trial(ctx.config.study_name, url, t, budget_bytes=ctx.budget_bytes,
                                            deploy=ctx.config.deploy)
@@ -339,6 +385,8 @@ def report(run_dir: str | Path) -> Path:
     from slimformer.search.rundir import write_outputs
 
     rd = Path(run_dir)
+    if rd.is_dir():
+        check_output_path(rd, "run directory", kind="dir")
     ctx, study, url = _context_for_run(rd)
     baselines = [BaselineResult(**b) for b in read_json(rd / "baselines.json", [])]
     prev = read_json(rd / "summary.json", {})

@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from slimformer.cli_errors import MAX_SAMPLES, MAX_THREADS, MAX_TRIALS
 from slimformer.cli_errors import errors as _errors
 
 
@@ -23,7 +24,7 @@ def main() -> None:
 
 @main.command()
 @click.argument("config", required=False, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--trials", type=click.IntRange(min=1), help="Total trials in the study (resumes count).")
+@click.option("--trials", type=click.IntRange(min=1, max=MAX_TRIALS), help="Total trials in the study (resumes count).")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Stop starting trials after S seconds.")
 @click.option("--storage", help="Optuna storage URL (default: SQLite in the run directory).")
 @click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path), help="Output directory.")
@@ -31,7 +32,8 @@ def main() -> None:
 @click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="Run trials in this process, or in Ray workers sharing the study.")
 @click.option("--address", help="Ray cluster to join (with --backend ray; needs a database --storage).")
-@click.option("--workers", type=click.IntRange(min=1), help="Ray workers (with --backend ray; default: CPUs).")
+@click.option("--workers", type=click.IntRange(min=1, max=MAX_THREADS),
+              help="Ray workers (with --backend ray; default: CPUs).")
 @_errors
 def search(config: Path | None, trials: int | None, timeout: float | None, storage: str | None,
            run_dir: Path | None, no_progress: bool, backend: str, address: str | None, workers: int | None) -> None:
@@ -57,8 +59,9 @@ def search(config: Path | None, trials: int | None, timeout: float | None, stora
 
 
 _KERNELS_OPTION = click.option(
-    "--kernels", type=click.Choice(["exact", "fast"]), default="exact", show_default=True,
-    help="ONNX kernels: exact (bit-faithful to the torch model) or fast (int8 GEMMs, activations quantised).")
+    "--kernels", type=click.Choice(["exact", "fast"]), default=None,
+    help="Override every unit's ONNX kernel: exact (bit-faithful weight-only kernels) or fast (int8 GEMMs, "
+         "activations quantised, SmoothQuant). Default: each unit's recipe kernel (exact, or int8 where it says so).")
 
 
 @main.command()
@@ -66,19 +69,19 @@ _KERNELS_OPTION = click.option(
 @click.option("--model", required=True, help="Model directory or id the recipe is applied to.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Write the compressed model here.")
 @click.option("--data", default="fortunes", show_default=True, help="Held-out data for the fidelity check.")
-@click.option("--samples", default=256, show_default=True, type=click.IntRange(min=2))
+@click.option("--samples", default=256, show_default=True, type=click.IntRange(min=2, max=MAX_SAMPLES))
 @click.option("--onnx", "to_onnx", is_flag=True, help="Also write OUT/onnx/model.onnx (needs --out).")
 @_KERNELS_OPTION
 @click.option("--recover", "do_recover", is_flag=True,
               help="Distil the compressed model from the uncompressed one before measuring and saving.")
-@click.option("--steps", type=click.IntRange(min=1), help="Recovery optimizer steps (default 300).")
+@click.option("--steps", type=click.IntRange(min=1, max=MAX_TRIALS), help="Recovery optimizer steps (default 300).")
 @click.option("--minutes", type=click.FloatRange(min=0, min_open=True), help="Recovery wall-time budget instead.")
 @click.option("--recover-data", help="Recovery training data (default: debian-fortunes when Debian's fortunes "
               "package is installed, else the packaged fortunes; fashion-mnist for a ViT); held-out texts are "
               "excluded.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Recovery learning rate (default 5e-4).")
 @_errors
-def apply(recipe: Path, model: str, out: Path | None, data: str, samples: int, to_onnx: bool, kernels: str,
+def apply(recipe: Path, model: str, out: Path | None, data: str, samples: int, to_onnx: bool, kernels: str | None,
           do_recover: bool, steps: int | None, minutes: float | None, recover_data: str | None,
           lr: float | None) -> None:
     """Apply RECIPE to a model, print memory and fidelity, and optionally save it (--recover: distil first)."""
@@ -121,7 +124,7 @@ def _echo_onnx(o: Any) -> None:
               help="ONNX file (default MODEL_DIR/onnx/model.onnx).")
 @_KERNELS_OPTION
 @_errors
-def export_cmd(model_dir: Path, out: Path | None, kernels: str) -> None:
+def export_cmd(model_dir: Path, out: Path | None, kernels: str | None) -> None:
     """Export a compressed model directory (from `apply --out`) to ONNX with physical int4/int8 kernels."""
     from slimformer.api import export_model
 
@@ -133,8 +136,8 @@ def _int_list(ctx: Any, param: Any, value: str) -> tuple[int, ...]:
         vals = tuple(int(v) for v in value.split(",") if v.strip())
     except ValueError:
         raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
-    if not vals or min(vals) < 1:
-        raise click.BadParameter(f"expected comma-separated integers >= 1, got {value!r}")
+    if not vals or min(vals) < 1 or max(vals) > 65536:
+        raise click.BadParameter(f"expected comma-separated integers from 1 to 65536, got {value!r}")
     return vals
 
 
@@ -142,26 +145,30 @@ def _int_list(ctx: Any, param: Any, value: str) -> tuple[int, ...]:
 @click.argument("target", type=click.Path(path_type=Path))
 @click.option("--model", help="Uncompressed model (needed for a recipe or an .onnx TARGET).")
 @click.option("--data", default="fortunes", show_default=True, help="Held-out data for fidelity and inputs.")
-@click.option("--samples", default=256, show_default=True, type=click.IntRange(min=2))
-@click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1), help="Intra-op threads.")
+@click.option("--samples", default=256, show_default=True, type=click.IntRange(min=2, max=MAX_SAMPLES))
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1, max=MAX_THREADS),
+              help="Intra-op threads.")
 @click.option("--seq", "seqs", default="64,128", show_default=True, callback=_int_list, help="Sequence lengths.")
 @click.option("--batch", "batches", default="1,32", show_default=True, callback=_int_list, help="Batch sizes.")
-@click.option("--runs", default=30, show_default=True, type=click.IntRange(min=1), help="Timed runs per model.")
-@click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0))
+@click.option("--runs", default=30, show_default=True, type=click.IntRange(min=1, max=MAX_SAMPLES),
+              help="Timed runs per model.")
+@click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0, max=MAX_SAMPLES))
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write results as JSON.")
 @_KERNELS_OPTION
 @_errors
 def bench(target: Path, model: str | None, data: str, samples: int, threads: int, seqs: tuple[int, ...],
-          batches: tuple[int, ...], runs: int, warmup: int, json_out: Path | None, kernels: str) -> None:
+          batches: tuple[int, ...], runs: int, warmup: int, json_out: Path | None, kernels: str | None) -> None:
     """Benchmark TARGET (recipe, compressed directory or .onnx) against fp32 and ORT dynamic int8 in ONNX Runtime."""
     from slimformer.api import bench as run
+    from slimformer.fileio import atomic_write, check_output_path
 
+    if json_out is not None:
+        check_output_path(json_out, "--json")
     res = run(target, model, data=data, samples=samples, threads=threads, seqs=seqs, batches=batches, runs=runs,
               warmup=warmup, log=_log, kernels=kernels)
     click.echo(res.format())
     if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(res.to_dict(), indent=2) + "\n")
+        atomic_write(json_out, json.dumps(res.to_dict(), indent=2) + "\n")
         click.echo(f"wrote {json_out}")
 
 

@@ -12,6 +12,12 @@ import click
 
 from slimformer.errors import SlimformerError
 
+# option bounds (= slimformer.threads.MAX_THREADS, search.config.MAX_TRIALS / MAX_SAMPLES; not imported from
+# there because those modules load torch and `slimformer --help` should not; tests/test_bad_input.py checks they agree)
+MAX_THREADS = 1024
+MAX_TRIALS = 10_000_000
+MAX_SAMPLES = 1_000_000
+
 
 def quiet_libraries() -> None:
     """Silence progress bars, FutureWarnings and transformers load reports on the command line."""
@@ -29,8 +35,18 @@ def quiet_libraries() -> None:
         pass
 
 
+def one_line(text: str) -> str:
+    """`text` on one line (a message must never spill a second line onto stderr)."""
+    return " ".join(str(text).split())
+
+
 def errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn input errors into one line on stderr and exit code 2."""
+    """Turn input errors into one line on stderr and exit code 2.
+
+    Input errors are SlimformerError, raised where the input is read. The only other exception turned into
+    one line is a file-system refusal that names its file (permission denied, no such directory, disk full on
+    an output path): the user fixes those by choosing another path. Everything else is a bug and keeps its
+    traceback."""
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -38,7 +54,13 @@ def errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except SlimformerError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {one_line(str(exc))}", err=True)
+            sys.exit(2)
+        except OSError as exc:
+            if exc.filename is None or not exc.strerror:
+                raise
+            click.echo(f"error: {one_line(f'{exc.filename}: {exc.strerror}')}; check the path and its permissions",
+                       err=True)
             sys.exit(2)
 
     return wrapper

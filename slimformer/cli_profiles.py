@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from slimformer.cli_errors import MAX_SAMPLES, MAX_THREADS
 from slimformer.cli_errors import errors as _errors
 from slimformer.errors import ConfigError
 
@@ -23,14 +24,15 @@ def _ints(ctx: Any, param: Any, value: str | None) -> tuple[int, ...] | None:
         out = tuple(int(x) for x in value.split(",") if x.strip())
     except ValueError:
         raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
-    if not out or min(out) < 1:
-        raise click.BadParameter("values must be integers >= 1")
+    if not out or min(out) < 1 or max(out) > 65536:
+        raise click.BadParameter("values must be integers from 1 to 65536")
     return out
 
 
 @click.command("calibrate")
 @click.option("--runtime", type=click.Choice(["onnxruntime"]), default="onnxruntime", show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="Intra-op threads.")
+@click.option("--threads", type=click.IntRange(min=1, max=MAX_THREADS), default=1, show_default=True,
+              help="Intra-op threads.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Profile YAML to write.")
 @click.option("--quick", is_flag=True, help="A short run (about a minute): fewer shapes, MiniLM reference only.")
 @click.option("--name", help="Profile name (default: from CPU, ISA, threads and runtime).")
@@ -48,10 +50,12 @@ def calibrate_cmd(runtime: str, threads: int, out: Path, quick: bool, name: str 
     import tempfile
     from dataclasses import replace
 
+    from slimformer.fileio import check_output_path
     from slimformer.hardware_profiles.calibrate import CalibrationGrid, calibrate
     from slimformer.hardware_profiles.profile import load_profile, save_profile
 
     del runtime  # one runtime today; the option fixes the CLI for more
+    check_output_path(out, "--out")
     if refit_from is not None:
         from slimformer.hardware_profiles.residual_fit import refit
 
@@ -103,26 +107,41 @@ def show_cmd(profile: str) -> None:
 @profile_group.command("validate")
 @click.argument("profile")
 @click.option("--model", required=True, help="Model id/dir, or vit-fmnist (the Fashion-MNIST ViT geometry).")
-@click.option("--configs", default=60, show_default=True, type=click.IntRange(min=2), help="Random held-out plans.")
-@click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads (default: the profile's).")
-@click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1))
-@click.option("--seq", type=click.IntRange(min=1), help="Sequence length (default 128; a ViT's token count).")
-@click.option("--runs", default=15, show_default=True, type=click.IntRange(min=3),
+@click.option("--configs", default=60, show_default=True, type=click.IntRange(min=2, max=MAX_SAMPLES),
+              help="Random held-out plans.")
+@click.option("--threads", type=click.IntRange(min=1, max=MAX_THREADS),
+              help="Intra-op threads (default: the profile's).")
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1, max=4096))
+@click.option("--seq", type=click.IntRange(min=1, max=65536),
+              help="Sequence length (default 128; a ViT's token count).")
+@click.option("--runs", default=15, show_default=True, type=click.IntRange(min=3, max=MAX_SAMPLES),
               help="Rounds per timing pass (at least; fast models get more, up to 400, so a pass lasts 20 s).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--work-dir", type=click.Path(file_okay=False, path_type=Path), help="Keep the exported models here.")
-@click.option("--no-write", is_flag=True, help="Do not write the profile, results JSON or docs section.")
+@click.option("--write", is_flag=True, help="Also write the result into the profile file, benchmarks/results/ and "
+              "docs/BENCHMARKS.md (run from the repository root); by default nothing is written.")
+@click.option("--no-write", is_flag=True, hidden=True, help="The default (kept for old scripts).")
 @_errors
 def validate_cmd(profile: str, model: str, configs: int, threads: int | None, batch: int, seq: int | None,
-                 runs: int, seed: int, work_dir: Path | None, no_write: bool) -> None:
+                 runs: int, seed: int, work_dir: Path | None, write: bool, no_write: bool) -> None:
     """Measure random held-out plans and report the calibrated model's error next to the FLOPs proxy's."""
     import tempfile
 
+    from slimformer.fileio import check_output_path
     from slimformer.hardware_profiles.profile import load_profile, resolve_path, save_profile
     from slimformer.hardware_profiles.references import reference_adapter
     from slimformer.hardware_profiles.validate import results_stem, rows_json, validate, with_result
 
+    if write and no_write:
+        raise ConfigError("--write and --no-write contradict each other; pass one")
     prof = load_profile(profile)
+    if write:  # every output checked before the minutes of timing
+        if not BENCH_DOC.is_file():
+            raise ConfigError(f"--write: {BENCH_DOC} does not exist; run from the repository root or drop --write")
+        check_output_path(resolve_path(profile), "--write: profile")
+        check_output_path(RESULTS_DIR / "x.json", "--write: results directory")
+    if work_dir is not None:
+        check_output_path(work_dir, "--work-dir", kind="dir")
     threads = threads or prof.threads
     adapter = reference_adapter(model)
     if seq is None:
@@ -139,7 +158,7 @@ def validate_cmd(profile: str, model: str, configs: int, threads: int | None, ba
             f"tau {result.estimate_kendall_tau or 0:.3f}; noise floor {100 * result.noise_floor:.2f}%; "
             f"load {result.loadavg}")
     click.echo(line)
-    if no_write:
+    if not write:
         return
     path = resolve_path(profile)
     shown = path.resolve().relative_to(Path.cwd()) if path.resolve().is_relative_to(Path.cwd()) else path
@@ -162,7 +181,7 @@ def update_bench_doc(marker: str, body: str, doc: Path = BENCH_DOC) -> None:
     from slimformer.fileio import atomic_write
 
     if not doc.is_file():
-        raise ConfigError(f"{doc} does not exist; run from the repository root or pass --no-write")
+        raise ConfigError(f"{doc} does not exist; run from the repository root or drop --write")
     text = doc.read_text()
     begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
     block = f"{begin}\n{body}\n{end}"

@@ -24,4 +24,4 @@ class ModelLoadError(SlimformerError):
 
 
 class BudgetError(SlimformerError):
-    """A memory budget that no plan in the search space can meet."""
+    """A memory or latency budget that no plan in the search space can meet."""

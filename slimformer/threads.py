@@ -9,6 +9,8 @@ from contextlib import contextmanager
 
 import torch
 
+MAX_THREADS = 1024  # an upper bound for every threads setting (configs, CLI): torch overflows on absurd counts
+
 
 def set_threads(n: int) -> None:
     """Use n torch threads from now on (the process-wide setting)."""

@@ -113,6 +113,16 @@ def _search_case(tmp_path: Path, model: Path, case: str) -> tuple[list[object], 
     elif case == "bad-budget-string":
         cfg["budget"] = {"memory": "15 potatoes"}
         needles, only = ("budget.memory", "15 potatoes"), False
+    elif case == "bad-latency-budget":
+        cfg["budget"] = {"memory": "40%", "latency": "0x"}
+        needles = ("budget.latency", "'0x'", "'8ms'", "'0.5x'")
+    elif case == "unknown-latency-unit":
+        cfg["budget"] = {"memory": "40%", "latency": "8min"}
+        needles = ("budget.latency", "'8min'", "'8ms'", "'0.5x'")
+    elif case == "impossible-latency-budget":
+        cfg["budget"] = {"memory": "40%", "latency": "0.1x"}
+        needles = ("budget.latency 0.1x of the fp32 model's", "below the fastest plan of the space (predicted",
+                   "at batch 1, seq 128 on profile amd-epyc-avx512-2t-torch")
     elif case == "missing-config":
         return [tmp_path / "missing.yaml"], (str(tmp_path / "missing.yaml"), "does not exist"), True
     else:  # pragma: no cover
@@ -121,7 +131,8 @@ def _search_case(tmp_path: Path, model: Path, case: str) -> tuple[list[object], 
 
 
 @pytest.mark.parametrize("case", ["unknown-key", "unknown-top-key", "wrong-type", "missing-model",
-                                  "impossible-budget", "bad-budget-string", "missing-config"])
+                                  "impossible-budget", "bad-budget-string", "missing-config", "bad-latency-budget",
+                                  "unknown-latency-unit", "impossible-latency-budget"])
 def test_bad_search_input_exits_2_with_one_error_line_and_writes_nothing(
         tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, case: str) -> None:
     monkeypatch.chdir(tmp_path)
@@ -134,6 +145,20 @@ def test_bad_search_input_exits_2_with_one_error_line_and_writes_nothing(
     assert not (tmp_path / "run").exists()
     assert not (tmp_path / "cfg-run").exists()
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("case", ["impossible-budget", "impossible-latency-budget", "bad-latency-budget"])
+def test_bad_budget_creates_no_shared_storage(tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                              case: str) -> None:
+    """The budgets are checked before a shared storage is opened: no SQLite file appears."""
+    monkeypatch.chdir(tmp_path)
+    args, needles, _ = _search_case(tmp_path, tiny_model_dir, case)
+    before = snapshot(tmp_path)
+    res = invoke("search", *args, "--run-dir", tmp_path / "run", "--storage", f"sqlite:///{tmp_path / 'shared.db'}",
+                 "--no-progress")
+    assert res.exit_code == 2, (res.stdout, stderr_of(res))
+    assert_one_error_line(stderr_of(res), *needles)
+    assert not (tmp_path / "shared.db").exists() and snapshot(tmp_path) == before
 
 
 def _recipe_text(unit: str, extra: dict | None = None) -> str:
@@ -186,7 +211,7 @@ def test_console_script_bad_config_one_error_line(tmp_path: Path, tiny_model_dir
     assert not (tmp_path / "run").exists() and not (tmp_path / "cfg-run").exists()
 
 
-@pytest.mark.parametrize("case", ["missing-model", "impossible-budget"])
+@pytest.mark.parametrize("case", ["missing-model", "impossible-budget", "impossible-latency-budget"])
 def test_bad_model_or_budget_stderr_is_only_the_error_line(tmp_path: Path, tiny_model_dir: Path,
                                                             case: str) -> None:
     args, needles, _ = _search_case(tmp_path, tiny_model_dir, case)
@@ -245,7 +270,7 @@ def test_export_recipe_prints_valid_yaml(shared_run, tiny_model_dir: Path) -> No
     rec = Recipe.from_yaml(res.stdout)
     saved = Recipe.load(run_dir / "recipes" / f"trial-{n}.yaml")
     assert rec.rules == saved.rules and rec.layers == saved.layers and rec.sharing == saved.sharing
-    assert rec.provenance["trial"] == n
+    assert rec.provenance.trial == n
     adapter = load(str(tiny_model_dir))
     assert rec.to_plan(adapter) == saved.to_plan(adapter)
 
@@ -256,7 +281,7 @@ def test_export_recipe_to_file(shared_run, tmp_path: Path) -> None:
     out = tmp_path / "r.yaml"
     res = invoke("export-recipe", run_dir, "--trial", n, "--out", out)
     assert res.exit_code == 0, stderr_of(res)
-    assert Recipe.load(out).provenance["trial"] == n
+    assert Recipe.load(out).provenance.trial == n
 
 
 @pytest.mark.parametrize("trial", [999, -1])

@@ -206,6 +206,8 @@ def _store(target: SlimLinear | SlimEmbedding, w: Tensor, spec: UnitSpec, hessia
         hinv = None if cache is None else cache.inverse_hessian(hessian)
         quant = gptq_quantize(w, hessian, spec.bits, spec.group_size, mask, hinv=hinv)
     target.set_weight(w, mask, _weight_format(spec, tuple(w.shape), nnz), quant=quant)
+    if isinstance(target, SlimLinear):
+        target.kernel = spec.kernel  # how it computes: exact fp32 or the int8 GEMM the exporter emits for it
 
 
 def _compress_linear(model: nn.Module, unit: Unit, spec: UnitSpec, cache: DecompositionCache,

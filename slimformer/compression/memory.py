@@ -15,7 +15,9 @@ Deploy targets (`budget.memory` applies to the artifact the user deploys, search
                once per model by the caller, `set_deploy`) and a per-kernel bound on the nodes and names a
                low-bit kernel or a low-rank factorisation adds (linear in the module path's length, fitted
                with margin on tiny BERTs and all-MiniLM-L6-v2; tests check it never under-estimates).
-               `--kernels fast` stores int4 codes as int8 and is not covered by this bound.
+               Units with `kernel: int8` (DynamicQuantizeMatMul) are priced as that kernel stores them
+               (codes padded to whole groups, scales, smoothing factors); `--kernels fast` overrides every
+               unit the same way.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ _MIN_BLOCK, _MAX_BLOCK = 16, 256  # MatMulNBits / GatherBlockQuantized blocks (e
 # the nodes/value names measured on tiny BERTs and MiniLM (DequantizeLinear+Gemm: 6 nodes naming the path ~16x)
 _FILE_SLACK = 2048  # metadata_props (~300 bytes, not in the fp32 measurement), varint widths, opset imports
 _KERNEL_GRAPH = {"matmulnbits": (160, 6), "dequant_gemm": (400, 18), "fp16": (200, 6),
-                 "gather_block_quantized": (160, 6), "gather_dequant": (400, 18), "lowrank": (400, 16)}
+                 "gather_block_quantized": (160, 6), "gather_dequant": (400, 18), "lowrank": (400, 16),
+                 "dynamic_int8": (1400, 56)}  # unit kernel int8: ~16 weight-folding nodes + DynamicQuantizeMatMul
 
 
 @dataclass(frozen=True)
@@ -201,6 +204,10 @@ def onnx_matrix(shape: tuple[int, int], spec: UnitSpec, table: bool) -> tuple[in
             return n * k + 4 * n * n_groups + (8 * k if n_groups > 1 else 0), "gather_dequant"
         nb = -(-k // block)
         return n * ((k + k % 2) * bits // 8) + 4 * n * nb, "gather_block_quantized"
+    if spec.kernel == "int8":  # DynamicQuantizeMatMul: stored codes padded to whole groups, scales, smoothing
+        kp = n_groups * (k if per_row else group)  # type: ignore[operator]
+        codes = (n * kp + 1) // 2 if bits == 4 else n * kp
+        return codes + 4 * n * n_groups + 4 * k + 128, "dynamic_int8"
     if block is not None and not (bits == 8 and per_row):
         nb = -(-k // block)
         return n * nb * block * bits // 8 + 4 * n * nb, "matmulnbits"

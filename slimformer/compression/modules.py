@@ -3,6 +3,8 @@ plus the deployable form (integer codes, scales, sparsity mask) that packing and
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -151,15 +153,26 @@ class _Stored:
 
 
 class SlimLinear(nn.Linear, _Stored):
-    """nn.Linear whose weight has a deployable format (bits, group, sparsity)."""
+    """nn.Linear whose weight has a deployable format (bits, group, sparsity) and a compute kernel.
+
+    kernel "exact": y = x W^T + b in fp32 (the weight-only kernels the exporter emits compute this exactly);
+    "int8": the int8 GEMM the exporter emits for it (`ops.int8_linear`: weight requantised to int8 per row,
+    activations to uint8 per tensor), so the search scores the numerics the deployed model runs."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
-                 fmt: WeightFormat | None = None) -> None:
+                 fmt: WeightFormat | None = None, kernel: str = "exact") -> None:
         super().__init__(in_features, out_features, bias=bias)
         self._init_store(fmt or WeightFormat())
+        self.kernel = kernel
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.kernel == "int8":
+            return ops.int8_linear(x, self.weight, self.bias)
+        return super().forward(x)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, fmt={self.fmt}"
+        kern = "" if self.kernel == "exact" else f", kernel={self.kernel}"
+        return f"{super().extra_repr()}, fmt={self.fmt}{kern}"
 
 
 class SlimEmbedding(nn.Embedding, _Stored):
@@ -201,3 +214,17 @@ class FactorizedEmbedding(nn.Module):
 
     def forward(self, ids: Tensor) -> Tensor:
         return F.linear(self.table(ids), self.proj.weight)
+
+
+@contextmanager
+def exact_compute(model: nn.Module) -> Iterator[nn.Module]:
+    """Every SlimLinear computes in fp32 (kernel "exact") inside the block, its own kernel again after it: the
+    ONNX exporter traces plain MatMuls (it lowers each unit's kernel itself) and gathers fp32 statistics."""
+    saved = [(m, m.kernel) for m in model.modules() if isinstance(m, SlimLinear)]
+    try:
+        for m, _ in saved:
+            m.kernel = "exact"
+        yield model
+    finally:
+        for m, k in saved:
+            m.kernel = k

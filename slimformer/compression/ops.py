@@ -199,6 +199,42 @@ def fake_quant(W: Tensor, bits: int, group_size: int | None, mask: Tensor | None
 # ------------------------------------------------------------------------------------------- packing
 
 
+# -- int8 compute kernel (what onnxruntime's DynamicQuantizeMatMul computes) ----------------------------------
+def requantize_rows_int8(w: Tensor) -> tuple[Tensor, Tensor]:
+    """W (N, K) -> (int8 values as float32 (N, K), scale per row (N,)): the requantisation that
+    export.kernels.dynamic_int8's folded subgraph applies (scale = max(max|row|, 1e-30) / 127, round half to
+    even), op for op in float32, so the torch and ONNX weights are equal."""
+    w = w.detach().to(torch.float32)
+    s8 = torch.clamp(w.abs().amax(dim=1), min=1e-30) / 127.0
+    return torch.round(w / s8[:, None]), s8
+
+
+def dynamic_quantize_uint8(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x -> (q - zero_point as float32, scale): onnxruntime's dynamic activation quantisation (uint8, asymmetric,
+    one scale for the whole tensor): range [min(0, min x), max(0, max x)], scale = range / 255 (1 when the range
+    is 0), zero_point = round(clamp(-min / scale, 0, 255)), q = clamp(round(x / scale) + zero_point, 0, 255)."""
+    x = x.to(torch.float32)
+    lo, hi = torch.clamp(x.min(), max=0.0), torch.clamp(x.max(), min=0.0)
+    scale = torch.where(hi > lo, (hi - lo) / 255.0, torch.ones_like(hi))
+    zp = torch.round(torch.clamp(-lo / scale, 0.0, 255.0))
+    q = torch.clamp(torch.round(x / scale) + zp, 0.0, 255.0)
+    return q - zp, scale
+
+
+def int8_linear(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
+    """y = x W^T (+ bias) as the int8 compute kernel runs it: uint8 activations (per tensor) times the int8
+    weight (per row), the integer products rescaled by scale_x * scale_row. With gradients on (recovery), the
+    rounding is straight-through: the value is the int8 kernel's, the gradient the fp32 linear's."""
+    wq, s8 = requantize_rows_int8(w)
+    xq, sx = dynamic_quantize_uint8(x.detach())
+    y = torch.nn.functional.linear(xq, wq) * (sx * s8)
+    y = y if bias is None else y + bias.detach()
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (bias is not None and bias.requires_grad)):
+        exact = torch.nn.functional.linear(x, w, bias)
+        return exact + (y - exact).detach()
+    return y
+
+
 def pack_nibbles(vals: Tensor) -> Tensor:
     """Flat values in [0, 15] -> uint8, element 2k in the low nibble and 2k+1 in the high nibble (odd length
     padded with 0). The one 4-bit packer: saved models and ONNX exports store the same bytes."""

@@ -14,6 +14,9 @@ from slimformer.errors import PlanError
 
 SparsityPattern = Literal["unstructured", "2:4"]
 QuantMethod = Literal["rtn", "gptq"]
+ComputeKernel = Literal["exact", "int8"]
+COMPUTE_KERNELS = ("exact", "int8")
+INT8_KERNEL_BITS = (8, 4)  # stored widths the int8 compute kernel runs (their codes requantise to int8 per row)
 SharingScope = Literal["attention", "ffn", "block"]
 VALID_BITS = (32, 16, 8, 4)
 
@@ -28,6 +31,10 @@ class UnitSpec:
     group_size: quantisation group along the input dimension; None = one scale per output channel.
     method: rounding for 8/4 bits: "rtn" (round to nearest, clipping search) or "gptq" (error-compensating,
         needs calibration Hessians). Storage and memory are the same for both.
+    kernel: how the unit computes once deployed: "exact" (weight-only: the stored weight is dequantised and the
+        matmul runs in fp32; bit-faithful) or "int8" (onnxruntime's int8 GEMM: the weight requantised to int8 per
+        output row, the activations quantised to uint8 per tensor at run time; faster, not exact). "int8" is
+        valid for 8- and 4-bit linear units only; storage and memory are the same for both.
     """
 
     rank: int | None = None
@@ -36,6 +43,7 @@ class UnitSpec:
     bits: int = 32
     group_size: int | None = None
     method: QuantMethod = "rtn"
+    kernel: ComputeKernel = "exact"
 
     def __post_init__(self) -> None:
         if self.rank is not None and self.rank < 1:
@@ -50,6 +58,11 @@ class UnitSpec:
             raise PlanError(f"bits must be one of {VALID_BITS} (got {self.bits})")
         if self.method not in ("rtn", "gptq"):
             raise PlanError(f"method must be 'rtn' or 'gptq' (got {self.method!r})")
+        if self.kernel not in COMPUTE_KERNELS:
+            raise PlanError(f"kernel must be 'exact' or 'int8' (got {self.kernel!r})")
+        if self.kernel == "int8" and self.bits not in INT8_KERNEL_BITS:
+            raise PlanError(f"kernel 'int8' runs 8- or 4-bit weights (got bits {self.bits}); use kernel exact "
+                            "or bits 8/4")
         if self.group_size is not None and (self.group_size < 2 or self.group_size % 2):
             raise PlanError(f"group_size must be an even number >= 2 or null (got {self.group_size})")
 

@@ -42,6 +42,11 @@ def canonical_plan(adapter: ModelAdapter, plan: CompressionPlan) -> CompressionP
     if unknown:
         raise PlanError(f"plan names unit(s) the model lacks: {unknown[:3]}; run `slimformer inspect` "
                         "to list the model's units")
+    kinds = {u.name: u.kind for u in adapter.units}
+    not_linear = sorted(n for n, s in plan.units.items() if s.kernel != "exact" and kinds[n] != "linear")
+    if not_linear:
+        raise PlanError(f"kernel 'int8' applies to linear units, not to {not_linear[0]} (a {kinds[not_linear[0]]}); "
+                        "use kernel exact for it")
     n_layers = len(adapter.layers)
     for g in plan.sharing.groups:
         bad = [i for i in g if not 0 <= i < n_layers]

@@ -7,6 +7,7 @@ no unit of the model is an error (it names a unit the model lacks). Unknown keys
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,28 +18,30 @@ from slimformer.compression.plan import CompressionPlan, LayerSpec, SharingSpec,
 from slimformer.compression.plan_semantics import canonical_plan
 from slimformer.compression.records import RecoveryRecord
 from slimformer.errors import PlanError, RecipeError
-from slimformer.fileio import atomic_write, first_validation_error, yaml_mapping
+from slimformer.fileio import atomic_write, first_validation_error, read_text_file, yaml_mapping
 from slimformer.models.base import ModelAdapter
 from slimformer.schema import FrozenModel
 
 RECIPE_VERSION = 1
+MAX_WIDTH = 1 << 24  # bound on ranks, group sizes and kept counts: above any model, below any integer overflow
 
 
 class SpecModel(FrozenModel):
-    rank: int | None = None
-    sparsity: float = 0.0
+    rank: int | None = Field(None, ge=1, le=MAX_WIDTH)
+    sparsity: float = Field(0.0, ge=0, lt=1, allow_inf_nan=False)
     pattern: Literal["unstructured", "2:4"] = "unstructured"
     bits: Literal[32, 16, 8, 4] = 32
-    group_size: int | None = None
+    group_size: int | None = Field(None, ge=1, le=MAX_WIDTH)
     method: Literal["rtn", "gptq"] = "rtn"
+    kernel: Literal["exact", "int8"] = "exact"  # written only when "int8" (recipes without it read as before)
 
     def to_spec(self) -> UnitSpec:
-        return UnitSpec(self.rank, self.sparsity, self.pattern, self.bits, self.group_size, self.method)
+        return UnitSpec(self.rank, self.sparsity, self.pattern, self.bits, self.group_size, self.method, self.kernel)
 
     @classmethod
     def from_spec(cls, s: UnitSpec) -> SpecModel:
         return cls(rank=s.rank, sparsity=s.sparsity, pattern=s.pattern, bits=s.bits, group_size=s.group_size,
-                   method=s.method)
+                   method=s.method, kernel=s.kernel)
 
 
 class Rule(FrozenModel):
@@ -61,9 +64,9 @@ class Rule(FrozenModel):
 
 
 class LayerRule(FrozenModel):
-    layer: int = Field(ge=0)
-    heads_kept: int | None = Field(default=None, ge=1)
-    neurons_kept: int | None = Field(default=None, ge=1)
+    layer: int = Field(ge=0, le=MAX_WIDTH)
+    heads_kept: int | None = Field(default=None, ge=1, le=MAX_WIDTH)
+    neurons_kept: int | None = Field(default=None, ge=1, le=MAX_WIDTH)
 
 
 class SharingModel(FrozenModel):
@@ -76,8 +79,30 @@ class ModelRef(FrozenModel):
     sha256: str | None = None
 
 
+class Provenance(FrozenModel):
+    """Where a recipe came from, as a search writes it (search/results.py RecipeProvenance.to_json): the study,
+    its storage URL (password masked), the trial, its metric values, package versions and the time. Every key is
+    optional (a hand-written recipe has none); no other keys, and metrics are numbers, so a recipe holds no
+    free-form data."""
+
+    study: str | None = None
+    storage: str | None = None
+    trial: int | None = None
+    metrics: dict[str, int | float] = {}
+    versions: dict[str, str] = {}
+    created: str | None = None
+
+    @field_validator("storage")
+    @classmethod
+    def _masked(cls, v: str | None) -> str | None:
+        return None if v is None else _USERINFO.sub(r"\1:***@", v, count=1)  # never keep a password
+
+
+_USERINFO = re.compile(r"(://[^/@:]*):[^/]*@")  # = search.storage: scheme://user:password@
+
+
 class Recipe(FrozenModel):
-    """A compression recipe. `provenance` records where it came from (free-form metrics allowed)."""
+    """A compression recipe. `provenance` records where it came from (Provenance: typed keys only)."""
 
     slimformer_recipe: int = RECIPE_VERSION
     model: ModelRef
@@ -86,7 +111,7 @@ class Recipe(FrozenModel):
     rules: list[Rule] = []
     layers: list[LayerRule] = []
     sharing: SharingModel | None = None
-    provenance: dict[str, Any] = {}
+    provenance: Provenance = Provenance()
     recovery: RecoveryRecord | None = None  # distillation the saved weights went through (slimformer.recovery)
 
     @field_validator("slimformer_recipe")
@@ -129,7 +154,8 @@ class Recipe(FrozenModel):
 
     @classmethod
     def from_plan(cls, plan: CompressionPlan, adapter: ModelAdapter, hardware_profile: str | None = None,
-                  provenance: dict[str, Any] | None = None, hardware_profile_version: str | None = None) -> Recipe:
+                  provenance: Provenance | Mapping[str, Any] | None = None,
+                  hardware_profile_version: str | None = None) -> Recipe:
         """One exact-name rule per compressed unit, in model order (of the canonical plan: units shared
         away carry their representative's spec)."""
         plan = canonical_plan(adapter, plan)
@@ -142,13 +168,17 @@ class Recipe(FrozenModel):
         return cls(model=ModelRef(id=adapter.model_id, sha256=adapter.weights_sha256()),
                    hardware_profile=hardware_profile, hardware_profile_version=hardware_profile_version,
                    rules=rules, layers=layers, sharing=sharing,
-                   provenance=provenance or {})
+                   provenance=Provenance.model_validate(provenance or {}))
 
     # -- YAML ----------------------------------------------------------------------------------------
     def to_yaml(self) -> str:
         data = self.model_dump(mode="json", exclude_none=False)
+        data["provenance"] = self.provenance.model_dump(mode="json", exclude_defaults=True)  # the keys written
         if data.get("recovery") is None:
             data.pop("recovery", None)  # recipes without recovery read exactly as before
+        for rule in data.get("rules", []):
+            if rule["spec"].get("kernel") == "exact":
+                del rule["spec"]["kernel"]  # the default: recipes of exact-kernel plans stay byte-identical
         return yaml.safe_dump(data, sort_keys=False, width=120)
 
     @classmethod
@@ -163,9 +193,7 @@ class Recipe(FrozenModel):
     @classmethod
     def load(cls, path: str | Path) -> Recipe:
         p = Path(path)
-        if not p.is_file():
-            raise RecipeError(f"recipe file {p} does not exist")
-        return cls.from_yaml(p.read_text(), source=str(p))
+        return cls.from_yaml(read_text_file(p, "recipe file", RecipeError), source=str(p))
 
     def save(self, path: str | Path) -> None:
         atomic_write(Path(path), self.to_yaml())

@@ -13,9 +13,6 @@ loading the directory as a plain checkpoint with random weights. Directories wri
 
 from __future__ import annotations
 
-import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -26,7 +23,8 @@ from slimformer.compression.apply import apply_plan
 from slimformer.compression.modules import SlimEmbedding, SlimLinear
 from slimformer.compression.recipe import Recipe
 from slimformer.errors import ModelLoadError
-from slimformer.models import COMPRESSED_MARKER, get_family, load_from, locate
+from slimformer.fileio import atomic_dir, read_json
+from slimformer.models import COMPRESSED_MARKER, get_family, load_from, locate, model_load_errors
 from slimformer.models.base import ModelAdapter
 
 MODEL_FILE = "slimformer.safetensors"
@@ -60,26 +58,27 @@ def packed_bytes(tensors: dict[str, Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def save_compressed(adapter: ModelAdapter, model: nn.Module, recipe: Recipe, out_dir: Path) -> Path:
-    """Write a compressed model directory atomically (a temp dir renamed into place)."""
+def check_out_dir(out_dir: Path) -> None:
+    """An output path must be new, empty or an earlier slimformer output (which is replaced)."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not (out_dir / RECIPE_FILE).exists():
-            raise ModelLoadError(f"--out {out_dir} exists and is not a slimformer output; choose an empty path")
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent if out_dir.parent.exists() else None,
-                                prefix=f".{out_dir.name}."))
-    try:
-        adapter.save_base(tmp)
-        adapter.copy_source_files(tmp)
-        save_file(pack_model(model), str(tmp / MODEL_FILE), metadata={"format": "slimformer-packed-v1"})
-        recipe.save(tmp / RECIPE_FILE)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not (out_dir / RECIPE_FILE).exists():
+        raise ModelLoadError(f"--out {out_dir} exists and is not a slimformer output; choose an empty path")
+
+
+def write_compressed(adapter: ModelAdapter, model: nn.Module, recipe: Recipe, out_dir: Path) -> None:
+    """Write the files of a compressed model directory into an existing (temp) directory."""
+    adapter.save_base(out_dir)
+    adapter.copy_source_files(out_dir)
+    save_file(pack_model(model), str(out_dir / MODEL_FILE), metadata={"format": "slimformer-packed-v1"})
+    recipe.save(out_dir / RECIPE_FILE)
+
+
+def save_compressed(adapter: ModelAdapter, model: nn.Module, recipe: Recipe, out_dir: Path) -> Path:
+    """Write a compressed model directory atomically (fileio.atomic_dir: a temp dir renamed into place)."""
+    out_dir = Path(out_dir)
+    check_out_dir(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        write_compressed(adapter, model, recipe, tmp)
     return out_dir
 
 
@@ -88,10 +87,19 @@ def load_compressed(model_dir: Path) -> ModelAdapter:
 
     The returned adapter's `model` is the compressed model and its `recipe` attribute the recipe.
     """
+    with model_load_errors(model_dir):
+        return _load_compressed(model_dir)
+
+
+def _load_compressed(model_dir: Path) -> ModelAdapter:
     meta_file = model_dir / "slimformer_model.json"
     if not meta_file.exists():
         raise ModelLoadError(f"{model_dir}: missing slimformer_model.json; not a slimformer output directory")
-    adapter = get_family(json.loads(meta_file.read_text())["family"]).skeleton(model_dir)
+    meta = read_json(meta_file, {}, "model metadata", ModelLoadError)
+    if not isinstance(meta, dict) or not isinstance(meta.get("family"), str):
+        raise ModelLoadError(f"{meta_file}: no model family recorded; the directory is damaged, write it again "
+                             "with `slimformer apply --out`")
+    adapter = get_family(meta["family"]).skeleton(model_dir)
     recipe = Recipe.load(model_dir / RECIPE_FILE)
     plan = recipe.to_plan(adapter)
     model = apply_plan(adapter, plan, rtn_fallback=True)  # values come from the file below

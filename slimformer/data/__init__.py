@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from slimformer.errors import SlimformerError
+from slimformer.fileio import read_text_file
 
 __all__ = [
     "DATA_DIR",
@@ -148,7 +149,7 @@ def load_texts(source: str, limit: int | None = None) -> list[str]:
         raise SlimformerError(f"text source {str(path)!r} {reason}; accepted sources: {_TEXT_FORMATS}")
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = read_text_file(path, "text source", max_bytes=None).splitlines()
         texts = [line.strip() for line in lines if line.strip()]
     elif suffix == ".jsonl":
         texts = [row["text"].strip() for row in _read_jsonl(path, fields=("text",))]
@@ -164,20 +165,19 @@ def load_texts(source: str, limit: int | None = None) -> list[str]:
 def _read_jsonl(path: Path, fields: tuple[str, ...]) -> list[dict[str, str]]:
     """Rows of a JSON-lines file; each row must be an object with string values for ``fields``."""
     rows: list[dict[str, str]] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise SlimformerError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
-            if not isinstance(row, dict):
-                raise SlimformerError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            for field in fields:
-                if not isinstance(row.get(field), str):
-                    raise SlimformerError(f"{path}:{lineno}: expected a string field {field!r}")
-            rows.append(row)
+    for lineno, line in enumerate(read_text_file(path, "text source", max_bytes=None).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise SlimformerError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
+        if not isinstance(row, dict):
+            raise SlimformerError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        for field in fields:
+            if not isinstance(row.get(field), str):
+                raise SlimformerError(f"{path}:{lineno}: expected a string field {field!r}")
+        rows.append(row)
     return rows
 
 

@@ -139,9 +139,14 @@ def _stored(path: str, mod: SlimLinear | SlimEmbedding) -> tuple[np.ndarray, np.
     return codes, scales
 
 
+def module_mode(mod: SlimLinear | SlimEmbedding, mode: KernelMode | None) -> str:
+    """How one module lowers: the override `mode` when given, else its own kernel (int8 -> the fast kernel)."""
+    return mode if mode is not None else K.unit_kernel_mode(getattr(mod, "kernel", "exact"))
+
+
 class _Rewriter:
-    def __init__(self, graph: onnx.GraphProto, model: nn.Module, int8_kernel: Int8Kernel, mode: KernelMode = "exact",
-                 act_max: dict[str, np.ndarray] | None = None) -> None:
+    def __init__(self, graph: onnx.GraphProto, model: nn.Module, int8_kernel: Int8Kernel,
+                 mode: KernelMode | None = None, act_max: dict[str, np.ndarray] | None = None) -> None:
         self.g, self.int8_kernel, self.mode, self.act_max = graph, int8_kernel, mode, act_max or {}
         self.report = RewriteReport()
         self.inits = {t.name: t for t in graph.initializer}
@@ -186,7 +191,7 @@ class _Rewriter:
                 continue
             mod = hit[1]
             choice = K.choose_linear_kernel(mod.fmt.bits, mod.fmt.group_size, mod.in_features, mod.out_features,
-                                            self.int8_kernel, self.mode)
+                                            self.int8_kernel, module_mode(mod, self.mode))
             if choice.kind == "dynamic_int8" and all(p != hit[0] for p, _ in out[node.input[0]]):
                 out[node.input[0]].append(hit)
         return out
@@ -243,7 +248,7 @@ class _Rewriter:
             else:
                 smooth = K.smoothing(self.act_max[path], K.dequantized(codes, scales, fmt.group_size))
         low, need = K.lower_linear(x, y, p, codes, scales, fmt.bits, fmt.group_size, bias, self.int8_kernel,
-                                   self.mode, smooth, wp=path or "linear", xs=xs)
+                                   module_mode(mod, self.mode), smooth, wp=path or "linear", xs=xs)
         self.report.max_opset_needed = max(self.report.max_opset_needed, need)
         self.report.kernels[path] = low.kernel
         return self._add(low)
@@ -314,9 +319,10 @@ class _Rewriter:
 
 
 def rewrite(model_proto: onnx.ModelProto, model: nn.Module, int8_kernel: Int8Kernel = "auto",
-            mode: KernelMode = "exact", act_max: dict[str, np.ndarray] | None = None) -> RewriteReport:
-    """Lower every compressed matrix of `model` in its exported graph (in place). mode 'fast' uses
-    `act_max` (module path -> max |input| per input feature) for SmoothQuant factors."""
+            mode: KernelMode | None = None, act_max: dict[str, np.ndarray] | None = None) -> RewriteReport:
+    """Lower every compressed matrix of `model` in its exported graph (in place). mode None: each module's
+    own kernel (SlimLinear.kernel; int8 units unsmoothed, as torch computes them); 'exact' / 'fast' override
+    every module; 'fast' uses `act_max` (module path -> max |input| per input feature) for SmoothQuant factors."""
     g = model_proto.graph
     normalise(g)
     report = _Rewriter(g, model, int8_kernel, mode, act_max).run()

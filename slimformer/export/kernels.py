@@ -23,7 +23,11 @@ tests/export):
   the same +2^(bits-1) offset (its default zero point for uint8 data), scales (V, ceil(D/block)).
 * int8 table with one scale per row: Gather(codes) -> Cast -> Mul(Gather(scales)), no repeated scales.
 
-Kernel modes: 'exact' (the above) and 'fast': every int4/int8 linear runs as
+Per unit, `UnitSpec.kernel` picks the compute: 'exact' (the above) or 'int8' (`dynamic_int8` below, without
+SmoothQuant: the torch model computes the same thing, `compression.ops.int8_linear`, so the search scores it).
+The exporter follows each unit's kernel unless a mode overrides every unit.
+
+Kernel modes (overrides): 'exact' (the above) and 'fast': every int4/int8 linear runs as
 `com.microsoft.DynamicQuantizeMatMul` (ORT's int8 GEMM, the kernel its dynamic int8 models use) on int8
 weights that a constant subgraph widens from the stored codes when the session loads (file: the codes as
 stored; memory: int8), with SmoothQuant factors from calibration activations. Activations are quantised
@@ -46,6 +50,12 @@ MS_DOMAIN = "com.microsoft"
 MIN_BLOCK, MAX_BLOCK = 16, 256  # MatMulNBits / GatherBlockQuantized blocks: powers of two, MLAS up to 256
 SMOOTH_ALPHA = 0.8  # SmoothQuant migration strength of the fast kernels (0.7-0.85 measured alike on MiniLM)
 KERNEL_MODES = ("exact", "fast")
+PER_UNIT = "per-unit"  # no override: each unit's own kernel (what export and records call it)
+
+
+def unit_kernel_mode(kernel: str) -> str:
+    """The lowering mode of a unit's compute kernel: 'int8' lowers as the fast (dynamic int8) kernel."""
+    return "fast" if kernel == "int8" else "exact"
 
 
 @dataclass

@@ -39,7 +39,9 @@ runs interleaved across variants on a loaded machine, so +-10%):
   activations (cosine 0.9996-0.9987, max abs error 2e-2 to 4e-2 on MiniLM embeddings), so they are
   not used. `DequantizeLinear -> MatMul` is rewritten by ORT into exactly that inexact kernel at load,
   which rules out the plain QDQ form for weights feeding a MatMul.
-`kernels='fast'` trades exactness for ORT's int8 GEMM (kernels.dynamic_int8): MiniLM, 2 threads, batch 1,
+Per unit, `kernel: int8` lowers that unit to kernels.dynamic_int8 without smoothing (what the torch model
+computes for it, so the search scores the deployed numerics); `kernels='fast'` overrides every unit and trades
+exactness for ORT's int8 GEMM (kernels.dynamic_int8): MiniLM, 2 threads, batch 1,
 round-robin vs ORT per-channel dynamic int8 on the Quickstart 15% recipe: exact x1.6-2.7, MatMulNBits
 accuracy_level=4 x1.4-1.8 (cosine 0.9805), DynamicQuantizeMatMul x0.87-0.96 (cosine 0.9730 unsmoothed,
 0.9778 with SmoothQuant alpha 0.7-0.85; exact 0.9809). Details in docs/ARCHITECTURE.md.
@@ -63,7 +65,7 @@ import onnx
 import torch
 from torch import nn
 
-from slimformer.compression.modules import SlimLinear
+from slimformer.compression.modules import SlimLinear, exact_compute
 from slimformer.errors import ConfigError
 from slimformer.export import graph as G
 from slimformer.export import kernels as K
@@ -90,8 +92,9 @@ class ExportInfo:
     domains: dict[str, int]
     kernels: dict[str, str] = field(default_factory=dict)  # compressed module -> kernel
     unconverted: tuple[str, ...] = ()  # compressed modules some node still reads as fp32
-    kernel_mode: str = "exact"  # exact (bit-faithful to torch) | fast (int8 GEMMs, activations quantised)
-    n_dynamic_int8: int = 0  # DynamicQuantizeMatMul kernels (fast mode)
+    # per-unit (each unit's kernel: exact or int8) | exact | fast (overrides: every unit exact / int8 + SmoothQuant)
+    kernel_mode: str = K.PER_UNIT
+    n_dynamic_int8: int = 0  # DynamicQuantizeMatMul kernels (int8-kernel units, or every int4/int8 one in fast mode)
 
     @property
     def weight_bytes(self) -> int:
@@ -211,7 +214,7 @@ def initializer_kinds(proto: onnx.ModelProto) -> dict[str, int]:
 
 
 def _info(proto: onnx.ModelProto, path: Path, file_bytes: int, report: G.RewriteReport | None,
-          kernel_mode: str = "exact") -> ExportInfo:
+          kernel_mode: str = K.PER_UNIT) -> ExportInfo:
     counts = G.op_counts(proto)
     dtype = {t.name: t.data_type for t in proto.graph.initializer}
     int8 = onnx.TensorProto.INT8
@@ -259,23 +262,27 @@ def input_abs_max(model: nn.Module, adapter: ModelAdapter, batches: Sequence[Bat
 
 def export_onnx(adapter: ModelAdapter, model: nn.Module, path: Path | str, *, opset: int = DEFAULT_OPSET,
                 sample_texts: Sequence[Any] | None = None, int8_kernel: G.Int8Kernel = "auto",
-                kernels: G.KernelMode = "exact", calibration: Sequence[Batch] | None = None,
+                kernels: G.KernelMode | None = None, calibration: Sequence[Batch] | None = None,
                 metadata: Mapping[str, str] | None = None) -> ExportInfo:
     """Export a (compressed) model as ONNX with its compression physical (int4/int8 kernels).
 
     sample_texts: inputs to trace with (texts for HF models, uint8 images for timm); the graph has
     dynamic batch/sequence axes either way. int8_kernel: 'auto' (DequantizeLinear+Gemm for one scale
-    per row, MatMulNBits for groups), 'dequantize' or 'matmulnbits'. kernels: 'exact' (outputs equal the
-    torch model's to float rounding) or 'fast' (int8 GEMMs with activations quantised; smoothing factors
-    from `calibration` batches, or from the trace batch when None).
+    per row, MatMulNBits for groups), 'dequantize' or 'matmulnbits'. kernels: None (default: each unit's
+    own kernel, `UnitSpec.kernel`: exact units as above, int8 units as DynamicQuantizeMatMul without
+    smoothing, which the torch model computes too) or an override of every unit: 'exact' (outputs equal
+    the torch model's exact-kernel outputs to float rounding) or 'fast' (every int4/int8 linear an int8
+    GEMM with activations quantised; SmoothQuant factors from `calibration` batches, or from the trace
+    batch when None).
     """
-    if kernels not in K.KERNEL_MODES:
+    if kernels is not None and kernels not in K.KERNEL_MODES:
         raise ConfigError(f"kernels must be one of {', '.join(K.KERNEL_MODES)} (got {kernels!r})")
     path = Path(path)
     batch = sample_batch(adapter, sample_texts)
-    act_max = input_abs_max(model, adapter, list(calibration) if calibration else [batch]) \
-        if kernels == "fast" else None
-    proto = trace_onnx(adapter, model, batch, opset)
+    with exact_compute(model):  # trace plain MatMuls (lowered below per unit) and take fp32 statistics
+        act_max = input_abs_max(model, adapter, list(calibration) if calibration else [batch]) \
+            if kernels == "fast" else None
+        proto = trace_onnx(adapter, model, batch, opset)
     report = G.rewrite(proto, model, int8_kernel=int8_kernel, mode=kernels, act_max=act_max)
     if report.max_opset_needed > opset:
         raise ValueError(f"this plan's kernels need opset {report.max_opset_needed} (DequantizeLinear with "
@@ -286,7 +293,7 @@ def export_onnx(adapter: ModelAdapter, model: nn.Module, path: Path | str, *, op
     _set_metadata(proto, adapter, metadata)
     onnx.checker.check_model(proto)
     size = _write_atomic(proto, path)
-    return _info(proto, path, size, report, kernels)
+    return _info(proto, path, size, report, kernels or K.PER_UNIT)
 
 
 def export_fp32(adapter: ModelAdapter, path: Path | str, *, opset: int = DEFAULT_OPSET,

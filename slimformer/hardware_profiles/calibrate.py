@@ -48,6 +48,7 @@ LINEAR_CLASSES: tuple[KernelChoice, ...] = (
     KernelChoice("matmulnbits", 4, 16, 16), KernelChoice("matmulnbits", 4, 32, 32),
     KernelChoice("matmulnbits", 4, 64, 64), KernelChoice("matmulnbits", 4, 128, 128),
     KernelChoice("matmulnbits", 4, 256, 256),
+    KernelChoice("dynamic_int8", 8),  # units with kernel: int8 (DynamicQuantizeMatMul; one class for 8 and 4 bits)
 )
 EMBEDDING_CLASSES: tuple[KernelChoice, ...] = (
     KernelChoice("gather", 32), KernelChoice("fp16_gather", 16), KernelChoice("gather_dequant", 8),

@@ -6,7 +6,7 @@ import logging
 import os
 import platform
 import re
-import warnings
+from collections.abc import Callable
 
 from slimformer.hardware_profiles.profile import HardwareProfile
 
@@ -83,9 +83,14 @@ def mismatch(profile: HardwareProfile, threads: int | None = None) -> str | None
         " - latency predictions may be off; calibrate here with `slimformer calibrate`"
 
 
-def warn_if_mismatched(profile: HardwareProfile, threads: int | None = None) -> None:
-    """Emit `mismatch` as one warning line (warnings + logging) when there is one."""
+def warn_if_mismatched(profile: HardwareProfile, threads: int | None = None,
+                       log: Callable[[str], None] | None = None) -> str | None:
+    """Say `mismatch` once, as one plain line: through `log` when given, else the `slimformer` logger (no Python
+    warning: that would add a file:line and, with logging, say it twice). Returns the line, or None."""
     msg = mismatch(profile, threads)
     if msg:
-        warnings.warn(msg, stacklevel=2)
-        logging.getLogger("slimformer").warning(msg)
+        if log is not None:
+            log(msg)
+        else:
+            logging.getLogger("slimformer").warning(msg)
+    return msg

@@ -135,6 +135,8 @@ def linear_graph(choice: K.KernelChoice, m: int, k: int, n: int, copies: int, se
             if choice.kind == "matmulnbits":
                 low = K.matmul_nbits("x", y, p, codes, scales, choice.bits, choice.group, choice.block or 32,
                                      bias.name)
+            elif choice.kind == "dynamic_int8":  # the int8 compute kernel (its weight subgraph folds at load)
+                low = K.dynamic_int8("x", y, p, codes, scales, choice.bits, choice.group, bias.name)
             else:
                 low = K.dequant_gemm("x", y, p, codes, scales, choice.bits, choice.group, bias.name)
             inits += low.initializers

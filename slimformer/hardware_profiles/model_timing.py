@@ -47,8 +47,9 @@ def _export_plans(adapter: ModelAdapter, plans: Mapping[str, CompressionPlan], w
         if out.is_file() and stamp.is_file() and stamp.read_text() == repr(plan):
             paths[name] = out  # exported earlier from the same plan (a kept --work-dir)
             continue
-        rtn = CompressionPlan(units={u: UnitSpec(s.rank, s.sparsity, s.pattern, s.bits, s.group_size, "rtn")
-                                     for u, s in plan.units.items()}, layers=plan.layers, sharing=plan.sharing)
+        rtn = CompressionPlan(units={u: UnitSpec(s.rank, s.sparsity, s.pattern, s.bits, s.group_size, "rtn",
+                                                 s.kernel) for u, s in plan.units.items()},
+                              layers=plan.layers, sharing=plan.sharing)
         t0 = time.perf_counter()
         model = apply_plan(adapter, rtn, cache)
         paths[name] = export_onnx(adapter, model, out).path

@@ -9,7 +9,10 @@ and prices it with the profile's fitted model:
   piecewise in M = batch x seq tokens, each piece t = c0 + c1*K*N + c2*K + c3*N (non-negative
   coefficients, so more K or N never predicts faster); between grid points linear in M, monotone.
   fp16 linears are fp32 MatMuls after ORT folds their Cast at load. Low rank is two linears; pruning
-  shrinks K/N; unstructured sparsity and 2:4 change nothing (ORT's CPU kernels are dense).
+  shrinks K/N; unstructured sparsity and 2:4 change nothing (ORT's CPU kernels are dense). A unit whose
+  kernel is "int8" runs DynamicQuantizeMatMul, one class (`dynamic_int8`) whatever its stored bits and
+  group (the session holds int8 weights with one scale per row); a profile without that table cannot price
+  it and says to re-calibrate (no silent fallback to another kernel's times).
 * embeddings: per table kernel, c0 + c1 * rows gathered * width.
 * attention core per block (split heads, QK^T, mask, Softmax, NaN guard, PV, merge) from its fit in
   (batch*heads, seq, head_dim); residual add + LayerNorm (fused SkipLayerNormalization), GELU, adds by
@@ -29,7 +32,7 @@ from functools import lru_cache
 
 from slimformer.compression.plan import CompressionPlan
 from slimformer.errors import ConfigError
-from slimformer.export.kernels import KernelChoice, choose_embedding_kernel, choose_linear_kernel
+from slimformer.export.kernels import KernelChoice, choose_embedding_kernel, choose_linear_kernel, unit_kernel_mode
 from slimformer.hardware_profiles.profile import Fit, HardwareProfile, KernelTable, LatencyModel
 from slimformer.hardware_profiles.residual import LOWRANK_PREFIX, apply_residual, glue_features
 from slimformer.hardware_profiles.roofline import forward_ops
@@ -64,12 +67,14 @@ def kernel_class(choice: KernelChoice) -> str:
         return f"dequant_gemm:{choice.bits}:{'row' if choice.group is None else 'group'}"
     if choice.kind in ("gather", "fp16_gather", "gather_dequant"):
         return choice.kind if choice.kind != "gather_dequant" else f"gather_dequant:{choice.bits}"
+    if choice.kind == "dynamic_int8":
+        return "dynamic_int8"  # int8 resident and per-row scales whatever was stored: one table
     return f"{choice.kind}:{choice.bits}:{choice.block}"
 
 
 @lru_cache(maxsize=4096)
-def _linear_class(bits: int, group: int | None, k: int, n: int) -> str:
-    return kernel_class(choose_linear_kernel(bits, group, k, n))
+def _linear_class(bits: int, group: int | None, k: int, n: int, kernel: str = "exact") -> str:
+    return kernel_class(choose_linear_kernel(bits, group, k, n, mode=unit_kernel_mode(kernel)))
 
 
 @lru_cache(maxsize=256)
@@ -82,6 +87,9 @@ def _resolve(cls: str, available: dict[str, object], fallback: str) -> str:
     block), else of the same kind, else `fallback` (the fp32 kernel); else a ConfigError."""
     if cls in available:
         return cls
+    if cls == "dynamic_int8":  # another kernel's times would price int8 compute as something it is not
+        raise ConfigError(f"the hardware profile has no calibration for kernel {cls!r} (units with kernel: int8); "
+                          "re-calibrate with `slimformer calibrate` (it measures dynamic_int8) or use kernel exact")
     kind, _, rest = cls.partition(":")
     bits, _, block = rest.partition(":")
     same = [c for c in available if c.startswith(f"{kind}:{bits}:")]
@@ -165,6 +173,13 @@ def require_model(profile: HardwareProfile) -> LatencyModel:
     return profile.latency_model
 
 
+def require_linear_class(profile: HardwareProfile, cls: str) -> None:
+    """A one-line ConfigError unless the profile can price linear kernel class `cls` (e.g. "dynamic_int8")."""
+    lm = require_model(profile)
+    if cls not in lm.linear:
+        _resolve(cls, lm.linear, "matmul")
+
+
 class _Compiled:
     """A profile's latency model in plain tuples, with memoised kernel times (shapes repeat across plans)."""
 
@@ -177,14 +192,16 @@ class _Compiled:
         self.classes: dict[tuple, str] = {}
         self.memo: dict[tuple, float] = {}
 
-    def linear_us(self, bits: int, group: int | None, m: int, k: int, n: int) -> tuple[str, float]:
-        key = (bits, group, m, k, n)
-        hit = self.memo.get(key)
-        cls = self.classes.get(key[:2] + (k, n))
+    def linear_us(self, bits: int, group: int | None, m: int, k: int, n: int, kernel: str = "exact"
+                  ) -> tuple[str, float]:
+        ckey = (bits, group, k, n, kernel)
+        cls = self.classes.get(ckey)
         if cls is None:
-            cls = _linear_class(bits, group, k, n)
+            cls = _linear_class(bits, group, k, n, kernel)
             cls = cls if cls in self.lin else _resolve(cls, self.lin, "matmul")
-            self.classes[key[:2] + (k, n)] = cls
+            self.classes[ckey] = cls
+        key = (cls, m, k, n)
+        hit = self.memo.get(key)
         if hit is None:
             hit = self.memo[key] = table_us(self.lin[cls], m, k, n)
         return cls, hit
@@ -241,7 +258,8 @@ def predict_canonical(adapter: ModelAdapter, plan: CompressionPlan, batch: int, 
         if kind == "linear":
             spec = op.spec
             assert spec is not None
-            cls, us = c.linear_us(spec.bits, spec.group_size if spec.quantized else None, op.m, op.k, op.n)
+            cls, us = c.linear_us(spec.bits, spec.group_size if spec.quantized else None, op.m, op.k, op.n,
+                                  spec.kernel)
             roof += max(op.flops / c.peak.get(cls, peak_fp32), nbytes / bw)
             if spec.rank is not None:  # a low-rank factor: its own residual family (residual.LOWRANK)
                 cls = LOWRANK_PREFIX + cls

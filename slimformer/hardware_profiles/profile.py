@@ -21,7 +21,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from slimformer.errors import ConfigError
-from slimformer.fileio import atomic_write
+from slimformer.fileio import MAX_DOCUMENT_BYTES, atomic_write, read_text_file, safe_load_yaml, yaml_problem
 from slimformer.schema import StrictModel
 
 SCHEMA_VERSION = 2
@@ -231,15 +231,11 @@ def _describe_validation(err: ValidationError) -> str:
 
 
 def _load_file(path: Path) -> HardwareProfile:
+    text = read_text_file(path, "hardware profile", ConfigError, max_bytes=10 * MAX_DOCUMENT_BYTES)
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"cannot read hardware profile {path}: {e.strerror or e}") from e
-    try:
-        data = yaml.safe_load(text)
+        data = safe_load_yaml(text)
     except yaml.YAMLError as e:
-        detail = " ".join(str(e).split())
-        raise ConfigError(f"hardware profile {path} is not valid YAML: {detail}") from e
+        raise ConfigError(f"hardware profile {path} is not valid YAML: {yaml_problem(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(
             f"hardware profile {path} must be a YAML mapping of keys to values (got {type(data).__name__})"

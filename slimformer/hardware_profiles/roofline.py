@@ -18,6 +18,10 @@ What is modelled (M = batch * seq tokens, activations fp32):
   output channel (group_size None) or per group along the input dim, for 8 and 4 bits; fp32 bias.
   Weight-only quantised layers still compute in fp32 at the fp32 peak; dequantisation is assumed fused
   into the matmul, so its only cost is reading the packed weights and scales.
+- A unit whose kernel is "int8" (onnxruntime's DynamicQuantizeMatMul) reads int8 weights with one fp32 scale
+  per row (a 4-bit unit is widened to int8 at load), plus a quantisation pass over its input (fp32 read,
+  uint8 written), and computes at the profile's `peak_gflops["dynamic_int8"]` when `slimformer calibrate`
+  measured one; without it, at the fp32 peak (an assumption: the estimate then prices no int8 speed-up).
 - Sparsity gives no speed-up in this version: unstructured sparsity runs dense kernels over weights
   stored dense, and 2:4 has no CPU kernel here either. Estimates ignore `sparsity` and `pattern`.
 - Sharing changes no compute (shared layers still run); it only changes memory, which is accounted
@@ -109,11 +113,22 @@ class OpCost:
         return max(self.compute_ms, self.memory_ms) + self.overhead_ms
 
 
+INT8_KERNEL_CLASS = "dynamic_int8"  # the peak_gflops key of the int8 compute kernel
+
+
 def _weight_bytes(rows: int, cols: int, spec: UnitSpec) -> float:
     """Bytes the kernel reads for a rows x cols weight: stored densely (CPU kernels are dense), at
-    spec.bits with fp32 scales - the same accounting as compression.memory."""
+    spec.bits with fp32 scales - the same accounting as compression.memory; the int8 kernel reads int8
+    weights with one scale per row, whatever the stored width."""
+    if spec.kernel == "int8":
+        return float(matrix_bytes((rows, cols), WeightFormat(8, None), rows * cols))
     fmt = WeightFormat(spec.bits, spec.group_size if spec.quantized else None)
     return float(matrix_bytes((rows, cols), fmt, rows * cols))
+
+
+def _act_bytes(m: int, in_f: int, out_f: int, spec: UnitSpec) -> float:
+    """fp32 input read and output written; the int8 kernel also quantises its input (fp32 read, uint8 written)."""
+    return _FP32 * m * (in_f + out_f) + (5.0 * m * in_f if spec.kernel == "int8" else 0.0)
 
 
 def _scaled(dim: int, kept: int | None, total: int) -> int:
@@ -126,13 +141,13 @@ def _linear_ops(name: str, out_f: int, in_f: int, spec: UnitSpec, bias: bool, m:
     bias_bytes = _FP32 * out_f if bias else 0.0
     if spec.rank is None:
         yield _Op(name, "linear", 2.0 * m * in_f * out_f, _weight_bytes(out_f, in_f, spec) + bias_bytes,
-                  _FP32 * m * (in_f + out_f), m, in_f, out_f, spec, bias)
+                  _act_bytes(m, in_f, out_f, spec), m, in_f, out_f, spec, bias)
         return
     r = min(spec.rank, in_f, out_f)
     yield _Op(f"{name}[in->r]", "linear", 2.0 * m * in_f * r, _weight_bytes(r, in_f, spec),
-              _FP32 * m * (in_f + r), m, in_f, r, spec, False)
+              _act_bytes(m, in_f, r, spec), m, in_f, r, spec, False)
     yield _Op(f"{name}[r->out]", "linear", 2.0 * m * r * out_f, _weight_bytes(out_f, r, spec) + bias_bytes,
-              _FP32 * m * (r + out_f), m, r, out_f, spec, bias)
+              _act_bytes(m, r, out_f, spec), m, r, out_f, spec, bias)
 
 
 def _embedding_ops(unit: Unit, spec: UnitSpec, m: int) -> Iterator[_Op]:
@@ -227,14 +242,23 @@ def _rates(profile: HardwareProfile) -> tuple[float, float, float]:
     return profile.peak_gflops_fp32 * 1e6, profile.mem_bandwidth_gbs * 1e6, profile.per_op_overhead_us * 1e-3
 
 
+def _op_flops_per_ms(op: ForwardOp, profile: HardwareProfile, fp32_per_ms: float) -> float:
+    """The compute rate of one op: the int8 kernel's measured peak when the profile has one, else fp32's."""
+    if op.kind == "linear" and op.spec is not None and op.spec.kernel == "int8":
+        peak = profile.peak_gflops.get(INT8_KERNEL_CLASS)
+        return fp32_per_ms if peak is None else peak * 1e6
+    return fp32_per_ms
+
+
 def estimate_latency(units: Sequence[Unit], layers: Sequence[LayerInfo], plan: CompressionPlan,
                      profile: HardwareProfile, batch: int = 1, seq: int = 128) -> RooflineEstimate:
     """Roofline *estimate* of one forward pass of the plan-compressed model (see the module docstring)."""
     flops_per_ms, bytes_per_ms, overhead = _rates(profile)
     total = flops = wbytes = abytes = compute = memory = 0.0
     n = 0
-    for _, _, f, wb, ab, *_rest in forward_ops(units, layers, plan, batch, seq):
-        c = f / flops_per_ms
+    for op in forward_ops(units, layers, plan, batch, seq):
+        f, wb, ab = op.flops, op.weight_bytes, op.activation_bytes
+        c = f / _op_flops_per_ms(op, profile, flops_per_ms)
         mem = (wb + ab) / bytes_per_ms
         total += c if c > mem else mem
         flops += f
@@ -255,8 +279,10 @@ def latency_breakdown(units: Sequence[Unit], layers: Sequence[LayerInfo], plan: 
     """The ops behind `estimate_latency`, one `OpCost` each, in forward order (their ms sum to its ms)."""
     flops_per_ms, bytes_per_ms, overhead = _rates(profile)
     return [
-        OpCost(name, kind, f, wb, ab, f / flops_per_ms, (wb + ab) / bytes_per_ms, overhead)
-        for name, kind, f, wb, ab, *_rest in forward_ops(units, layers, plan, batch, seq)
+        OpCost(op.name, op.kind, op.flops, op.weight_bytes, op.activation_bytes,
+               op.flops / _op_flops_per_ms(op, profile, flops_per_ms),
+               (op.weight_bytes + op.activation_bytes) / bytes_per_ms, overhead)
+        for op in forward_ops(units, layers, plan, batch, seq)
     ]
 
 

@@ -8,11 +8,13 @@ which one recognises a directory or id. Compressed slimformer outputs are opened
 from __future__ import annotations
 
 import importlib.util
-import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from slimformer.errors import ModelLoadError
+from slimformer.errors import ModelLoadError, SlimformerError
+from slimformer.fileio import read_json
 from slimformer.models.base import Batch, EvalSamples, LayerInfo, ModelAdapter, Samples, Unit
 from slimformer.models.hf import HFEncoderAdapter, load_hf_dir
 from slimformer.models.registry import (
@@ -27,8 +29,8 @@ from slimformer.models.vit import TimmViTAdapter, create_vit, load_timm_dir, sav
 
 __all__ = ["COMPRESSED_MARKER", "Batch", "EvalSamples", "HFEncoderAdapter", "LayerInfo", "ModelAdapter", "ModelSource",
            "Samples", "TimmViTAdapter", "Unit", "create_vit", "families", "get_family", "load", "load_from",
-           "load_hf_dir", "load_timm_dir", "locate", "register_family", "resolve_model_dir", "save_timm_dir",
-           "unregister_family"]
+           "load_hf_dir", "load_timm_dir", "locate", "model_load_errors", "register_family", "resolve_model_dir",
+           "save_timm_dir", "unregister_family"]
 
 MINILM_IDS = ("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2", "minilm-l6")
 COMPRESSED_MARKER = "slimformer.yaml"  # compression.saving.RECIPE_FILE: a compressed output directory
@@ -94,11 +96,33 @@ def load_from(source: ModelSource, max_length: int | None = None) -> ModelAdapte
     if not cfg_file.exists():
         raise ModelLoadError(f"{local}: no config.json; pass a transformers, sentence-transformers or timm "
                              "model directory")
+    cfg = read_json(cfg_file, None, "model config", ModelLoadError)
+    if not isinstance(cfg, dict):
+        raise ModelLoadError(f"model config {cfg_file}: expected a JSON object; pass a model directory")
+    with model_load_errors(local):
+        return detect_family(local, cfg).from_dir(local, source.model_id, max_length)
+
+
+LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, EOFError, ImportError)  # + safetensors' own error type
+
+
+@contextmanager
+def model_load_errors(where: Path) -> Iterator[None]:
+    """Turn what a damaged or incomplete model directory makes transformers, safetensors, timm or torch raise
+    (missing or truncated weights, bad JSON, unknown architecture) into one-line ModelLoadErrors naming it."""
     try:
-        cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelLoadError(f"{cfg_file}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
-    return detect_family(local, cfg).from_dir(local, source.model_id, max_length)
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover - safetensors is a dependency of transformers
+        SafetensorError = OSError  # noqa: N806
+    try:
+        yield
+    except SlimformerError:
+        raise
+    except (*LOAD_ERRORS, SafetensorError) as exc:
+        detail = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise ModelLoadError(f"{where}: cannot load the model ({type(exc).__name__}: {detail}); check that the "
+                             "directory is complete (config.json and model.safetensors or pytorch_model.bin, "
+                             "written in full)") from None
 
 
 def load(model: str, max_length: int | None = None) -> ModelAdapter:

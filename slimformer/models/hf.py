@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from slimformer.errors import ModelLoadError
+from slimformer.fileio import read_json
 from slimformer.models.base import Batch, Unit
 from slimformer.models.discover import describe_model
 from slimformer.models.modalities import TEXT_INPUTS, TextFamily
@@ -27,14 +28,17 @@ def read_st_config(model_dir: Path) -> tuple[str, int, bool]:
     """Pooling mode, max sequence length and whether a Normalize module follows the pooling, of a
     sentence-transformers directory (mean, 256, False if absent): what `SentenceTransformer.encode` returns."""
     pooling, max_len, normalize = "mean", 256, False
-    modules = json.loads((model_dir / "modules.json").read_text())
+    modules = read_json(model_dir / "modules.json", [], "sentence-transformers modules file", ModelLoadError)
+    if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
+        raise ModelLoadError(f"{model_dir / 'modules.json'}: expected a JSON list of modules; restore the file from "
+                             "the model's source")
     for m in modules:
-        if m.get("type", "").endswith("Normalize"):
+        if str(m.get("type", "")).endswith("Normalize"):
             normalize = True
-        if m.get("type", "").endswith("Pooling"):
-            cfg_file = model_dir / m.get("path", "") / "config.json"
+        if str(m.get("type", "")).endswith("Pooling"):
+            cfg_file = model_dir / str(m.get("path", "")) / "config.json"
             if cfg_file.exists():
-                cfg = json.loads(cfg_file.read_text())
+                cfg = read_json(cfg_file, {}, "pooling config", ModelLoadError)
                 for mode in POOLING_MODES:
                     key = f"pooling_mode_{mode}_tokens" if mode != "cls" else "pooling_mode_cls_token"
                     if cfg.get(key):
@@ -42,7 +46,8 @@ def read_st_config(model_dir: Path) -> tuple[str, int, bool]:
                         break
     bert_cfg = model_dir / "sentence_bert_config.json"
     if bert_cfg.exists():
-        max_len = int(json.loads(bert_cfg.read_text()).get("max_seq_length", max_len))
+        max_len = int(read_json(bert_cfg, {}, "sentence-transformers config", ModelLoadError).get("max_seq_length",
+                                                                                                   max_len))
     return pooling, max_len, normalize
 
 

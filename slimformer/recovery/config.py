@@ -20,6 +20,7 @@ DEFAULT_LOSSES: dict[str, dict[str, float]] = {
     "classifier": {"kl": 1.0, "hidden": 1.0},
 }
 DEFAULT_STEPS = 300
+MAX_COUNT = 10_000_000  # bound on steps, batch sizes and sample counts: a typo is an error, not an overflow hours later
 
 
 class RecoveryConfig(FrozenModel):
@@ -30,20 +31,21 @@ class RecoveryConfig(FrozenModel):
     `losses` maps loss names to weights; None picks the defaults for the model kind (DEFAULT_LOSSES).
     """
 
-    steps: int | None = Field(None, ge=1)
-    minutes: float | None = Field(None, gt=0)
+    steps: int | None = Field(None, ge=1, le=MAX_COUNT)
+    minutes: float | None = Field(None, gt=0, allow_inf_nan=False)
     lr: float = Field(5e-4, gt=0, le=1.0)  # measured on MiniLM: 30 steps 0.817 -> 0.933 cosine (1e-4: 0.844 at 8)
     scale_lr: float = Field(1e-3, ge=0, le=1.0)  # quantisation scales (log-space); 0 keeps them fixed
     # measured on MiniLM at 12.3% of fp32, Debian fortunes, 480 steps: batch 32 0.9822 held-out cosine, batch 16
     # 0.9784 (and 0.9778 after 2251 steps: more steps of 16 do not make up for the noisier gradient)
-    batch_size: int = Field(32, ge=1)
-    grad_accum: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1, le=65536)
+    grad_accum: int = Field(1, ge=1, le=65536)
     warmup: float = Field(0.05, ge=0, lt=1)  # share of the budget with a linear learning-rate warm-up
     losses: dict[LossName, float] | None = None
-    temperature: float = Field(2.0, gt=0)
-    seed: int = 0
+    temperature: float = Field(2.0, gt=0, allow_inf_nan=False)
+    seed: int = Field(0, ge=0, le=2**32 - 1)
     data: str = "auto"  # auto (debian-fortunes if installed, else fortunes / fashion-mnist), texts; held-out excluded
-    samples: int | None = Field(None, ge=1)  # at most this many training samples (None: all that are not held out)
+    # at most this many training samples (None: all that are not held out)
+    samples: int | None = Field(None, ge=1, le=MAX_COUNT)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @model_validator(mode="after")
@@ -83,4 +85,4 @@ class RecoverStageConfig(RecoveryConfig):
     """The search's optional `recover:` key: recover the `top_k` Pareto plans (by search-set quality) after
     the trials and re-score them on the held-out data."""
 
-    top_k: int = Field(5, ge=1)
+    top_k: int = Field(5, ge=1, le=MAX_COUNT)

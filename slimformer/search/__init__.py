@@ -7,12 +7,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from slimformer.fileio import check_output_path
 from slimformer.search.config import SearchConfig
 from slimformer.search.context import SearchContext, prepare
 from slimformer.search.results import SearchSummary
 from slimformer.search.rundir import check_or_write_config, run_baselines, write_outputs
 from slimformer.search.runner import run_trials
-from slimformer.search.storage import close_storage, hide_password, lock_run_dir, make_storage, unlock_run_dir
+from slimformer.search.storage import (
+    check_storage_url,
+    close_storage,
+    hide_password,
+    lock_run_dir,
+    make_storage,
+    unlock_run_dir,
+)
 
 __all__ = ["SearchConfig", "SearchContext", "SearchResult", "SearchSummary", "prepare", "run_search"]
 
@@ -53,13 +61,24 @@ def run_search(config: SearchConfig, *, trials: int | None = None, timeout: floa
         from slimformer.errors import ConfigError
 
         raise ConfigError(f"--run-dir {out} is a file; pass a directory path")
+    check_output_path(out, "--run-dir", kind="dir")
     if backend != "local" or address is not None or workers is not None:
         from slimformer.search.ray_backend import check_options
 
         check_options(backend, address, workers, config.storage)
-    # a shared storage is opened (validated) before anything is written; the default one lives in the run dir
-    shared = make_storage(config.storage, out) if config.storage is not None else None
-    ctx = prepare(config, log=say)
+    # a shared storage is checked (form, driver, directory) before the model is loaded, and opened (which may
+    # create its file) once the model and budgets are validated, before the teacher outputs; the default one
+    # lives in the run dir
+    if config.storage is not None:
+        check_storage_url(config.storage)
+    shared: tuple[Any, str, bool] | None = None
+
+    def open_shared() -> None:
+        nonlocal shared
+        if config.storage is not None:
+            shared = make_storage(config.storage, out)
+
+    ctx = prepare(config, log=log, validated=open_shared)  # no log: prepare's hardware-mismatch line goes to logging
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     lock = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from fractions import Fraction
 from pathlib import Path
@@ -11,12 +12,19 @@ import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from slimformer.errors import ConfigError
-from slimformer.fileio import first_validation_error, yaml_mapping
+from slimformer.fileio import first_validation_error, read_text_file, yaml_mapping
 from slimformer.recovery.config import RecoverStageConfig
 from slimformer.schema import FrozenModel
 from slimformer.spaces.config import SpaceConfig
+from slimformer.threads import MAX_THREADS
 
 OBJECTIVES = ("quality", "latency", "memory")
+# upper bounds: far above any real use, low enough that no value overflows a C integer or exhausts memory
+MAX_SAMPLES = 1_000_000
+MAX_BATCH = 4096
+MAX_SEQ = 65536
+MAX_SEED = 2**32 - 1
+MAX_TRIALS = 10_000_000
 QUICKSTART_CONFIG = Path(__file__).resolve().parent.parent / "data" / "quickstart.yaml"
 
 
@@ -24,18 +32,21 @@ class DataConfig(FrozenModel):
     """Where evaluation data comes from and how it is split (search vs held-out)."""
 
     source: str = "fortunes"  # fortunes | fashion-mnist | path.txt | path.jsonl | hf:NAME[:CONFIG]:SPLIT:COLUMN
-    search_samples: int = Field(128, ge=4)
-    heldout_samples: int = Field(256, ge=4)
-    calibration_samples: int = Field(64, ge=1)
-    batch_size: int = Field(32, ge=1)
-    max_length: int = Field(128, ge=8)
-    seed: int = 0
+    search_samples: int = Field(128, ge=4, le=MAX_SAMPLES)
+    heldout_samples: int = Field(256, ge=4, le=MAX_SAMPLES)
+    calibration_samples: int = Field(64, ge=1, le=MAX_SAMPLES)
+    batch_size: int = Field(32, ge=1, le=MAX_BATCH)
+    max_length: int = Field(128, ge=8, le=MAX_SEQ)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
 
 
 class BudgetConfig(FrozenModel):
-    """Hard memory budget: a percentage of the fp32 weights ('15%') or bytes ('12MB', '900KB', 12000000)."""
+    """Hard budgets. memory: a percentage of the fp32 weights ('15%') or bytes ('12MB', '900KB', 12000000).
+    latency (optional): milliseconds of one forward pass at the `latency` shape ('8ms', '0.25s', '800us') or a
+    multiple of the fp32 model's latency priced by the search's latency source ('0.5x')."""
 
     memory: str | int
+    latency: str | None = None
 
     @field_validator("memory")
     @classmethod
@@ -44,12 +55,60 @@ class BudgetConfig(FrozenModel):
             raise ValueError(f"{v!r}: write a positive percentage of fp32 like '15%' or a size like '12MB'")
         return v
 
+    @field_validator("latency", mode="before")
+    @classmethod
+    def _parse_latency(cls, v: object) -> str | None:
+        if v is None:
+            return None
+        if not isinstance(v, str) or parse_latency_budget(v) is None:
+            raise ValueError(f"{v!r}: {LATENCY_FORMS}")
+        return v
+
+    def latency_ms(self, fp32_ms: float | None = None) -> float | None:
+        """The latency budget in ms (None without one); a relative budget ('0.5x') needs the fp32 model's
+        latency `fp32_ms` from the search's latency source."""
+        if self.latency is None:
+            return None
+        parsed = parse_latency_budget(self.latency)
+        assert parsed is not None  # validated on construction
+        value, relative = parsed
+        if not relative:
+            return value
+        if fp32_ms is None:
+            raise ValueError("a relative latency budget needs the fp32 model's latency")
+        return value * fp32_ms
+
+    @property
+    def latency_is_relative(self) -> bool:
+        parsed = None if self.latency is None else parse_latency_budget(self.latency)
+        return parsed is not None and parsed[1]
+
     def to_bytes(self, fp32_bytes: int) -> int:
         out = _parse_budget(self.memory, fp32_bytes)
         if out is None:
             raise ConfigError(f"budget.memory {self.memory!r}: write a percentage of fp32 like '15%' or a "
                               "size like '12MB'")
         return out
+
+
+LATENCY_FORMS = ("write a positive time like '8ms', '0.25s', '800us' or a multiple of the fp32 model's "
+                 "latency like '0.5x'")
+_LATENCY_UNITS = {"MS": 1.0, "S": 1000.0, "US": 1e-3}
+
+
+def parse_latency_budget(v: str) -> tuple[float, bool] | None:
+    """(amount, relative) of a latency budget: ms for '8ms'/'0.25s'/'800us', a factor for '0.5x'; None when
+    malformed, zero, negative or without a unit."""
+    s = v.strip().upper().replace(" ", "")
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+)(MS|S|US|X)", s)
+    if not m:
+        return None
+    amount = float(m.group(1))
+    if not (amount > 0 and math.isfinite(amount)):
+        return None
+    if m.group(2) == "X":
+        return amount, True
+    return amount * _LATENCY_UNITS[m.group(2)], False
 
 
 _UNITS = {"B": 1, "": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
@@ -76,8 +135,8 @@ class SamplerConfig(FrozenModel):
     (search/repair.py)."""
 
     name: Literal["nsga2", "tpe", "random"] = "nsga2"
-    population_size: int = Field(16, ge=2)
-    seed: int | None = 0
+    population_size: int = Field(16, ge=2, le=MAX_SAMPLES)
+    seed: int | None = Field(0, ge=0, le=MAX_SEED)
     repair: bool = True
 
 
@@ -90,11 +149,14 @@ class LatencyConfig(FrozenModel):
     """
 
     source: Literal["auto", "estimate", "calibrated", "measured"] = "auto"
-    batch: int = Field(1, ge=1)
-    seq: int = Field(128, ge=1)
-    threads: int | None = Field(None, ge=1)  # deployment intra-op threads; differing from the profile's warns
-    runs: int = Field(30, ge=1)  # measured: timed runs per candidate (median taken, IQR recorded)
-    kernels: Literal["exact", "fast"] = "exact"  # measured: the ONNX kernels candidates are exported with
+    batch: int = Field(1, ge=1, le=MAX_BATCH)
+    seq: int = Field(128, ge=1, le=MAX_SEQ)
+    # deployment intra-op threads; differing from the profile's warns
+    threads: int | None = Field(None, ge=1, le=MAX_THREADS)
+    runs: int = Field(30, ge=1, le=MAX_SAMPLES)  # measured: timed runs per candidate (median taken, IQR recorded)
+    # measured: the ONNX kernels candidates are exported with; null = each unit's kernel (the space's `kernel`
+    # choice), exact / fast = an override of every unit
+    kernels: Literal["exact", "fast"] | None = None
 
 
 class MultiFidelityConfig(FrozenModel):
@@ -110,7 +172,7 @@ class MultiFidelityConfig(FrozenModel):
     enabled: bool = False
     slice: float = Field(0.25, gt=0, le=1)
     margin: float = Field(3.0, ge=0)
-    min_observations: int = Field(8, ge=2)
+    min_observations: int = Field(8, ge=2, le=MAX_SAMPLES)
 
 
 class SearchConfig(FrozenModel):
@@ -123,8 +185,8 @@ class SearchConfig(FrozenModel):
     objectives: list[Literal["quality", "latency", "memory"]] = ["quality", "latency", "memory"]
     quality_metric: str | None = None  # cosine | neighbours (encoders); agreement | accuracy | neg_kl
     sampler: SamplerConfig = SamplerConfig()
-    trials: int = Field(60, ge=1)
-    timeout: float | None = Field(None, gt=0)
+    trials: int = Field(60, ge=1, le=MAX_TRIALS)
+    timeout: float | None = Field(None, gt=0, allow_inf_nan=False)
     storage: str | None = None
     study_name: str = "slimformer"
     run_dir: str = "runs/search"
@@ -133,7 +195,7 @@ class SearchConfig(FrozenModel):
     multi_fidelity: MultiFidelityConfig = MultiFidelityConfig()
     baselines: bool = True
     start_points: Literal["sensitivity", "random", "none"] = "sensitivity"  # first generation (search/start.py)
-    threads: int | None = Field(None, ge=1)
+    threads: int | None = Field(None, ge=1, le=MAX_THREADS)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     recover: RecoverStageConfig | None = None  # distil the top-k Pareto plans after the trials (recover_stage.py)
     deploy: Literal["onnx", "safetensors"] = "onnx"  # the artifact budget.memory applies to (compression/memory.py)
@@ -157,9 +219,14 @@ class SearchConfig(FrozenModel):
     def load(cls, path: str | Path | None) -> SearchConfig:
         """Load a config file; None means the embedded Quickstart defaults."""
         p = QUICKSTART_CONFIG if path is None else Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} does not exist")
-        return cls.from_yaml(p.read_text(), source=str(p))
+        return cls.from_yaml(read_text_file(p, "config file", ConfigError), source=str(p))
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """The config as YAML, with a storage URL's password masked (`user:***@host`): config.yaml in a run
+        directory never holds a secret (the password comes from the environment, see search/storage.py)."""
+        from slimformer.search.storage import hide_password
+
+        data = self.model_dump(mode="json")
+        if data.get("storage"):
+            data["storage"] = hide_password(data["storage"])
+        return yaml.safe_dump(data, sort_keys=False)

@@ -9,7 +9,8 @@ add a second scheduler and trial bookkeeping that must be mapped back onto the s
   - The driver prepares everything (model, data, teacher outputs, baselines, start points), ships the
     prepared SearchContext once with `ray.put` (each worker gets its own empty decomposition cache), starts
     N tasks, shows progress from the study, and writes the outputs, as the local backend does.
-  - Without --address: a local Ray instance (127.0.0.1, no dashboard) with the machine's CPUs, and the run
+  - Without --address: a local Ray instance (node IP 127.0.0.1, so every Ray server listens on loopback
+    only; no dashboard) with the machine's CPUs, and the run
     directory's own SQLite `study.db` (busy timeout 60 s, heartbeats on in the workers) as the storage, so
     the run directory is the same as a local run's and either backend can resume it.
   - With --address: join that cluster; the storage must be a database server every node reaches
@@ -23,6 +24,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -45,6 +48,7 @@ from slimformer.search.storage import (
 from slimformer.threads import set_threads
 
 BACKENDS = ("local", "ray")
+LOOPBACK = "127.0.0.1"  # the local Ray instance's node IP: every Ray server listens on loopback only
 POLL_S = 2.0
 
 
@@ -80,6 +84,28 @@ def plan_workers(cpus: int, workers: int | None) -> tuple[int, int, float]:
     return n, threads, max(0.01, min(float(threads), cpus / n))
 
 
+@contextmanager
+def loopback_node() -> Iterator[None]:
+    """While a local Ray instance starts, keep its node on 127.0.0.1 so that every Ray server (GCS, raylet,
+    object manager, workers' and driver's gRPC, runtime-env agent) listens on loopback only.
+
+    Ray binds its servers to all interfaces unless the node IP is exactly 127.0.0.1, and ray.init turns a
+    given 127.0.0.1 into the machine's outward address unless Ray's local-only mode (its default on macOS and
+    Windows, `ray_constants.ENABLE_RAY_CLUSTER` False) is on; it is switched on for the call and restored
+    after (the node IP is fixed once the node runs; workers get it on their command line). Checked by
+    tests/search/test_ray.py, which lists the Ray processes' listening sockets."""
+    import ray._private.ray_constants as ray_constants
+
+    before = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    if before is not None:
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        if before is not None:
+            ray_constants.ENABLE_RAY_CLUSTER = before
+
+
 def worker_main(ctx: SearchContext, url: str, run_dir_file: bool, study_name: str, trials: int,
                 timeout: float | None, threads: int) -> dict[str, Any]:
     """One Ray worker: the local trial loop on the shared study (runs in the worker process)."""
@@ -113,16 +139,17 @@ def run_ray(ctx: SearchContext, storage: optuna.storages.BaseStorage, url: str, 
     study = open_study(ctx, storage, study_name, shown)
     if exclusive:
         fail_interrupted(study)  # before any worker runs: RUNNING trials are a killed driver's
-    ensure_start_points(ctx, study, log=say, sensitivity_path=sensitivity_path)
+    ensure_start_points(ctx, study, log=say, sensitivity_path=sensitivity_path, exclusive=exclusive)
     done0 = counted_trials(study)
     if done0 >= trials:
         return study
     started = not ray.is_initialized()
     if started:
         if address is None:
-            ray.init(address="local", num_cpus=local_cpus(), include_dashboard=False,
-                     object_store_memory=max(256 * 1024**2, 3 * ctx.fp32_bytes + 128 * 1024**2),
-                     logging_level="warning", configure_logging=True)
+            with loopback_node():
+                ray.init(address="local", num_cpus=local_cpus(), include_dashboard=False,
+                         object_store_memory=max(256 * 1024**2, 3 * ctx.fp32_bytes + 128 * 1024**2),
+                         logging_level="warning", configure_logging=True, _node_ip_address=LOOPBACK)
         else:
             try:
                 ray.init(address=address, logging_level="warning")

@@ -23,7 +23,7 @@ INTERRUPTED = "interrupted (driver stopped)"
 SURPLUS = "interrupted (surplus: other drivers' trials completed the study's count as this one started)"
 STALE = "interrupted (worker stopped sending heartbeats)"
 
-START_ATTR = "slimformer_start_points"  # study user attr: {"by": claimant, "at": time, "queued": n or None}
+START_ATTR = "slimformer_start_points"  # study user attr: {"by", "at", "beat": last heartbeat, "queued": n or None}
 SENSITIVITY_ATTR = "slimformer_sensitivity"  # study user attr: the sensitivity measured for the start points
 
 
@@ -41,7 +41,8 @@ class TrialRecord:
     latency_runs: int | None = None
     latency_threads: int | None = None
     latency_kernels: str | None = None
-    feasible: bool | None = None  # False: over the memory budget, never evaluated
+    feasible: bool | None = None  # False: over the memory or the latency budget, never evaluated
+    over_budget: str | None = None  # which budgets an infeasible plan broke: memory, latency or memory+latency
     slice_quality: float | None = None  # multi-fidelity: quality on the first slice of the search data
     metrics: dict[str, float] | None = None  # search-set metrics of an evaluated plan
     apply_s: float | None = None
@@ -50,6 +51,7 @@ class TrialRecord:
     pruned_s: float | None = None
     pruned_reason: str | None = None
     fail_reason: str | None = None
+    duplicate_of: int | None = None  # same plan as this finished trial: answered from it (PRUNED, not counted)
 
     @classmethod
     def from_user_attrs(cls, attrs: Mapping[str, Any]) -> TrialRecord:
@@ -89,12 +91,14 @@ def retry_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def is_feasible(t: FrozenTrial) -> bool:
-    """Completed and within the memory budget: a candidate for the Pareto front."""
-    return t.state == TrialState.COMPLETE and bool(TrialRecord.from_trial(t).feasible)
+    """Completed, within the memory and latency budgets and no Optuna constraint violated: a candidate for the
+    Pareto front."""
+    return (t.state == TrialState.COMPLETE and bool(TrialRecord.from_trial(t).feasible)
+            and all(v <= 0 for v in t.constraints.values()))
 
 
 def is_infeasible(t: FrozenTrial) -> bool:
-    """Sampled over the memory budget (never evaluated)."""
+    """Sampled over the memory or latency budget (never evaluated)."""
     return TrialRecord.from_trial(t).feasible is False
 
 
@@ -103,9 +107,16 @@ def was_interrupted(t: FrozenTrial) -> bool:
     return str(TrialRecord.from_trial(t).fail_reason or "").startswith("interrupted")
 
 
+def is_duplicate(t: FrozenTrial) -> bool:
+    """A plan already evaluated in the study, answered from that trial instead of evaluated again."""
+    return TrialRecord.from_trial(t).duplicate_of is not None
+
+
 def counted(t: FrozenTrial) -> bool:
-    """Counts toward `trials`: finished, not an over-budget sample, not left behind by a killed driver."""
-    return t.state in FINISHED and TrialRecord.from_trial(t).feasible is not False and not was_interrupted(t)
+    """Counts toward `trials`: finished, not an over-budget sample, not a duplicate plan, not left behind by a
+    killed driver."""
+    rec = TrialRecord.from_trial(t)
+    return t.state in FINISHED and rec.feasible is not False and rec.duplicate_of is None and not was_interrupted(t)
 
 
 def _trials(study: optuna.Study | Iterable[FrozenTrial]) -> Iterable[FrozenTrial]:
@@ -122,23 +133,34 @@ def infeasible_trials(study: optuna.Study | Iterable[FrozenTrial]) -> int:
     return sum(1 for t in _trials(study) if is_infeasible(t))
 
 
+def duplicate_trials(study: optuna.Study | Iterable[FrozenTrial]) -> int:
+    return sum(1 for t in _trials(study) if is_duplicate(t))
+
+
 # -- study user attrs ------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class StartClaim:
-    """Which driver queues the start points (study attr START_ATTR); `queued` None while it is queueing."""
+    """Which driver queues the start points (study attr START_ATTR); `queued` None while it is queueing.
+    `beat` (time.time()) is refreshed while the claimant works, so a dead claimant's claim goes stale."""
 
     by: str
     at: float
     queued: int | None = None
+    beat: float | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"by": self.by, "at": self.at, "queued": self.queued}
+        return {"by": self.by, "at": self.at, "queued": self.queued, "beat": self.beat}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> StartClaim:
-        return cls(str(data.get("by")), float(data.get("at") or 0.0), data.get("queued"))
+        at = float(data.get("at") or 0.0)
+        beat = data.get("beat")
+        return cls(str(data.get("by")), at, data.get("queued"), at if beat is None else float(beat))
+
+    def last_sign_of_life(self) -> float:
+        return self.at if self.beat is None else max(self.at, self.beat)
 
 
 def start_claim(study: optuna.Study) -> StartClaim | None:

@@ -123,7 +123,7 @@ def write_report(path: Path, ctx: SearchContext, entries: list[ParetoEntry], bas
                    *[e.heldout_metrics.get(k) for k in ctx.heldout_eval.metric_names if k != m],
                    e.recipe] for e in sorted(entries, key=lambda e: e.memory_bytes)]
     others = [k for k in ctx.heldout_eval.metric_names if k != m]
-    base_rows = [[b.name, b.memory_percent, "yes" if b.fits else "no", b.latency_ms,
+    base_rows = [[b.name, b.memory_percent, "yes" if b.fits else f"no ({b.over_budget or 'memory'})", b.latency_ms,
                   (b.search_metrics or {}).get(m), (b.heldout_metrics or {}).get(m),
                   *[(b.heldout_metrics or {}).get(k) for k in others]] for b in baselines]
     top = sorted(entries, key=lambda e: -e.heldout_metrics[m])[:3]

@@ -22,7 +22,8 @@ DIRECTIONS = {"quality": "maximize", "latency": "minimize", "memory": "minimize"
 
 
 def pareto_trials(study: optuna.Study, objectives: list[str]) -> list[optuna.trial.FrozenTrial]:
-    """Feasible, completed, non-dominated trials (duplicates of the same params collapse to the first)."""
+    """Feasible (within the memory and latency budgets: `is_feasible`), completed, non-dominated trials
+    (duplicates of the same params collapse to the first)."""
     feas = [t for t in study.get_trials(deepcopy=False) if is_feasible(t)]
     signs = [1.0 if DIRECTIONS[o] == "maximize" else -1.0 for o in objectives]
 
@@ -44,7 +45,8 @@ def pareto_trials(study: optuna.Study, objectives: list[str]) -> list[optuna.tri
 
 @dataclass
 class BaselineResult:
-    """One uniform baseline as baselines.json stores it (asdict is the file's entry)."""
+    """One uniform baseline as baselines.json stores it (asdict is the file's entry). `fits`: within every budget
+    (memory, and latency when budget.latency is set); only baselines that fit are evaluated and compared."""
 
     name: str
     memory_bytes: int
@@ -54,6 +56,7 @@ class BaselineResult:
     search_metrics: dict[str, float] | None = None
     heldout_metrics: dict[str, float] | None = None
     error: str | None = None
+    over_budget: str | None = None  # not fitting: the budgets it breaks (memory, latency or memory+latency)
 
 
 @dataclass(frozen=True)
@@ -105,24 +108,49 @@ class ParetoEntry:
 
 
 @dataclass(frozen=True)
+class LatencyBudget:
+    """budget.latency as a search resolved it: the ms limit, the fp32 model's latency (a relative budget's
+    reference), the priced shape and what priced it (pareto.json / summary.json `latency_budget`)."""
+
+    ms: float
+    spec: str  # as configured: '8ms', '0.5x'
+    fp32_ms: float | None
+    batch: int
+    seq: int
+    source: str  # the resolved latency source (estimate, calibrated, measured)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ms": self.ms, "spec": self.spec, "fp32_ms": self.fp32_ms, "batch": self.batch, "seq": self.seq,
+                "source": self.source}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any] | None) -> LatencyBudget | None:
+        return None if d is None else cls(d["ms"], d["spec"], d.get("fp32_ms"), d["batch"], d["seq"], d["source"])
+
+
+@dataclass(frozen=True)
 class ParetoFront:
-    """pareto.json: the objectives, quality metric, budget and every feasible Pareto trial."""
+    """pareto.json: the objectives, quality metric, budgets and every feasible Pareto trial (`latency_budget`
+    only when budget.latency is set: every entry's `latency_ms_estimate` is within its `ms`)."""
 
     objectives: list[str]
     quality_metric: str
     budget_bytes: int
     fp32_bytes: int
     trials: list[ParetoEntry]
+    latency_budget: LatencyBudget | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"objectives": self.objectives, "quality_metric": self.quality_metric,
-                "budget_bytes": self.budget_bytes, "fp32_bytes": self.fp32_bytes,
-                "trials": [e.to_json() for e in self.trials]}
+        out: dict[str, Any] = {"objectives": self.objectives, "quality_metric": self.quality_metric,
+                               "budget_bytes": self.budget_bytes, "fp32_bytes": self.fp32_bytes}
+        if self.latency_budget is not None:
+            out["latency_budget"] = self.latency_budget.to_json()
+        return out | {"trials": [e.to_json() for e in self.trials]}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> ParetoFront:
         return cls(list(d["objectives"]), d["quality_metric"], d["budget_bytes"], d["fp32_bytes"],
-                   [ParetoEntry.from_json(e) for e in d["trials"]])
+                   [ParetoEntry.from_json(e) for e in d["trials"]], LatencyBudget.from_json(d.get("latency_budget")))
 
 
 @dataclass(frozen=True)
@@ -225,14 +253,17 @@ class SearchSummary:
     hardware_profile: str
     hardware_profile_version: str | None
     recovery: RecoverySummary | None = None
+    duplicate_trials: int = 0  # plans sampled again, answered from the trial that evaluated them (PRUNED)
+    latency_budget: LatencyBudget | None = None  # written only when budget.latency is set
 
     def to_json(self) -> dict[str, Any]:
         m = self.quality_metric
-        return {
+        out = {
             "model": self.model, "quality_metric": m, "budget_bytes": self.budget_bytes,
             "budget_percent": self.budget_percent, "fp32_bytes": self.fp32_bytes, "trial_states": self.trial_states,
             "infeasible_trials": self.infeasible_trials, "evaluated_trials": self.evaluated_trials,
-            "pruned_trials": self.pruned_trials, "mean_pruned_trial_s": self.mean_pruned_trial_s,
+            "pruned_trials": self.pruned_trials, "duplicate_trials": self.duplicate_trials,
+            "mean_pruned_trial_s": self.mean_pruned_trial_s,
             "elapsed_s": self.elapsed_s, "mean_trial_s": self.mean_trial_s, "mean_eval_s": self.mean_eval_s,
             "mean_outside_forward_s": self.mean_outside_forward_s,
             "best_recipe": None if self.best_recipe is None else self.best_recipe.to_json(m),
@@ -241,6 +272,9 @@ class SearchSummary:
             "hardware_profile": self.hardware_profile, "hardware_profile_version": self.hardware_profile_version,
             "recovery": None if self.recovery is None else self.recovery.to_json(m),
         }
+        if self.latency_budget is not None:
+            out["latency_budget"] = self.latency_budget.to_json()
+        return out
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> SearchSummary:
@@ -252,7 +286,8 @@ class SearchSummary:
                    None if best is None else BestRecipe.from_json(best, m),
                    None if base is None else BestBaseline.from_json(base, m),
                    d["latency_label"], d["latency_source"], d["hardware_profile"], d["hardware_profile_version"],
-                   None if rec is None else RecoverySummary.from_json(rec, m))
+                   None if rec is None else RecoverySummary.from_json(rec, m),
+                   int(d.get("duplicate_trials", 0)), LatencyBudget.from_json(d.get("latency_budget")))
 
 
 @dataclass(frozen=True)

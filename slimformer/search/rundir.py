@@ -2,7 +2,7 @@
 
   config.yaml        the resolved config (a re-run with another model/space/budget is refused)
   study.db           the Optuna study (default SQLite storage)
-  baselines.json     uniform baselines: memory, fit, search-set and held-out metrics
+  baselines.json     uniform baselines: memory, latency, fit (over_budget: which budget a misfit breaks), metrics
   heldout.json       held-out metrics of Pareto trials (cached across re-runs)
   pareto.json        every feasible Pareto trial: metrics (search + held-out) and plan
   pareto.png         the front against the baselines
@@ -28,7 +28,8 @@ from slimformer.fileio import atomic_write, read_json, write_json
 from slimformer.search.baselines import uniform_baselines
 from slimformer.search.config import SearchConfig
 from slimformer.search.context import SearchContext
-from slimformer.search.evaluate import evaluate_plan, trial_plan
+from slimformer.search.evaluate import evaluate_plan, latency_ms, trial_plan
+from slimformer.search.pause import pause_at
 from slimformer.search.records import TrialRecord
 from slimformer.search.recover_stage import recover_front, recovery_summary
 from slimformer.search.report import write_pareto_png, write_report
@@ -36,6 +37,7 @@ from slimformer.search.results import (
     BaselineResult,
     BestBaseline,
     BestRecipe,
+    LatencyBudget,
     ParetoEntry,
     ParetoFront,
     RecipeProvenance,
@@ -53,17 +55,34 @@ def check_or_write_config(run_dir: Path, config: SearchConfig) -> None:
     new = config.model_dump(mode="json")
     if f.exists():
         old = yaml.safe_load(f.read_text()) or {}
-        changed = [k for k in IDENTITY_KEYS if old.get(k) != new.get(k)]
+        changed = [k for k in IDENTITY_KEYS if _unset_dropped(old.get(k)) != _unset_dropped(new.get(k))]
         if changed:
             raise ConfigError(f"{run_dir} holds a search with a different {', '.join(changed)}; "
                               "use another --run-dir to start a new search")
     atomic_write(f, config.to_yaml())
 
 
+def _unset_dropped(v: Any) -> Any:
+    """A config section without its unset (None) keys: a run written before an optional key existed (e.g.
+    budget.latency) still resumes."""
+    return {k: x for k, x in v.items() if x is not None} if isinstance(v, dict) else v
+
+
+def resolved_latency_budget(ctx: SearchContext) -> LatencyBudget | None:
+    """The search's resolved latency budget for pareto.json and summary.json (None without budget.latency)."""
+    if ctx.latency_budget_ms is None or ctx.config.budget.latency is None:
+        return None
+    cfg = ctx.config.latency
+    return LatencyBudget(round(ctx.latency_budget_ms, 6), ctx.config.budget.latency,
+                         None if ctx.fp32_latency_ms is None else round(ctx.fp32_latency_ms, 6), cfg.batch, cfg.seq,
+                         resolved_source(cfg.source, ctx.profile))
+
+
 def plan_summary(plan: CompressionPlan) -> dict[str, Any]:
     """A JSON-able plan: unit specs, layer specs and sharing."""
     return {
-        "units": {k: {f: v for f, v in asdict(s).items() if v not in (None, 0.0, "unstructured") or f == "bits"}
+        "units": {k: {f: v for f, v in asdict(s).items()
+                      if (v not in (None, 0.0, "unstructured") or f == "bits") and (f, v) != ("kernel", "exact")}
                   for k, s in plan.units.items()},
         "layers": {str(i): asdict(s) for i, s in plan.layers.items()},
         "sharing": {"groups": [list(g) for g in plan.sharing.groups], "scope": plan.sharing.scope}
@@ -72,7 +91,8 @@ def plan_summary(plan: CompressionPlan) -> dict[str, Any]:
 
 
 def run_baselines(ctx: SearchContext, run_dir: Path, log: Any) -> list[BaselineResult]:
-    """Evaluate (or reload) the uniform baselines that fit the budget."""
+    """Evaluate (or reload) the uniform baselines that fit the budgets; with budget.latency, a baseline's latency
+    is priced first and one over it is marked (`fits` false, `over_budget`), not evaluated."""
     f = run_dir / "baselines.json"
     cached = {b["name"]: b for b in read_json(f, [])}
     groups = sorted({g for grp in ctx.config.space.groups for g in grp.group_size if g is not None})
@@ -82,7 +102,13 @@ def run_baselines(ctx: SearchContext, run_dir: Path, log: Any) -> list[BaselineR
             results.append(BaselineResult(**cached[b.name]))
             continue
         r = BaselineResult(b.name, b.memory_bytes, round(100 * b.memory_bytes / ctx.fp32_bytes, 4), b.fits)
-        if b.fits:
+        if ctx.latency_budget_ms is not None:
+            r.latency_ms = latency_ms(ctx, b.plan)
+            over = ctx.over_budget(b.memory_bytes, r.latency_ms)
+            r.fits, r.over_budget = not over, "+".join(over) or None
+        elif not b.fits:
+            r.over_budget = "memory"
+        if r.fits:
             log(f"baseline {b.name} ({r.memory_percent:.2f}% of fp32)")
             try:
                 ev = evaluate_plan(ctx, b.plan)
@@ -94,6 +120,7 @@ def run_baselines(ctx: SearchContext, run_dir: Path, log: Any) -> list[BaselineR
                 log(f"baseline {b.name} failed: {r.error}")
         results.append(r)
         write_json(f, [asdict(x) for x in results])
+        pause_at("baselines", lambda fits=r.fits: fits)
     write_json(f, [asdict(x) for x in results])
     return results
 
@@ -135,7 +162,8 @@ def write_outputs(ctx: SearchContext, run_dir: Path, study: optuna.Study, baseli
                                   ).model_copy(update={"recovery": recovered.get(t.number)})
         recipe.save(run_dir / entry.recipe)
     write_json(run_dir / "pareto.json", ParetoFront(ctx.config.objectives, m, ctx.budget_bytes, ctx.fp32_bytes,
-                                                    entries).to_json())
+                                                    entries, resolved_latency_budget(ctx)).to_json())
+    pause_at("outputs")
     summary = summarize(ctx, study, entries, baselines, elapsed_s, recovery=recovery_summary(recovered, m))
     write_json(run_dir / "summary.json", summary.to_json())
     write_pareto_png(run_dir / "pareto.png", ctx, study, entries, baselines)
@@ -169,7 +197,7 @@ def summarize(ctx: SearchContext, study: optuna.Study, entries: list[ParetoEntry
         trial_states=states,
         infeasible_trials=sum(1 for r in records if r.feasible is False),
         evaluated_trials=sum(1 for r in records if r.evaluated),
-        pruned_trials=states.get("PRUNED", 0),
+        pruned_trials=states.get("PRUNED", 0) - sum(1 for r in records if r.duplicate_of is not None),
         mean_pruned_trial_s=mean([r.pruned_s for r in records if r.pruned_s is not None]),
         elapsed_s=round(elapsed_s, 1),
         mean_trial_s=mean([trial_s for trial_s, _ in timed]),
@@ -179,11 +207,13 @@ def summarize(ctx: SearchContext, study: optuna.Study, entries: list[ParetoEntry
                                                          best.heldout_metrics[m], best.heldout_metrics),
         best_baseline=best_base,
         latency_label=(f"{MEASURED_LABEL}; batch {ctx.config.latency.batch} x seq {ctx.config.latency.seq}, "
-                       f"{ctx.config.latency.kernels} kernels"
+                       f"{ctx.config.latency.kernels or 'per-unit'} kernels"
                        if ctx.config.latency.source == "measured"
                        else source_label(ctx.config.latency.source, ctx.profile)),
         latency_source=resolved_source(ctx.config.latency.source, ctx.profile),
         hardware_profile=ctx.profile.name,
         hardware_profile_version=ctx.profile.version,
         recovery=recovery,
+        duplicate_trials=sum(1 for r in records if r.duplicate_of is not None),
+        latency_budget=resolved_latency_budget(ctx),
     )

@@ -1,8 +1,8 @@
 """The Optuna driver: sample a plan, price its memory, evaluate it if it fits, tell the study.
 
-Infeasible plans (over the memory budget) are never evaluated: they are told to the study with a
-positive `memory` constraint (Optuna's constrained domination steers away from them) and the worst
-quality, and they are never Pareto points. Re-running the same command resumes: finished trials are
+Infeasible plans (over the memory budget, or over budget.latency when set) are never evaluated: they are told
+to the study with a positive `memory` / `latency` constraint (Optuna's constrained domination steers away from
+them) and the worst quality, and they are never Pareto points. Re-running the same command resumes: finished trials are
 kept, trials left RUNNING by a killed driver are marked FAIL and replaced, the total reaches `trials`.
 
 Several drivers (processes, Ray workers) may share one study on a shared storage (search/storage.py):
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -29,18 +30,23 @@ from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from slimformer.compression.memory import plan_memory
+from slimformer.compression.plan import CompressionPlan
+from slimformer.compression.plan_semantics import canonical_plan
 from slimformer.errors import ConfigError
 from slimformer.fileio import write_json
 from slimformer.search.context import SearchContext
 from slimformer.search.evaluate import evaluate_plan, latency_record, price_latency
 from slimformer.search.multifidelity import evaluate_or_prune
+from slimformer.search.pause import pause_at
 from slimformer.search.records import (
     INTERRUPTED,
     SURPLUS,
     StartClaim,
     TrialRecord,
     counted_trials,
+    duplicate_trials,
     infeasible_trials,
+    is_duplicate,
     is_feasible,
     start_claim,
     study_sensitivity,
@@ -50,11 +56,21 @@ from slimformer.search.records import (
 from slimformer.search.repair import BudgetRepairSampler
 from slimformer.search.results import DIRECTIONS
 from slimformer.search.start import enqueue_start_points
-from slimformer.search.storage import GRACE_PERIOD, WORKER_ATTR, default_url, fail_stale_trials, open_storage, worker_id
+from slimformer.search.storage import (
+    GRACE_PERIOD,
+    WORKER_ATTR,
+    default_url,
+    fail_stale_trials,
+    hide_password,
+    open_storage,
+    worker_id,
+)
 
 WORST_QUALITY = -1.0
 INFEASIBLE_CAP = 20  # stop after this many over-budget samples per requested trial
-START_WAIT_S = 900.0  # longest wait for another driver to queue the start points
+START_WAIT_S = 900.0  # longest wait for another (live) driver to queue the start points
+START_BEAT_S = 5.0  # the start-point claimant refreshes its claim this often
+START_STALE_S = 3 * START_BEAT_S  # an unfinished claim without a heartbeat for this long is taken over
 POLL_S = 1.0  # how often a driver waiting on other drivers' trials looks at the study
 
 
@@ -113,7 +129,7 @@ def open_study(ctx: SearchContext, storage: str | optuna.storages.BaseStorage, s
     """Create or load the study; `storage` is a URL (opened with storage.open_storage) or a storage
     object (from storage.make_storage; `label` names it in messages)."""
     if isinstance(storage, str):
-        label = label or storage
+        label = label or hide_password(storage)
         storage, _ = open_storage(storage)
     label = label or type(storage).__name__
     directions = [DIRECTIONS[o] for o in ctx.config.objectives]
@@ -121,7 +137,7 @@ def open_study(ctx: SearchContext, storage: str | optuna.storages.BaseStorage, s
         study = optuna.create_study(storage=storage, study_name=study_name, directions=directions,
                                     sampler=make_sampler(ctx), load_if_exists=True)
     except ValueError as exc:
-        raise ConfigError(f"storage {label}: {str(exc).splitlines()[0]}") from None
+        raise ConfigError(f"storage {label}: {hide_password(str(exc).splitlines()[0])}") from None
     if [d.name.lower() for d in study.directions] != directions:
         raise ConfigError(f"study {study_name!r} in {label} has other objectives; use a new --run-dir "
                           "or study_name")
@@ -143,11 +159,20 @@ def objective_values(ctx: SearchContext, quality: float, lat: float, mem: int) -
     return [vals[o] for o in ctx.config.objectives]
 
 
+def set_constraints(ctx: SearchContext, trial: optuna.Trial, memory_bytes: int, latency_ms: float) -> None:
+    """The trial's Optuna constraints (positive = violated), the same names on every priced trial of a study:
+    `memory` (bytes over budget) and, with a latency budget, `latency` (ms over budget)."""
+    trial.set_constraint("memory", float(memory_bytes - ctx.budget_bytes))
+    if ctx.latency_budget_ms is not None:
+        trial.set_constraint("latency", float(latency_ms - ctx.latency_budget_ms))
+
+
 def make_objective(ctx: SearchContext, limit: int | None = None) -> Callable[[optuna.Trial], list[float]]:
     """The trial function. With `limit` (the study's trial count), a trial that finds the count already met
     by finished trials and running trials numbered below it is surplus: it fails at once with fail_reason
     SURPLUS and does not count (several drivers can start trials in the same instant)."""
     me = worker_id()
+    evaluated = EvaluatedPlans(ctx)
 
     def objective(trial: optuna.Trial) -> list[float]:
         t0 = time.perf_counter()
@@ -163,10 +188,12 @@ def make_objective(ctx: SearchContext, limit: int | None = None) -> Callable[[op
         priced = price_latency(ctx, plan)
         lat = priced.ms
         replace(latency_record(priced), memory_bytes=mem.total_bytes, memory_percent=round(mem.percent, 4)).write(trial)
-        trial.set_constraint("memory", float(mem.total_bytes - ctx.budget_bytes))
-        if mem.total_bytes > ctx.budget_bytes:
-            TrialRecord(feasible=False).write(trial)
+        set_constraints(ctx, trial, mem.total_bytes, lat)
+        if over := ctx.over_budget(mem.total_bytes, lat):
+            TrialRecord(feasible=False, over_budget="+".join(over)).write(trial)
             return objective_values(ctx, WORST_QUALITY, lat, mem.total_bytes)
+        answer_if_duplicate(trial, plan, evaluated)  # a plan the study has evaluated: PRUNED, not counted
+        pause_at("trial", lambda: counted_trials(trial.study) >= 2)
         try:
             if ctx.config.multi_fidelity.enabled:
                 ev = evaluate_or_prune(ctx, plan, trial, lat, mem.total_bytes)  # raises TrialPruned when dominated
@@ -187,6 +214,43 @@ def make_objective(ctx: SearchContext, limit: int | None = None) -> Callable[[op
     return objective
 
 
+class EvaluatedPlans:
+    """The canonical plans of the study's evaluated (complete, feasible, not duplicate) trials, read
+    incrementally: one decoding per trial per driver."""
+
+    def __init__(self, ctx: SearchContext) -> None:
+        self.ctx = ctx
+        self.read: set[int] = set()
+        self.plans: list[tuple[CompressionPlan, int, TrialRecord]] = []
+
+    def find(self, study: optuna.Study, plan: CompressionPlan, number: int) -> tuple[int, TrialRecord] | None:
+        """(number, record) of the first evaluated trial whose plan means the same as `plan` (canonical form)."""
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            if t.number in self.read or t.number == number:
+                continue
+            self.read.add(t.number)
+            if is_feasible(t) and not is_duplicate(t):
+                try:
+                    self.plans.append((canonical_plan(self.ctx.adapter, self.ctx.space.plan_from_params(t.params)),
+                                       t.number, TrialRecord.from_trial(t)))
+                except (KeyError, ValueError):  # params of another space: never the same plan
+                    continue
+        mine = canonical_plan(self.ctx.adapter, plan)
+        return min(((n, r) for p, n, r in self.plans if p == mine), key=lambda x: x[0], default=None)
+
+
+def answer_if_duplicate(trial: optuna.Trial, plan: CompressionPlan, evaluated: EvaluatedPlans) -> None:
+    """No plan is evaluated twice: a plan some finished trial of the study already evaluated gets that
+    trial's metrics and `duplicate_of`, and the trial ends PRUNED (not counted toward `trials`, never on the
+    Pareto front, no duplicate individual in NSGA-II's population; the sampler simply draws again)."""
+    found = evaluated.find(trial.study, plan, trial.number)
+    if found is None:
+        return
+    twin, rec = found
+    TrialRecord(feasible=True, metrics=rec.metrics, duplicate_of=twin).write(trial)
+    raise optuna.TrialPruned(f"same plan as trial {twin}")
+
+
 def best_quality(study: optuna.Study, ctx: SearchContext) -> float | None:
     qi = ctx.config.objectives.index("quality")
     vals = [t.values[qi] for t in study.get_trials(deepcopy=False) if is_feasible(t)]
@@ -197,58 +261,100 @@ def run_trials(ctx: SearchContext, storage: str | optuna.storages.BaseStorage, s
                timeout: float | None, progress: bool = True, single_driver: bool = True, log: Any = None,
                sensitivity_path: Path | None = None, label: str | None = None) -> optuna.Study:
     """Run until the study holds `trials` evaluated trials, the timeout passes, or INFEASIBLE_CAP x trials
-    over-budget samples have been skipped. `single_driver`: this process owns the storage (trials left
-    RUNNING are a killed driver's and are failed now); otherwise other drivers may be working on the study."""
+    over-budget or already-evaluated (duplicate) samples have been skipped. `single_driver`: this process owns
+    the storage (trials left RUNNING are a killed driver's and are failed now, an unfinished start-point claim is
+    taken over at once); otherwise other drivers may be working on the study."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(ctx, storage, study_name, label)
     if single_driver:
         fail_interrupted(study)
-    ensure_start_points(ctx, study, log=log, sensitivity_path=sensitivity_path)
+    ensure_start_points(ctx, study, log=log, sensitivity_path=sensitivity_path, exclusive=single_driver)
     return trial_loop(ctx, study, trials, timeout, progress=progress)
 
 
 def ensure_start_points(ctx: SearchContext, study: optuna.Study, log: Any = None,
-                        sensitivity_path: Path | None = None) -> int:
+                        sensitivity_path: Path | None = None, exclusive: bool = False) -> int:
     """Queue the first generation (search/start.py) once per study, whichever driver gets there first.
 
-    A driver claims the job by writing the study user attr START_ATTR and reading it back; one that finds
-    it set (or finds trials in the study: a study from before this attr) queues nothing, and waits up to
-    START_WAIT_S for the claimant to finish queueing, so that the start points are the first trials run.
-    Race (accepted): two drivers that both read "unset" within one storage round trip of each other both
-    queue the start points; that evaluates some plans twice, and loses or duplicates no trial.
+    A driver claims the job by writing the study user attr START_ATTR and reading it back; the claim carries a
+    heartbeat (`beat`, refreshed every START_BEAT_S s while the claimant measures and queues). A claim that is
+    not finished (`queued` None) is taken over at once by an `exclusive` driver (it holds the run directory's
+    lock, so the claimant is a killed earlier driver) and by any driver once its heartbeat is START_STALE_S s
+    old (its claimant died); the new claimant queues only the start points the study does not hold yet, and
+    writes the sensitivity table. A driver that finds an unfinished live claim waits for it (at most
+    START_WAIT_S s), so that the start points are the first trials run; a study that already held trials
+    before any claim (made before this attr, or trials queued by hand) gets none.
+    Race (accepted): two drivers that both read "unset" (or "stale") within one storage round trip of each
+    other both queue; points already in the study are skipped, and a plan queued twice is answered from the
+    first evaluation (the objective's duplicate check), so no trial is lost, duplicated or evaluated twice.
     Returns how many start points this driver queued.
     """
     say = log or (lambda msg: None)
     queued = 0
-    claim = start_claim(study)
-    if claim is None and not study.get_trials(deepcopy=False):
-        token = f"{worker_id()}:{uuid.uuid4().hex[:8]}"
-        write_start_claim(study, StartClaim(token, time.time()))
-        if (mine := start_claim(study)) is not None and mine.by == token:
-            try:
-                try:
-                    queued, sens = enqueue_start_points(ctx, study, log=log)
-                except CATCH as exc:  # a plan measured for sensitivity failed (e.g. NaN outputs)
-                    say(f"start points: sensitivity measurement failed ({exc.__class__.__name__}: "
-                        f"{str(exc)[:200]}); using uniform and random start points")
-                    plain = replace(ctx, config=ctx.config.model_copy(update={"start_points": "random"}))
-                    queued, sens = enqueue_start_points(plain, study, log=log)
-                if sens is not None:
-                    write_study_sensitivity(study, sens.to_json())
-            finally:  # drivers waiting for the start points go on even if this one failed
-                write_start_claim(study, StartClaim(token, time.time(), queued))
-    elif claim is None:
-        write_start_claim(study, StartClaim("none (the study already held trials)", time.time(), 0))
-    else:
-        t0 = time.monotonic()
-        if claim.queued is None:
+    t0 = time.monotonic()
+    told = False
+    while True:
+        claim = start_claim(study)
+        if claim is None and study.get_trials(deepcopy=False):
+            write_start_claim(study, StartClaim("none (the study already held trials)", time.time(), 0))
+            break
+        if claim is not None and claim.queued is not None:
+            break
+        if claim is None or exclusive or time.time() - claim.last_sign_of_life() > START_STALE_S:
+            if claim is not None:
+                say(f"start points: taking over the unfinished claim of {claim.by} (its driver stopped)")
+            taken = _claim_and_queue(ctx, study, say)
+            if taken is not None:
+                queued = taken
+                break
+        elif not told:
             say(f"waiting for {claim.by} to queue the start points")
-        while (now := start_claim(study)) is not None and now.queued is None and time.monotonic() - t0 < START_WAIT_S:
-            time.sleep(POLL_S)
+            told = True
+        if time.monotonic() - t0 > START_WAIT_S:
+            say("start points: gave up waiting for the other driver; going on without waiting")
+            break
+        time.sleep(POLL_S)
     if sensitivity_path is not None and not sensitivity_path.exists():
         sens_json = study_sensitivity(study)
         if sens_json:
             write_json(sensitivity_path, sens_json)
+    return queued
+
+
+def _claim_and_queue(ctx: SearchContext, study: optuna.Study, say: Callable[[str], None]) -> int | None:
+    """Claim the start points and queue them, with a heartbeat thread on the claim; None: another driver's
+    claim won the read-back."""
+    token = f"{worker_id()}:{uuid.uuid4().hex[:8]}"
+    at = time.time()
+    write_start_claim(study, StartClaim(token, at, None, at))
+    if (mine := start_claim(study)) is None or mine.by != token:
+        return None
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(START_BEAT_S):
+            try:
+                write_start_claim(study, StartClaim(token, at, None, time.time()))
+            except Exception:  # a storage hiccup: the next beat tries again
+                pass
+
+    beater = threading.Thread(target=beat, name="slimformer-start-claim", daemon=True)
+    beater.start()
+    queued = 0
+    try:
+        try:
+            queued, sens = enqueue_start_points(ctx, study, log=say)
+        except CATCH as exc:  # a plan measured for sensitivity failed (e.g. NaN outputs)
+            say(f"start points: sensitivity measurement failed ({exc.__class__.__name__}: "
+                f"{str(exc)[:200]}); using uniform and random start points")
+            plain = replace(ctx, config=ctx.config.model_copy(update={"start_points": "random"}))
+            queued, sens = enqueue_start_points(plain, study, log=say)
+        if sens is not None:
+            write_study_sensitivity(study, sens.to_json())
+    finally:  # drivers waiting for the start points go on even if this one failed
+        stop.set()
+        beater.join()
+        write_start_claim(study, StartClaim(token, at, queued, time.time()))
     return queued
 
 
@@ -272,7 +378,7 @@ def trial_loop(ctx: SearchContext, study: optuna.Study, trials: int, timeout: fl
     if remaining == 0:
         return study
     deadline = None if timeout is None else time.monotonic() + timeout
-    skipped_start = infeasible_trials(study)
+    skipped_start = infeasible_trials(study) + duplicate_trials(study)
     cap = INFEASIBLE_CAP * trials
     objective = make_objective(ctx, limit=trials)
     quiet_surplus_warnings()
@@ -282,13 +388,13 @@ def trial_loop(ctx: SearchContext, study: optuna.Study, trials: int, timeout: fl
         bar.update(max(0, min(done, trials) - done0 - bar.n))
         best = best_quality(st, ctx)
         bar.set_postfix_str((f"best {ctx.quality_metric} in budget: {best:.4f}" if best is not None
-                             else "no plan in budget yet") + f", {skipped} over budget skipped")
+                             else "no plan in budget yet") + f", {skipped} over budget or already evaluated skipped")
 
     try:
         while True:
             now = study.get_trials(deepcopy=False)
             done = counted_trials(now)
-            skipped = infeasible_trials(now) - skipped_start
+            skipped = infeasible_trials(now) + duplicate_trials(now) - skipped_start
             show(study, done, skipped)
             if done >= trials or skipped >= cap or (deadline is not None and time.monotonic() >= deadline):
                 break

@@ -8,6 +8,9 @@ Under a tight budget almost no unbiased random plan fits (on MiniLM at 15% of fp
    slice of the search data how much quality each single parameter upgrade buys and what it costs in
    exact bytes, then fill budgets from 100% down to the cheapest plan greedily by quality per byte;
 3. random plans drawn with a random thrift level, kept only if their exact memory fits.
+
+With budget.latency every point is then repaired down to the latency budget as well (search/repair.py, with the
+measured sensitivity as gains), and dropped if it cannot be; duplicates after repair are queued once.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ import optuna
 from slimformer.compression.memory import plan_memory
 from slimformer.evaluators.quality import FidelityEvaluator
 from slimformer.search.context import SearchContext
+from slimformer.search.pause import pause_at
 from slimformer.search.records import TrialRecord
+from slimformer.search.repair import latency_order, repair_params
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,7 @@ def measure_sensitivity(ctx: SearchContext, batches: int = 1) -> Sensitivity | N
         return quick.evaluate(model).value(ctx.quality_metric)
 
     q0 = quality(base)
+    pause_at("sensitivity")
     ups = []
     for p, choices in order.items():
         for c in choices[1:]:
@@ -105,21 +111,36 @@ def greedy_plans(ctx: SearchContext, sens: Sensitivity, n: int) -> list[dict[str
 
 def enqueue_start_points(ctx: SearchContext, study: optuna.Study, log: Any = None
                          ) -> tuple[int, Sensitivity | None]:
-    """Queue at most min(population, trials) feasible start points; returns (count, sensitivity)."""
+    """Queue at most min(population, trials) feasible start points; returns (count, sensitivity).
+
+    Points whose parameters a trial of the study already holds (queued or run, e.g. by a driver killed while
+    queueing, whose claim this driver took over) are not queued again."""
     say = log or (lambda msg: None)
     want = min(ctx.config.sampler.population_size, ctx.config.trials)
     points: list[tuple[dict[str, Any], str]] = []
 
+    lat_order = latency_order(ctx)
+    order = ctx.space.choice_costs() if lat_order is not None else {}
+    sens: Sensitivity | None = None
+    repaired: list[int | None] = []  # repair steps of each point (None: none taken)
+
     def add(params: dict[str, Any], source: str) -> None:
         full = ctx.space.default_params() | params
+        steps = 0
+        if lat_order is not None:  # a latency budget: repair the point down to both budgets
+            gains = {(u.param, u.choice): u.quality_gain for u in sens.upgrades} if sens is not None else {}
+            full, steps = repair_params(ctx, full, order, gains, lat_order)
+            if ctx.violation(ctx.memory(plan := ctx.space.plan_from_params(full)), ctx.predicted_ms(plan)) > 0:
+                return  # cannot be repaired into both budgets
+            source = f"{source} (repaired)" if steps else source
         if len(points) < want and all(full != p for p, _ in points):
             points.append((full, source))
+            repaired.append(steps or None)
 
     if ctx.config.start_points == "none":
         return 0, None
     for p in ctx.space.seed_params(ctx.budget_bytes):
         add(p, "uniform")
-    sens = None
     if ctx.config.start_points == "sensitivity" and len(points) < want:
         say("measuring per-parameter sensitivity for start points")
         sens = measure_sensitivity(ctx)
@@ -128,6 +149,12 @@ def enqueue_start_points(ctx: SearchContext, study: optuna.Study, log: Any = Non
                 add(p, "sensitivity-greedy")
     for p in ctx.space.random_feasible_params(ctx.budget_bytes, want - len(points), seed=ctx.config.sampler.seed):
         add(p, "random-feasible")
-    for params, source in points:
-        study.enqueue_trial(params, user_attrs=TrialRecord(start_point=source).to_user_attrs())
-    return len(points), sens
+    held = [t.params or t.system_attrs.get("fixed_params") or {} for t in study.get_trials(deepcopy=False)]
+    queued = 0
+    for (params, source), steps in zip(points, repaired):
+        if any(params == h for h in held):
+            continue
+        study.enqueue_trial(params, user_attrs=TrialRecord(start_point=source, repaired_steps=steps).to_user_attrs())
+        queued += 1
+        pause_at("start-points")
+    return queued, sens

@@ -12,6 +12,11 @@
                          with the same heartbeat/retry policy (heartbeats are trial system attrs there).
 
 A URL that cannot be opened raises ConfigError (one line, password hidden) before anything is written.
+
+Secrets: every URL written (config.yaml, recipe provenance, summary) or printed is masked by hide_password
+(`user:***@host`). A masked URL read back (`report`, `export-recipe`, a resumed search) takes its password from
+the environment variable SLIMFORMER_STORAGE_PASSWORD, else none, so that libpq finds it in PGPASSWORD or
+~/.pgpass (the recommended way: a URL without a password). See docs/CLI.md#storage.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import copy
 import inspect
 import os
+import re
 import socket
 import time
 import warnings
@@ -43,6 +49,9 @@ WORKER_ATTR = "slimformer:worker"  # trial system attr: host:pid of the process 
 JOURNAL = "journal:"
 DEFAULT_FILE = "study.db"
 URL_FORMS = "sqlite:///PATH, postgresql+psycopg2://USER@HOST:5432/DB or journal:PATH"
+MASK = "***"
+PASSWORD_ENV = "SLIMFORMER_STORAGE_PASSWORD"
+_USERINFO = re.compile(r"(://[^/@:]*):[^/]*@")  # scheme://user:password@ (the password may hold any but '/')
 
 _Retry: Any = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) \
     or optuna.storages.RetryFailedTrialCallback  # the name before Optuna 4.9 (deprecated alias since)
@@ -84,8 +93,8 @@ def open_storage(url: str, heartbeat: bool = True, run_dir_file: bool = False) -
     if url.startswith(JOURNAL):
         return _journal(url, heartbeat)
     if "://" not in url:
-        raise ConfigError(f"storage {url!r} is not a storage URL; use {URL_FORMS}")
-    return _rdb(url, heartbeat, local_sqlite=run_dir_file and url.startswith("sqlite")), url
+        raise ConfigError(f"storage {hide_password(url)!r} is not a storage URL; use {URL_FORMS}")
+    return _rdb(with_password(url), heartbeat, local_sqlite=run_dir_file and url.startswith("sqlite")), url
 
 
 def is_network_url(url: str) -> bool:
@@ -95,12 +104,61 @@ def is_network_url(url: str) -> bool:
 
 
 def hide_password(url: str) -> str:
-    try:
-        from sqlalchemy.engine import make_url
+    """The URL with its password, if any, replaced by *** (`postgresql://user:***@host/db`), for anything written
+    or printed; also for URLs SQLAlchemy cannot parse."""
+    return _USERINFO.sub(rf"\1:{MASK}@", url, count=1)
 
-        return make_url(url).render_as_string(hide_password=True)
+
+def with_password(url: str) -> str:
+    """The URL to connect with: a masked password (read back from config.yaml) is replaced by the environment's
+    SLIMFORMER_STORAGE_PASSWORD, or dropped (libpq then reads PGPASSWORD or ~/.pgpass)."""
+    if "://" not in url or _USERINFO.search(url) is None:
+        return url
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
     except Exception:
         return url
+    if parsed.password != MASK:
+        return url
+    return parsed._replace(password=os.environ.get(PASSWORD_ENV) or None).render_as_string(hide_password=False)
+
+
+def check_storage_url(url: str) -> None:
+    """Validate a storage URL without opening it (nothing is written): its form, the database driver, and for
+    file storages that the file's directory exists. ConfigError (password hidden) otherwise."""
+    url = url.strip()
+    if url.startswith(JOURNAL):
+        raw = url[len(JOURNAL):].strip()
+        if not raw:
+            raise ConfigError(f"storage {url!r}: name the log file, e.g. journal:/shared/study.log")
+        path = Path(raw).expanduser().resolve()
+        if path.is_dir():
+            raise ConfigError(f"storage {url}: {path} is a directory; name a file inside it")
+        if not path.parent.is_dir():
+            raise ConfigError(f"storage {url}: directory {path.parent} does not exist; create it first")
+        if not os.access(path.parent, os.W_OK):
+            raise ConfigError(f"storage {url}: directory {path.parent} is not writable; choose another path")
+        return
+    if "://" not in url:
+        raise ConfigError(f"storage {hide_password(url)!r} is not a storage URL; use {URL_FORMS}")
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+        dialect = parsed.get_dialect()
+        dialect.import_dbapi()
+    except Exception as exc:
+        raise ConfigError(f"storage {hide_password(url)}: cannot open it ({_one_line(exc)}); "
+                          f"{_rdb_hint(url, exc)}") from None
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        path = Path(parsed.database).expanduser().absolute()
+        if path.is_dir():
+            raise ConfigError(f"storage {url}: {path} is a directory; name a database file inside it")
+        if not path.parent.is_dir():
+            raise ConfigError(f"storage {url}: directory {path.parent} does not exist; create it first "
+                              "(sqlite:////abs/path/study.db)")
 
 
 def _one_line(exc: BaseException) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -11,6 +11,10 @@ from slimformer.models.base import ROLES
 from slimformer.schema import FrozenModel
 
 SparsityChoice = float | Literal["2:4"]
+
+
+MAX_LAYER = 10_000  # upper bounds far above any model, so that no choice allocates or overflows absurdly
+MAX_WIDTH = 1 << 24
 
 
 class SelectConfig(FrozenModel):
@@ -42,9 +46,14 @@ class SelectConfig(FrozenModel):
     @classmethod
     def _layers(cls, v: str | int | list[int] | None) -> str | int | list[int] | None:
         if isinstance(v, str):
-            m = re.fullmatch(r"(\d+)(?:-(\d+))?", v.strip())
+            m = re.fullmatch(r"(\d{1,9})(?:-(\d{1,9}))?", v.strip())
             if not m or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):
                 raise ValueError(f"layers {v!r}: write a range like '0-3', one layer like '2', or a list")
+            numbers = [int(g) for g in m.groups() if g is not None]
+        else:
+            numbers = [v] if isinstance(v, int) else list(v or [])
+        if any(not 0 <= n <= MAX_LAYER for n in numbers):
+            raise ValueError(f"layers {v!r}: layer numbers are 0..{MAX_LAYER}")
         return v
 
     def layer_set(self) -> set[int] | None:
@@ -67,8 +76,12 @@ class GroupConfig(FrozenModel):
     bits: list[Literal[32, 16, 8, 4]] = [32]
     group_size: list[int | None] = [None]
     method: list[Literal["rtn", "gptq"]] = ["rtn"]  # rounding for 8/4 bits (gptq uses calibration Hessians)
-    heads_kept: list[int] | None = None
-    neurons_kept: list[float] | None = None  # <= 1.0: fraction of the FFN width; > 1: absolute count
+    # compute of 8/4-bit linears: exact (weight-only, fp32 matmul) or int8 (int8 GEMM, activations quantised);
+    # ignored for other bits and for embedding tables, like group_size
+    kernel: list[Literal["exact", "int8"]] = ["exact"]
+    heads_kept: list[Annotated[int, Field(ge=1, le=MAX_WIDTH)]] | None = None
+    # <= 1.0: fraction of the FFN width; > 1: absolute count
+    neurons_kept: list[Annotated[float, Field(gt=0, le=MAX_WIDTH)]] | None = None
     per_layer: bool | None = None  # overrides the space-wide setting
 
     @field_validator("rank_fraction")
@@ -88,8 +101,9 @@ class GroupConfig(FrozenModel):
     @field_validator("group_size")
     @classmethod
     def _group(cls, v: list[int | None]) -> list[int | None]:
-        if not v or any(g is not None and (g < 2 or g % 2) for g in v):
-            raise ValueError("group_size choices must be even numbers >= 2, or null for per-channel scales")
+        if not v or any(g is not None and (g < 2 or g % 2 or g > MAX_WIDTH) for g in v):
+            raise ValueError(f"group_size choices must be even numbers from 2 to {MAX_WIDTH}, or null for per-channel "
+                             "scales")
         return v
 
     @field_validator("bits")
@@ -97,6 +111,13 @@ class GroupConfig(FrozenModel):
     def _bits(cls, v: list[int]) -> list[int]:
         if not v:
             raise ValueError("bits needs at least one choice (32, 16, 8 or 4)")
+        return v
+
+    @field_validator("kernel")
+    @classmethod
+    def _kernel(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("kernel needs at least one choice (exact or int8)")
         return v
 
 
@@ -113,7 +134,7 @@ class SpaceConfig(FrozenModel):
     @classmethod
     def _sharing(cls, v: list[str]) -> list[str]:
         for p in v:
-            if p not in ("none", "pairs") and not re.fullmatch(r"cycle\d+", p):
+            if p not in ("none", "pairs") and not re.fullmatch(r"cycle\d{1,4}", p):
                 raise ValueError(f"sharing pattern {p!r}: use none, pairs or cycleK (e.g. cycle3)")
         return v
 

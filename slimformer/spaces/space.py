@@ -21,7 +21,7 @@ from slimformer.errors import ConfigError
 from slimformer.models.base import ModelAdapter, Unit
 from slimformer.spaces.config import GroupConfig, SpaceConfig
 
-UNIT_KEYS = ("rank_fraction", "sparsity", "bits", "group_size", "method")
+UNIT_KEYS = ("rank_fraction", "sparsity", "bits", "group_size", "method", "kernel")
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,8 @@ def rank_from_fraction(frac: float, shape: tuple[int, int]) -> int | None:
     return None if frac >= 1.0 else max(1, round(frac * min(shape)))
 
 
-def spec_from_choice(choice: Mapping[str, Any], shape: tuple[int, int]) -> UnitSpec:
+def spec_from_choice(choice: Mapping[str, Any], shape: tuple[int, int], kind: str = "linear") -> UnitSpec:
+    """The unit spec of one bundle choice; `kernel` counts only for 8/4-bit linears (else exact)."""
     sparsity = choice.get("sparsity", 0.0)
     pattern = "2:4" if sparsity == "2:4" else "unstructured"
     bits = int(choice.get("bits", 32))
@@ -49,6 +50,7 @@ def spec_from_choice(choice: Mapping[str, Any], shape: tuple[int, int]) -> UnitS
         bits=bits,
         group_size=choice.get("group_size") if bits in (8, 4) else None,
         method=choice.get("method", "rtn") if bits in (8, 4) else "rtn",
+        kernel=choice.get("kernel", "exact") if bits in (8, 4) and kind == "linear" else "exact",
     )
 
 
@@ -180,7 +182,7 @@ class SearchSpace:
                 choices = getattr(b.group, key)
                 choice[key] = params.get(f"{b.prefix}.{key}", choices[0])
             for u in b.units:
-                spec = spec_from_choice(choice, u.shape)
+                spec = spec_from_choice(choice, u.shape, u.kind)
                 if not spec.is_identity:
                     units[u.name] = spec
             for key in ("heads_kept", "neurons_kept"):

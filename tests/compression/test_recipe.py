@@ -27,7 +27,8 @@ def _recipe(**kw) -> Recipe:
                 rules=[Rule(match="re:.*query", spec=SpecModel(bits=8)),
                        Rule(match="embeddings.word_embeddings", spec=SpecModel(rank=16, bits=4, group_size=32))],
                 layers=[LayerRule(layer=0, heads_kept=2)],
-                sharing=None, provenance={"quality": 0.97, "trials": [1, 2]})
+                sharing=None,
+                provenance={"study": "s", "trial": 3, "metrics": {"search_cosine": 0.97, "memory_bytes": 1200}})
     base.update(kw)
     return Recipe(**base)
 
@@ -48,7 +49,7 @@ def test_yaml_round_trip(tmp_path) -> None:
 def test_from_plan_to_plan_is_the_canonical_plan(tiny_any) -> None:
     a = tiny_any
     plan = _plan(a)
-    recipe = Recipe.from_plan(plan, a, hardware_profile="hw", provenance={"x": 1})
+    recipe = Recipe.from_plan(plan, a, hardware_profile="hw", provenance={"trial": 1})
     assert recipe.model.id == a.model_id and recipe.model.sha256 == a.weights_sha256()
     assert all(not r.match.startswith("re:") for r in recipe.rules)
     canon = canonical_plan(a, plan)

@@ -4,6 +4,10 @@ save never clobbers foreign directories or leaves partial output behind."""
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -25,6 +29,7 @@ from slimformer.compression.saving import (
     save_compressed,
 )
 from slimformer.errors import ModelLoadError
+from slimformer.fileio import TMP_TAG
 from slimformer.models import HFEncoderAdapter, TimmViTAdapter, load
 
 
@@ -70,7 +75,7 @@ def test_round_trip_reproduces_the_compressed_model(make_tiny, batches, family, 
     a = make_tiny(family)
     plan = _vit_plan(a) if family == "vit" else _bert_plan(a)
     model = apply_plan(a, plan)
-    recipe = Recipe.from_plan(plan, a, provenance={"test": family})
+    recipe = Recipe.from_plan(plan, a, provenance={"study": family})
     out_dir = save_compressed(a, model, recipe, tmp_path / "packed")
     assert out_dir == tmp_path / "packed"
 
@@ -200,3 +205,35 @@ def test_loaded_vit_is_a_timm_adapter_with_preprocessing(tiny_vit, images, tmp_p
     assert loaded.img_size == (28, 28) and loaded.in_chans == 1
     data = loaded.make_batches(images[0][:8], 4, labels=images[1][:8])
     assert _out(loaded, loaded.model, data).shape == (8, 10)
+
+
+def _dead_pid() -> int:
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(proc.stdout)
+
+
+def test_stale_temp_dirs_of_killed_runs_are_removed_others_kept(tiny_vit, tmp_path) -> None:
+    host = socket.gethostname()
+    dead = tmp_path / f".m{TMP_TAG}{host}.{_dead_pid()}.abc123"  # a killed run's leftover
+    live = tmp_path / f".m{TMP_TAG}{host}.{os.getpid()}.def456"  # a running save (this very process)
+    elsewhere = tmp_path / f".m{TMP_TAG}otherhost.{_dead_pid()}.ghi789"  # another machine's (shared fs)
+    foreign = tmp_path / ".m.keepme"  # not ours
+    for d in (dead, live, elsewhere, foreign):
+        d.mkdir()
+        (d / "f").write_text("x")
+    save_compressed(tiny_vit, apply_plan(tiny_vit, CompressionPlan()), Recipe.from_plan(CompressionPlan(), tiny_vit),
+                    tmp_path / "m")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m", live.name, elsewhere.name, foreign.name])
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_output_directory_and_files_follow_the_umask(tiny_vit, tmp_path, umask) -> None:
+    old = os.umask(umask)
+    try:
+        out = save_compressed(tiny_vit, apply_plan(tiny_vit, CompressionPlan()),
+                              Recipe.from_plan(CompressionPlan(), tiny_vit), tmp_path / "m")
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask, "not mkdtemp's 0700"
+    for f in (out / RECIPE_FILE, out / MODEL_FILE):
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask

@@ -60,6 +60,24 @@ def test_apply_onnx_writes_a_plain_session_model(applied) -> None:
     assert cos > 0.999
 
 
+def test_apply_onnx_is_atomic_model_onnx_included(tiny_dir, recipe, tmp_path: Path, monkeypatch) -> None:
+    """`apply --out --onnx` writes model.onnx inside the temp dir: a failure (or kill) before the end leaves no
+    output directory without its ONNX file, and no temp dir."""
+    from slimformer import api
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("export failed")
+
+    monkeypatch.setattr(api, "_export_checked", broken)
+    with pytest.raises(RuntimeError, match="export failed"):
+        api.apply_recipe(recipe, str(tiny_dir), out_dir=tmp_path / "out", samples=16, onnx=True)
+    assert list(tmp_path.iterdir()) == [], "no output directory and no temp dir"
+    monkeypatch.undo()
+    res = api.apply_recipe(recipe, str(tiny_dir), out_dir=tmp_path / "out", samples=16, onnx=True)
+    assert res.onnx is not None and res.onnx.path == tmp_path / "out" / "model.onnx" and res.onnx.path.is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
 def test_export_command_rewrites_model_onnx(applied, tmp_path: Path) -> None:
     out, _ = applied
     target = tmp_path / "again.onnx"

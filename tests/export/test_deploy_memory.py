@@ -54,6 +54,7 @@ def _plans(a: HFEncoderAdapter) -> dict[str, CompressionPlan]:
         "shared int8": CompressionPlan({u.name: UnitSpec(bits=8) for u in a.units}, {}, SharingSpec(((0, 1),))),
         "sparse 2:4 int4": CompressionPlan({n: UnitSpec(sparsity=0.5, pattern="2:4", bits=4, group_size=32)
                                             for n in linears}),
+        "kernel int8": CompressionPlan({n: UnitSpec(bits=4, group_size=32, kernel="int8") for n in linears}),
     }
 
 
@@ -64,7 +65,7 @@ def test_onnx_accounting_never_under_estimates_the_file(bert64, tmp_path: Path) 
         assert mem.deploy == "onnx"
         margin = mem.total_bytes - info.file_bytes
         assert 0 <= margin <= 0.05 * info.file_bytes, (name, info.file_bytes, mem.total_bytes)
-        if "rank" not in name:
+        if "rank" not in name and "kernel" not in name:  # graphs of low rank / int8-kernel units: looser bound
             assert margin <= 0.01 * info.file_bytes, (name, info.file_bytes, mem.total_bytes)  # MiniLM: <= 0.1%
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from datetime import date
 from pathlib import Path
 
@@ -155,13 +156,19 @@ def test_uncalibrated_profile_and_sources() -> None:
     assert "estimate (roofline)" in source_label("auto", torch_profile)
 
 
-def test_mismatched_profile_warns_one_line() -> None:
+def test_mismatched_profile_warns_one_line(caplog: pytest.LogCaptureFixture) -> None:
     prof = calibrated_profile(cpu="Some Other CPU", threads=1)
     msg = mismatch(prof, threads=4)
     assert msg is not None and "\n" not in msg
     assert "Some Other CPU" in msg and "4 thread(s)" in msg and "onnxruntime" in msg
-    with pytest.warns(UserWarning, match="made elsewhere"):
+    said: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one plain line, never a Python warning (file:line, said twice)
+        assert warn_if_mismatched(prof, threads=4, log=said.append) == msg
+    assert said == [msg]
+    with caplog.at_level("WARNING", logger="slimformer"):
         warn_if_mismatched(prof, threads=4)
+    assert [r.getMessage() for r in caplog.records] == [msg]
 
 
 def test_residual_scales_kernel_families_and_glue_follows_heads(tiny_bert) -> None:

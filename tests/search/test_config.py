@@ -160,3 +160,38 @@ def test_bad_budget_is_rejected_by_from_yaml(memory: str | int) -> None:
 @pytest.mark.parametrize(("memory", "fp32", "expected"), [("29%", 100, 29), ("57%", 100, 57)])
 def test_percent_budget_is_exact(memory: str, fp32: int, expected: int) -> None:
     assert BudgetConfig(memory=memory).to_bytes(fp32) == expected
+
+
+# ------------------------------------------------------------------------------------------- budget.latency
+
+
+@pytest.mark.parametrize(("latency", "fp32_ms", "expected"), [
+    ("8ms", None, 8.0),
+    ("8 ms", None, 8.0),
+    ("0.25s", None, 250.0),
+    ("800us", None, 0.8),
+    ("1.5MS", None, 1.5),
+    ("0.5x", 30.0, 15.0),
+    ("2x", 1.5, 3.0),
+])
+def test_latency_budget_forms(latency: str, fp32_ms: float | None, expected: float) -> None:
+    b = BudgetConfig(memory="15%", latency=latency)
+    assert b.latency_ms(fp32_ms) == pytest.approx(expected)
+    assert b.latency_is_relative == latency.endswith("x")
+
+
+def test_no_latency_budget_by_default() -> None:
+    b = BudgetConfig(memory="15%")
+    assert b.latency is None and b.latency_ms(10.0) is None and not b.latency_is_relative
+
+
+@pytest.mark.parametrize("latency", ["0x", "0ms", "-1ms", "-0.5x", "8", 8, 0.5, "8 potatoes", "8min", "5 hours",
+                                     "ms", "x", "nanms", "1e3ms", True])
+def test_bad_latency_budget_is_one_line_naming_the_field_and_the_forms(latency: object) -> None:
+    cfg = _base()
+    cfg["budget"] = {"memory": "15%", "latency": latency}
+    msg = _error(cfg)
+    assert re.search(r"budget\.latency: .*write a positive time like '8ms', '0\.25s', '800us' or a multiple of the "
+                     r"fp32 model's latency like '0\.5x'", msg), msg
+    with pytest.raises(ConfigError, match=r"^cfg\.yaml: budget\.latency: .*'8ms'.*'0\.5x'"):
+        SearchConfig.from_yaml(_yaml(cfg), source="cfg.yaml")

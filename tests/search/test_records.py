@@ -71,3 +71,32 @@ def test_provenance_has_the_search_recipes_keys() -> None:
                                        "search_cosine": 0.9, "heldout_cosine": 0.8}
     exported = RecipeProvenance.of_trial("s", "sqlite:///x", t).to_json()
     assert "heldout_cosine" not in exported["metrics"] and set(exported["versions"]) >= {"slimformer", "torch"}
+
+
+def test_latency_infeasible_trials_are_off_the_front_and_recorded_as_such() -> None:
+    import optuna
+
+    from slimformer.search.results import LatencyBudget, ParetoFront, pareto_trials
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    dist = {"x": FloatDistribution(0, 1)}
+
+    def add(x: float, values: list[float], attrs: dict, constraints: dict[str, float]) -> None:
+        study.add_trial(create_trial(state=TrialState.COMPLETE, values=values, params={"x": x}, distributions=dist,
+                                     user_attrs=attrs,
+                                     system_attrs={f"constraints:{k}": v for k, v in constraints.items()}))
+
+    add(0.1, [0.9, 2.0], {"feasible": True}, {"memory": -5.0, "latency": -0.5})
+    add(0.2, [-1.0, 9.0], TrialRecord(feasible=False, over_budget="latency").to_user_attrs(),
+        {"memory": -5.0, "latency": 6.5})
+    add(0.3, [0.99, 1.0], {"feasible": True}, {"memory": -5.0, "latency": 0.5})  # a violated constraint wins
+    trials = study.get_trials()
+    assert [is_feasible(t) for t in trials] == [True, False, False]
+    assert [t.number for t in pareto_trials(study, ["quality", "latency"])] == [0]
+    assert TrialRecord.from_trial(trials[1]).over_budget == "latency" and infeasible_trials(trials) == 1
+    lb = LatencyBudget(2.5, "0.5x", 5.0, 1, 128, "calibrated")
+    front = ParetoFront(["quality", "latency"], "cosine", 10, 100, [], lb)
+    assert list(front.to_json()) == ["objectives", "quality_metric", "budget_bytes", "fp32_bytes", "latency_budget",
+                                     "trials"]
+    assert ParetoFront.from_json(front.to_json()) == front
+    assert "latency_budget" not in ParetoFront(["quality"], "cosine", 10, 100, []).to_json()

@@ -28,7 +28,7 @@ from helpers import LINEAR_ROLES, build_tiny_model, study_trials, tiny_config, w
 from optuna.trial import TrialState
 
 from slimformer.api import search
-from slimformer.search.records import INTERRUPTED, counted_trials
+from slimformer.search.records import INTERRUPTED, counted_trials, duplicate_trials
 from slimformer.search.runner import default_storage
 
 PG_URL = os.environ.get("SLIMFORMER_TEST_PG_URL")
@@ -119,7 +119,7 @@ def test_killed_driver_resumes_with_finished_trials_kept(tmp_path: Path, tiny_mo
         assert by_number[n].user_attrs["fail_reason"] == INTERRUPTED
     assert_whole_study(trials, requested)
     assert len(trials) == requested + len(killed_running) + sum(
-        1 for t in trials if t.user_attrs.get("feasible") is False)
+        1 for t in trials if t.user_attrs.get("feasible") is False) + duplicate_trials(trials)
     assert (tmp_path / "run" / "pareto.json").is_file()
 
 

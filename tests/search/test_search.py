@@ -17,6 +17,7 @@ from slimformer.compression.recipe import Recipe
 from slimformer.errors import BudgetError, ConfigError
 from slimformer.models import load
 from slimformer.search.config import SearchConfig
+from slimformer.search.records import counted_trials, duplicate_trials
 from slimformer.search.results import ParetoFront, SearchSummary
 from slimformer.search.runner import default_storage
 
@@ -99,7 +100,7 @@ def test_every_recipe_loads_and_applies_to_the_model(shared_run, tiny_model_dir:
     adapter = load(str(tiny_model_dir))
     for e in entries:
         rec = Recipe.load(run_dir / e["recipe"])
-        assert rec.provenance["trial"] == e["trial"]
+        assert rec.provenance.trial == e["trial"]
         assert rec.model.sha256 == adapter.weights_sha256()
         plan = rec.to_plan(adapter)
         assert not plan.is_identity
@@ -158,9 +159,10 @@ def test_resume_keeps_trials_and_tops_up_to_the_requested_count(tmp_path: Path, 
 
     res = search(cfg_path, progress=False, trials=12)
     more = study_trials(url)
-    assert len(more) == 12 and _numbers(more) == list(range(12))
-    assert _count(more, TrialState.COMPLETE, TrialState.FAIL) == 12
-    assert sum(res.summary.trial_states.values()) == 12
+    dups = duplicate_trials(more)  # plans sampled again: answered from the study, PRUNED, not counted
+    assert len(more) == 12 + dups and _numbers(more) == list(range(12 + dups))
+    assert _count(more, TrialState.COMPLETE, TrialState.FAIL) == 12 and counted_trials(more) == 12
+    assert sum(res.summary.trial_states.values()) == 12 + dups and res.summary.duplicate_trials == dups
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["trials"] == 12
 
 
@@ -237,5 +239,5 @@ def test_any_optuna_storage_url(tmp_path: Path, tiny_model_dir: Path) -> None:
     # The run directory remembers its storage: exporting a recipe reads the study from there.
     front = json.loads((tmp_path / "run" / "pareto.json").read_text())["trials"]
     rec = export_recipe(tmp_path / "run", front[0]["trial"])
-    assert rec.provenance["storage"] == url
+    assert rec.provenance.storage == url
     assert isinstance(rec.to_plan(load(str(tiny_model_dir))), CompressionPlan)

@@ -11,6 +11,7 @@ import os
 import threading
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -23,8 +24,21 @@ from slimformer.api import search
 from slimformer.errors import ConfigError
 from slimformer.search.config import SearchConfig
 from slimformer.search.context import prepare
-from slimformer.search.records import STALE, START_ATTR, SURPLUS, counted_trials
+from slimformer.search.records import (
+    STALE,
+    START_ATTR,
+    SURPLUS,
+    StartClaim,
+    TrialRecord,
+    counted_trials,
+    duplicate_trials,
+    start_claim,
+    study_sensitivity,
+    write_start_claim,
+)
+from slimformer.search.results import pareto_trials
 from slimformer.search.runner import (
+    START_STALE_S,
     default_storage,
     ensure_start_points,
     make_objective,
@@ -221,6 +235,85 @@ def test_a_study_that_already_has_trials_gets_no_start_points(tiny_ctx, tmp_path
     assert ensure_start_points(tiny_ctx, study) == 0
     assert len(study.get_trials(deepcopy=False)) == 1
     assert study.user_attrs[START_ATTR]["queued"] == 0
+
+
+def _six_start_points(ctx):
+    """The tiny context with a population of 6: 4 uniform start points, then sensitivity-guided ones."""
+    sampler = ctx.config.sampler.model_copy(update={"population_size": 6})
+    return replace(ctx, config=ctx.config.model_copy(update={"sampler": sampler}))
+
+
+def _held_params(study: optuna.Study) -> list[dict]:
+    return [t.params or t.system_attrs.get("fixed_params") for t in study.get_trials(deepcopy=False)]
+
+
+def test_a_dead_drivers_start_claim_is_taken_over_in_seconds(tiny_ctx, tmp_path: Path) -> None:
+    """Shared storage: an unfinished claim whose heartbeat stopped START_STALE_S ago is taken over (not waited on
+    for START_WAIT_S), and the start points the dead claimant had queued are not queued twice."""
+    ctx = _six_start_points(tiny_ctx)
+    storage, _ = open_storage(f"journal:{tmp_path / 'j.log'}")
+    study = open_study(ctx, storage, "s")
+    first = tiny_ctx.space.default_params() | tiny_ctx.space.seed_params(tiny_ctx.budget_bytes)[0]
+    study.enqueue_trial(first, user_attrs={"start_point": "uniform"})  # queued before its driver died
+    old = time.time() - START_STALE_S - 1
+    write_start_claim(study, StartClaim("deadhost:1:abc", old, None, old))
+    lines: list[str] = []
+    t0 = time.monotonic()
+    queued = ensure_start_points(ctx, study, log=lines.append)
+    assert time.monotonic() - t0 < 60 and queued > 0
+    assert any("taking over the unfinished claim of deadhost:1:abc" in ln for ln in lines), lines
+    claim = start_claim(study)
+    assert claim is not None and claim.queued == queued and claim.by != "deadhost:1:abc"
+    held = _held_params(study)
+    assert len(held) == queued + 1 and all(held.count(p) == 1 for p in held), "no start point queued twice"
+    assert study_sensitivity(study), "the sensitivity table is written by the new claimant"
+
+
+def test_a_live_start_claim_is_waited_for(tiny_ctx, tmp_path: Path) -> None:
+    storage, _ = open_storage(f"journal:{tmp_path / 'j.log'}")
+    study = open_study(tiny_ctx, storage, "s")
+    now = time.time()
+    write_start_claim(study, StartClaim("alive:2:abc", now, None, now))
+    timer = threading.Timer(1.5, lambda: write_start_claim(study, StartClaim("alive:2:abc", now, 0, time.time())))
+    timer.start()
+    t0 = time.monotonic()
+    assert ensure_start_points(tiny_ctx, study) == 0
+    timer.join()
+    assert 1.0 <= time.monotonic() - t0 < START_STALE_S, "waited for the live claimant, did not take over"
+    assert study.get_trials(deepcopy=False) == []
+
+
+def test_an_exclusive_driver_takes_over_an_unfinished_claim_at_once(tiny_ctx, tmp_path: Path) -> None:
+    """The run directory's own study (its lock held by this driver): an unfinished claim is a killed driver's,
+    however fresh its heartbeat."""
+    storage, _, exclusive = make_storage(None, tmp_path / "run")
+    study = open_study(tiny_ctx, storage, "s")
+    now = time.time()
+    write_start_claim(study, StartClaim("killed:3:abc", now, None, now))
+    t0 = time.monotonic()
+    queued = ensure_start_points(_six_start_points(tiny_ctx), study, exclusive=exclusive,
+                                 sensitivity_path=tmp_path / "sens.json")
+    assert exclusive and queued > 0 and time.monotonic() - t0 < START_STALE_S
+    assert (tmp_path / "sens.json").is_file()
+
+
+def test_a_plan_already_evaluated_is_answered_from_the_study(tiny_ctx, tmp_path: Path) -> None:
+    """The same plan sampled again: PRUNED with the first trial's metrics and `duplicate_of`, not counted, not on
+    the Pareto front, not among study.best_trials."""
+    storage, _ = open_storage(f"journal:{tmp_path / 'j.log'}")
+    study = open_study(tiny_ctx, storage, "s")
+    plan = tiny_ctx.space.default_params() | tiny_ctx.space.seed_params(tiny_ctx.budget_bytes)[0]
+    study.enqueue_trial(plan)
+    study.enqueue_trial(plan)
+    study.optimize(make_objective(tiny_ctx), n_trials=2)
+    first, again = study.get_trials(deepcopy=False)
+    assert first.state == TrialState.COMPLETE and TrialRecord.from_trial(first).evaluated
+    rec = TrialRecord.from_trial(again)
+    assert again.state == TrialState.PRUNED and rec.duplicate_of == 0 and not rec.evaluated
+    assert rec.metrics == TrialRecord.from_trial(first).metrics
+    assert counted_trials(study) == 1 and duplicate_trials(study) == 1
+    assert [t.number for t in pareto_trials(study, tiny_ctx.config.objectives)] == [0]
+    assert [t.number for t in study.best_trials] == [0]
 
 
 def _complete(study: optuna.Study, n: int) -> None:

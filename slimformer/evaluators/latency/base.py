@@ -70,7 +70,7 @@ class LatencySettings:
     seq: int = 128
     threads: int | None = None
     runs: int = 30
-    kernels: str = "exact"
+    kernels: str | None = None  # measured: None = each unit's kernel; "exact" / "fast" override every unit
     sample: Batch | None = None
     compress: Callable[[CompressionPlan], nn.Module] | None = None
     fits: Callable[[CompressionPlan], bool] | None = None

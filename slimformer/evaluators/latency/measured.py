@@ -65,7 +65,7 @@ class LatencyMeter:
     threads: int = 1
     runs: int = 30
     warmup: int = 3
-    kernels: str = "exact"
+    kernels: str | None = None  # None: each unit's kernel (recorded as "per-unit"); exact / fast: an override
     cache: dict[str, MeasuredLatency] = field(default_factory=dict)
 
     def cached(self, plan: CompressionPlan) -> MeasuredLatency | None:
@@ -85,7 +85,7 @@ class LatencyMeter:
             feed = self.adapter.fixed_shape_feed(self.sample, self.batch, self.seq)
             times = time_round_robin({"candidate": sess}, feed, self.runs, self.warmup)["candidate"]
         s = Spread.of(times)
-        result = MeasuredLatency(s.median, s.iqr, s.n, self.batch, self.seq, self.threads, self.kernels,
+        result = MeasuredLatency(s.median, s.iqr, s.n, self.batch, self.seq, self.threads, info.kernel_mode,
                                  info.file_bytes)
         self.cache[key] = result
         return result
