@@ -191,8 +191,8 @@ def apply_recipe(recipe: str | Path | Recipe, model: str, out_dir: str | Path | 
 
 def _recipe_budget(rec: Recipe) -> dict[str, Any]:
     """The recipe's provenance `budget: {bytes, deploy}` (written by searches), {} when absent."""
-    budget = rec.provenance.get("budget")
-    return budget if isinstance(budget, dict) else {}
+    budget = rec.provenance.budget
+    return {} if budget is None else {"bytes": budget.bytes, "deploy": budget.deploy}
 
 
 def _check_onnx_budget(rec: Recipe, exported: OnnxExportResult) -> None:

@@ -1,4 +1,4 @@
-"""Deployable ONNX export: a compressed torch model -> `model.onnx` whose compression is physical and
+"""Deployable ONNX export: a compressed torch model -> `onnx/model.onnx` whose compression is physical and
 runs in a plain `onnxruntime.InferenceSession` (CPUExecutionProvider, default session options).
 
 Pipeline and the reasons behind it:

@@ -74,7 +74,8 @@ def test_apply_onnx_is_atomic_model_onnx_included(tiny_dir, recipe, tmp_path: Pa
     assert list(tmp_path.iterdir()) == [], "no output directory and no temp dir"
     monkeypatch.undo()
     res = api.apply_recipe(recipe, str(tiny_dir), out_dir=tmp_path / "out", samples=16, onnx=True)
-    assert res.onnx is not None and res.onnx.path == tmp_path / "out" / "model.onnx" and res.onnx.path.is_file()
+    assert res.onnx is not None and res.onnx.path == tmp_path / "out" / "onnx" / "model.onnx"
+    assert res.onnx.path.is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
