@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from slimformer.compression.apply import apply_plan
-from slimformer.compression.calibration import collect_activation_scales, collect_hessians
+from slimformer.compression.calibration import collect_activation_scales, collect_hessians, collect_structure_stats
 from slimformer.compression.memory import MemoryReport, plan_memory, set_deploy
 from slimformer.compression.plan import CompressionPlan
 from slimformer.compression.recipe import Recipe
@@ -150,14 +150,16 @@ def apply_recipe(recipe: str | Path | Recipe, model: str, out_dir: str | Path | 
             import warnings
 
             warnings.warn(msg, stacklevel=2)
-    act = hessians = None
+    act = hessians = stats = None
     needs_act = any(s.rank is not None for s in plan.units.values())
     needs_h = any(s.quantized and s.method == "gptq" for s in plan.units.values())
-    if needs_act or needs_h:
+    needs_s = bool(plan.layers) and plan.structure.needs_data
+    if needs_act or needs_h or needs_s:
         cal = _calibration_batches(adapter, data, calibration)
         act = collect_activation_scales(adapter, cal) if needs_act else None
         hessians = collect_hessians(adapter, cal) if needs_h else None
-    compressed = apply_plan(adapter, plan, act_scales=act, hessians=hessians)
+        stats = collect_structure_stats(adapter, cal) if needs_s else None
+    compressed = apply_plan(adapter, plan, act_scales=act, hessians=hessians, structure_stats=stats)
     evaluator = FidelityEvaluator(adapter, _fidelity_batches(adapter, data, samples))
     result = evaluator.evaluate(compressed)
     recovered = None
@@ -378,17 +380,60 @@ def export_recipe(run_dir: str | Path, trial: int, out: str | Path | None = None
     return rec
 
 
-def report(run_dir: str | Path) -> Path:
-    """Rewrite pareto.json, recipes, pareto.png and report.html from the study as it stands."""
+def report(run_dir: str | Path, bench: int = 0, runs: int = 30, log: Any = None) -> Path:
+    """Rewrite pareto.json, recipes, pareto.png and report.html from the study as it stands.
+
+    `bench` N > 0 also exports the N Pareto plans with the best held-out quality to ONNX (in a temporary
+    folder) and times each with `bench` at the search's batch x seq and thread count, next to its predicted
+    latency and its roofline estimate; the numbers go to bench.json and into the report. N = 0 exports nothing.
+    """
     from slimformer.fileio import read_json
     from slimformer.search.results import BaselineResult
-    from slimformer.search.rundir import write_outputs
+    from slimformer.search.rundir import write_outputs, write_report_files
 
+    if bench < 0:
+        raise ConfigError(f"--bench {bench}: give the number of Pareto plans to measure (0 measures none)")
     rd = Path(run_dir)
     if rd.is_dir():
         check_output_path(rd, "run directory", kind="dir")
     ctx, study, url = _context_for_run(rd)
     baselines = [BaselineResult(**b) for b in read_json(rd / "baselines.json", [])]
     prev = read_json(rd / "summary.json", {})
-    write_outputs(ctx, rd, study, baselines, ctx.config.study_name, url, float(prev.get("elapsed_s", 0.0)))
+    summary = write_outputs(ctx, rd, study, baselines, ctx.config.study_name, url, float(prev.get("elapsed_s", 0.0)))
+    if bench > 0:
+        entries = _bench_front(ctx, rd, bench, runs, log)
+        write_report_files(ctx, rd, study, entries, baselines, summary)
     return rd / "report.html"
+
+
+def _bench_front(ctx: Any, run_dir: Path, n: int, runs: int, log: Any) -> list[Any]:
+    """Measure the `n` best Pareto plans (held-out quality) with `bench`; writes bench.json, returns the front."""
+    import os
+
+    import onnxruntime as ort
+
+    from slimformer.evaluators.latency import LatencySettings, make_latency_source
+    from slimformer.export.bench import cpu_model
+    from slimformer.fileio import read_json
+    from slimformer.search.report_bench import FrontBench, MeasuredPlan, write_front_bench
+    from slimformer.search.results import ParetoFront
+    from slimformer.search.rundir import latency_note
+
+    entries = ParetoFront.from_json(read_json(run_dir / "pareto.json", {})).trials
+    top = sorted(entries, key=lambda e: -e.heldout_metrics[ctx.quality_metric])[:n]
+    lat = ctx.config.latency
+    threads = min(latency_note(ctx, lat.source, "").threads, os.cpu_count() or 1)
+    roofline = make_latency_source("estimate", LatencySettings(ctx.profile, lat.batch, lat.seq))
+    say = log or (lambda _msg: None)
+    plans = []
+    load = list(os.getloadavg()) if hasattr(os, "getloadavg") else []
+    for i, e in enumerate(top, 1):
+        say(f"bench {i}/{len(top)}: trial {e.trial} ({e.recipe})")
+        res = bench(run_dir / e.recipe, ctx.config.model, data=ctx.config.data.source,
+                    samples=ctx.config.data.heldout_samples, threads=threads, seqs=(lat.seq,),
+                    batches=(lat.batch,), runs=runs, log=log, kernels=lat.kernels)
+        rl = roofline.price(ctx.adapter, ctx.space.plan_from_params(e.params)).ms
+        plans.append(MeasuredPlan.of(e.trial, e.recipe, e.latency_ms_estimate, rl, res))
+        write_front_bench(run_dir, FrontBench(lat.batch, res.seqs[0], threads, lat.kernels, cpu_model(),
+                                              ort.__version__, res.date, plans, load, os.cpu_count() or 0))
+    return entries

@@ -30,7 +30,8 @@ def main() -> None:
 @click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path), help="Output directory.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @click.option("--backend", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-              help="Run trials in this process, or in Ray workers sharing the study.")
+              help="Run trials in this process, or in Ray workers running slimformer's own trial loop on one "
+                   "shared Optuna study (not Ray Tune: for a Tuner use slimformer.search.tune, docs/CLI.md).")
 @click.option("--address", help="Ray cluster to join (with --backend ray; needs a database --storage).")
 @click.option("--workers", type=click.IntRange(min=1, max=MAX_THREADS),
               help="Ray workers (with --backend ray; default: CPUs).")
@@ -190,12 +191,27 @@ def export_recipe(run_dir: Path, trial: int, out: Path | None) -> None:
 
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--bench", "bench_n", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Also export the N Pareto plans with the best held-out quality to ONNX (temporary folder) and "
+                   "time them here, at the search's batch x seq and threads, beside the predicted latency and the "
+                   "roofline estimate (bench.json, and a table in the report). 0 exports nothing.")
+@click.option("--runs", default=30, show_default=True, type=click.IntRange(min=1),
+              help="Timed runs per plan with --bench.")
 @_errors
-def report(run_dir: Path) -> None:
-    """Rebuild pareto.json, recipes and report.html of a run from its study."""
+def report(run_dir: Path, bench_n: int, runs: int) -> None:
+    """Rebuild pareto.json, recipes, pareto.png and report.html of a run from its study (--bench N: measure)."""
     from slimformer.api import report as rebuild
 
-    click.echo(f"wrote {rebuild(run_dir)}")
+    out = rebuild(run_dir, bench=bench_n, runs=runs, log=_log)
+    if bench_n:
+        from slimformer.search.report_bench import read_front_bench
+
+        fb = read_front_bench(run_dir)
+        for p in fb.plans if fb else []:
+            click.echo(f"trial {p.trial}: measured {p.measured_ms:.2f} ms (batch {fb.batch} x seq {fb.seq}, "  # type: ignore[union-attr]
+                       f"{fb.threads} thread(s)); predicted {p.predicted_ms:.2f} ms (x{p.over_predicted:.2f}), "  # type: ignore[union-attr]
+                       f"roofline {p.roofline_ms:.2f} ms (x{p.over_roofline:.2f}); x{p.ratio_to_fp32:.2f} fp32")
+    click.echo(f"wrote {out}")
 
 
 @main.command()

@@ -2,7 +2,9 @@
 
 Order of application (documented in docs/ARCHITECTURE.md):
   1. sharing     - each group's first layer supplies the modules of the shared scope to the others;
-  2. structure   - attention heads and FFN neurons pruned by weight-norm importance (matrices shrink);
+  2. structure   - attention heads and FFN neurons pruned (matrices shrink), ranked by weight norms or by
+                   their contribution on calibration data; the following projection optionally re-fitted
+                   by least squares (compression/structure.py);
   3. low rank    - truncated SVD (optionally activation-weighted) into two factors;
   4. sparsity    - magnitude (unstructured) or 2:4 masks on each stored matrix;
   5. precision   - fp16 rounding or symmetric int8/int4 per channel or per group, masks kept.
@@ -22,7 +24,12 @@ import torch
 from torch import Tensor, nn
 
 from slimformer.compression import ops
-from slimformer.compression.calibration import collect_activation_scales, collect_hessians  # noqa: F401
+from slimformer.compression import structure as st
+from slimformer.compression.calibration import (  # noqa: F401
+    StructureStats,
+    collect_activation_scales,
+    collect_hessians,
+)
 from slimformer.compression.gptq import gptq_quantize, inverse_hessian
 from slimformer.compression.modules import (
     FactorizedEmbedding,
@@ -32,7 +39,7 @@ from slimformer.compression.modules import (
     WeightFormat,
     sparse_format,
 )
-from slimformer.compression.plan import CompressionPlan, UnitSpec
+from slimformer.compression.plan import CompressionPlan, LayerSpec, StructureSpec, UnitSpec
 from slimformer.compression.plan_semantics import (
     canonical_plan,
     effective_rank,
@@ -53,6 +60,7 @@ class DecompositionCache:
         self._store: dict[tuple[str, str], ops.SVDResult] = {}
         self._units: OrderedDict[tuple[Any, ...], tuple[nn.Module, int]] = OrderedDict()
         self._hinv: dict[tuple[str, str], Tensor | None] = {}
+        self._refits: dict[tuple[str, ...], tuple[Tensor, Tensor | None]] = {}
         self._unit_bytes = 0
         self.max_unit_bytes = max_unit_bytes
         self.hits = 0
@@ -65,6 +73,14 @@ class DecompositionCache:
         if key not in self._hinv:
             self._hinv[key] = inverse_hessian(h)
         return self._hinv[key]
+
+    def refit(self, unit: str, w: Tensor, bias: Tensor | None, keep: Tensor, stats: StructureStats
+              ) -> tuple[Tensor, Tensor | None]:
+        """The least-squares re-fit of a projection to its kept inputs, once per (weights, kept set, data)."""
+        key = (unit, self._key(w), self._key(bias), self._key(keep), stats.fingerprint)
+        if key not in self._refits:
+            self._refits[key] = st.refit_projection(w, bias, keep, stats.moments[unit])
+        return self._refits[key]
 
     def get_unit(self, key: tuple[Any, ...]) -> nn.Module | None:
         item = self._units.get(key)
@@ -253,11 +269,13 @@ def _compress_embedding(model: nn.Module, unit: Unit, spec: UnitSpec, cache: Dec
 @torch.no_grad()
 def apply_plan(adapter: ModelAdapter, plan: CompressionPlan, cache: DecompositionCache | None = None,
                act_scales: dict[str, Tensor] | None = None, model: nn.Module | None = None,
-               hessians: dict[str, Tensor] | None = None, rtn_fallback: bool = False) -> nn.Module:
+               hessians: dict[str, Tensor] | None = None, rtn_fallback: bool = False,
+               structure_stats: StructureStats | None = None) -> nn.Module:
     """A freshly compressed copy of the adapter's model (the reference model is never touched).
 
     act_scales (from `collect_activation_scales`) switches low rank to the activation-weighted SVD;
-    hessians (from `collect_hessians`) are required by units whose spec says method "gptq" unless
+    hessians (from `collect_hessians`) are required by units whose spec says method "gptq", and
+    structure_stats (from `collect_structure_stats`) by plans whose `structure` is data-driven, unless
     `rtn_fallback` (used when the values are about to be overwritten, e.g. loading a saved model).
     """
     plan = canonical_plan(adapter, plan)
@@ -273,26 +291,14 @@ def apply_plan(adapter: ModelAdapter, plan: CompressionPlan, cache: Decompositio
                 set_module(model, layer_path_swap(p, rep, other), get_module(model, p))
             shared_away.add(j)
 
-    in_index: dict[str, Tensor] = {}
-    for info in adapter.layers:
-        ls = plan.layer(info.index)
-        skip_attn = info.index in shared_away and scope in ("attention", "block")
-        skip_ffn = info.index in shared_away and scope in ("ffn", "block")
-        if ls.heads_kept is not None and ls.heads_kept < info.num_heads and not skip_attn:
-            q = [get_module(model, n).weight for n in info.qkv_units]
-            scores = ops.head_importance(q if len(q) > 1 else q[0], get_module(model, info.attn_out_unit).weight,
-                                         info.num_heads, fused_qkv=len(q) == 1)
-            keep = ops.top_k_sorted(scores, ls.heads_kept)
-            hd = info.head_dim
-            in_index[info.attn_out_unit] = (keep[:, None] * hd + torch.arange(hd)[None, :]).reshape(-1)
-            _prune_heads(model, info, keep)
-        if ls.neurons_kept is not None and ls.neurons_kept < info.intermediate and not skip_ffn:
-            w_in = get_module(model, info.ffn_in_unit).weight
-            w_out = get_module(model, info.ffn_out_unit).weight
-            keep = ops.top_k_sorted(ops.neuron_importance(w_in, w_out), ls.neurons_kept)
-            in_index[info.ffn_out_unit] = keep
-            _select_rows(model, info.ffn_in_unit, keep)
-            _select_cols(model, info.ffn_out_unit, keep)
+    structure = plan.structure
+    if structure.needs_data and structure_stats is None:
+        if not rtn_fallback:
+            raise PlanError(f"structure importance {structure.importance!r} / refit {structure.refit} needs "
+                            "calibration data (structure_stats); pass calibration batches or use importance "
+                            "weight, refit false")
+        structure = StructureSpec()  # shapes are what matter: the values are about to be overwritten
+    in_index = _apply_structure(model, adapter, plan, structure, structure_stats, shared_away, cache)
 
     done: set[int] = set()
     for unit in adapter.units:
@@ -309,7 +315,7 @@ def apply_plan(adapter: ModelAdapter, plan: CompressionPlan, cache: Decompositio
             if hessian is None and not rtn_fallback:
                 raise PlanError(f"{unit.name}: method gptq needs calibration data (hessians); pass calibration "
                                 "batches or use method rtn")
-        key = (adapter.weights_sha256(), unit.name, spec, None if unit.layer is None else plan.layer(unit.layer),
+        key = (adapter.weights_sha256(), unit.name, spec, _layer_key(plan, unit, structure, structure_stats),
                DecompositionCache._key(scale), hessian is not None)
         cached = cache.get_unit(key)
         if cached is not None:
@@ -327,6 +333,74 @@ def apply_plan(adapter: ModelAdapter, plan: CompressionPlan, cache: Decompositio
         done.add(id(get_module(model, unit.name)))
         _realias(model, adapter, plan, unit, shared_away)
     return model.eval()
+
+
+def _layer_key(plan: CompressionPlan, unit: Unit, structure: StructureSpec,
+               stats: StructureStats | None) -> tuple[Any, ...] | None:
+    """What a unit's compressed module depends on besides its spec: its layer's structure and, when that
+    prunes, how (importance, re-fit) and on which calibration data."""
+    if unit.layer is None:
+        return None
+    ls = plan.layer(unit.layer)
+    if ls == LayerSpec():
+        return (ls,)
+    return ls, structure, stats.fingerprint if structure.needs_data and stats is not None else None
+
+
+def _apply_structure(model: nn.Module, adapter: ModelAdapter, plan: CompressionPlan, structure: StructureSpec,
+                     stats: StructureStats | None, shared_away: set[int], cache: DecompositionCache
+                     ) -> dict[str, Tensor]:
+    """Prune heads and neurons layer by layer; returns the kept input columns of each projection that
+    reads them (attention output, FFN output), for slicing their activation scales and Hessians."""
+    scope = plan.sharing.scope
+    data = structure.importance == "activation" and stats is not None
+    in_index: dict[str, Tensor] = {}
+    for info in adapter.layers:
+        ls = plan.layer(info.index)
+        skip_attn = info.index in shared_away and scope in ("attention", "block")
+        skip_ffn = info.index in shared_away and scope in ("ffn", "block")
+        if ls.heads_kept is not None and ls.heads_kept < info.num_heads and not skip_attn:
+            out = get_module(model, info.attn_out_unit)
+            if data:
+                scores = st.head_scores(out.weight, stats.moments[info.attn_out_unit], info.num_heads,  # type: ignore[union-attr]
+                                        centered=structure.refit and out.bias is not None)
+            else:
+                q = [get_module(model, n).weight for n in info.qkv_units]
+                scores = ops.head_importance(q if len(q) > 1 else q[0], out.weight, info.num_heads,
+                                             fused_qkv=len(q) == 1)
+            keep = ops.top_k_sorted(scores, ls.heads_kept)
+            hd = info.head_dim
+            idx = (keep[:, None] * hd + torch.arange(hd)[None, :]).reshape(-1)
+            in_index[info.attn_out_unit] = idx
+            _prune_heads(model, info, keep)
+            if structure.refit and stats is not None:
+                _refit(model, info.attn_out_unit, out, idx, stats, cache)
+        if ls.neurons_kept is not None and ls.neurons_kept < info.intermediate and not skip_ffn:
+            w_in = get_module(model, info.ffn_in_unit).weight
+            out = get_module(model, info.ffn_out_unit)
+            if data:
+                scores = st.neuron_scores(out.weight, stats.moments[info.ffn_out_unit],  # type: ignore[union-attr]
+                                          centered=structure.refit and out.bias is not None)
+            else:
+                scores = ops.neuron_importance(w_in, out.weight)
+            keep = ops.top_k_sorted(scores, ls.neurons_kept)
+            in_index[info.ffn_out_unit] = keep
+            _select_rows(model, info.ffn_in_unit, keep)
+            _select_cols(model, info.ffn_out_unit, keep)
+            if structure.refit and stats is not None:
+                _refit(model, info.ffn_out_unit, out, keep, stats, cache)
+    return in_index
+
+
+def _refit(model: nn.Module, path: str, full: nn.Module, idx: Tensor, stats: StructureStats,
+           cache: DecompositionCache) -> None:
+    """Overwrite the column-selected projection at `path` with the least-squares re-fit of `full`."""
+    w, b = cache.refit(path, full.weight.detach(), None if full.bias is None else full.bias.detach(), idx, stats)
+    new = get_module(model, path)
+    with torch.no_grad():
+        new.weight.copy_(w)
+        if b is not None:
+            new.bias.copy_(b)
 
 
 def _realias(model: nn.Module, adapter: ModelAdapter, plan: CompressionPlan, unit: Unit,

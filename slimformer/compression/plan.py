@@ -18,6 +18,7 @@ ComputeKernel = Literal["exact", "int8"]
 COMPUTE_KERNELS = ("exact", "int8")
 INT8_KERNEL_BITS = (8, 4)  # stored widths the int8 compute kernel runs (their codes requantise to int8 per row)
 SharingScope = Literal["attention", "ffn", "block"]
+StructureImportance = Literal["weight", "activation"]
 VALID_BITS = (32, 16, 8, 4)
 
 
@@ -90,6 +91,29 @@ class LayerSpec:
 
 
 @dataclass(frozen=True)
+class StructureSpec:
+    """How heads/neurons are chosen and what is done to the projection that reads them (plan-wide).
+
+    importance: "weight" ranks by weight norms (no data); "activation" by each head's/neuron's expected
+        squared contribution to the block output on calibration data (compression/structure.py).
+    refit: re-fit the following projection (attention output / FFN output) and its bias by ridge least
+        squares on calibration data so the kept inputs reproduce the full layer output.
+    The default (weight, no re-fit) is the behaviour of plans and recipes that do not say otherwise.
+    """
+
+    importance: StructureImportance = "weight"
+    refit: bool = False
+
+    def __post_init__(self) -> None:
+        if self.importance not in ("weight", "activation"):
+            raise PlanError(f"structure importance must be 'weight' or 'activation' (got {self.importance!r})")
+
+    @property
+    def needs_data(self) -> bool:
+        return self.importance == "activation" or self.refit
+
+
+@dataclass(frozen=True)
 class SharingSpec:
     """Cross-layer weight sharing: each group's lowest layer supplies the weights of the whole group."""
 
@@ -136,7 +160,8 @@ def sharing_pattern(pattern: str, num_layers: int, scope: SharingScope = "block"
 
 @dataclass(frozen=True)
 class CompressionPlan:
-    """A full assignment: unit name -> UnitSpec, layer index -> LayerSpec, and sharing.
+    """A full assignment: unit name -> UnitSpec, layer index -> LayerSpec, sharing, and how structured
+    pruning picks and corrects (`structure`, meaningful only when some layer drops heads or neurons).
 
     Units and layers that are absent keep their identity setting.
     """
@@ -144,6 +169,7 @@ class CompressionPlan:
     units: dict[str, UnitSpec] = field(default_factory=dict)
     layers: dict[int, LayerSpec] = field(default_factory=dict)
     sharing: SharingSpec = field(default_factory=SharingSpec)
+    structure: StructureSpec = field(default_factory=StructureSpec)
 
     def unit(self, name: str) -> UnitSpec:
         return self.units.get(name, UnitSpec())

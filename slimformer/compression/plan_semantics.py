@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from slimformer.compression.plan import CompressionPlan, LayerSpec, UnitSpec
+from slimformer.compression.plan import CompressionPlan, LayerSpec, StructureSpec, UnitSpec
 from slimformer.errors import PlanError
 from slimformer.models.base import LayerInfo, ModelAdapter, Unit
 
@@ -36,7 +36,8 @@ def effective_rank(spec: UnitSpec, shape: tuple[int, int]) -> int | None:
 
 
 def canonical_plan(adapter: ModelAdapter, plan: CompressionPlan) -> CompressionPlan:
-    """Validate a plan against the model and give shared units/layers their representative's spec."""
+    """Validate a plan against the model and give shared units/layers their representative's spec; the
+    structure setting is reset to its default when no layer drops heads or neurons (it means nothing then)."""
     names = set(adapter.unit_names)
     unknown = sorted(set(plan.units) - names)
     if unknown:
@@ -80,4 +81,5 @@ def canonical_plan(adapter: ModelAdapter, plan: CompressionPlan) -> CompressionP
             layers[j] = LayerSpec(heads, neurons)
     units = {k: v for k, v in units.items() if not v.is_identity}
     layers = {k: v for k, v in layers.items() if v != LayerSpec()}
-    return replace(plan, units=units, layers=layers)
+    structure = plan.structure if layers else StructureSpec()
+    return replace(plan, units=units, layers=layers, structure=structure)

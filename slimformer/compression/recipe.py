@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
-from slimformer.compression.plan import CompressionPlan, LayerSpec, SharingSpec, UnitSpec
+from slimformer.compression.plan import CompressionPlan, LayerSpec, SharingSpec, StructureSpec, UnitSpec
 from slimformer.compression.plan_semantics import canonical_plan
 from slimformer.compression.records import RecoveryRecord
 from slimformer.errors import PlanError, RecipeError
@@ -74,6 +74,16 @@ class SharingModel(FrozenModel):
     scope: Literal["attention", "ffn", "block"] = "block"
 
 
+class StructureModel(FrozenModel):
+    """How the recipe's head/neuron pruning ranks and corrects (see StructureSpec); absent = weight, no re-fit."""
+
+    importance: Literal["weight", "activation"] = "weight"
+    refit: bool = False
+
+    def to_spec(self) -> StructureSpec:
+        return StructureSpec(self.importance, self.refit)
+
+
 class ModelRef(FrozenModel):
     id: str
     sha256: str | None = None
@@ -120,6 +130,7 @@ class Recipe(FrozenModel):
     rules: list[Rule] = []
     layers: list[LayerRule] = []
     sharing: SharingModel | None = None
+    structure: StructureModel | None = None  # data-driven head/neuron pruning; absent: weight norms, no re-fit
     provenance: Provenance = Provenance()
     recovery: RecoveryRecord | None = None  # distillation the saved weights went through (slimformer.recovery)
 
@@ -153,7 +164,8 @@ class Recipe(FrozenModel):
             layers = {lr.layer: LayerSpec(lr.heads_kept, lr.neurons_kept) for lr in self.layers}
             sharing = SharingSpec() if self.sharing is None else SharingSpec(
                 tuple(tuple(g) for g in self.sharing.groups), self.sharing.scope)
-            plan = CompressionPlan(units, layers, sharing)
+            structure = StructureSpec() if self.structure is None else self.structure.to_spec()
+            plan = CompressionPlan(units, layers, sharing, structure)
         except PlanError as exc:
             raise RecipeError(f"recipe does not fit {adapter.model_id}: {exc}") from None
         try:
@@ -174,17 +186,20 @@ class Recipe(FrozenModel):
                   for i, s in sorted(plan.layers.items()) if s != LayerSpec()]
         sharing = None if not plan.sharing.groups else SharingModel(
             groups=[list(g) for g in plan.sharing.groups], scope=plan.sharing.scope)
+        structure = None if plan.structure == StructureSpec() else StructureModel(
+            importance=plan.structure.importance, refit=plan.structure.refit)
         return cls(model=ModelRef(id=adapter.model_id, sha256=adapter.weights_sha256()),
                    hardware_profile=hardware_profile, hardware_profile_version=hardware_profile_version,
-                   rules=rules, layers=layers, sharing=sharing,
+                   rules=rules, layers=layers, sharing=sharing, structure=structure,
                    provenance=Provenance.model_validate(provenance or {}))
 
     # -- YAML ----------------------------------------------------------------------------------------
     def to_yaml(self) -> str:
         data = self.model_dump(mode="json", exclude_none=False)
         data["provenance"] = self.provenance.model_dump(mode="json", exclude_defaults=True)  # the keys written
-        if data.get("recovery") is None:
-            data.pop("recovery", None)  # recipes without recovery read exactly as before
+        for optional in ("structure", "recovery"):
+            if data.get(optional) is None:
+                data.pop(optional, None)  # recipes without them read and write exactly as before
         for rule in data.get("rules", []):
             if rule["spec"].get("kernel") == "exact":
                 del rule["spec"]["kernel"]  # the default: recipes of exact-kernel plans stay byte-identical

@@ -12,7 +12,12 @@ import torch
 from torch import Tensor, nn
 
 from slimformer.compression.apply import DecompositionCache, apply_plan
-from slimformer.compression.calibration import collect_activation_scales, collect_hessians
+from slimformer.compression.calibration import (
+    StructureStats,
+    collect_activation_scales,
+    collect_hessians,
+    collect_structure_stats,
+)
 from slimformer.compression.memory import plan_memory, set_deploy
 from slimformer.compression.plan import CompressionPlan
 from slimformer.compression.saving import load_any
@@ -77,6 +82,7 @@ class SearchContext:
     latency_budget_ms: float | None = None  # budget.latency resolved (a relative one against fp32_latency_ms)
     fp32_latency_ms: float | None = None  # the uncompressed model, priced by the search's source (relative budgets)
     predictor: LatencySource | None = None  # cheap pricing for repair and start points (latency_predictor)
+    structure_stats: StructureStats | None = None  # head/neuron input moments, when the space prunes by data
 
     def memory(self, plan: CompressionPlan) -> int:
         return plan_memory(self.adapter, plan).total_bytes
@@ -127,7 +133,8 @@ class SearchContext:
         measured 14x slower with 2 threads than with 1 on the shared 2-core machine (0.53 s vs 7.3 s).
         """
         with using_threads(1):
-            return apply_plan(self.adapter, plan, self.cache, self.act_scales, hessians=self.hessians)
+            return apply_plan(self.adapter, plan, self.cache, self.act_scales, hessians=self.hessians,
+                              structure_stats=self.structure_stats)
 
 
 def seed_everything(seed: int) -> None:
@@ -187,8 +194,12 @@ def prepare(config: SearchConfig, *, log: Any = None, validated: Callable[[], No
     act_scales = collect_activation_scales(adapter, sets.calibration) if config.space.data_aware_lowrank else None
     uses_gptq = any("gptq" in g.method for g in config.space.groups) or config.baselines
     hessians = collect_hessians(adapter, sets.calibration) if uses_gptq else None
+    prunes = any(g.heads_kept or g.neurons_kept for g in config.space.groups)
+    structure_data = prunes and (config.space.structure.importance == "activation" or config.space.structure.refit)
+    structure_stats = collect_structure_stats(adapter, sets.calibration) if structure_data else None
     ctx = SearchContext(config, adapter, space, profile, fp32, budget, min_bytes, sets, search_eval,
-                        heldout_eval, act_scales, DecompositionCache(), metric, device, hessians)
+                        heldout_eval, act_scales, DecompositionCache(), metric, device, hessians,
+                        structure_stats=structure_stats)
     if config.budget.latency is not None and measured:  # the fp32 reference and the fastest plan are timed
         lat_budget = latency_budget(config, adapter, space, profile, replace(
             _settings(config, profile), sample=sets.search[0] if sets.search else None, compress=ctx.compress,

@@ -5,8 +5,10 @@
   baselines.json     uniform baselines: memory, latency, fit (over_budget: which budget a misfit breaks), metrics
   heldout.json       held-out metrics of Pareto trials (cached across re-runs)
   pareto.json        every feasible Pareto trial: metrics (search + held-out) and plan
-  pareto.png         the front against the baselines
-  report.html        front, baselines, per-layer choices of the best plans
+  pareto.png         quality vs memory and vs latency: the held-out front, the search-set cloud, the baselines
+  report.html        verdict, next-step commands, every Pareto plan (recipe links, per-layer choices), baselines,
+                     where the latency numbers come from
+  bench.json         `report --bench N` only: measured latency of the N best plans
   recipes/trial-N.yaml  one recipe per Pareto trial
   summary.json       best recipe vs best baseline on held-out data, timings
 """
@@ -30,9 +32,11 @@ from slimformer.search.config import SearchConfig
 from slimformer.search.context import SearchContext
 from slimformer.search.evaluate import evaluate_plan, latency_ms, trial_plan
 from slimformer.search.pause import pause_at
-from slimformer.search.records import TrialRecord
+from slimformer.search.records import TrialRecord, is_feasible
 from slimformer.search.recover_stage import recover_front, recovery_summary
-from slimformer.search.report import write_pareto_png, write_report
+from slimformer.search.report import LatencyNote, ReportInputs, report_units, write_report
+from slimformer.search.report_bench import read_front_bench
+from slimformer.search.report_plot import CloudPoint, PlotInputs, write_pareto_png
 from slimformer.search.results import (
     BaselineResult,
     BestBaseline,
@@ -55,7 +59,8 @@ def check_or_write_config(run_dir: Path, config: SearchConfig) -> None:
     new = config.model_dump(mode="json")
     if f.exists():
         old = yaml.safe_load(f.read_text()) or {}
-        changed = [k for k in IDENTITY_KEYS if _unset_dropped(old.get(k)) != _unset_dropped(new.get(k))]
+        changed = [k for k in IDENTITY_KEYS
+                   if _unset_dropped(_identity(old, k)) != _unset_dropped(_identity(new, k))]
         if changed:
             raise ConfigError(f"{run_dir} holds a search with a different {', '.join(changed)}; "
                               "use another --run-dir to start a new search")
@@ -76,6 +81,18 @@ def resolved_latency_budget(ctx: SearchContext) -> LatencyBudget | None:
     return LatencyBudget(round(ctx.latency_budget_ms, 6), ctx.config.budget.latency,
                          None if ctx.fp32_latency_ms is None else round(ctx.fp32_latency_ms, 6), cfg.batch, cfg.seq,
                          resolved_source(cfg.source, ctx.profile))
+
+
+def _identity(cfg: dict[str, Any], key: str) -> Any:
+    """A config section as resume compares it: `space.structure` counts only when the space prunes heads or
+    neurons, and a config written before the field existed pruned by weight norms without re-fit."""
+    v = cfg.get(key)
+    if key == "space" and isinstance(v, dict):
+        v = {**v}
+        v.setdefault("structure", {"importance": "weight", "refit": False})
+        if not any(g.get("heads_kept") or g.get("neurons_kept") for g in v.get("groups") or []):
+            v.pop("structure")
+    return v
 
 
 def plan_summary(plan: CompressionPlan) -> dict[str, Any]:
@@ -166,9 +183,43 @@ def write_outputs(ctx: SearchContext, run_dir: Path, study: optuna.Study, baseli
     pause_at("outputs")
     summary = summarize(ctx, study, entries, baselines, elapsed_s, recovery=recovery_summary(recovered, m))
     write_json(run_dir / "summary.json", summary.to_json())
-    write_pareto_png(run_dir / "pareto.png", ctx, study, entries, baselines)
-    write_report(run_dir / "report.html", ctx, entries, baselines, summary)
+    write_report_files(ctx, run_dir, study, entries, baselines, summary)
     return summary
+
+
+def latency_note(ctx: SearchContext, source: str, label: str) -> LatencyNote:
+    """What priced the latency numbers and where: the profile's machine against this one."""
+    from slimformer.hardware_profiles.machine import cpu_info, mismatch
+
+    lat, prof = ctx.config.latency, ctx.profile
+    threads = lat.threads or (ctx.config.threads if source == "measured" else prof.threads) or 1
+    return LatencyNote(source, label, prof.name, prof.version, prof.cpu, prof.threads,
+                       f"{prof.runtime} {prof.runtime_version}", cpu_info()[0], mismatch(prof, lat.threads),
+                       lat.batch, lat.seq, threads, lat.kernels)
+
+
+def write_report_files(ctx: SearchContext, run_dir: Path, study: optuna.Study, entries: list[ParetoEntry],
+                       baselines: list[BaselineResult], summary: SearchSummary) -> None:
+    """pareto.png and report.html (with bench.json's measured latencies when `report --bench` wrote it)."""
+    m = ctx.quality_metric
+    qi = ctx.config.objectives.index("quality")
+    cloud = []
+    for t in study.get_trials(deepcopy=False):
+        rec = TrialRecord.from_trial(t)
+        if is_feasible(t) and rec.memory_percent is not None and rec.latency_ms is not None:
+            cloud.append(CloudPoint(rec.memory_percent, rec.latency_ms, t.values[qi]))
+    note = latency_note(ctx, summary.latency_source, summary.latency_label)
+    kind = {"calibrated": "calibrated prediction", "estimate": "roofline estimate"}.get(note.source, note.source)
+    measured = read_front_bench(run_dir)
+    write_pareto_png(run_dir / "pareto.png", PlotInputs(
+        f"{ctx.config.model}: {len(entries)} Pareto plans, {len(cloud)} evaluated trials", m,
+        100 * ctx.budget_bytes / ctx.fp32_bytes,
+        f"{kind}, batch {note.batch} x seq {note.seq}, {note.threads} thread(s)", cloud, entries, baselines,
+        measured, None if summary.latency_budget is None else summary.latency_budget.ms))
+    write_report(run_dir / "report.html", ReportInputs(
+        str(run_dir), ctx.config.model, m, list(ctx.heldout_eval.metric_names), list(ctx.config.objectives),
+        ctx.budget_bytes, ctx.fp32_bytes, entries, baselines, summary, report_units(ctx.adapter.units),
+        [info.index for info in ctx.adapter.layers], note, measured))
 
 
 def summarize(ctx: SearchContext, study: optuna.Study, entries: list[ParetoEntry], baselines: list[BaselineResult],

@@ -121,6 +121,17 @@ class GroupConfig(FrozenModel):
         return v
 
 
+class StructureConfig(FrozenModel):
+    """How this search's head/neuron pruning ranks and corrects (CompressionPlan.structure; recorded in recipes).
+
+    A search always has calibration data, so the default is the data-driven ranking and the least-squares
+    re-fit; `importance: weight, refit: false` is the former weight-norm behaviour.
+    """
+
+    importance: Literal["weight", "activation"] = "activation"
+    refit: bool = True
+
+
 class SpaceConfig(FrozenModel):
     """A search space: unit groups, per-layer or per-group choices, and sharing patterns."""
 
@@ -129,6 +140,7 @@ class SpaceConfig(FrozenModel):
     sharing: list[str] = ["none"]
     sharing_scope: list[Literal["attention", "ffn", "block"]] = ["attention"]
     data_aware_lowrank: bool = True
+    structure: StructureConfig = StructureConfig()
 
     @field_validator("sharing")
     @classmethod

@@ -16,7 +16,7 @@ import optuna
 from optuna.distributions import CategoricalDistribution
 
 from slimformer.compression.memory import deployed_unit_bytes, plan_memory
-from slimformer.compression.plan import CompressionPlan, LayerSpec, UnitSpec, sharing_pattern
+from slimformer.compression.plan import CompressionPlan, LayerSpec, StructureSpec, UnitSpec, sharing_pattern
 from slimformer.errors import ConfigError
 from slimformer.models.base import ModelAdapter, Unit
 from slimformer.spaces.config import GroupConfig, SpaceConfig
@@ -194,7 +194,8 @@ class SearchSpace:
                     layers.setdefault(layer, {})[key] = self._structure_value(key, value, layer)
         sharing = self._sharing(params.get("sharing", self.sharing_choices[0]), len(self.adapter.layers))
         layer_specs = {i: LayerSpec(v.get("heads_kept"), v.get("neurons_kept")) for i, v in layers.items()}
-        return CompressionPlan(units, layer_specs, sharing)
+        structure = StructureSpec(self.config.structure.importance, self.config.structure.refit)
+        return CompressionPlan(units, layer_specs, sharing, structure)
 
     def _structure_value(self, key: str, value: float, layer: int) -> int | None:
         info = self.adapter.layers[layer]
