@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING, Any
 
 from slimformer.compression.apply import apply_plan
 from slimformer.compression.calibration import collect_activation_scales, collect_hessians, collect_structure_stats
-from slimformer.compression.memory import MemoryReport, plan_memory
+from slimformer.compression.memory import MemoryReport, plan_memory, set_deploy
 from slimformer.compression.plan import CompressionPlan
 from slimformer.compression.recipe import Recipe
-from slimformer.compression.saving import check_out_dir, load_any, write_compressed
-from slimformer.errors import ConfigError, notice
+from slimformer.compression.saving import ONNX_FILE, RECIPE_FILE, check_out_dir, load_any, write_compressed
+from slimformer.errors import BudgetError, ConfigError, notice
 from slimformer.fileio import atomic_dir, check_output_path
 from slimformer.models import ModelAdapter
 
@@ -81,7 +81,7 @@ def search(config: str | Path | SearchConfig | None = None, **overrides: Any) ->
 
 @dataclass(frozen=True)
 class OnnxExportResult:
-    """`model.onnx` written next to a compressed model: sizes and agreement with the torch model."""
+    """`onnx/model.onnx` written into a compressed model directory: sizes and agreement with the torch model."""
 
     path: Path
     file_bytes: int
@@ -122,7 +122,7 @@ def apply_recipe(recipe: str | Path | Recipe, model: str, out_dir: str | Path | 
 
     Fidelity is measured against the uncompressed model on held-out data (never the search set for
     the packaged corpus). The recipe's provenance is kept; applying twice gives identical weights.
-    `onnx=True` (needs `out_dir`) also writes `out_dir/model.onnx` and checks it against the torch model;
+    `onnx=True` (needs `out_dir`) also writes `out_dir/onnx/model.onnx` and checks it against the torch model;
     `kernels`: None (each unit's recipe kernel) or 'exact' | 'fast' to override every unit's ONNX kernel
     (slimformer.export.kernels).
     `recover` (a slimformer.recovery.RecoveryConfig) distils the compressed model from the uncompressed one on
@@ -131,7 +131,7 @@ def apply_recipe(recipe: str | Path | Recipe, model: str, out_dir: str | Path | 
     from slimformer.evaluators.quality import FidelityEvaluator
 
     if onnx and out_dir is None:
-        raise ConfigError("--onnx needs --out: model.onnx is written into the output directory")
+        raise ConfigError("--onnx needs --out: onnx/model.onnx is written into the output directory")
     if kernels is not None and not onnx:
         raise ConfigError(f"--kernels {kernels} applies to the ONNX export; add --onnx (and --out)")
     say = log or (lambda _msg: None)
@@ -141,6 +141,10 @@ def apply_recipe(recipe: str | Path | Recipe, model: str, out_dir: str | Path | 
         if Path(out_dir).exists() and any(Path(out_dir).iterdir()) and not (Path(out_dir) / "slimformer.yaml").exists():
             raise ConfigError(f"--out {out_dir} exists and is not a slimformer output; choose an empty path")
     adapter = load_any(model)
+    if _recipe_budget(rec).get("deploy") == "onnx":  # price memory as the search that made the recipe did
+        from slimformer.export import graph_overhead_bytes
+
+        set_deploy(adapter, "onnx", graph_overhead_bytes(adapter))
     plan = rec.to_plan(adapter)
     if rec.model.sha256 and rec.model.sha256 != adapter.weights_sha256():
         notice(f"recipe was made for weights {rec.model.sha256[:12]}…, this model has "
@@ -176,7 +180,7 @@ def apply_recipe(recipe: str | Path | Recipe, model: str, out_dir: str | Path | 
     mem = plan_memory(adapter, plan)
     saved = None
     exported = None
-    if out_dir is not None:  # every file (model.onnx too) is written in a temp dir renamed into place at the end
+    if out_dir is not None:  # every file (onnx/model.onnx too) is written in a temp dir renamed into place at the end
         saved = Path(out_dir)
         check_out_dir(saved)
         say(f"saving {out_dir}")
@@ -185,25 +189,55 @@ def apply_recipe(recipe: str | Path | Recipe, model: str, out_dir: str | Path | 
             if onnx:
                 say(f"exporting ONNX ({kernels or 'per-unit'} kernels) and checking it against torch")
                 cal_batches = _calibration_batches(adapter, data, calibration) if kernels == "fast" else None
-                exported = _export_checked(adapter, compressed, tmp / "model.onnx", evaluator.batches, kernels,
-                                           cal_batches)
+                exported = _export_checked(adapter, compressed, tmp / ONNX_FILE, evaluator.batches, kernels,
+                                           cal_batches, _recipe_sha256(tmp))
+                _check_onnx_budget(rec, exported)  # raises inside: nothing is written
         if exported is not None:
-            exported = replace(exported, path=saved / exported.path.name)
+            exported = replace(exported, path=saved / ONNX_FILE)
     return ApplyResult(saved, mem, result.metrics, result.n_samples, exported, recovered)
 
 
+def _recipe_budget(rec: Recipe) -> dict[str, Any]:
+    """The recipe's provenance `budget: {bytes, deploy}` (written by searches), {} when absent."""
+    budget = rec.provenance.budget
+    return {} if budget is None else {"bytes": budget.bytes, "deploy": budget.deploy}
+
+
+def _check_onnx_budget(rec: Recipe, exported: OnnxExportResult) -> None:
+    """BudgetError when the ONNX file exceeds the budget the recipe was searched under for the onnx deploy
+    target (provenance `budget: {bytes, deploy}`; recipes without it are not checked)."""
+    budget = _recipe_budget(rec)
+    if budget.get("deploy") != "onnx" or not isinstance(budget.get("bytes"), int):
+        return
+    if exported.file_bytes > budget["bytes"]:
+        hint = "; --kernels fast stores int4 codes as int8, use --kernels exact" if exported.kernels == "fast" else \
+            "; please report it: the onnx memory model under-estimated this plan"
+        raise BudgetError(f"{ONNX_FILE} would be {exported.file_bytes:,d} bytes, over the recipe's budget of "
+                          f"{budget['bytes']:,d} bytes (provenance budget, deploy onnx); nothing was written{hint}")
+
+
+def _recipe_sha256(model_dir: Path) -> str:
+    """sha256 of a compressed directory's recipe file, recorded in the ONNX file's metadata_props."""
+    import hashlib
+
+    return hashlib.sha256((model_dir / RECIPE_FILE).read_bytes()).hexdigest()
+
+
 def _export_checked(adapter: ModelAdapter, model: Any, path: Path, batches: list[Any], kernels: str | None = None,
-                    calibration: list[Any] | None = None) -> OnnxExportResult:
-    """Export `model` to `path` and compare the ONNX outputs with the torch model's on `batches`."""
+                    calibration: list[Any] | None = None, recipe_sha256: str | None = None) -> OnnxExportResult:
+    """Export `model` to `path` and compare the ONNX outputs with the torch model's on `batches` (the
+    deployed output: `adapter.export_outputs(...)[0]`, e.g. the normalised sentence embedding)."""
     import numpy as np
     import torch
 
     from slimformer.export import export_onnx, onnx_outputs, resident_weight_bytes
 
-    info = export_onnx(adapter, model, path, kernels=kernels, calibration=calibration)  # type: ignore[arg-type]
+    meta = {"recipe_sha256": recipe_sha256} if recipe_sha256 else None
+    info = export_onnx(adapter, model, path, kernels=kernels, calibration=calibration,  # type: ignore[arg-type]
+                       metadata=meta)
     with torch.no_grad():
         model.eval()
-        ref = torch.cat([adapter.output(model, b).to(torch.float32) for b in batches]).cpu().numpy()
+        ref = torch.cat([adapter.export_outputs(model, b)[0].to(torch.float32) for b in batches]).cpu().numpy()
     out = onnx_outputs(info.path, batches)
     cos = (out * ref).sum(-1) / np.maximum(np.linalg.norm(out, axis=-1) * np.linalg.norm(ref, axis=-1), 1e-12)
     return OnnxExportResult(info.path, info.file_bytes, resident_weight_bytes(info.path), float(cos.mean()),
@@ -212,23 +246,24 @@ def _export_checked(adapter: ModelAdapter, model: Any, path: Path, batches: list
 
 def export_model(model_dir: str | Path, out: str | Path | None = None, kernels: str | None = None,
                  log: Any = None) -> OnnxExportResult:
-    """Export a compressed model directory (written by `apply --out`) to ONNX, `model_dir/model.onnx` by default.
+    """Export a compressed model directory (written by `apply --out`) to ONNX, `model_dir/onnx/model.onnx` by
+    default.
 
     The agreement check runs the torch and ONNX models on 64 held-out fortunes texts (or test images).
     """
-    from slimformer.compression.saving import RECIPE_FILE, load_compressed
+    from slimformer.compression.saving import load_compressed
 
     d = Path(model_dir)
     if not (d / RECIPE_FILE).is_file():
         raise ConfigError(f"{d} is not a compressed slimformer model directory (no {RECIPE_FILE})")
-    check_output_path(Path(out) if out is not None else d / "model.onnx", "--out" if out is not None else "model.onnx")
+    check_output_path(Path(out) if out is not None else d / ONNX_FILE, "--out" if out is not None else ONNX_FILE)
     say = log or (lambda _msg: None)
     say(f"loading {d}")
     adapter = load_compressed(d)
     say(f"exporting ONNX ({kernels} kernels) and checking it against torch on 64 held-out samples")
     cal = _calibration_batches(adapter, "fortunes", 64) if kernels == "fast" else None
-    return _export_checked(adapter, adapter.model, Path(out) if out is not None else d / "model.onnx",
-                           _fidelity_batches(adapter, "fortunes", 64), kernels, cal)
+    return _export_checked(adapter, adapter.model, Path(out) if out is not None else d / ONNX_FILE,
+                           _fidelity_batches(adapter, "fortunes", 64), kernels, cal, _recipe_sha256(d))
 
 
 def bench(target: str | Path, model: str | None = None, data: str = "fortunes", samples: int = 256,
@@ -346,7 +381,8 @@ def export_recipe(run_dir: str | Path, trial: int, out: str | Path | None = None
         why = f"over the {record.over_budget or 'memory'} budget" if record.feasible is False else "not evaluated"
         raise ConfigError(f"trial {trial} is {t.state.name} and {why}; "
                           "pick a completed trial within the budget")
-    provenance = RecipeProvenance.of_trial(ctx.config.study_name, url, t)
+    provenance = RecipeProvenance.of_trial(ctx.config.study_name, url, t, budget_bytes=ctx.budget_bytes,
+                                           deploy=ctx.config.deploy)
     rec = Recipe.from_plan(trial_plan(ctx, t), ctx.adapter, hardware_profile=ctx.profile.name,
                            hardware_profile_version=ctx.profile.version, provenance=provenance.to_json())
     if out is not None:

@@ -84,7 +84,7 @@ _KERNELS_OPTION = click.option(
 @click.option("--data", default="fortunes", show_default=True, help="Held-out data for the fidelity check.")
 @click.option("--samples", default=256, show_default=True, type=click.IntRange(min=2, max=MAX_SAMPLES),
               help="Held-out samples the fidelity is measured on.")
-@click.option("--onnx", "to_onnx", is_flag=True, help="Also write OUT/model.onnx (needs --out).")
+@click.option("--onnx", "to_onnx", is_flag=True, help="Also write OUT/onnx/model.onnx (needs --out).")
 @_KERNELS_OPTION
 @click.option("--recover", "do_recover", is_flag=True,
               help="Distil the compressed model from the uncompressed one before measuring and saving.")
@@ -113,7 +113,8 @@ def apply(recipe: Path, model: str, out: Path | None, data: str, samples: int, t
     res = apply_recipe(recipe, model, out_dir=out, data=data, samples=samples, onnx=to_onnx, kernels=kernels,
                        recover=recover, progress=not no_progress, log=progress_logger(no_progress))
     mem = res.memory
-    click.echo(f"memory: {mem.total_bytes:,d} bytes = {mem.percent:.2f}% of fp32 ({mem.fp32_bytes:,d})")
+    target = " (deploy onnx: upper bound of onnx/model.onnx)" if mem.deploy == "onnx" else ""
+    click.echo(f"memory: {mem.total_bytes:,d} bytes = {mem.percent:.2f}% of fp32 ({mem.fp32_bytes:,d}){target}")
     if res.recovery is not None:
         r = res.recovery
         before = ", ".join(f"{k} {v:.4f}" for k, v in r.before.items())
@@ -135,7 +136,7 @@ def _echo_onnx(o: Any) -> None:
 @main.command("export")
 @click.argument("model_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
-              help="ONNX file (default MODEL_DIR/model.onnx).")
+              help="ONNX file (default MODEL_DIR/onnx/model.onnx).")
 @_KERNELS_OPTION
 @no_progress_option
 @_errors

@@ -349,7 +349,8 @@ CASES: dict[str, Case] = {
     "export-not-compressed": lambda e, d: (["export", d], ("not a compressed",)),
     "export-out-under-a-file": lambda e, d: (["export", e.compressed, "--out", _blocker(d) / "m.onnx"], ("--out",)),
     "export-weights-truncated": lambda e, d: (
-        ["export", _compressed_copy(e, d, lambda c: _truncate(c / "model.safetensors"))], ("cannot load the model",)),
+        ["export", _compressed_copy(e, d, lambda c: _truncate(c / "slimformer.safetensors"))],
+        ("cannot load the model",)),
     # ----------------------------------------------------------------------------------- calibrate, profile
     "calibrate-out-under-a-file": lambda e, d: (["calibrate", "--quick", "--out", _blocker(d) / "p.yaml"],
                                                 ("--out",)),

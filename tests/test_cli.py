@@ -331,7 +331,7 @@ def test_apply_writes_a_loadable_model_and_is_deterministic(shared_run, tiny_mod
     assert res.exit_code == 0, stderr_of(res)
     assert f"memory: {entry['memory_bytes']:,d} bytes" in res.stdout
     assert "fidelity on 16 held-out samples" in res.stdout
-    assert (out1 / "model.safetensors").is_file() and (out1 / "slimformer.yaml").is_file()
+    assert (out1 / "slimformer.safetensors").is_file() and (out1 / "slimformer.yaml").is_file()
     assert Recipe.load(out1 / "slimformer.yaml").rules == Recipe.load(recipe).rules
 
     loaded = load_any(str(out1))
@@ -340,7 +340,7 @@ def test_apply_writes_a_loadable_model_and_is_deterministic(shared_run, tiny_mod
 
     res = invoke("apply", recipe, "--model", tiny_model_dir, "--out", out2, "--samples", 16)
     assert res.exit_code == 0, stderr_of(res)
-    a, b = load_file(str(out1 / "model.safetensors")), load_file(str(out2 / "model.safetensors"))
+    a, b = load_file(str(out1 / "slimformer.safetensors")), load_file(str(out2 / "slimformer.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
         assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and bool((a[k] == b[k]).all()), k
@@ -348,7 +348,7 @@ def test_apply_writes_a_loadable_model_and_is_deterministic(shared_run, tiny_mod
     # Re-applying over an existing slimformer output replaces it with the same tensors.
     res = invoke("apply", recipe, "--model", tiny_model_dir, "--out", out1, "--samples", 16)
     assert res.exit_code == 0, stderr_of(res)
-    c = load_file(str(out1 / "model.safetensors"))
+    c = load_file(str(out1 / "slimformer.safetensors"))
     assert c.keys() == a.keys() and all(bool((c[k] == a[k]).all()) for k in a)
 
 

@@ -4,11 +4,26 @@ Bytes of the deployable weights: every unit after structured pruning, its low-ra
 sparse layout (values + bitmask or 2:4 indices) and its precision (packed codes + fp32 scales);
 biases, norms and the remaining embeddings in fp32; shared modules counted once. It mirrors
 `apply_plan` and equals the bytes of `pack_model` on the compressed model.
+
+Deploy targets (`budget.memory` applies to the artifact the user deploys, search config `deploy`):
+  safetensors  the packed tensors above, exactly (`slimformer.safetensors`);
+  onnx         an upper bound of the `onnx/model.onnx` file `apply --onnx` writes (exact kernels): every
+               matrix as its ONNX kernel stores it (MatMulNBits blocks padded to a power of two with their
+               scales repeated/re-blocked; int4 tables without an exact block as int8 codes; sparse
+               matrices dense, since ORT's CPU kernels are dense) plus the graph's own bytes: the fp32
+               export's bytes beyond its weights (protobuf nodes, names, shape constants, buffers; measured
+               once per model by the caller, `set_deploy`) and a per-kernel bound on the nodes and names a
+               low-bit kernel or a low-rank factorisation adds (linear in the module path's length, fitted
+               with margin on tiny BERTs and all-MiniLM-L6-v2; tests check it never under-estimates).
+               Units with `kernel: int8` (DynamicQuantizeMatMul) are priced as that kernel stores them
+               (codes padded to whole groups, scales, smoothing factors); `--kernels fast` overrides every
+               unit the same way.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from slimformer.compression.modules import WeightFormat, matrix_bytes, sparse_format
 from slimformer.compression.plan import CompressionPlan, UnitSpec
@@ -17,6 +32,35 @@ from slimformer.models.base import ModelAdapter, Unit
 
 GROUPS = ("embeddings", "attention", "ffn", "other")
 ATTENTION_ROLES = ("query", "key", "value", "qkv", "attn_out")
+DeployTarget = Literal["safetensors", "onnx"]
+DEPLOY_TARGETS: tuple[str, ...] = ("safetensors", "onnx")
+_MIN_BLOCK, _MAX_BLOCK = 16, 256  # MatMulNBits / GatherBlockQuantized blocks (export.kernels; a test keeps them equal)
+# graph bytes a kernel adds beyond its initializers: (fixed, per character of the module path); bounds of
+# the nodes/value names measured on tiny BERTs and MiniLM (DequantizeLinear+Gemm: 6 nodes naming the path ~16x)
+_FILE_SLACK = 2048  # metadata_props (~300 bytes, not in the fp32 measurement), varint widths, opset imports
+_KERNEL_GRAPH = {"matmulnbits": (160, 6), "dequant_gemm": (400, 18), "fp16": (200, 6),
+                 "gather_block_quantized": (160, 6), "gather_dequant": (400, 18), "lowrank": (400, 16),
+                 "dynamic_int8": (1400, 56)}  # unit kernel int8: ~16 weight-folding nodes + DynamicQuantizeMatMul
+
+
+@dataclass(frozen=True)
+class DeploySetting:
+    """What `plan_memory` prices for an adapter: the target and, for onnx, the fp32 export's graph bytes."""
+
+    target: DeployTarget = "safetensors"
+    graph_bytes: int = 0  # bytes of the fp32 ONNX file beyond the fp32 weights plan_memory counts
+
+
+def set_deploy(adapter: ModelAdapter, target: DeployTarget, graph_bytes: int = 0) -> None:
+    """Make `plan_memory(adapter, ...)` price `target` (the search sets this once from its config's `deploy`;
+    for onnx, `graph_bytes` comes from `slimformer.export.graph_overhead_bytes`)."""
+    if target not in DEPLOY_TARGETS:
+        raise ValueError(f"deploy must be one of {', '.join(DEPLOY_TARGETS)} (got {target!r})")
+    adapter._deploy_setting = DeploySetting(target, max(0, int(graph_bytes)))  # type: ignore[attr-defined]
+
+
+def deploy_setting(adapter: ModelAdapter) -> DeploySetting:
+    return getattr(adapter, "_deploy_setting", None) or DeploySetting()
 
 
 @dataclass(frozen=True)
@@ -27,6 +71,7 @@ class MemoryReport:
     fp32_bytes: int
     by_group: dict[str, int] = field(default_factory=dict)
     per_unit: dict[str, int] = field(default_factory=dict)
+    deploy: str = "safetensors"  # what total_bytes prices: the packed tensors, or the ONNX file (upper bound)
 
     @property
     def fraction(self) -> float:
@@ -126,14 +171,96 @@ def unit_bytes(unit: Unit, shape: tuple[int, int], spec: UnitSpec) -> int:
     return stored_matrix_bytes((rank, in_f), spec) + stored_matrix_bytes((out_f, rank), spec) + bias
 
 
+# -- ONNX layout (exact kernels, slimformer.export.kernels) ------------------------------------------
+def _nbits_block(k: int, group: int | None, bits: int) -> int | None:
+    """Same rule as export.kernels.nbits_block (compression cannot import export)."""
+    if group is not None and group < k:
+        b = group & -group
+        return min(b, _MAX_BLOCK) if b >= _MIN_BLOCK else None
+    best, best_bytes, b = _MIN_BLOCK, None, _MIN_BLOCK
+    while b <= _MAX_BLOCK:
+        cost = -(-k // b) * (b * bits // 8 + 4)
+        if best_bytes is None or cost <= best_bytes:
+            best, best_bytes = b, cost
+        b *= 2
+    return best
+
+
+def onnx_matrix(shape: tuple[int, int], spec: UnitSpec, table: bool) -> tuple[int, str | None]:
+    """(initializer bytes, kernel kind) of one (rows, cols) matrix in the ONNX export: a linear's weight
+    (rows = out, cols = in) or an embedding table (rows = vocab); sparse matrices are dense there."""
+    n, k = shape
+    bits = spec.bits
+    if bits == 32:
+        return 4 * n * k, None
+    if bits == 16:
+        return 2 * n * k, "fp16"
+    group = spec.group_size if spec.quantized else None
+    per_row = group is None or group >= k
+    n_groups = 1 if per_row else -(-k // group)  # type: ignore[operator]
+    block = _nbits_block(k, group, bits)
+    if table:
+        if (bits == 8 and per_row) or block is None or (bits == 4 and k % 2):  # int8 codes + Gather/Cast/Mul
+            return n * k + 4 * n * n_groups + (8 * k if n_groups > 1 else 0), "gather_dequant"
+        nb = -(-k // block)
+        return n * ((k + k % 2) * bits // 8) + 4 * n * nb, "gather_block_quantized"
+    if spec.kernel == "int8":  # DynamicQuantizeMatMul: stored codes padded to whole groups, scales, smoothing
+        kp = n_groups * (k if per_row else group)  # type: ignore[operator]
+        codes = (n * kp + 1) // 2 if bits == 4 else n * kp
+        return codes + 4 * n * n_groups + 4 * k + 128, "dynamic_int8"
+    if block is not None and not (bits == 8 and per_row):
+        nb = -(-k // block)
+        return n * nb * block * bits // 8 + 4 * n * nb, "matmulnbits"
+    codes = (n * k + 1) // 2 if bits == 4 else n * k
+    return codes + 4 * n * n_groups + 24, "dequant_gemm"  # + the two int64 shape constants
+
+
+def _graph_bytes(kind: str | None, path: str) -> int:
+    if kind is None:
+        return 0
+    fixed, per_char = _KERNEL_GRAPH[kind]
+    return fixed + per_char * (len(path) + 8)  # + ".weight"/".useN" style suffixes
+
+
+def onnx_unit_bytes(unit: Unit, shape: tuple[int, int], spec: UnitSpec) -> tuple[int, int]:
+    """(initializer bytes, graph bytes) of one unit in the ONNX export (upper bounds)."""
+    out_f, in_f = shape
+    bias = 4 * out_f if unit.has_bias else 0
+    table = unit.kind == "embedding"
+    rank = None if spec.is_identity else effective_rank(spec, shape)
+    if spec.is_identity:
+        return 4 * out_f * in_f + bias, 0
+    if rank is None:
+        b, kind = onnx_matrix((out_f, in_f), spec, table)
+        return b + bias, _graph_bytes(kind, unit.name)
+    if table:  # table (V, r) gathered, projection (dim, r) a linear of in r, out dim
+        parts = [onnx_matrix((out_f, rank), spec, True), onnx_matrix((in_f, rank), spec, False)]
+    else:
+        parts = [onnx_matrix((rank, in_f), spec, False), onnx_matrix((out_f, rank), spec, False)]
+    graph = _graph_bytes("lowrank", unit.name) + sum(_graph_bytes(k, unit.name) for _, k in parts)
+    return sum(b for b, _ in parts) + bias, graph
+
+
+def deployed_unit_bytes(adapter: ModelAdapter, unit: Unit, shape: tuple[int, int], spec: UnitSpec) -> int:
+    """`unit_bytes` for the adapter's deploy target (onnx: initializers and graph bytes of its kernels)."""
+    if deploy_setting(adapter).target == "onnx":
+        return sum(onnx_unit_bytes(unit, shape, spec))
+    return unit_bytes(unit, shape, spec)
+
+
 def group_of(unit: Unit) -> str:
     if unit.role == "embedding":
         return "embeddings"
     return "attention" if unit.role in ATTENTION_ROLES else "ffn"
 
 
-def plan_memory(adapter: ModelAdapter, plan: CompressionPlan) -> MemoryReport:
-    """Exact deployable bytes of `plan` on `adapter`'s model (fp32 reference alongside)."""
+def plan_memory(adapter: ModelAdapter, plan: CompressionPlan, deploy: DeployTarget | None = None) -> MemoryReport:
+    """Deployable bytes of `plan` on `adapter`'s model (fp32 reference alongside): exact for safetensors,
+    an upper bound of the file for onnx. `deploy` None: the adapter's setting (`set_deploy`; safetensors)."""
+    setting = deploy_setting(adapter)
+    target = deploy or setting.target
+    onnx = target == "onnx"
+    graph = setting.graph_bytes + _FILE_SLACK if onnx else 0
     plan = canonical_plan(adapter, plan)
     scope = plan.sharing.scope
     shared_away = {j for g in plan.sharing.groups for j in g[1:]}
@@ -142,10 +269,15 @@ def plan_memory(adapter: ModelAdapter, plan: CompressionPlan) -> MemoryReport:
     per_unit: dict[str, int] = {}
     for u in adapter.units:
         fp32 += 4 * u.params
+        shape, spec = unit_shape(adapter, u, plan), plan.unit(u.name)
+        if onnx:  # every use has its nodes, even of a shared module
+            b, g = onnx_unit_bytes(u, shape, spec)
+            graph += g
         if u.layer in shared_away and unit_in_scope(u, adapter.layers[u.layer], scope):
             per_unit[u.name] = 0
             continue
-        b = unit_bytes(u, unit_shape(adapter, u, plan), plan.unit(u.name))
+        if not onnx:
+            b = unit_bytes(u, shape, spec)
         per_unit[u.name] = b
         by_group[group_of(u)] += b
     for p in _other_params(adapter):
@@ -155,4 +287,5 @@ def plan_memory(adapter: ModelAdapter, plan: CompressionPlan) -> MemoryReport:
             if any(p.path.startswith(s + ".") for s in scope_paths(info, scope)):
                 continue
         by_group[p.group] += 4 * p.numel
-    return MemoryReport(sum(by_group.values()), fp32, by_group, per_unit)
+    by_group["other"] += graph
+    return MemoryReport(sum(by_group.values()), fp32, by_group, per_unit, target)

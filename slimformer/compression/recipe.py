@@ -92,6 +92,14 @@ class ModelRef(FrozenModel):
     sha256: str | None = None
 
 
+class ProvenanceBudget(FrozenModel):
+    """The memory budget a search held its plans to, and the artifact it applies to (`deploy`):
+    `apply --onnx` checks the written ONNX file against it for deploy onnx."""
+
+    bytes: int = Field(ge=1)
+    deploy: Literal["onnx", "safetensors"] = "safetensors"
+
+
 class Provenance(FrozenModel):
     """Where a recipe came from, as a search writes it (search/results.py RecipeProvenance.to_json): the study,
     its storage URL (password masked), the trial, its metric values, package versions and the time. Every key is
@@ -104,6 +112,7 @@ class Provenance(FrozenModel):
     metrics: dict[str, int | float] = {}
     versions: dict[str, str] = {}
     created: str | None = None
+    budget: ProvenanceBudget | None = None
 
     @field_validator("storage")
     @classmethod

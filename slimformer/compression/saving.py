@@ -1,8 +1,13 @@
 """Packed serialisation of a compressed model: safetensors of the deployable tensors plus the recipe.
 
-A compressed directory holds `model.safetensors` (int codes packed, fp32 scales, sparse masks or 2:4
+A compressed directory holds `slimformer.safetensors` (int codes packed, fp32 scales, sparse masks or 2:4
 indices, fp32/fp16 values; every shared module once), `slimformer.yaml` (the recipe) and the base
 model's config/tokenizer, so `load_compressed` rebuilds the model with no access to the original weights.
+The packed file is deliberately not called `model.safetensors`: `transformers.AutoModel.from_pretrained(DIR)`
+and `SentenceTransformer(DIR)` then fail loudly ("no file named model.safetensors...") instead of
+loading the directory as a plain checkpoint with random weights. Directories written before this change
+(`model.safetensors` + `slimformer.yaml`) still load. `apply --onnx` adds `onnx/model.onnx`
+(ONNX_FILE), where sentence-transformers' ONNX backend / Optimum look for it.
 `load_any` opens either kind of model: a compressed directory, or anything `models.load` accepts.
 """
 
@@ -22,8 +27,10 @@ from slimformer.fileio import atomic_dir, read_json
 from slimformer.models import COMPRESSED_MARKER, get_family, load_from, locate, model_load_errors
 from slimformer.models.base import ModelAdapter
 
-MODEL_FILE = "model.safetensors"
+MODEL_FILE = "slimformer.safetensors"
+LEGACY_MODEL_FILE = "model.safetensors"  # packed file name of directories written by slimformer <= 0.1
 RECIPE_FILE = COMPRESSED_MARKER  # "slimformer.yaml"
+ONNX_FILE = "onnx/model.onnx"  # the deployable graph inside a compressed directory (apply --onnx)
 
 
 def pack_model(model: nn.Module) -> dict[str, Tensor]:
@@ -96,7 +103,12 @@ def _load_compressed(model_dir: Path) -> ModelAdapter:
     recipe = Recipe.load(model_dir / RECIPE_FILE)
     plan = recipe.to_plan(adapter)
     model = apply_plan(adapter, plan, rtn_fallback=True)  # values come from the file below
-    tensors = load_file(str(model_dir / MODEL_FILE))
+    wfile = model_dir / MODEL_FILE
+    if not wfile.is_file() and (model_dir / LEGACY_MODEL_FILE).is_file():
+        wfile = model_dir / LEGACY_MODEL_FILE
+    if not wfile.is_file():
+        raise ModelLoadError(f"{model_dir}: no {MODEL_FILE}; not a complete slimformer output directory")
+    tensors = load_file(str(wfile))
     for path, mod in model.named_modules():
         if isinstance(mod, (SlimLinear, SlimEmbedding)):
             mod.unpack(path, tensors)
@@ -111,7 +123,7 @@ def _load_compressed(model_dir: Path) -> ModelAdapter:
             continue
         seen.add(id(p))
         if name not in tensors:
-            raise ModelLoadError(f"{model_dir / MODEL_FILE}: tensor {name} is missing; the file is damaged")
+            raise ModelLoadError(f"{wfile}: tensor {name} is missing; the file is damaged")
         with torch.no_grad():
             p.copy_(tensors[name])
     adapter.model = model.eval()

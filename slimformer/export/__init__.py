@@ -5,11 +5,13 @@ from slimformer.export.onnx_export import (
     ExportInfo,
     export_fp32,
     export_onnx,
+    graph_overhead_bytes,
     measured_session_bytes,
     onnx_outputs,
     resident_weight_bytes,
     session,
 )
 
-__all__ = ["DEFAULT_OPSET", "ExportInfo", "export_fp32", "export_onnx", "measured_session_bytes", "onnx_outputs",
-           "resident_weight_bytes", "session"]
+__all__ = ["DEFAULT_OPSET", "ExportInfo", "export_fp32", "export_onnx", "graph_overhead_bytes",
+           "measured_session_bytes",
+           "onnx_outputs", "resident_weight_bytes", "session"]

@@ -219,17 +219,19 @@ def time_round_robin(sessions: dict[str, Any], feed: dict[str, np.ndarray], runs
     the Fashion-MNIST ViT runs 23% slower timed among 34 models than among 2)."""
     names = list(sessions)
     feeds = {n: {i.name: feed[i.name] for i in s.get_inputs()} for n, s in sessions.items()}
+    # the deployed result only (an encoder's sentence_embedding, not its token embeddings too): what a user runs
+    first = {n: [s.get_outputs()[0].name] for n, s in sessions.items()}
     for _ in range(warmup):
         for n in names:
-            sessions[n].run(None, feeds[n])
+            sessions[n].run(first[n], feeds[n])
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(runs):
         for k in range(len(names)):
             n = names[(r + k) % len(names)]  # rotate who goes first
             for _ in range(repeat - 1):
-                sessions[n].run(None, feeds[n])
+                sessions[n].run(first[n], feeds[n])
             t0 = clock()
-            sessions[n].run(None, feeds[n])
+            sessions[n].run(first[n], feeds[n])
             times[n].append(1e3 * (clock() - t0))
     return times
 

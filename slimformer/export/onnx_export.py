@@ -1,11 +1,14 @@
-"""Deployable ONNX export: a compressed torch model -> `model.onnx` whose compression is physical and
+"""Deployable ONNX export: a compressed torch model -> `onnx/model.onnx` whose compression is physical and
 runs in a plain `onnxruntime.InferenceSession` (CPUExecutionProvider, default session options).
 
 Pipeline and the reasons behind it:
 
-1. Trace. The model is wrapped so the graph computes exactly `adapter.output(model, batch)` (HF
-   encoders: input_ids, attention_mask [, token_type_ids] -> pooled embedding including the mean/cls/max
-   pooling; classifiers -> logits; timm: pixels -> logits) with the dynamic batch (and sequence) axes its
+1. Trace. The model is wrapped so the graph computes exactly `adapter.export_outputs(model, batch)` (HF
+   encoders: input_ids, attention_mask [, token_type_ids] -> `sentence_embedding` (what
+   SentenceTransformer.encode returns: mean/cls/max pooling, L2-normalised when modules.json has a
+   Normalize step) and `last_hidden_state` (token embeddings, what sentence-transformers' ONNX backend and
+   Optimum read); classifiers -> `logits`; timm: pixels -> `output`), with metadata_props (pooling,
+   normalize, max_length, slimformer_version, recipe_sha256) and the dynamic batch (and sequence) axes its
    family names (`ModelAdapter.dynamic_axes`), traced on the family's `trace_batch`, and
    exported with the TorchScript exporter (`torch.onnx.export(..., dynamo=False)`): the dynamo exporter
    needs `onnxscript`, which is not installed. That exporter stops at opset 20, so the graph is traced at
@@ -23,7 +26,8 @@ Pipeline and the reasons behind it:
    low-rank factors are two ordinary linears, pruned heads/neurons are just smaller matrices, shared
    modules export once (the exporter aliases identical tensors; content de-duplication afterwards makes
    sure every tensor is stored once). Sparse weights stay dense (ORT's CPU kernels are dense): a sparse
-   plan's file is larger than `plan_memory`, which prices bitmask / 2:4 storage.
+   plan's file is larger than the safetensors accounting (bitmask / 2:4 storage); the `onnx` deploy
+   target of `plan_memory` prices it dense and bounds the whole file (`graph_overhead_bytes`).
 3. Write atomically (temp file in the target folder, then rename).
 
 Why these kernels (ORT 1.32, AMD EPYC, 2 shared vCPUs, 1 intra-op thread, CPU ms per run of the whole
@@ -51,7 +55,7 @@ from __future__ import annotations
 
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,14 +103,15 @@ class ExportInfo:
 
 # -- tracing ---------------------------------------------------------------------------------------
 class _OutputGraph(nn.Module):
-    """Positional inputs -> `adapter.output(model, batch)`, so the graph includes pooling."""
+    """Positional inputs -> `adapter.export_outputs(model, batch)`, so the graph includes pooling (and the
+    normalisation of a sentence-transformers model) and, for encoders, the token embeddings."""
 
     def __init__(self, adapter: ModelAdapter, model: nn.Module, names: Sequence[str]) -> None:
         super().__init__()
         self.adapter, self.model, self.names = adapter, model, tuple(names)
 
-    def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        return self.adapter.output(self.model, Batch(dict(zip(self.names, args, strict=True))))
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.adapter.export_outputs(self.model, Batch(dict(zip(self.names, args, strict=True))))
 
 
 def sample_batch(adapter: ModelAdapter, sample_texts: Sequence[Any] | None = None) -> Batch:
@@ -118,7 +123,7 @@ def sample_batch(adapter: ModelAdapter, sample_texts: Sequence[Any] | None = Non
 
 
 def trace_onnx(adapter: ModelAdapter, model: nn.Module, batch: Batch, opset: int) -> onnx.ModelProto:
-    """Export `adapter.output(model, .)` at `opset` (TorchScript exporter; converted above opset 20)."""
+    """Export `adapter.export_outputs(model, .)` at `opset` (TorchScript exporter; converted above opset 20)."""
     if opset < MIN_OPSET:
         raise ValueError(f"opset must be >= {MIN_OPSET} (got {opset})")
     names = list(batch.inputs)
@@ -133,7 +138,7 @@ def trace_onnx(adapter: ModelAdapter, model: nn.Module, batch: Batch, opset: int
             with warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore")
                 torch.onnx.export(wrapper, args, str(f), dynamo=False, opset_version=min(opset, TORCHSCRIPT_MAX_OPSET),
-                                  input_names=names, output_names=list(adapter.output_names), dynamic_axes=dyn,
+                                  input_names=names, output_names=list(adapter.export_output_names()), dynamic_axes=dyn,
                                   do_constant_folding=True)
         finally:
             for m, training in modes.items():  # the TorchScript exporter leaves modules in training mode
@@ -158,7 +163,21 @@ def _set_opsets(proto: onnx.ModelProto, opset: int) -> None:
 
 
 def _write_atomic(proto: onnx.ModelProto, path: Path) -> int:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     return atomic_write(Path(path), proto.SerializeToString())
+
+
+def _set_metadata(proto: onnx.ModelProto, adapter: ModelAdapter, extra: Mapping[str, str] | None) -> None:
+    """metadata_props: how the outputs are made (the adapter's pooling/normalize/max_length), the slimformer
+    version, and what the caller adds (the recipe's sha256)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ver = version("slimformer")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree that is not installed
+        ver = "unknown"
+    props = {"producer": "slimformer", "slimformer_version": ver, **adapter.export_metadata(), **(extra or {})}
+    onnx.helper.set_model_props(proto, {k: str(v) for k, v in props.items()})
 
 
 def _tensor_bytes(t: onnx.TensorProto) -> int:
@@ -243,7 +262,8 @@ def input_abs_max(model: nn.Module, adapter: ModelAdapter, batches: Sequence[Bat
 
 def export_onnx(adapter: ModelAdapter, model: nn.Module, path: Path | str, *, opset: int = DEFAULT_OPSET,
                 sample_texts: Sequence[Any] | None = None, int8_kernel: G.Int8Kernel = "auto",
-                kernels: G.KernelMode | None = None, calibration: Sequence[Batch] | None = None) -> ExportInfo:
+                kernels: G.KernelMode | None = None, calibration: Sequence[Batch] | None = None,
+                metadata: Mapping[str, str] | None = None) -> ExportInfo:
     """Export a (compressed) model as ONNX with its compression physical (int4/int8 kernels).
 
     sample_texts: inputs to trace with (texts for HF models, uint8 images for timm); the graph has
@@ -270,6 +290,7 @@ def export_onnx(adapter: ModelAdapter, model: nn.Module, path: Path | str, *, op
                          f"opset={report.max_opset_needed}")
     _set_opsets(proto, opset)
     proto.producer_name = "slimformer"
+    _set_metadata(proto, adapter, metadata)
     onnx.checker.check_model(proto)
     size = _write_atomic(proto, path)
     return _info(proto, path, size, report, kernels or K.PER_UNIT)
@@ -285,9 +306,23 @@ def export_fp32(adapter: ModelAdapter, path: Path | str, *, opset: int = DEFAULT
     G.prune_initializers(proto.graph)
     _set_opsets(proto, opset)
     proto.producer_name = "slimformer"
+    _set_metadata(proto, adapter, None)
     onnx.checker.check_model(proto)
     size = _write_atomic(proto, path)
     return _info(proto, path, size, None)
+
+
+def graph_overhead_bytes(adapter: ModelAdapter) -> int:
+    """Bytes of the fp32 ONNX export beyond the fp32 weights `plan_memory` counts (protobuf nodes and names,
+    shape constants, buffers such as position ids): the graph term of the onnx deploy target
+    (`compression.memory.set_deploy`). Exports the uncompressed model once to a temp file."""
+    from slimformer.compression.memory import plan_memory
+    from slimformer.compression.plan import CompressionPlan
+
+    with tempfile.TemporaryDirectory() as tmp:
+        proto = onnx.load(str(export_fp32(adapter, Path(tmp) / "fp32.onnx").path))
+    del proto.metadata_props[:]  # metadata (max_length...) varies with how the model was loaded: in the slack
+    return max(0, proto.ByteSize() - plan_memory(adapter, CompressionPlan(), "safetensors").total_bytes)
 
 
 def session(path: Path | str, threads: int | None = None) -> Any:
@@ -301,13 +336,15 @@ def session(path: Path | str, threads: int | None = None) -> Any:
 
 
 def onnx_outputs(path: Path | str | Any, batches: Sequence[Batch], threads: int | None = None) -> np.ndarray:
-    """Run the exported model on adapter batches (the same inputs torch gets); outputs concatenated."""
+    """Run the exported model on adapter batches (the same inputs torch gets); its first output (the deployed
+    result: sentence_embedding, logits, or `output` of older files) concatenated."""
     sess = path if hasattr(path, "run") else session(path, threads)
     names = [i.name for i in sess.get_inputs()]
+    first = [sess.get_outputs()[0].name]
     outs = []
     for b in batches:
         feed = {k: b.inputs[k].detach().cpu().numpy() for k in names}
-        outs.append(sess.run(None, feed)[0])
+        outs.append(sess.run(first, feed)[0])
     return np.concatenate(outs, axis=0)
 
 

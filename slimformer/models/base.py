@@ -126,7 +126,7 @@ class ModelAdapter(ABC):
     doc_label: ClassVar[str]
     """Short name of the input modality in benchmark documents ('text', 'vit')."""
     output_names: ClassVar[tuple[str, ...]] = ("output",)
-    """Names of the exported ONNX graph's outputs."""
+    """Names of the exported ONNX graph's outputs (the family's default; `export_output_names` decides)."""
 
     def __init__(self, model: nn.Module, model_id: str, source_dir: Path | None = None) -> None:
         self.model = model.eval()
@@ -180,6 +180,20 @@ class ModelAdapter(ABC):
     @abstractmethod
     def output(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """The tensor quality is measured on: pooled embeddings (encoder) or logits (classifier)."""
+
+    # -- deployed outputs (the exported ONNX graph computes exactly these) --------------------------
+    def export_output_names(self) -> tuple[str, ...]:
+        """Names of the exported graph's outputs, in the order of `export_outputs`; the first is the
+        deployed result (what slimformer's bench and checks read)."""
+        return self.output_names
+
+    def export_outputs(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, ...]:
+        """What the deployed model returns: by default `output` alone."""
+        return (self.output(model, batch),)
+
+    def export_metadata(self) -> dict[str, str]:
+        """Key/value pairs written into the exported graph's metadata_props (how its outputs are made)."""
+        return {}
 
     # -- discovery (see models.registry) ------------------------------------------------------------
     @classmethod
@@ -261,7 +275,7 @@ class ModelAdapter(ABC):
         """ONNX dynamic axes of the inputs of `batch` and of the outputs: batch, and sequence for tokens."""
         axes = {k: ({0: "batch", 1: "sequence"} if self.has_sequence_axis and t.dim() == 2 else {0: "batch"})
                 for k, t in batch.inputs.items()}
-        for name in self.output_names:
+        for name in self.export_output_names():
             axes[name] = {0: "batch"}
         return axes
 

@@ -24,14 +24,17 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spec
                    "merges.txt", "vocab.json", "sentencepiece.bpe.model", "spiece.model")
 
 
-def read_st_pooling(model_dir: Path) -> tuple[str, int]:
-    """Pooling mode and max sequence length of a sentence-transformers directory (mean, 256 if absent)."""
-    pooling, max_len = "mean", 256
+def read_st_config(model_dir: Path) -> tuple[str, int, bool]:
+    """Pooling mode, max sequence length and whether a Normalize module follows the pooling, of a
+    sentence-transformers directory (mean, 256, False if absent): what `SentenceTransformer.encode` returns."""
+    pooling, max_len, normalize = "mean", 256, False
     modules = read_json(model_dir / "modules.json", [], "sentence-transformers modules file", ModelLoadError)
     if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
         raise ModelLoadError(f"{model_dir / 'modules.json'}: expected a JSON list of modules; restore the file from "
                              "the model's source")
     for m in modules:
+        if str(m.get("type", "")).endswith("Normalize"):
+            normalize = True
         if str(m.get("type", "")).endswith("Pooling"):
             cfg_file = model_dir / str(m.get("path", "")) / "config.json"
             if cfg_file.exists():
@@ -45,6 +48,12 @@ def read_st_pooling(model_dir: Path) -> tuple[str, int]:
     if bert_cfg.exists():
         max_len = int(read_json(bert_cfg, {}, "sentence-transformers config", ModelLoadError).get("max_seq_length",
                                                                                                    max_len))
+    return pooling, max_len, normalize
+
+
+def read_st_pooling(model_dir: Path) -> tuple[str, int]:
+    """Pooling mode and max sequence length of a sentence-transformers directory (mean, 256 if absent)."""
+    pooling, max_len, _ = read_st_config(model_dir)
     return pooling, max_len
 
 
@@ -59,7 +68,7 @@ class HFEncoderAdapter(TextFamily):
     catch_all = True  # any transformers directory no more specific family claims
 
     def __init__(self, model: nn.Module, model_id: str, tokenizer: Any = None, pooling: str = "mean",
-                 max_length: int = 128, source_dir: Path | None = None) -> None:
+                 max_length: int = 128, source_dir: Path | None = None, normalize: bool = False) -> None:
         super().__init__(model, model_id, source_dir)
         if pooling not in POOLING_MODES:
             raise ModelLoadError(f"pooling {pooling!r} is not one of {POOLING_MODES}")
@@ -68,6 +77,7 @@ class HFEncoderAdapter(TextFamily):
             model.pooler = None  # the pooled CLS projection is unused by embedding pooling; not deployed
         self.tokenizer = tokenizer
         self.pooling = pooling
+        self.normalize = normalize  # a sentence-transformers Normalize module: encode() L2-normalises
         self.max_length = max_length
         config = model.config
         hidden = getattr(config, "hidden_size", None) or getattr(config, "dim", None)
@@ -98,7 +108,9 @@ class HFEncoderAdapter(TextFamily):
         out = model(**batch.inputs)
         if self.kind == "classifier":
             return out.logits
-        hidden = out.last_hidden_state
+        return self._pool(out.last_hidden_state, batch)
+
+    def _pool(self, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
         mask = batch.inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         if self.pooling == "cls":
             return hidden[:, 0]
@@ -107,6 +119,41 @@ class HFEncoderAdapter(TextFamily):
         summed = (hidden * mask).sum(1)
         count = mask.sum(1).clamp(min=1)
         return summed / (count.sqrt() if self.pooling == "mean_sqrt_len" else count)
+
+    # -- deployed outputs --------------------------------------------------------------------------
+    # Quality is measured on `output` (pooled, before the L2 normalisation): cosine and cosine neighbours
+    # are invariant to it, so every quality number is the same either way, and recovery's losses keep their
+    # scale. The deployed graph returns what `SentenceTransformer.encode` returns (normalised when
+    # modules.json has a Normalize step) plus the token embeddings ST's ONNX backend / Optimum read.
+    def export_output_names(self) -> tuple[str, ...]:
+        return ("logits",) if self.kind == "classifier" else ("sentence_embedding", "last_hidden_state")
+
+    def export_outputs(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, ...]:
+        out = model(**batch.inputs)
+        if self.kind == "classifier":
+            return (out.logits,)
+        hidden = out.last_hidden_state
+        pooled = self._pool(hidden, batch)
+        if self.normalize:
+            pooled = torch.nn.functional.normalize(pooled, p=2.0, dim=1)
+        return pooled, hidden
+
+    def dynamic_axes(self, batch: Batch) -> dict[str, dict[int, str]]:
+        axes = super().dynamic_axes(batch)
+        if "last_hidden_state" in axes:
+            axes["last_hidden_state"] = {0: "batch", 1: "sequence"}
+        return axes
+
+    def export_metadata(self) -> dict[str, str]:
+        if self.kind == "classifier":
+            return {"kind": "classifier", "max_length": str(self.max_length)}
+        return {"kind": "encoder", "pooling": self.pooling, "normalize": str(self.normalize).lower(),
+                "max_length": str(self.max_length)}
+
+    def encode(self, model: nn.Module, samples: Sequence[Any], batch_size: int = 32) -> torch.Tensor:
+        """`SentenceTransformer.encode` of `model` on texts: pooled, normalised as modules.json says."""
+        with torch.no_grad():
+            return torch.cat([self.export_outputs(model, b)[0] for b in self.make_batches(samples, batch_size)])
 
     # -- discovery -----------------------------------------------------------------------------------
     @classmethod
@@ -129,8 +176,8 @@ class HFEncoderAdapter(TextFamily):
         self.model.config.save_pretrained(out_dir)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(out_dir)
-        meta = {"family": self.family, "pooling": self.pooling, "max_length": self.max_length,
-                "model_id": self.model_id, "kind": self.kind}
+        meta = {"family": self.family, "pooling": self.pooling, "normalize": self.normalize,
+                "max_length": self.max_length, "model_id": self.model_id, "kind": self.kind}
         (out_dir / "slimformer_model.json").write_text(json.dumps(meta, indent=2))
 
     @classmethod
@@ -141,7 +188,11 @@ class HFEncoderAdapter(TextFamily):
         config = AutoConfig.from_pretrained(out_dir)
         auto = AutoModelForSequenceClassification if meta["kind"] == "classifier" else AutoModel
         model = auto.from_config(config)
-        return cls(model, meta["model_id"], _tokenizer(out_dir), meta["pooling"], meta["max_length"], out_dir)
+        normalize = bool(meta.get("normalize", False))  # older directories: read their modules.json
+        if "normalize" not in meta and (out_dir / "modules.json").exists():
+            normalize = read_st_config(out_dir)[2]
+        return cls(model, meta["model_id"], _tokenizer(out_dir), meta["pooling"], meta["max_length"], out_dir,
+                   normalize)
 
 
 def _is_classifier(model: nn.Module) -> bool:
@@ -168,9 +219,9 @@ def load_hf_dir(model_dir: Path, model_id: str | None = None, max_length: int | 
     """Load a local `transformers` or sentence-transformers directory."""
     from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
-    pooling, st_max = "mean", 128
+    pooling, st_max, normalize = "mean", 128, False
     if (model_dir / "modules.json").exists():
-        pooling, st_max = read_st_pooling(model_dir)
+        pooling, st_max, normalize = read_st_config(model_dir)
     try:
         config = AutoConfig.from_pretrained(model_dir)
     except (OSError, ValueError) as exc:
@@ -187,7 +238,8 @@ def load_hf_dir(model_dir: Path, model_id: str | None = None, max_length: int | 
     except TypeError:
         model = auto.from_pretrained(model_dir)
     length = max_length or min(st_max, 256)
-    return HFEncoderAdapter(model, model_id or str(model_dir), _tokenizer(model_dir), pooling, length, model_dir)
+    return HFEncoderAdapter(model, model_id or str(model_dir), _tokenizer(model_dir), pooling, length, model_dir,
+                            normalize)
 
 
 def copy_st_files(src: Path, dst: Path) -> None:
@@ -195,5 +247,10 @@ def copy_st_files(src: Path, dst: Path) -> None:
     for f in ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json"):
         if (src / f).exists():
             shutil.copy2(src / f, dst / f)
+    if (src / "modules.json").exists():  # every module folder (1_Pooling, 2_Normalize...), not the model itself
+        for m in json.loads((src / "modules.json").read_text()):
+            sub = str(m.get("path", ""))
+            if sub and (src / sub).is_dir():
+                shutil.copytree(src / sub, dst / sub, dirs_exist_ok=True)
     if (src / "1_Pooling").is_dir():
         shutil.copytree(src / "1_Pooling", dst / "1_Pooling", dirs_exist_ok=True)

@@ -198,6 +198,7 @@ class SearchConfig(FrozenModel):
     threads: int | None = Field(None, ge=1, le=MAX_THREADS)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     recover: RecoverStageConfig | None = None  # distil the top-k Pareto plans after the trials (recover_stage.py)
+    deploy: Literal["onnx", "safetensors"] = "onnx"  # the artifact budget.memory applies to (compression/memory.py)
 
     @field_validator("objectives")
     @classmethod

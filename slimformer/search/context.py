@@ -18,7 +18,7 @@ from slimformer.compression.calibration import (
     collect_hessians,
     collect_structure_stats,
 )
-from slimformer.compression.memory import plan_memory
+from slimformer.compression.memory import plan_memory, set_deploy
 from slimformer.compression.plan import CompressionPlan
 from slimformer.compression.saving import load_any
 from slimformer.errors import BudgetError, ConfigError
@@ -162,6 +162,10 @@ def prepare(config: SearchConfig, *, log: Any = None, validated: Callable[[], No
     metric = config.quality_metric or adapter.default_quality_metric
     space = SearchSpace(adapter, config.space)
     fp32 = plan_memory(adapter, CompressionPlan()).total_bytes
+    if config.deploy == "onnx":  # budget.memory applies to the ONNX file: every plan_memory below prices it
+        from slimformer.export import graph_overhead_bytes
+
+        set_deploy(adapter, "onnx", graph_overhead_bytes(adapter))
     budget = config.budget.to_bytes(fp32)
     min_plan = space.min_memory_plan()
     min_bytes = plan_memory(adapter, min_plan).total_bytes

@@ -307,14 +307,17 @@ class RecipeProvenance:
     heldout_metrics: dict[str, float] | None = None
     versions: dict[str, str] = field(default_factory=lambda: versions())
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S"))
+    budget_bytes: int | None = None  # the search's budget.memory in bytes (apply --onnx checks the file against it)
+    deploy: str | None = None  # the artifact the budget applies to: onnx | safetensors
 
     @classmethod
     def of_trial(cls, study: str, storage: str, t: optuna.trial.FrozenTrial,
-                 heldout: dict[str, float] | None = None) -> RecipeProvenance:
+                 heldout: dict[str, float] | None = None, budget_bytes: int | None = None,
+                 deploy: str | None = None) -> RecipeProvenance:
         rec = TrialRecord.from_trial(t)
         assert rec.memory_bytes is not None and rec.latency_ms is not None
         return cls(study, storage, t.number, rec.memory_bytes, rec.memory_percent, rec.latency_ms,
-                   rec.metrics or {}, heldout)
+                   rec.metrics or {}, heldout, budget_bytes=budget_bytes, deploy=deploy)
 
     def to_json(self) -> dict[str, Any]:
         metrics: dict[str, Any] = {"memory_bytes": self.memory_bytes}
@@ -323,8 +326,11 @@ class RecipeProvenance:
         metrics["latency_ms_estimate"] = self.latency_ms_estimate
         metrics |= {f"search_{k}": v for k, v in self.search_metrics.items()}
         metrics |= {f"heldout_{k}": v for k, v in (self.heldout_metrics or {}).items()}
-        return {"study": self.study, "storage": self.storage, "trial": self.trial, "metrics": metrics,
-                "versions": self.versions, "created": self.created}
+        out = {"study": self.study, "storage": self.storage, "trial": self.trial, "metrics": metrics,
+               "versions": self.versions, "created": self.created}
+        if self.budget_bytes is not None:
+            out["budget"] = {"bytes": self.budget_bytes, "deploy": self.deploy or "safetensors"}
+        return out
 
 
 def versions() -> dict[str, str]:

@@ -174,7 +174,8 @@ def write_outputs(ctx: SearchContext, run_dir: Path, study: optuna.Study, baseli
         plan = trial_plan(ctx, t)
         entry = ParetoEntry.from_trial(t, plan_summary(plan), heldout[t.number], recovered.get(t.number))
         entries.append(entry)
-        provenance = RecipeProvenance.of_trial(study_name, storage, t, heldout=entry.heldout_metrics)
+        provenance = RecipeProvenance.of_trial(study_name, storage, t, heldout=entry.heldout_metrics,
+                                               budget_bytes=ctx.budget_bytes, deploy=ctx.config.deploy)
         recipe = Recipe.from_plan(plan, ctx.adapter, hardware_profile=ctx.profile.name,
                                   hardware_profile_version=ctx.profile.version, provenance=provenance.to_json()
                                   ).model_copy(update={"recovery": recovered.get(t.number)})

@@ -15,7 +15,7 @@ from typing import Any
 import optuna
 from optuna.distributions import CategoricalDistribution
 
-from slimformer.compression.memory import plan_memory, unit_bytes
+from slimformer.compression.memory import deployed_unit_bytes, plan_memory
 from slimformer.compression.plan import CompressionPlan, LayerSpec, StructureSpec, UnitSpec, sharing_pattern
 from slimformer.errors import ConfigError
 from slimformer.models.base import ModelAdapter, Unit
@@ -218,7 +218,8 @@ class SearchSpace:
             best, best_bytes = None, None
             for combo in itertools.product(*(getattr(b.group, k) for k in keys)):
                 choice = {k: getattr(b.group, k)[0] for k in UNIT_KEYS} | dict(zip(keys, combo))
-                total = sum(unit_bytes(u, u.shape, spec_from_choice(choice, u.shape)) for u in b.units)
+                total = sum(deployed_unit_bytes(self.adapter, u, u.shape, spec_from_choice(choice, u.shape))
+                            for u in b.units)
                 if best_bytes is None or total < best_bytes:
                     best, best_bytes = combo, total
             best_params |= {f"{b.prefix}.{k}": v for k, v in zip(keys, best or ())}

@@ -52,9 +52,9 @@ def applied(tmp_path_factory, tiny_dir, recipe):
 
 def test_apply_onnx_writes_a_plain_session_model(applied) -> None:
     out, stdout = applied
-    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(out / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
     assert {i.name for i in sess.get_inputs()} >= {"input_ids", "attention_mask"}
-    line = next(x for x in stdout.splitlines() if "model.onnx" in x)
+    line = next(x for x in stdout.splitlines() if "onnx/model.onnx" in x)
     assert "bytes on disk" in line and "resident weight bytes" in line and "mean cosine" in line
     cos = float(line.split("mean cosine ")[1].split(",")[0])
     assert cos > 0.999
@@ -74,7 +74,8 @@ def test_apply_onnx_is_atomic_model_onnx_included(tiny_dir, recipe, tmp_path: Pa
     assert list(tmp_path.iterdir()) == [], "no output directory and no temp dir"
     monkeypatch.undo()
     res = api.apply_recipe(recipe, str(tiny_dir), out_dir=tmp_path / "out", samples=16, onnx=True)
-    assert res.onnx is not None and res.onnx.path == tmp_path / "out" / "model.onnx" and res.onnx.path.is_file()
+    assert res.onnx is not None and res.onnx.path == tmp_path / "out" / "onnx" / "model.onnx"
+    assert res.onnx.path.is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
@@ -83,7 +84,7 @@ def test_export_command_rewrites_model_onnx(applied, tmp_path: Path) -> None:
     target = tmp_path / "again.onnx"
     res = invoke("export", out, "--out", target)
     assert res.exit_code == 0, res.output
-    assert target.stat().st_size == (out / "model.onnx").stat().st_size
+    assert target.stat().st_size == (out / "onnx" / "model.onnx").stat().st_size
 
 
 def test_export_and_bench_fast_kernels(applied, tmp_path: Path) -> None:
@@ -105,7 +106,7 @@ def test_export_and_bench_fast_kernels(applied, tmp_path: Path) -> None:
 def test_bench_json_has_four_models_with_all_fields(applied, tiny_dir, tmp_path: Path) -> None:
     out, _ = applied
     js = tmp_path / "bench.json"
-    res = invoke("bench", out / "model.onnx", "--model", tiny_dir, *FAST, "--json", js)
+    res = invoke("bench", out / "onnx" / "model.onnx", "--model", tiny_dir, *FAST, "--json", js)
     assert res.exit_code == 0, res.output
     d = json.loads(js.read_text())
     for key in ("threads", "cpu", "onnxruntime", "date", "runs", "batches", "seqs", "target_ratios"):
@@ -146,7 +147,7 @@ def test_bench_recipe_and_directory_targets(applied, recipe, tiny_dir) -> None:
 
 def test_bench_onnx_without_model_exits_2_with_one_line(applied) -> None:
     out, _ = applied
-    res = invoke("bench", out / "model.onnx", "--runs", 3)
+    res = invoke("bench", out / "onnx" / "model.onnx", "--runs", 3)
     assert res.exit_code == 2
     err = res.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "--model" in err[0]
@@ -172,6 +173,11 @@ class _CountingSession:
 
     def get_inputs(self) -> list:
         return []
+
+    def get_outputs(self) -> list:  # the loop fetches the first (deployed) output only
+        from types import SimpleNamespace
+
+        return [SimpleNamespace(name="sentence_embedding")]
 
     def run(self, _outputs: object, _feed: object) -> None:
         self.log.append(self.name)

@@ -59,8 +59,9 @@ def fp32_export(bert64, tmp_path_factory):
 
 
 def _torch_out(adapter, model, batches) -> np.ndarray:
+    """The deployed output the graph computes (`export_outputs[0]`: MiniLM's is L2-normalised, like encode())."""
     with torch.no_grad():
-        return torch.cat([adapter.output(model, b) for b in batches]).numpy()
+        return torch.cat([adapter.export_outputs(model, b)[0] for b in batches]).numpy()
 
 
 def _assert_close(out: np.ndarray, ref: np.ndarray, atol_rel: float = 1e-5) -> np.ndarray:

@@ -214,7 +214,7 @@ def test_training_is_deterministic_under_the_seed(tmp_path) -> None:
     a = train_fashion_mnist_vit(tmp_path / "a", seed=3, **kw)
     b = train_fashion_mnist_vit(tmp_path / "b", seed=3, **kw)
     c = train_fashion_mnist_vit(tmp_path / "c", seed=4, **kw)
-    wa, wb, wc = ((r.out_dir / "model.safetensors").read_bytes() for r in (a, b, c))
+    wa, wb, wc = ((r.out_dir / "slimformer.safetensors").read_bytes() for r in (a, b, c))
     assert wa == wb and wa != wc
     assert a.final_train_loss == b.final_train_loss and a.train_size == 256
     # an existing output is replaced; a directory holding anything else is refused

@@ -39,7 +39,7 @@ def test_apply_recover_writes_the_record_and_a_loadable_model(int4_recipe: Path,
                  "--steps", 3, "--onnx")
     assert res.exit_code == 0, res.stderr
     assert "recovery: 3 steps" in res.stdout and "fidelity on 16 held-out samples" in res.stdout
-    assert (out / "model.onnx").is_file()
+    assert (out / "onnx" / "model.onnx").is_file()
     saved = Recipe.load(out / "slimformer.yaml")
     assert saved.rules == Recipe.load(int4_recipe).rules
     rec = saved.recovery
