@@ -146,6 +146,14 @@ def apply_recipe(recipe: str | Path | Recipe, model: str, out_dir: str | Path | 
 
         set_deploy(adapter, "onnx", graph_overhead_bytes(adapter))
     plan = rec.to_plan(adapter)
+    # every input read before the first progress line: bad data (held-out or recovery) is the only line on stderr
+    held_out = _fidelity_batches(adapter, data, samples)
+    train = None
+    if recover is not None:
+        from slimformer.recovery.data import training_batches
+
+        train = training_batches(adapter, recover.data, recover.batch_size, adapter.recovery_exclusions(data, samples),
+                                 recover.samples, recover.seed)
     if rec.model.sha256 and rec.model.sha256 != adapter.weights_sha256():
         notice(f"recipe was made for weights {rec.model.sha256[:12]}…, this model has "
                f"{adapter.weights_sha256()[:12]}…; applying anyway", stacklevel=2)
@@ -162,16 +170,13 @@ def apply_recipe(recipe: str | Path | Recipe, model: str, out_dir: str | Path | 
     say(f"applying the plan ({len(plan.units)} units)")
     compressed = apply_plan(adapter, plan, act_scales=act, hessians=hessians, structure_stats=stats)
     say(f"scoring fidelity on {samples} held-out {data} samples")
-    evaluator = FidelityEvaluator(adapter, _fidelity_batches(adapter, data, samples))
+    evaluator = FidelityEvaluator(adapter, held_out)
     result = evaluator.evaluate(compressed)
     recovered = None
-    if recover is not None:
+    if recover is not None and train is not None:
         from slimformer.recovery import recover as run_recovery
-        from slimformer.recovery.data import training_batches
 
-        say(f"recovery: preparing {recover.data or 'default'} training data and the teacher")
-        held = adapter.recovery_exclusions(data, samples)
-        train = training_batches(adapter, recover.data, recover.batch_size, held, recover.samples, recover.seed)
+        say(f"recovery: distilling on {len(train)} batches of {recover.data or 'default'} training data")
         recovered = run_recovery(adapter, compressed, train, recover, progress=progress, log=log,
                                  evaluator=evaluator)
         say("scoring the recovered model on the held-out samples")
@@ -258,9 +263,8 @@ def export_model(model_dir: str | Path, out: str | Path | None = None, kernels: 
         raise ConfigError(f"{d} is not a compressed slimformer model directory (no {RECIPE_FILE})")
     check_output_path(Path(out) if out is not None else d / ONNX_FILE, "--out" if out is not None else ONNX_FILE)
     say = log or (lambda _msg: None)
-    say(f"loading {d}")
-    adapter = load_compressed(d)
-    say(f"exporting ONNX ({kernels} kernels) and checking it against torch on 64 held-out samples")
+    adapter = load_compressed(d)  # no line before it: a broken directory's error is the only line on stderr
+    say(f"loaded {d}; exporting ONNX ({kernels} kernels) and checking it against torch on 64 held-out samples")
     cal = _calibration_batches(adapter, "fortunes", 64) if kernels == "fast" else None
     return _export_checked(adapter, adapter.model, Path(out) if out is not None else d / ONNX_FILE,
                            _fidelity_batches(adapter, "fortunes", 64), kernels, cal, _recipe_sha256(d))
@@ -356,7 +360,7 @@ def _context_for_run(run_dir: Path) -> tuple[Any, Any, str]:
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        study = open_study(ctx, url, cfg.study_name)
+        study = open_study(ctx, url, cfg.study_name, read_only=True)
     finally:
         optuna.logging.set_verbosity(verbosity)
     return ctx, study, hide_password(url)

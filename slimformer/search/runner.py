@@ -126,9 +126,10 @@ def make_sampler(ctx: SearchContext) -> optuna.samplers.BaseSampler:
 
 
 def open_study(ctx: SearchContext, storage: str | optuna.storages.BaseStorage, study_name: str,
-               label: str | None = None) -> optuna.Study:
+               label: str | None = None, read_only: bool = False) -> optuna.Study:
     """Create or load the study; `storage` is a URL (opened with storage.open_storage) or a storage
-    object (from storage.make_storage; `label` names it in messages)."""
+    object (from storage.make_storage; `label` names it in messages). `read_only` (report, export-recipe):
+    an existing study is not changed (its metric names are set by the search that runs it)."""
     if isinstance(storage, str):
         label = label or hide_password(storage)
         storage, _ = open_storage(storage)
@@ -143,7 +144,7 @@ def open_study(ctx: SearchContext, storage: str | optuna.storages.BaseStorage, s
         raise ConfigError(f"study {study_name!r} in {label} has other objectives; use a new --run-dir "
                           "or study_name")
     names = metric_names(ctx)
-    if study.metric_names != names:  # optuna-dashboard labels the axes with these instead of "Objective 0"
+    if not read_only and study.metric_names != names:  # optuna-dashboard labels axes with these, not "Objective 0"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(names)
