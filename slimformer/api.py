@@ -146,6 +146,13 @@ def apply_recipe(recipe: str | Path | Recipe, model: str, out_dir: str | Path | 
 
         set_deploy(adapter, "onnx", graph_overhead_bytes(adapter))
     plan = rec.to_plan(adapter)
+    budget = _recipe_budget(rec)
+    if onnx and budget.get("deploy") == "onnx" and isinstance(budget.get("bytes"), int):
+        need = plan_memory(adapter, plan).total_bytes  # an upper bound of the file: refuse before any compute
+        if need > budget["bytes"]:
+            raise BudgetError(f"{ONNX_FILE} would need up to {need:,d} bytes, over the recipe's budget of "
+                              f"{budget['bytes']:,d} bytes (provenance budget, deploy onnx); apply the recipe to "
+                              "the model it was made for, or drop --onnx")
     # every input read before the first progress line: bad data (held-out or recovery) is the only line on stderr
     held_out = _fidelity_batches(adapter, data, samples)
     train = None

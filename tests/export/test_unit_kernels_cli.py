@@ -45,7 +45,7 @@ def test_recipe_kernels_reach_apply_export_and_bench(tmp_path: Path, tiny_dir: P
     assert res.exit_code == 0, res.output
     line = next(x for x in res.stdout.splitlines() if "model.onnx" in x)
     assert "(per-unit kernels)" in line and float(line.split("mean cosine ")[1].split(",")[0]) > 0.9999
-    assert _dqmm(out / "model.onnx") == 6
+    assert _dqmm(out / "onnx" / "model.onnx") == 6
     assert "kernel: int8" in (out / "slimformer.yaml").read_text()
     again = tmp_path / "again.onnx"
     assert invoke("export", out, "--out", again).exit_code == 0 and _dqmm(again) == 6

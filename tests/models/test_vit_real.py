@@ -158,6 +158,7 @@ def test_tiny_search_on_the_trained_vit(trained, tmp_path) -> None:
             {"select": {"role": ["ffn_in", "ffn_out"]}, "bits": [8, 4], "group_size": [None, 32],
              "rank_fraction": [1.0, 0.5]}]},
         "budget": {"memory": "30%"},
+        "deploy": "safetensors",  # a 0.1 MB model: the ONNX graph's own bytes would dominate the budget
         "quality_metric": "agreement",
         "sampler": {"name": "nsga2", "population_size": 4, "seed": 0},
         "trials": 8,
@@ -214,7 +215,7 @@ def test_training_is_deterministic_under_the_seed(tmp_path) -> None:
     a = train_fashion_mnist_vit(tmp_path / "a", seed=3, **kw)
     b = train_fashion_mnist_vit(tmp_path / "b", seed=3, **kw)
     c = train_fashion_mnist_vit(tmp_path / "c", seed=4, **kw)
-    wa, wb, wc = ((r.out_dir / "slimformer.safetensors").read_bytes() for r in (a, b, c))
+    wa, wb, wc = ((r.out_dir / "model.safetensors").read_bytes() for r in (a, b, c))
     assert wa == wb and wa != wc
     assert a.final_train_loss == b.final_train_loss and a.train_size == 256
     # an existing output is replaced; a directory holding anything else is refused

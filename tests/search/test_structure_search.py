@@ -22,7 +22,7 @@ def test_pruning_search_records_and_reapplies_the_structure(tmp_path: Path, tiny
                         {"select": {"role": ["ffn_in", "ffn_out"]}, "neurons_kept": [0.5, 1.0], "bits": [8]}],
              "per_layer": False}
     cfg = tiny_config(tiny_model_dir, tmp_path / "run", space=space, trials=4, baselines=False,
-                      budget={"memory": "100%"}, data={"search_samples": 16, "heldout_samples": 8,
+                      budget={"memory": "100%"}, deploy="safetensors", data={"search_samples": 16, "heldout_samples": 8,
                                                        "calibration_samples": 8, "batch_size": 16, "max_length": 32})
     cfg_path = write_config(tmp_path / "search.yaml", cfg)
     ctx = prepare(SearchConfig.load(cfg_path))

@@ -20,7 +20,8 @@ def objective(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
     from slimformer.search.tune import TuneObjective
 
     base = tmp_path_factory.mktemp("tune")
-    cfg = write_config(base / "search.yaml", tiny_config(tiny_model_dir, base / "run-unused", budget={"memory": "25%"}))
+    cfg = write_config(base / "search.yaml", tiny_config(tiny_model_dir, base / "run-unused", budget={"memory": "25%"},
+                                                         deploy="safetensors"))
     return TuneObjective(cfg)
 
 
