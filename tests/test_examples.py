@@ -70,3 +70,11 @@ def test_vit_example_fits_default_teacher():
     cfg = SearchConfig.load(EXAMPLES / "vit-fashion-mnist.yaml")
     assert cfg.data.source == "fashion-mnist" and cfg.quality_metric == "agreement"
     _check_fits(create_vit(ARCHITECTURE, dict(MODEL_ARGS)), cfg)  # random weights; no directory, no hub
+
+
+@pytest.mark.parametrize("path", sorted((EXAMPLES / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_example_recipes_parse(path: Path) -> None:
+    from slimformer.compression.recipe import Recipe
+
+    rec = Recipe.load(path)
+    assert rec.rules and Recipe.from_yaml(rec.to_yaml()) == rec
