@@ -130,14 +130,7 @@ def check_storage_url(url: str) -> None:
     file storages that the file's directory exists. ConfigError (password hidden) otherwise."""
     url = url.strip()
     if url.startswith(JOURNAL):
-        raw = url[len(JOURNAL):].strip()
-        if not raw:
-            raise ConfigError(f"storage {url!r}: name the log file, e.g. journal:/shared/study.log")
-        path = Path(raw).expanduser().resolve()
-        if path.is_dir():
-            raise ConfigError(f"storage {url}: {path} is a directory; name a file inside it")
-        if not path.parent.is_dir():
-            raise ConfigError(f"storage {url}: directory {path.parent} does not exist; create it first")
+        path = _journal_path(url)
         if not os.access(path.parent, os.W_OK):
             raise ConfigError(f"storage {url}: directory {path.parent} is not writable; choose another path")
         return
@@ -232,9 +225,8 @@ def _rdb_hint(url: str, exc: Exception) -> str:
             "database in the URL exist (e.g. postgresql+psycopg2://USER@HOST:5432/DB)")
 
 
-def _journal(url: str, heartbeat: bool) -> tuple[BaseStorage, str]:
-    from optuna.storages.journal import JournalFileBackend
-
+def _journal_path(url: str) -> Path:
+    """The log file of a `journal:PATH` URL; ConfigError when it is missing, a directory, or in a missing one."""
     raw = url[len(JOURNAL):].strip()
     if not raw:
         raise ConfigError(f"storage {url!r}: name the log file, e.g. journal:/shared/study.log")
@@ -243,6 +235,13 @@ def _journal(url: str, heartbeat: bool) -> tuple[BaseStorage, str]:
         raise ConfigError(f"storage {url}: {path} is a directory; name a file inside it")
     if not path.parent.is_dir():
         raise ConfigError(f"storage {url}: directory {path.parent} does not exist; create it first")
+    return path
+
+
+def _journal(url: str, heartbeat: bool) -> tuple[BaseStorage, str]:
+    from optuna.storages.journal import JournalFileBackend
+
+    path = _journal_path(url)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
