@@ -17,22 +17,6 @@ FAST = ("--samples", "16", "--runs", "3", "--warmup", "1", "--seq", "8,16", "--b
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, minilm_tokenizer) -> Path:
-    """The conftest tiny BERT (hidden 32, 4 heads, FFN 64, MiniLM tokenizer) saved as a model directory, with
-    128 positions: a loaded directory encodes up to 128 tokens (make_tiny's adapter caps at 32)."""
-    import torch
-    import transformers as tr
-
-    cfg = tr.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                        vocab_size=30522, max_position_embeddings=128)
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("tiny-bert")
-    tr.BertModel(cfg, add_pooling_layer=False).eval().save_pretrained(d)
-    minilm_tokenizer.save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="module")
 def recipe(tmp_path_factory, tiny_dir) -> Path:
     rules = [{"match": "embeddings.word_embeddings", "spec": {"bits": 4, "group_size": 32}},
              {"match": "re:.*attention.*", "spec": {"bits": 8}},

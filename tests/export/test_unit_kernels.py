@@ -20,25 +20,8 @@ from slimformer.compression.modules import exact_compute  # noqa: E402
 from slimformer.compression.plan import CompressionPlan, LayerSpec, UnitSpec  # noqa: E402
 from slimformer.export import export_onnx, onnx_outputs  # noqa: E402
 from slimformer.export import kernels as K  # noqa: E402
-from slimformer.models import HFEncoderAdapter  # noqa: E402
 
 L0, L1 = "encoder.layer.0.", "encoder.layer.1."
-
-
-@pytest.fixture(scope="module")
-def bert64(minilm_tokenizer) -> HFEncoderAdapter:
-    """Random BERT, hidden 64, 2 layers, 4 heads (as in test_onnx_export)."""
-    import transformers as tr
-
-    cfg = tr.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                        vocab_size=30522, max_position_embeddings=72)
-    torch.manual_seed(0)
-    model = tr.BertModel(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(0.1 * torch.randn_like(p))
-    return HFEncoderAdapter(model, "tiny-bert64", minilm_tokenizer, "mean", 32)
 
 
 # 6 int8-kernel matrices: 5 units, the low-rank one is two DynamicQuantizeMatMuls

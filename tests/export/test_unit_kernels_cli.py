@@ -15,21 +15,6 @@ onnx = pytest.importorskip("onnx")
 FAST = ("--samples", "16", "--runs", "2", "--warmup", "1", "--seq", "8", "--batch", "1", "--threads", "1")
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, minilm_tokenizer) -> Path:
-    """A tiny BERT (hidden 32, 2 layers) saved as a model directory (as in test_bench)."""
-    import torch
-    import transformers as tr
-
-    cfg = tr.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                        vocab_size=30522, max_position_embeddings=128)
-    torch.manual_seed(0)
-    d = tmp_path_factory.mktemp("tiny-bert-kernels")
-    tr.BertModel(cfg, add_pooling_layer=False).eval().save_pretrained(d)
-    minilm_tokenizer.save_pretrained(d)
-    return d
-
-
 def _dqmm(path: Path) -> int:
     return sum(n.op_type == "DynamicQuantizeMatMul" for n in onnx.load(str(path)).graph.node)
 
