@@ -5,6 +5,9 @@ Sources (Debian packages, installed system-wide):
 * ``fortunes`` / ``fortunes-min`` (source package ``fortune-mod``): plain-text fortune files in
   ``/usr/share/games/fortunes``, entries separated by lines holding only ``%``.
   Output: ``slimformer/data/fortunes.jsonl`` (one ``{"text", "category"}`` object per line).
+* Python 3.11's standard library (PSF license; ``/usr/lib/python3.11/LICENSE.txt``): paragraphs of the
+  docstrings of a fixed list of modules, a second real text domain (technical English) unlike the fortunes.
+  Output: ``slimformer/data/python_docs.jsonl`` (one ``{"text", "module"}`` object per line).
 * ``dataset-fashion-mnist``: the Fashion-MNIST IDX files in ``/usr/share/datasets/fashion-mnist``.
   Output: ``slimformer/data/fashion_mnist_sample.npz`` (first 2,000 train and 1,000 test images).
 
@@ -101,6 +104,49 @@ def write_jsonl(rows: Iterable[dict[str, str]], path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# Python standard-library docstrings
+
+DOC_MODULES = (
+    "os", "os.path", "shutil", "json", "re", "collections", "itertools", "functools", "pathlib", "subprocess",
+    "socket", "threading", "random", "statistics", "string", "textwrap", "datetime", "calendar", "decimal",
+    "fractions", "math", "heapq", "bisect", "csv", "zipfile", "tarfile", "gzip", "hashlib", "logging", "argparse",
+    "unittest", "inspect", "typing", "email", "urllib.parse", "http.client", "sqlite3", "tempfile", "glob",
+    "fnmatch", "difflib", "pprint", "enum", "dataclasses", "asyncio", "contextlib", "copy", "abc", "io", "struct",
+    "codecs", "locale", "gettext", "configparser", "operator", "pickle", "shelve", "queue", "sched", "selectors",
+    "signal", "mmap", "ssl", "base64", "binascii", "html", "html.parser", "xml.dom.minidom", "xml.etree.ElementTree",
+    "wave", "colorsys", "imaplib", "smtplib", "ftplib", "poplib", "uuid", "ipaddress", "numbers", "cmath", "array",
+    "weakref", "types", "traceback", "warnings", "timeit", "trace", "tokenize", "ast", "dis", "pdb", "doctest",
+    "zoneinfo", "graphlib", "secrets", "hmac", "platform", "sysconfig", "importlib", "pkgutil", "runpy", "netrc",
+    "mailbox", "mimetypes", "quopri", "shlex", "filecmp", "fileinput", "stat", "linecache", "reprlib", "turtle",
+)
+MAX_DOC_TEXTS = 1200
+
+
+def docstring_paragraphs(modules: Iterable[str], limit: int) -> list[dict[str, str]]:
+    """Paragraphs (40-400 characters, whitespace-normalised, de-duplicated) of the public docstrings of
+    ``modules``, in module order then attribute order; every k-th is kept so at most ``limit`` remain."""
+    import importlib
+    import inspect
+
+    seen: dict[str, str] = {}
+    for name in modules:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:  # optional modules (turtle needs tkinter)
+            continue
+        for attr in ["", *sorted(dir(mod))]:
+            if attr.startswith("_"):
+                continue
+            doc = inspect.getdoc(getattr(mod, attr, None) if attr else mod)
+            for para in (doc or "").split("\n\n")[:2]:
+                text = " ".join(para.split())
+                if 40 <= len(text) <= 400 and sum(c.isalpha() for c in text) > len(text) // 2 and ">>>" not in text:
+                    seen.setdefault(text, name)
+    rows = [{"text": text, "module": module} for text, module in seen.items()]
+    return rows[:: max(1, -(-len(rows) // limit))][:limit]
+
+
+# ----------------------------------------------------------------------------------------------
 # Fashion-MNIST
 
 
@@ -154,6 +200,11 @@ def main(argv: list[str] | None = None) -> None:
         f"{fortunes_path}: {len(rows)} fortunes from {n_categories} categories "
         f"({sum(len(t) for t in by_category.values())} eligible), {fortunes_path.stat().st_size} bytes"
     )
+
+    doc_rows = docstring_paragraphs(DOC_MODULES, MAX_DOC_TEXTS)
+    docs_path = args.out / "python_docs.jsonl"
+    write_jsonl(doc_rows, docs_path)
+    print(f"{docs_path}: {len(doc_rows)} docstring paragraphs, {docs_path.stat().st_size} bytes")
 
     fashion_path = args.out / "fashion_mnist_sample.npz"
     shapes = make_fashion_sample(args.fashion_dir, fashion_path)

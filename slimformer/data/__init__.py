@@ -4,6 +4,8 @@ Packaged samples (regenerate with ``python benchmarks/make_data_samples.py``):
 
 * ``fortunes.jsonl``: 1,200 English fortune cookies from Debian's ``fortunes`` packages
   (BSD license, see ``LICENSE-fortunes.txt``), one ``{"text", "category"}`` object per line.
+* ``python_docs.jsonl``: 1,121 paragraphs of Python 3.11 standard-library docstrings (PSF license, see
+  ``LICENSE-python-docs.txt``), one ``{"text", "module"}`` object per line: a second real text domain.
 * ``fashion_mnist_sample.npz``: the first 2,000 train and 1,000 test Fashion-MNIST images
   (MIT license, Zalando SE, see ``LICENSE-fashion-mnist.txt``).
 """
@@ -35,11 +37,14 @@ DATA_DIR: Path = Path(__file__).resolve().parent
 """Directory holding the packaged data samples."""
 
 FORTUNES_FILE: Path = DATA_DIR / "fortunes.jsonl"
+PYTHON_DOCS_FILE: Path = DATA_DIR / "python_docs.jsonl"
 FASHION_MNIST_FILE: Path = DATA_DIR / "fashion_mnist_sample.npz"
 
 DEBIAN_FORTUNES = "debian-fortunes"
+PYTHON_DOCS = "python-docs"
 _TEXT_FORMATS = (
     "'fortunes' (the packaged corpus), 'debian-fortunes' (Debian's fortunes package), "
+    "'python-docs' (packaged Python docstrings, a second domain), "
     "a .txt file (one text per non-empty line), "
     "a .jsonl file (one JSON object with a string field 'text' per line), "
     "or 'hf:NAME[:CONFIG]:SPLIT:COLUMN' (Hugging Face datasets)"
@@ -114,6 +119,8 @@ def load_texts(source: str, limit: int | None = None) -> list[str]:
         source: one of
 
             * ``"fortunes"``: the packaged corpus (file order);
+            * ``"python-docs"``: 1,121 paragraphs of Python 3.11 standard-library docstrings (PSF license,
+              ``LICENSE-python-docs.txt``), packaged as a second real text domain (technical English);
             * ``"debian-fortunes"``: every cleaned text of Debian's ``fortunes`` package (12,435 here; the
               packaged 1,200 are a sample of them), when it is installed;
             * a path to a ``.txt`` file: one text per non-empty line (lines are stripped);
@@ -134,6 +141,9 @@ def load_texts(source: str, limit: int | None = None) -> list[str]:
         raise SlimformerError(f"limit must be >= 0 or None, got {limit}")
     if source == "fortunes":
         texts = [text for text, _ in _fortunes()]
+        return texts if limit is None else texts[:limit]
+    if source == PYTHON_DOCS:
+        texts = [row["text"] for row in _read_jsonl(PYTHON_DOCS_FILE, fields=("text", "module"))]
         return texts if limit is None else texts[:limit]
     if source == DEBIAN_FORTUNES:
         from slimformer.data.debian_fortunes import debian_fortunes

@@ -267,3 +267,14 @@ def test_fortune_cleaning_drops_ascii_art_and_joins_lines() -> None:
     assert debian_fortunes.clean_entry("/\\/\\/\\ |__| /\\/\\/\\ |__| /\\/\\/\\ |__| /\\/\\/\\ |__| ***") is None
     assert debian_fortunes.clean_entry("too short") is None
     assert debian_fortunes.split_entries("one\n%\ntwo\nlines\n%\n") == ["one", "two\nlines", ""]
+
+
+def test_python_docs_is_a_second_packaged_domain() -> None:
+    """The packaged docstrings load by name, are non-empty, unique, and share no text with the fortunes."""
+    from slimformer.data import load_texts
+
+    docs = load_texts("python-docs")
+    assert len(docs) == 1121 and len(set(docs)) == len(docs)
+    assert all(40 <= len(t) <= 400 for t in docs)
+    assert not set(docs) & set(load_texts("fortunes"))
+    assert load_texts("python-docs", limit=5) == docs[:5]
