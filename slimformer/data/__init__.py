@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -31,6 +32,8 @@ __all__ = [
     "load_fortunes",
     "load_texts",
     "text_splits",
+    "TextSets",
+    "text_sets",
 ]
 
 DATA_DIR: Path = Path(__file__).resolve().parent
@@ -106,6 +109,48 @@ def text_splits(n_search: int, n_heldout: int, seed: int = 0) -> tuple[list[str]
     search = [texts[i] for i in order[:n_search]]
     heldout = [texts[i] for i in order[len(order) - n_heldout :]]
     return search, heldout
+
+
+@dataclass(frozen=True)
+class TextSets:
+    """Three disjoint text sets drawn from one source: calibration (fits GPTQ Hessians, activation scales,
+    structure statistics), search (scores trials) and held-out (final numbers only)."""
+
+    calibration: list[str]
+    search: list[str]
+    heldout: list[str]
+
+
+def text_sets(source: str, n_calibration: int, n_search: int, n_heldout: int, seed: int = 0) -> TextSets:
+    """Draw disjoint calibration, search and held-out texts from `source` (any `load_texts` source).
+
+    One seeded permutation of the source's distinct texts: calibration from its front, search right after it,
+    held-out from its back. So calibration never scores a trial, held-out never steers anything, the held-out
+    set depends only on (source, seed, n_heldout) and the calibration set only on (source, seed,
+    n_calibration): `apply` and `bench` draw the same calibration and held-out texts as a search with the same
+    seed. For the packaged fortunes (all distinct) the held-out texts equal `text_splits`'s.
+
+    Raises:
+        SlimformerError: a negative size, or more texts asked for than the source holds (names the fields).
+    """
+    sizes = {"calibration_samples": n_calibration, "search_samples": n_search, "heldout_samples": n_heldout}
+    for name, n in sizes.items():
+        if n < 0:
+            raise SlimformerError(f"data.{name} must be >= 0, got {n}")
+    texts = list(dict.fromkeys(load_texts(source)))  # a repeated text would otherwise sit in two sets
+    total = n_calibration + n_search + n_heldout
+    if total > len(texts):
+        raise SlimformerError(
+            f"data.source {source}: {len(texts)} distinct texts, fewer than calibration_samples + search_samples "
+            f"+ heldout_samples = {n_calibration} + {n_search} + {n_heldout} = {total} (the three sets are "
+            "disjoint); lower them or use a larger source"
+        )
+    order = list(range(len(texts)))
+    random.Random(seed).shuffle(order)
+    calibration = [texts[i] for i in order[:n_calibration]]
+    search = [texts[i] for i in order[n_calibration: n_calibration + n_search]]
+    heldout = [texts[i] for i in order[len(order) - n_heldout:]] if n_heldout else []
+    return TextSets(calibration, search, heldout)
 
 
 # ----------------------------------------------------------------------------------------------

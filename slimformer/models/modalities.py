@@ -4,7 +4,6 @@ classifiers; decoder LMs next), `ImageFamily` image classifiers (timm ViTs on Fa
 
 from __future__ import annotations
 
-import random
 from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
@@ -12,7 +11,7 @@ import numpy as np
 
 from slimformer import data as data_mod
 from slimformer.data.fashion_mnist import IMAGE_SOURCES, load_train_images
-from slimformer.errors import ConfigError, ModelLoadError
+from slimformer.errors import ConfigError, ModelLoadError, SlimformerError
 from slimformer.models.base import Batch, EvalSamples, ModelAdapter, Samples
 
 SAMPLE_TEXTS = ("A short sentence.", "A second, somewhat longer example sentence used to trace the graph.")
@@ -38,16 +37,11 @@ class TextFamily(ModelAdapter):
                      ) -> EvalSamples:
         if source in IMAGE_SOURCES:
             raise ConfigError("data.source fashion-mnist holds images; use it with a timm ViT model")
-        if source == "fortunes":
-            search, heldout = data_mod.text_splits(n_search, n_heldout, seed=seed)
-        else:
-            texts = data_mod.load_texts(source)
-            if len(texts) < n_search + n_heldout:
-                raise ConfigError(f"data.source {source}: {len(texts)} texts, fewer than search_samples + "
-                                  f"heldout_samples = {n_search + n_heldout}")
-            random.Random(seed).shuffle(texts)
-            search, heldout = texts[:n_search], texts[n_search: n_search + n_heldout]
-        calibration = search[:n_calibration]
+        try:
+            sets = data_mod.text_sets(source, n_calibration, n_search, n_heldout, seed)
+        except SlimformerError as exc:
+            raise ConfigError(str(exc)) from None
+        search, heldout, calibration = sets.search, sets.heldout, sets.calibration
 
         def by_length(texts: list[str]) -> list[str]:  # less padding per batch; metrics are order-free
             return sorted(texts, key=len)
@@ -55,13 +49,10 @@ class TextFamily(ModelAdapter):
         return EvalSamples(Samples(by_length(search)), Samples(by_length(heldout)), Samples(by_length(calibration)))
 
     def heldout_samples(self, source: str, n: int) -> Samples:
-        if source == "fortunes":
-            return Samples(data_mod.text_splits(0, n)[1])
-        return Samples(data_mod.load_texts(source, limit=n))
+        return Samples(data_mod.text_sets(source, 0, 0, n).heldout)  # a search's (seed 0) held-out texts
 
     def calibration_samples(self, source: str, n: int) -> Sequence[Any]:
-        texts = data_mod.text_splits(n, 0)[0] if source == "fortunes" else data_mod.load_texts(source, limit=n)
-        return sorted(texts, key=len)
+        return sorted(data_mod.text_sets(source, n, 0, 0).calibration, key=len)  # a search's (seed 0)
 
     def recovery_exclusions(self, source: str, n: int) -> list[str]:
         return list(self.heldout_samples(source, n).inputs)
@@ -124,12 +115,15 @@ class ImageFamily(ModelAdapter):
     def eval_samples(self, source: str, n_search: int, n_heldout: int, n_calibration: int, seed: int
                      ) -> EvalSamples:
         self._check_source(source)
-        train_x, train_y = data_mod.load_fashion_mnist("train", limit=max(n_search, n_calibration))
+        train_x, train_y = data_mod.load_fashion_mnist("train", limit=n_calibration + n_search)
         test_x, test_y = data_mod.load_fashion_mnist("test", limit=n_heldout)
-        if len(train_x) < n_search or len(test_x) < n_heldout:
+        if len(train_x) < n_calibration + n_search or len(test_x) < n_heldout:
             raise ConfigError(f"data: the packaged Fashion-MNIST sample has {len(train_x)} train and {len(test_x)} "
-                              "test images; lower search_samples / heldout_samples")
-        return EvalSamples(Samples(train_x[:n_search], train_y[:n_search]), Samples(test_x, test_y),
+                              "test images; lower calibration_samples + search_samples (train images, disjoint) "
+                              "or heldout_samples (test images)")
+        # calibration = the first train images, search = the next ones (disjoint), held-out = the test split
+        search = slice(n_calibration, n_calibration + n_search)
+        return EvalSamples(Samples(train_x[search], train_y[search]), Samples(test_x, test_y),
                            Samples(train_x[:n_calibration]))
 
     def heldout_samples(self, source: str, n: int) -> Samples:

@@ -28,7 +28,7 @@ from slimformer.hardware_profiles import HardwareProfile, load_profile
 from slimformer.hardware_profiles.machine import warn_if_mismatched as warn_machine
 from slimformer.hardware_profiles.predict import require_linear_class
 from slimformer.models import ModelAdapter
-from slimformer.models.base import Batch
+from slimformer.models.base import Batch, EvalSamples
 from slimformer.search.config import SearchConfig
 from slimformer.spaces.space import SearchSpace
 from slimformer.threads import set_threads, using_threads
@@ -41,6 +41,7 @@ class EvalSets:
     search: list[Batch]
     heldout: list[Batch]
     calibration: list[Batch]
+    drawn: EvalSamples | None = None  # the samples before batching (splits.json fingerprints them)
 
 
 def resolve_device(name: str) -> str:
@@ -55,8 +56,9 @@ def load_eval_sets(config: SearchConfig, adapter: ModelAdapter) -> EvalSets:
     """Load and split the configured data the way the model's family reads it."""
     d = config.data
     drawn = adapter.eval_samples(d.source, d.search_samples, d.heldout_samples, d.calibration_samples, d.seed)
-    return EvalSets(*(adapter.make_batches(s.inputs, d.batch_size, s.labels)
-                      for s in (drawn.search, drawn.heldout, drawn.calibration)))
+    search, heldout, calibration = (adapter.make_batches(s.inputs, d.batch_size, s.labels)
+                                    for s in (drawn.search, drawn.heldout, drawn.calibration))
+    return EvalSets(search, heldout, calibration, drawn)
 
 
 @dataclass

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 from typing import Any
 
 import optuna
@@ -32,11 +31,7 @@ def heldout_texts(ctx: SearchContext) -> list[str]:
     d = ctx.config.data
     if d.source in IMAGE_SOURCES:
         return []
-    if d.source == "fortunes":
-        return data_mod.text_splits(d.search_samples, d.heldout_samples, seed=d.seed)[1]
-    texts = data_mod.load_texts(d.source)
-    random.Random(d.seed).shuffle(texts)
-    return texts[d.search_samples: d.search_samples + d.heldout_samples]
+    return data_mod.text_sets(d.source, 0, 0, d.heldout_samples, d.seed).heldout  # depends on n_heldout only
 
 
 def train_batches(ctx: SearchContext) -> list[Batch]:

@@ -11,14 +11,18 @@
   bench.json         `report --bench N` only: measured latency of the N best plans
   recipes/trial-N.yaml  one recipe per Pareto trial
   summary.json       best recipe vs best baseline on held-out data, timings
+  splits.json        the calibration, search and held-out samples (source, seed, sizes, a fingerprint per sample):
+                     three disjoint sets, so calibration data never scores a trial
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 import yaml
 
@@ -155,10 +159,33 @@ def heldout_for_pareto(ctx: SearchContext, run_dir: Path, front: list[optuna.tri
     return cache
 
 
+def sample_fingerprint(sample: Any) -> str:
+    """12 hex digits of SHA-256 over a text's UTF-8 bytes or an array's raw bytes."""
+    raw = sample.encode() if isinstance(sample, str) else np.ascontiguousarray(sample).tobytes()
+    return hashlib.sha256(raw).hexdigest()[:12]
+
+
+def write_splits(ctx: SearchContext, run_dir: Path) -> None:
+    """splits.json: which samples calibrated, scored and judged this search, and whether the sets are disjoint."""
+    drawn = ctx.sets.drawn
+    if drawn is None:
+        return
+    d = ctx.config.data
+    prints = {name: [sample_fingerprint(x) for x in getattr(drawn, name).inputs]
+              for name in ("calibration", "search", "heldout")}
+    sets = [set(fps) for fps in prints.values()]
+    disjoint = not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])  # text sources are de-duplicated
+    write_json(run_dir / "splits.json", {
+        "source": d.source, "seed": d.seed, "disjoint": disjoint,
+        "sizes": {name: len(fps) for name, fps in prints.items()},
+        "fingerprint": "sha256[:12] of each sample (text UTF-8 / image bytes)", "samples": prints})
+
+
 def write_outputs(ctx: SearchContext, run_dir: Path, study: optuna.Study, baselines: list[BaselineResult],
                   study_name: str, storage: str, elapsed_s: float, log: Any = None) -> SearchSummary:
     """Pareto front, recipes, summary and report, from the study as it stands (recovering the top-k plans
     first when the config has `recover`)."""
+    write_splits(ctx, run_dir)
     front = pareto_trials(study, ctx.config.objectives)
     heldout = heldout_for_pareto(ctx, run_dir, front, log)
     recovered = recover_front(ctx, run_dir, front, log)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -278,3 +279,33 @@ def test_python_docs_is_a_second_packaged_domain() -> None:
     assert all(40 <= len(t) <= 400 for t in docs)
     assert not set(docs) & set(load_texts("fortunes"))
     assert load_texts("python-docs", limit=5) == docs[:5]
+
+
+def test_text_sets_are_disjoint_and_stable() -> None:
+    """Calibration, search and held-out never share a text; held-out depends only on its own size and seed,
+    calibration only on its own; fortunes' held-out equals text_splits'."""
+    from slimformer.data import text_sets
+
+    for source in ("fortunes", "python-docs"):
+        s = text_sets(source, 64, 128, 256, seed=0)
+        assert (len(s.calibration), len(s.search), len(s.heldout)) == (64, 128, 256)
+        assert not (set(s.calibration) & set(s.search) or set(s.calibration) & set(s.heldout)
+                    or set(s.search) & set(s.heldout))
+        assert text_sets(source, 0, 0, 256).heldout == s.heldout
+        assert text_sets(source, 64, 0, 0).calibration == s.calibration
+        assert text_sets(source, 64, 300, 10).search[:128] == s.search
+    assert text_sets("fortunes", 64, 128, 256).heldout == text_splits(128, 256)[1]
+
+
+def test_text_sets_deduplicate_and_name_the_fields(tmp_path: Path) -> None:
+    """A repeated line of a user's file lands in one set only; asking for too many texts names the fields."""
+    from slimformer.data import text_sets
+
+    f = tmp_path / "t.txt"
+    f.write_text("\n".join(["same text"] * 5 + [f"text {i}" for i in range(7)]) + "\n")
+    s = text_sets(str(f), 2, 3, 3)
+    assert sorted(s.calibration + s.search + s.heldout) == sorted({"same text", *(f"text {i}" for i in range(7))})
+    with pytest.raises(SlimformerError, match=r"8 distinct texts, fewer than calibration_samples \+ search_samples"):
+        text_sets(str(f), 4, 4, 4)
+    with pytest.raises(SlimformerError, match="data.search_samples must be >= 0"):
+        text_sets(str(f), 1, -1, 1)

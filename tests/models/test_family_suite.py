@@ -182,6 +182,21 @@ def test_default_data_source_is_usable(case) -> None:
     assert len(train) == 8 and not {str(t) for t in exclude} & {str(t) for t in train if isinstance(t, str)}
 
 
+def test_calibration_search_and_heldout_are_disjoint(case) -> None:
+    """Every family draws three disjoint sets (by content), so calibration samples never score a trial, and
+    `calibration_samples` / `heldout_samples` (apply, bench) give a seed-0 search's calibration / held-out sets."""
+    from slimformer.search.rundir import sample_fingerprint
+
+    _, _, a = case
+    src = a.default_data_source
+    drawn = a.eval_samples(src, 8, 6, 4, seed=0)
+    prints = [{sample_fingerprint(x) for x in s.inputs} for s in (drawn.calibration, drawn.search, drawn.heldout)]
+    assert [len(p) for p in prints] == [4, 8, 6]
+    assert not (prints[0] & prints[1] or prints[0] & prints[2] or prints[1] & prints[2])
+    assert {sample_fingerprint(x) for x in a.calibration_samples(src, 4)} == prints[0]
+    assert {sample_fingerprint(x) for x in a.heldout_samples(src, 6).inputs} == prints[2]
+
+
 @torch.no_grad()
 def test_metrics_are_known_and_perfect_on_the_teacher(case) -> None:
     c, _, a = case

@@ -21,7 +21,7 @@ from slimformer.search.records import counted_trials, duplicate_trials
 from slimformer.search.results import ParetoFront, SearchSummary
 from slimformer.search.runner import default_storage
 
-RUN_FILES = ("config.yaml", "study.db", "baselines.json", "pareto.json", "pareto.png", "report.html",
+RUN_FILES = ("config.yaml", "study.db", "baselines.json", "pareto.json", "pareto.png", "report.html", "splits.json",
              "summary.json")
 INTERRUPTED = "interrupted (driver stopped)"
 
@@ -58,6 +58,23 @@ def test_run_directory_holds_every_output(shared_run) -> None:
     assert summary["quality_metric"] == "cosine"
     assert summary["best_recipe"] is not None
     assert (run_dir / summary["best_recipe"]["recipe"]).is_file()
+
+
+def test_splits_json_records_three_disjoint_sets(shared_run) -> None:
+    """Calibration samples never score a trial: splits.json fingerprints three disjoint sets of the sizes asked."""
+    from slimformer.data import text_sets
+    from slimformer.search.rundir import sample_fingerprint
+
+    _, run_dir, _ = shared_run
+    splits = json.loads((run_dir / "splits.json").read_text())
+    assert splits["disjoint"] is True and splits["source"] == "fortunes"
+    assert splits["sizes"] == {"calibration": 8, "search": 16, "heldout": 16}
+    prints = {k: set(v) for k, v in splits["samples"].items()}
+    assert not (prints["calibration"] & prints["search"] or prints["calibration"] & prints["heldout"]
+                or prints["search"] & prints["heldout"])
+    expected = text_sets("fortunes", 8, 16, 16, seed=0)
+    assert prints["calibration"] == {sample_fingerprint(t) for t in expected.calibration}
+    assert prints["heldout"] == {sample_fingerprint(t) for t in expected.heldout}
 
 
 def test_pareto_json_entries_have_heldout_metrics_and_recipes(shared_run) -> None:
