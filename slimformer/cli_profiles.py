@@ -70,7 +70,8 @@ def calibrate_cmd(runtime: str, threads: int, out: Path, quick: bool, name: str 
     save_profile(profile, out)
     cal = profile.calibration
     click.echo(f"{profile.name} ({profile.version}): {len(profile.latency_model.linear)} linear kernel classes, "
-               f"{cal.measurements if cal else 0} measurements in {cal.seconds if cal else 0:.0f} s, noise "
+               f"{cal.measurements if cal else 0} measurements in {cal.seconds if cal else 0:.0f} s (budget "
+               f"{cal.budget_seconds if cal and cal.budget_seconds else 0:.0f} s), noise "
                f"{100 * (profile.noise.median_rel_iqr if profile.noise else 0):.1f}% -> {out}")
 
 

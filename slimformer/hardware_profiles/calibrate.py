@@ -176,14 +176,14 @@ def fit_nnls(x: np.ndarray, t: np.ndarray, names: list[str]) -> Fit:
 class _Fitter:
     """Turns the sampled cells (run µs per cell) into the latency model's tables and fits."""
 
-    def __init__(self, grid: CalibrationGrid, cells: dict[Hashable, CellStats], call_us: float) -> None:
-        self.grid, self.cells, self.call_us = grid, cells, call_us
+    def __init__(self, grid: CalibrationGrid, cells: dict[Hashable, CellStats]) -> None:
+        self.grid, self.cells = grid, cells
         self.rates: dict[str, float] = {}
 
     def us(self, key: Hashable) -> float:
-        """Kernel time per copy: (run - per-call overhead) / copies (no clipping: physical_problems judges it)."""
-        c = self.cells[key]
-        return (c.run_us - self.call_us) / c.copies
+        """Kernel time per copy: (run - its chunk's per-call overhead) / copies (no clipping: physical_problems
+        judges it)."""
+        return self.cells[key].kernel_us
 
     def linear(self) -> tuple[dict[str, KernelTable], dict[str, float]]:
         g = self.grid
@@ -267,7 +267,7 @@ def calibrate(threads: int, grid: CalibrationGrid | None = None, name: str | Non
     load0 = [round(x, 2) for x in os.getloadavg()]
     t0 = time.perf_counter()
     cells, over, rep = measure(benches, threads, g.policy, t0 + g.micro_share * g.seconds, step)
-    fit = _Fitter(g, cells, over.call_us)
+    fit = _Fitter(g, cells)
     tables, peaks = fit.linear()
     lm = LatencyModel(linear=tables, embedding=fit.embedding(), attention=fit.attention(),
                       elementwise=fit.elementwise(), call_overhead_us=round(over.call_us, 3))

@@ -15,8 +15,9 @@ a different cell first each time and every cell of the chunk alike. Then:
   (1.2533 x 1.4826 MAD / sqrt(passes), relative) is below `target_rel_se`, up to `max_passes`;
 * the per-call overhead and the per-node cost are measured in every chunk, on graphs of 1, 4 and 16 one-float
   Adds timed with the chunk's cells, and fitted together (run = call + copies x node): the two are then
-  identified from the same graphs at the same moments, where the overhead used to be measured once, at the
-  start, on another graph (see docs/ARCHITECTURE.md, "Hardware profiles").
+  identified from the same graphs at the same moments, and each cell has its chunk's overhead subtracted
+  (`CellStats.kernel_us`), where the overhead used to be measured once, at the start, on another graph (see
+  docs/ARCHITECTURE.md, "Hardware profiles").
 
 The budget is explicit: `plan_seconds` prices the cell count x passes x runs before anything runs, and a
 deadline guards the rest (each chunk gets the share of the time left that its planned cost is of the cost
@@ -84,6 +85,12 @@ class CellStats:
     runs: int
     remeasured: int
     copies: int
+    call_us: float = 0.0  # the per-call overhead fitted in this cell's chunk (subtract this, not a global one)
+
+    @property
+    def kernel_us(self) -> float:
+        """Time of one kernel copy: (run - its chunk's per-call overhead) / copies (not clipped)."""
+        return (self.run_us - self.call_us) / self.copies
 
 
 @dataclass(frozen=True)
@@ -218,19 +225,17 @@ def measure(benches: list[Bench], threads: int, policy: RepeatPolicy, deadline: 
             rep.passes += 1
         _remeasure_passes(ch, cells, policy, rep, in_time)
         _refine_cells(ch, cells, policy, rep, in_time)
-        for i in cells:
-            v = np.array(ch.vals[i])
-            kept = v[~_outliers(v, policy)] if len(v) >= 3 else v
-            med, sd = _robust(kept)
-            stats = CellStats(med, tuple(float(x) for x in kept), sd / med if med > 0 else 0.0,
-                              float(np.median(ch.iqrs[i])), ch.runs[i], ch.remeasured[i], copies[i])
-            if i < len(tiny):
-                continue
-            out[keys[i]] = stats
-            rep.cells += 1
         ys = np.array([float(np.median(ch.vals[i])) for i in range(len(tiny))])
         slope, icept = np.polyfit(np.array(OVERHEAD_COPIES, float), ys, 1)
         fits.append((float(icept), float(slope)))
+        for i in cells[len(tiny):]:
+            v = np.array(ch.vals[i])
+            kept = v[~_outliers(v, policy)] if len(v) >= 3 else v
+            med, sd = _robust(kept)
+            out[keys[i]] = CellStats(med, tuple(float(x) for x in kept), sd / med if med > 0 else 0.0,
+                                     float(np.median(ch.iqrs[i])), ch.runs[i], ch.remeasured[i], copies[i],
+                                     float(icept))
+            rep.cells += 1
         if progress is not None:
             progress(len(cells) - len(tiny), chunk[-1].label)
     calls = np.array([f[0] for f in fits]) if fits else np.zeros(1)
