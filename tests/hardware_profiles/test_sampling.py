@@ -124,3 +124,10 @@ def test_an_unphysical_profile_cannot_be_written(tiny_profile, tmp_path: Path) -
         with pytest.raises(ConfigError, match=f"unphysical hardware profile tiny: .*{field}"):
             save_profile(bad, dest)
         assert not dest.exists()
+
+
+def test_every_shipped_profile_is_physical() -> None:
+    from slimformer.hardware_profiles import list_profiles, load_profile
+
+    for name in list_profiles():
+        assert load_profile(name).physical_problems() == [], name
