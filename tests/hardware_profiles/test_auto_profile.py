@@ -96,3 +96,15 @@ def test_calibrated_source_keeps_a_foreign_profile_and_labels_its_cpu(
     assert summary["latency_label"].startswith("calibrated on Some Other CPU")
     assert [ln for ln in lines if "made elsewhere" in ln], "and the mismatch line"
     assert "calibrated on Some Other CPU" in (tmp_path / "run" / "report.html").read_text()
+
+
+def test_same_cpu_name_with_other_isa_flags_is_another_machine() -> None:
+    from slimformer.hardware_profiles.machine import cpu_info, mismatch
+
+    cpu, isa = cpu_info()
+    here = load_profile(SHIPPED).model_copy(update={"cpu": cpu, "isa_flags": isa})
+    other = here.model_copy(update={"isa_flags": [*isa, "amx_int8"]})
+    assert made_here(here, here.threads) or here.runtime_version != MachineKey.here(1).runtime_version
+    assert not made_here(other, other.threads)
+    msg = mismatch(other)
+    assert msg is not None and "ISA flags" in msg and "amx_int8" in msg
