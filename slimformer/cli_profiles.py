@@ -24,7 +24,8 @@ RESULTS_DIR = Path("benchmarks/results")
 @click.option("--threads", type=click.IntRange(min=1, max=MAX_THREADS), default=1, show_default=True,
               help="Intra-op threads.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Profile YAML to write.")
-@click.option("--quick", is_flag=True, help="A short run (about a minute): fewer shapes, MiniLM reference only.")
+@click.option("--quick", is_flag=True, help="A short run planned into 3 minutes (fewer shapes and passes; both "
+              "reference models): good enough to steer a search; the full run is planned into 9.")
 @click.option("--name", help="Profile name (default: from CPU, ISA, threads and runtime).")
 @click.option("--m", "m_values", callback=_ints, help="Override the token counts M measured (e.g. 1,128).")
 @click.option("--dims", callback=_ints, help="Override the K/N widths measured (e.g. 96,384).")
@@ -64,11 +65,13 @@ def calibrate_cmd(runtime: str, threads: int, out: Path, quick: bool, name: str 
     if references is not None:
         refs = tuple(r.strip() for r in references.split(",") if r.strip() and r.strip() != "none")
         grid = replace(grid, references=refs)
-    profile = calibrate(threads, grid, name=name, progress=not no_progress)
+    say = progress_logger(no_progress) or (lambda _m: None)
+    profile = calibrate(threads, grid, name=name, progress=not no_progress, log=say)
     save_profile(profile, out)
     cal = profile.calibration
     click.echo(f"{profile.name} ({profile.version}): {len(profile.latency_model.linear)} linear kernel classes, "
-               f"{cal.measurements if cal else 0} measurements in {cal.seconds if cal else 0:.0f} s, noise "
+               f"{cal.measurements if cal else 0} measurements in {cal.seconds if cal else 0:.0f} s (budget "
+               f"{cal.budget_seconds if cal and cal.budget_seconds else 0:.0f} s), noise "
                f"{100 * (profile.noise.median_rel_iqr if profile.noise else 0):.1f}% -> {out}")
 
 

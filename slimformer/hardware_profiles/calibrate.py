@@ -1,15 +1,19 @@
 """`slimformer calibrate`: measure this device's onnxruntime kernels and fit the latency model.
 
-1. Kernel micro-benchmarks (microbench.py): every linear kernel class the exporter emits, over M = batch x seq
-   in `m_values` and (K, N) over `dims` (model widths and the rank grid), each fitted per M by
-   non-negative least squares on relative error (t = c0 + c1*K*N + c2*K + c3*N); embedding kernels by
-   rows x width; the attention core over heads x seq x head_dim; residual-add+LayerNorm, GELU, Add by
-   elements. Rates: best fp32 GEMM rate (and per class), best Add bandwidth, tiny-op time.
+1. Kernel micro-benchmarks (microbench.py), sampled by sampling.py (interleaved passes, per-cell medians,
+   outlier passes re-measured, repeats set by the noise, within a wall-clock budget): every linear kernel
+   class the exporter emits, over M = batch x seq in `m_values` and (K, N) over `dims` (model widths and the
+   rank grid), each fitted per M by non-negative least squares on relative error (t = c0 + c1*K*N + c2*K +
+   c3*N); embedding kernels by rows x width; the attention core over heads x seq x head_dim;
+   residual-add+LayerNorm, GELU, Add by elements. Rates: best fp32 GEMM rate (and per class), best Add
+   bandwidth; the per-call overhead and the per-node cost from the one-float Add graphs (sampling.py).
 2. Reference models (`references`, references.py): fp32 and uniform int8 / int4-g32 exports of each, timed
    round-robin at a few shapes (model_timing.py); the whole-graph residual of their family (glue, dispatch,
    cache effects) is fitted on them (residual_fit.py), and so is the FLOPs proxy's constant. Validation
    (validate.py) uses other, random plans.
-Noise: the relative IQR of the repeated runs of every benchmark. The load average is recorded.
+Noise: the relative IQR of the runs inside a pass and the robust spread of a cell's pass medians. The load
+average is recorded. Before a profile is returned it is checked against physical bounds
+(`HardwareProfile.physical_problems`): a disturbed calibration is an error, never a profile.
 """
 
 from __future__ import annotations
@@ -17,10 +21,12 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from datetime import date
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy.optimize import nnls
@@ -40,6 +46,7 @@ from slimformer.hardware_profiles.profile import (
 )
 from slimformer.hardware_profiles.references import MINILM, VIT_FMNIST
 from slimformer.hardware_profiles.residual_fit import fit_residuals
+from slimformer.hardware_profiles.sampling import Bench, CellStats, RepeatPolicy, measure, plan_seconds
 from slimformer.progress import progress_bar
 
 LINEAR_CLASSES: tuple[KernelChoice, ...] = (
@@ -61,7 +68,11 @@ EMBEDDING_CLASSES: tuple[KernelChoice, ...] = (
 
 @dataclass(frozen=True)
 class CalibrationGrid:
-    """What `calibrate` measures; `full()` is the default, `quick()` a short run, tests pass tiny ones."""
+    """What `calibrate` measures and within how long: `full()` is the default (designed for <= 10 minutes on a
+    quiet 2-core machine at 1 thread), `quick()` a short run (<= 3 minutes) for steering a search; tests pass
+    tiny ones. `seconds` is the wall-clock budget of the whole calibration, `micro_share` the part of it the
+    micro-benchmarks are planned into (sampling.py: their repeats adapt to it; the reference models take
+    the rest), `policy` how many passes and runs a cell gets."""
 
     m_values: tuple[int, ...]
     dims: tuple[int, ...]
@@ -74,13 +85,10 @@ class CalibrationGrid:
     elem_widths: tuple[int, ...] = (96, 384, 1536)
     references: tuple[str, ...] = (MINILM, VIT_FMNIST)
     reference_shapes: dict[str, tuple[tuple[int, int], ...]] | None = None
-    runs: int = 12
-    budget_s: float = 0.25  # per benchmark, after warm-up
-    # fast kernels (a few µs, what a ViT at 17 tokens runs) get more runs, up to max_runs within small_budget_s:
-    # 12 runs of a 3 µs kernel left each table cell ~5% noise and two calibrations' ViT errors correlated 0.27
-    max_runs: int = 100
-    small_budget_s: float = 0.02
-    passes: int = 2  # linear grid passes (the fastest is kept); quick() and tests use 1
+    policy: RepeatPolicy = RepeatPolicy()
+    seconds: float = 540.0
+    micro_share: float = 0.6
+    quick_mode: bool = False
 
     @classmethod
     def full(cls) -> CalibrationGrid:
@@ -88,27 +96,72 @@ class CalibrationGrid:
 
     @classmethod
     def quick(cls) -> CalibrationGrid:
-        return cls(m_values=(1, 32, 128), dims=(96, 384, 1536), heads=(1, 4, 12), seqs=(16, 128),
-                   head_dims=(64,), elem_rows=(1, 128), elem_widths=(384, 1536), references=(MINILM,),
-                   runs=6, budget_s=0.1, max_runs=6, passes=1,
+        """The quick run: every shape the reference models and the rank grid need at fewer points (M 1, 16,
+        64, 128, 512; K/N 16 to 1536 without 192 and 768), the kernel classes the exporter's default blocks
+        use, both reference models at their deployment shapes, 2-4 passes per cell."""
+        return cls(m_values=(1, 16, 64, 128, 512), dims=(16, 48, 96, 384, 1536), heads=(1, 4, 12),
+                   seqs=(16, 64, 128), head_dims=(24, 64), elem_rows=(1, 64, 512), elem_widths=(96, 384, 1536),
                    linear=tuple(c for c in LINEAR_CLASSES if c.block in (None, 32, 128)),
-                   embedding=EMBEDDING_CLASSES[:3])
+                   embedding=EMBEDDING_CLASSES[:3],
+                   reference_shapes={MINILM: ((1, 32), (1, 128)), VIT_FMNIST: ((1, 17), (8, 17))},
+                   policy=RepeatPolicy(min_passes=2, max_passes=4, pass_s=0.006, max_runs=25, max_remeasure=1),
+                   seconds=170.0, micro_share=0.5, quick_mode=True)
+
+    def cells(self) -> int:
+        """Micro-benchmark cells (one median each): linear M x K x N per class, embeddings, attention, elementwise."""
+        return (len(self.linear) * len(self.m_values) * len(self.dims) ** 2
+                + len(self.embedding) * 2 * len(sorted({1, *self.m_values}))
+                + len(self.heads) * len(self.seqs) * len(self.head_dims)
+                + len(mb.ELEMENTWISE) * len(self.elem_rows) * len(self.elem_widths))
+
+    def benches(self) -> list[Bench]:
+        """Every micro-benchmark graph with its cells (keys: ('linear', class index, m, k, n), ('embedding',
+        class index, dim, m), ('attention', h, s, d), (op, rows, width))."""
+        out: list[Bench] = []
+        for c, choice in enumerate(self.linear):
+            cls = kernel_class(choice)
+            for k in self.dims:
+                for n in self.dims:
+                    wbytes = k * n * choice.bits / 8
+                    cp = _copies(wbytes)
+                    est = {("linear", c, m, k, n): cp * max(2 * m * k * n / 50e3, wbytes / 5e3, 5.0)
+                           for m in self.m_values}
+                    out.append(Bench(f"{cls} {k}x{n}", partial(_graph, mb.linear_graph, choice, 1, k, n, cp),
+                                     {key: partial(mb.linear_feed, key[2], k) for key in est}, est, cp,
+                                     k * n * (4.0 if choice.kind == "matmul" else 1.0)))
+        rows_m = sorted({1, *self.m_values})
+        for c, choice in enumerate(self.embedding):
+            for dim in (96, 384):
+                est = {("embedding", c, dim, m): 4 * (5.0 + m * dim / 2e3) for m in rows_m}
+                out.append(Bench(f"{kernel_class(choice)} {dim}", partial(_graph, mb.embedding_graph, choice, 4096,
+                                                                           dim, 1, 4),
+                                 {key: partial(mb.embedding_feed, 4096, key[3]) for key in est}, est, 4, 4096 * dim))
+        for d in self.head_dims:
+            for h in self.heads:
+                est = {("attention", h, s, d): 4 * (4 * h * s * s * d / 20e3 + 10) for s in self.seqs}
+                out.append(Bench(f"attention h{h} d{d}", partial(_graph, mb.attention_graph, h, 1, d, 4),
+                                 {key: partial(mb.attention_feed, h, key[2], d) for key in est}, est, 4))
+        for op in mb.ELEMENTWISE:
+            for w in self.elem_widths:
+                est = {(op, r, w): 4 * (r * w / 200 + 5) for r in self.elem_rows}
+                out.append(Bench(f"{op} x{w}", partial(_graph, mb.elementwise_graph, op, 1, w, 4),
+                                 {key: partial(mb.elementwise_feed, op, key[1], w) for key in est}, est, 4))
+        return out
+
+    def plan_seconds(self) -> float:
+        """Planned wall time of the micro-benchmarks at `policy` (sampling.plan_seconds)."""
+        return plan_seconds(self.benches(), self.policy)
 
 
-OVERHEAD_REPEATS = 5
+def _graph(make: Callable[..., tuple[Any, Any]], *args: Any) -> Any:
+    return make(*args)[0]
+
+
 BANDWIDTH_MIN_ELEMENTS = 16384  # an Add of at least 192 KB moved: its time is bytes, not overhead
 
 
 def _copies(weight_bytes: float) -> int:
     return int(min(8, max(2, np.ceil(24e6 / max(weight_bytes, 1.0)))))
-
-
-def _runs(grid: CalibrationGrid, est_us: float, copies: int) -> int:
-    """Timed runs of one benchmark: up to `runs` within `budget_s`, and up to `max_runs` within `small_budget_s`
-    (so a slow kernel gets few runs, a fast one many, and neither costs more than its budget)."""
-    per_run = max(est_us * copies, 1.0)
-    base = min(grid.runs, max(4, grid.budget_s * 1e6 / per_run))
-    return int(max(base, min(grid.max_runs, grid.small_budget_s * 1e6 / per_run)))
 
 
 def fit_nnls(x: np.ndarray, t: np.ndarray, names: list[str]) -> Fit:
@@ -120,45 +173,20 @@ def fit_nnls(x: np.ndarray, t: np.ndarray, names: list[str]) -> Fit:
     return Fit(features=names, coef=[float(c) for c in coef], rmse_rel=round(rmse, 4), n=int(len(t)))
 
 
-class _Run:
-    """One calibration: benchmark list, progress, collected timings."""
+class _Fitter:
+    """Turns the sampled cells (run µs per cell) into the latency model's tables and fits."""
 
-    def __init__(self, grid: CalibrationGrid, threads: int, progress: Callable[[int, str], None]) -> None:
-        self.grid, self.threads, self.progress = grid, threads, progress
-        self.iqrs: list[float] = []
+    def __init__(self, grid: CalibrationGrid, cells: dict[Hashable, CellStats]) -> None:
+        self.grid, self.cells = grid, cells
         self.rates: dict[str, float] = {}
-        self.n = 0
-        # the fixed cost of a session run, subtracted from every benchmark: the least of 5 measurements (other
-        # tenants' load only adds; one measurement taken in a burst read 9.1 us instead of ~6 and zeroed the
-        # small elementwise benchmarks, giving a 4.6 TB/s "bandwidth")
-        self.overhead = min(mb.call_overhead_us(threads) for _ in range(OVERHEAD_REPEATS))
 
-    def time(self, proto_feed: tuple, copies: int, est_us: float, label: str) -> float:
-        proto, feed = proto_feed
-        t = mb.time_graph(proto, feed, copies, self.threads, _runs(self.grid, est_us, copies),
-                          call_overhead_us=self.overhead)
-        self.iqrs.append(t.rel_iqr)
-        self.n += 1
-        self.progress(1, label)
-        return max(t.median_us, 1e-3)
+    def us(self, key: Hashable) -> float:
+        """Kernel time per copy: (run - its chunk's per-call overhead) / copies (no clipping: physical_problems
+        judges it)."""
+        return self.cells[key].kernel_us
 
     def linear(self) -> tuple[dict[str, KernelTable], dict[str, float]]:
-        """Every linear class over M x K x N, class by class, in `passes` passes; a cell's time is the fastest
-        pass's median (other tenants' load only ever slows a pass down, and on this shared VM it shifted whole
-        classes by 10-16% between two calibrations)."""
         g = self.grid
-        timed: dict[tuple[int, int, int, int], float] = {}
-        for _ in range(g.passes):
-            for c, choice in enumerate(g.linear):
-                cls = kernel_class(choice)
-                for m in g.m_values:
-                    for k in g.dims:
-                        for n in g.dims:
-                            wbytes = k * n * choice.bits / 8
-                            est = max(2 * m * k * n / 50e3, wbytes / 5e3, 5.0)  # 50 GFLOP/s, 5 GB/s guess
-                            t = self.time(mb.linear_graph(choice, m, k, n, _copies(wbytes)), _copies(wbytes), est,
-                                          f"{cls} {m}x{k}x{n}")
-                            timed[c, m, k, n] = min(t, timed.get((c, m, k, n), t))
         tables: dict[str, KernelTable] = {}
         peaks: dict[str, float] = {}
         for c, choice in enumerate(g.linear):
@@ -166,9 +194,10 @@ class _Run:
             fits, grids = [], []
             for m in g.m_values:
                 rows = [(1.0, k * n, k, n) for k in g.dims for n in g.dims]
-                ts = [timed[c, m, k, n] for k in g.dims for n in g.dims]
+                ts = [self.us(("linear", c, m, k, n)) for k in g.dims for n in g.dims]
                 for (_, _, k, n), t in zip(rows, ts, strict=True):
-                    peaks[cls] = max(peaks.get(cls, 0.0), 2 * m * k * n / t / 1e3)  # GFLOP/s
+                    if t > 0:
+                        peaks[cls] = max(peaks.get(cls, 0.0), 2 * m * k * n / t / 1e3)  # GFLOP/s
                 fits.append(fit_nnls(np.array(rows, float), np.array(ts), ["1", "K*N", "K", "N"]))
                 grid = np.array(ts).reshape(len(g.dims), len(g.dims))
                 grid = np.maximum.accumulate(np.maximum.accumulate(grid, axis=0), axis=1)  # more K or N: not faster
@@ -180,27 +209,17 @@ class _Run:
 
     def embedding(self) -> dict[str, Fit]:
         out = {}
-        for choice in self.grid.embedding:
-            cls = kernel_class(choice)
-            rows, ts = [], []
-            for dim in (96, 384):
-                for m in sorted({1, *self.grid.m_values}):
-                    t = self.time(mb.embedding_graph(choice, 4096, dim, m, 4), 4, 10.0, f"{cls} {m}x{dim}")
-                    rows.append((1.0, m * dim))
-                    ts.append(t)
-            out[cls] = fit_nnls(np.array(rows, float), np.array(ts), ["1", "rows*width"])
+        for c, choice in enumerate(self.grid.embedding):
+            rows = [(1.0, m * dim) for dim in (96, 384) for m in sorted({1, *self.grid.m_values})]
+            ts = [self.us(("embedding", c, dim, m)) for dim in (96, 384) for m in sorted({1, *self.grid.m_values})]
+            out[kernel_class(choice)] = fit_nnls(np.array(rows, float), np.array(ts), ["1", "rows*width"])
         return out
 
     def attention(self) -> Fit:
         g = self.grid
-        rows, ts = [], []
-        for d in g.head_dims:
-            for h in g.heads:
-                for s in g.seqs:
-                    est = 4 * h * s * s * d / 20e3 + 10
-                    t = self.time(mb.attention_graph(h, s, d, 4), 4, est, f"attention h{h} s{s} d{d}")
-                    rows.append(attention_features(h, s, d))
-                    ts.append(t)
+        keys = [(h, s, d) for d in g.head_dims for h in g.heads for s in g.seqs]
+        rows = [attention_features(h, s, d) for h, s, d in keys]
+        ts = [self.us(("attention", h, s, d)) for h, s, d in keys]
         return fit_nnls(np.array(rows, float), np.array(ts), ["1", "BH*S*S*D", "BH*S*S", "BH*S*D"])
 
     def elementwise(self) -> dict[str, Fit]:
@@ -210,20 +229,20 @@ class _Run:
             rows, ts = [], []
             for r in g.elem_rows:
                 for w in g.elem_widths:
-                    t = self.time(mb.elementwise_graph(op, r, w, 4), 4, r * w / 200 + 5, f"{op} {r}x{w}")
+                    t = self.us((op, r, w))
                     rows.append((1.0, r * w))
                     ts.append(t)
-                    if op == "add" and r * w >= BANDWIDTH_MIN_ELEMENTS:  # bytes-bound sizes only
+                    if op == "add" and r * w >= BANDWIDTH_MIN_ELEMENTS and t > 0:  # bytes-bound sizes only
                         self.rates["bandwidth"] = max(self.rates.get("bandwidth", 0.0), 12.0 * r * w / t / 1e3)
             out[op] = fit_nnls(np.array(rows, float), np.array(ts), ["1", "elements"])
-            if op == "add":  # the tiny-op time: the fit's constant (one benchmark alone is at the noise level)
-                self.rates["tiny"] = out[op].coef[0] if out[op].coef[0] > 0 else min(ts)
         return out
 
 
 def calibrate(threads: int, grid: CalibrationGrid | None = None, name: str | None = None,
-              progress: bool = True, work_dir: Path | None = None) -> HardwareProfile:
-    """Run the micro-benchmarks (and reference models) at `threads` intra-op threads; the fitted profile."""
+              progress: bool = True, work_dir: Path | None = None,
+              log: Callable[[str], None] | None = None) -> HardwareProfile:
+    """Run the micro-benchmarks (and reference models) at `threads` intra-op threads; the fitted profile.
+    ConfigError, naming the field, when the result is unphysical (HardwareProfile.physical_problems)."""
     import tempfile
 
     import onnxruntime as ort
@@ -231,14 +250,15 @@ def calibrate(threads: int, grid: CalibrationGrid | None = None, name: str | Non
     if threads < 1:
         raise ConfigError(f"--threads must be >= 1 (got {threads})")
     g = grid or CalibrationGrid.full()
-    n_lin = g.passes * len(g.linear) * len(g.m_values) * len(g.dims) ** 2
-    n_emb = len(g.embedding) * 2 * len(sorted({1, *g.m_values}))
-    n_att = len(g.heads) * len(g.seqs) * len(g.head_dims)
-    n_elw = len(mb.ELEMENTWISE) * len(g.elem_rows) * len(g.elem_widths)
+    benches = g.benches()
+    planned = plan_seconds(benches, g.policy)
     n_ref = sum(len(g.reference_shapes.get(r, ())) if g.reference_shapes else (2 if r == VIT_FMNIST else 4)
                 for r in g.references)
-    bar = progress_bar(n_lin + n_emb + n_att + n_elw + n_ref, desc="calibrate", disable=not progress,
-                       file=sys.stderr, unit="bench")
+    if log is not None:
+        log(f"calibrate: {len(benches)} graphs, {g.cells()} cells x {g.policy.min_passes}-{g.policy.max_passes} "
+            f"passes, micro-benchmarks planned {planned:.0f} s of a {g.micro_share * g.seconds:.0f} s share; "
+            f"{n_ref} reference shapes; budget {g.seconds:.0f} s")
+    bar = progress_bar(g.cells() + n_ref, desc="calibrate", disable=not progress, file=sys.stderr, unit="cell")
 
     def step(k: int, label: str) -> None:
         bar.update(k)
@@ -246,35 +266,45 @@ def calibrate(threads: int, grid: CalibrationGrid | None = None, name: str | Non
 
     load0 = [round(x, 2) for x in os.getloadavg()]
     t0 = time.perf_counter()
-    run = _Run(g, threads, step)
-    tables, peaks = run.linear()
-    lm = LatencyModel(linear=tables, embedding=run.embedding(), attention=run.attention(),
-                      elementwise=run.elementwise(), call_overhead_us=round(run.overhead, 2))
+    cells, over, rep = measure(benches, threads, g.policy, t0 + g.micro_share * g.seconds, step)
+    fit = _Fitter(g, cells)
+    tables, peaks = fit.linear()
+    lm = LatencyModel(linear=tables, embedding=fit.embedding(), attention=fit.attention(),
+                      elementwise=fit.elementwise(), call_overhead_us=round(over.call_us, 3))
     cpu, isa = cpu_info()
-    iq = np.array(run.iqrs)
+    iq = np.array([c.rel_iqr for c in cells.values()])
+    sd = np.array([c.rel_sd for c in cells.values()])
     profile = HardwareProfile(
         name=name or default_name(cpu, isa, threads, f"ort{'-'.join(ort.__version__.split('.')[:2])}"),
         cpu=cpu, cores=os.cpu_count() or 1, threads=threads, isa_flags=isa, runtime="onnxruntime",
         runtime_version=ort.__version__, peak_gflops_fp32=peaks.get("matmul", 1.0),
-        mem_bandwidth_gbs=round(run.rates.get("bandwidth", 1.0), 2),
-        per_op_overhead_us=round(run.rates.get("tiny", 0), 3),
+        mem_bandwidth_gbs=round(fit.rates.get("bandwidth", 1.0), 2),
+        per_op_overhead_us=round(over.node_us, 4),
         created=date.today(), providers=mb.providers(), caches=cache_sizes(), peak_gflops=peaks, latency_model=lm,
         noise=Noise(median_rel_iqr=round(float(np.median(iq)), 4), p95_rel_iqr=round(float(np.percentile(iq, 95)), 4),
-                    repeats=len(iq), loadavg=load0),
+                    repeats=len(iq), loadavg=load0, median_pass_rel_sd=round(float(np.median(sd)), 4),
+                    p95_pass_rel_sd=round(float(np.percentile(sd, 95)), 4),
+                    remeasured_passes=rep.remeasured_passes, call_overhead_drift=round(over.call_spread, 4)),
     )
+    profile.check_physical("calibration")  # before minutes of reference models, and before anything is written
     with tempfile.TemporaryDirectory() as tmp:
         points = fit_residuals(lm, profile, g.references, threads, Path(work_dir or tmp), step, g.reference_shapes)
     bar.close()
     seconds = time.perf_counter() - t0
+    flag = " --quick" if g.quick_mode else ""
     profile = profile.model_copy(update={"latency_model": lm, "calibration": CalibrationInfo(
-        command=f"slimformer calibrate --runtime onnxruntime --threads {threads}", seconds=round(seconds, 1),
-        clock="thread_cpu" if threads == 1 else "wall",
-        measurements=run.n + len(points), loadavg_before=load0, loadavg_after=[round(x, 2) for x in os.getloadavg()])})
-    profile.notes = (f"Made by `slimformer calibrate` on this machine ({cpu}, {os.cpu_count()} logical CPUs, "
+        command=f"slimformer calibrate{flag} --runtime onnxruntime --threads {threads}", seconds=round(seconds, 1),
+        clock="thread_cpu" if threads == 1 else "wall", quick=g.quick_mode, budget_seconds=g.seconds,
+        planned_seconds=round(planned, 1), micro_seconds=round(rep.seconds, 1),
+        measurements=sum(len(c.passes) for c in cells.values()) + len(points), loadavg_before=load0,
+        loadavg_after=[round(x, 2) for x in os.getloadavg()])})
+    profile.notes = (f"Made by `slimformer calibrate{flag}` on this machine ({cpu}, {os.cpu_count()} logical CPUs, "
                      f"onnxruntime {ort.__version__}, {threads} intra-op thread(s)) in {seconds:.0f} s; "
-                     f"load average before {load0}. Micro-benchmarks of the exporter's own kernels, "
+                     f"load average before {load0}. Micro-benchmarks of the exporter's own kernels "
+                     f"({g.cells()} cells, median of {g.policy.min_passes}-{g.policy.max_passes} interleaved passes), "
                      f"timed on the {'thread CPU' if threads == 1 else 'wall'} clock; "
                      f"whole-graph residual fitted on {', '.join(g.references) or 'no reference models'}.")
+    profile.check_physical("calibration")
     return profile
 
 

@@ -62,9 +62,12 @@ def default_name(cpu: str, isa_flags: list[str], threads: int, runtime: str = "t
 def mismatch(profile: HardwareProfile, threads: int | None = None) -> str | None:
     """One line saying how this machine/runtime/thread count differs from the profile's, or None."""
     diffs = []
-    cpu, _ = cpu_info()
+    cpu, isa = cpu_info()
     if profile.cpu and cpu != profile.cpu:
         diffs.append(f"CPU {cpu!r} (profile: {profile.cpu!r})")
+    elif profile.isa_flags and sorted(isa) != sorted(profile.isa_flags):  # same model name, other extensions
+        only_here, only_there = sorted(set(isa) - set(profile.isa_flags)), sorted(set(profile.isa_flags) - set(isa))
+        diffs.append(f"ISA flags +{only_here or '[]'} -{only_there or '[]'} against the profile's")
     if profile.runtime == "onnxruntime":
         try:
             import onnxruntime as ort

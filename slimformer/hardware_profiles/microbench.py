@@ -6,6 +6,10 @@ embedding kernels are built with the exporter's own builders (`export.kernels`),
 exactly the nodes a compressed model's unit runs. A kernel's time is (run time - per-call overhead) /
 copies, with the run timed on this thread's CPU clock at 1 thread (see `clock`): the machine is shared,
 and preemption by other processes is not the kernel's cost.
+
+The token axis of every graph is dynamic (`M` rows of a linear or embedding, `S` positions of attention,
+`R` rows of an elementwise op), as in the exported models (their batch and sequence axes are dynamic): one
+session serves every M of a (kernel, K, N) cell, so calibration builds each weight set once (sampling.py).
 """
 
 from __future__ import annotations
@@ -86,6 +90,24 @@ def time_graph(proto: onnx.ModelProto, feed: dict[str, np.ndarray], copies: int,
     return Timing([max(t - call_overhead_us, 0.0) / copies for t in cpu], wall, float(len(proto.graph.node)) / copies)
 
 
+def run_times_us(sess: Any, feed: dict[str, np.ndarray], runs: int, now: Callable[[], float]) -> list[float]:
+    """`runs` back-to-back runs of one session on `now`'s clock (µs per run, nothing subtracted)."""
+    out = []
+    for _ in range(runs):
+        t0 = now()
+        sess.run(None, feed)
+        out.append(1e6 * (now() - t0))
+    return out
+
+
+def tiny_graph(copies: int) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """`copies` Adds of one float: run time = per-call overhead + copies x per-node cost (sampling.py fits
+    both from several copy counts timed together, so neither is measured on a graph the other is not)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    nodes = [helper.make_node("Add", ["x", "x"], [f"y{i}"], name=f"c{i}/Add") for i in range(copies)]
+    return _model(nodes, [x], [f"y{i}" for i in range(copies)], []), {"x": np.ones(1, np.float32)}
+
+
 def call_overhead_us(threads: int, runs: int = 200) -> float:
     """Median time of running a one-node graph on one float (the fixed cost of a session run)."""
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
@@ -104,7 +126,7 @@ def _model(nodes: list[onnx.NodeProto], inputs: list[onnx.ValueInfoProto], outpu
 
 def _codes(rng: np.random.Generator, n: int, k: int, bits: int, group: int | None) -> tuple[np.ndarray, np.ndarray]:
     lim = (1 << (bits - 1)) - 1
-    codes = rng.integers(-lim - 1 if bits == 4 else -lim, lim + 1, size=(n, k), dtype=np.int64).astype(np.int8)
+    codes = rng.integers(-lim - 1 if bits == 4 else -lim, lim + 1, size=(n, k), dtype=np.int8)
     groups = 1 if group is None or group >= k else -(-k // group)
     return codes, (rng.random((n, groups), dtype=np.float32) * 0.01 + 1e-3)
 
@@ -118,10 +140,10 @@ def linear_graph(choice: K.KernelChoice, m: int, k: int, n: int, copies: int, se
     outputs = []
     for i in range(copies):
         p, y = f"c{i}", f"y{i}"
-        bias = K.f32(f"{p}.bias", rng.standard_normal(n).astype(np.float32) * 0.01)
+        bias = K.f32(f"{p}.bias", rng.standard_normal(n, dtype=np.float32) * np.float32(0.01))
         inits.append(bias)
         if choice.kind in ("matmul", "fp16_matmul"):
-            w = rng.standard_normal((k, n)).astype(np.float32) * 0.05
+            w = rng.standard_normal((k, n), dtype=np.float32) * np.float32(0.05)
             if choice.kind == "matmul":
                 inits.append(K.f32(f"{p}.w", w))
                 nodes.append(helper.make_node("MatMul", ["x", f"{p}.w"], [f"{p}/mm"], name=f"{p}/MatMul"))
@@ -143,8 +165,13 @@ def linear_graph(choice: K.KernelChoice, m: int, k: int, n: int, copies: int, se
             nodes += low.nodes
         outputs.append(y)
     uniq = {t.name: t for t in inits}
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, m, k])
-    return _model(nodes, [x], outputs, list(uniq.values())), {"x": rng.standard_normal((1, m, k)).astype(np.float32)}
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "M", k])
+    return _model(nodes, [x], outputs, list(uniq.values())), linear_feed(m, k, seed)
+
+
+def linear_feed(m: int, k: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """The input of a `linear_graph` at m tokens."""
+    return {"x": np.random.default_rng(seed + 1).standard_normal((1, m, k), dtype=np.float32)}
 
 
 def embedding_graph(choice: K.KernelChoice, rows: int, dim: int, m: int, copies: int, seed: int = 0
@@ -170,17 +197,21 @@ def embedding_graph(choice: K.KernelChoice, rows: int, dim: int, m: int, copies:
             inits += low.initializers
             nodes += low.nodes
         outputs.append(y)
-    ids = helper.make_tensor_value_info("ids", TensorProto.INT64, [1, m])
-    return _model(nodes, [ids], outputs, inits), {"ids": rng.integers(0, rows, size=(1, m), dtype=np.int64)}
+    ids = helper.make_tensor_value_info("ids", TensorProto.INT64, [1, "M"])
+    return _model(nodes, [ids], outputs, inits), embedding_feed(rows, m, seed)
+
+
+def embedding_feed(rows: int, m: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """The ids of an `embedding_graph` lookup of m rows."""
+    return {"ids": np.random.default_rng(seed + 1).integers(0, rows, size=(1, m), dtype=np.int64)}
 
 
 def attention_graph(batch_heads: int, seq: int, head_dim: int, copies: int, seed: int = 0
                     ) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """The attention core as exported Transformers run it: split heads (Reshape+Transpose) of q/k/v,
     scores = q k^T * scale + mask, Softmax, NaN guard (IsNaN+Where), context = p v, merge heads."""
-    rng = np.random.default_rng(seed)
     h, d, s = batch_heads, head_dim, seq
-    inits = [K.i64("split", [1, s, h, d]), K.i64("merge", [1, s, h * d]),
+    inits = [K.i64("split", [1, -1, h, d]), K.i64("merge", [1, -1, h * d]),
              K.f32("scale", np.array(1.0 / np.sqrt(d), np.float32)), K.f32("zero", np.zeros((), np.float32))]
     nodes: list[onnx.NodeProto] = []
     outputs = []
@@ -201,11 +232,17 @@ def attention_graph(batch_heads: int, seq: int, head_dim: int, copies: int, seed
             helper.make_node("Reshape", [f"{p}/ctxt", "merge"], [f"y{i}"], name=f"{p}/merge"),
         ]
         outputs.append(f"y{i}")
-    ins = [helper.make_tensor_value_info(t, TensorProto.FLOAT, [1, s, h * d]) for t in ("q", "k", "v")]
-    ins.append(helper.make_tensor_value_info("mask", TensorProto.FLOAT, [1, 1, 1, s]))
-    feed = {t: rng.standard_normal((1, s, h * d)).astype(np.float32) for t in ("q", "k", "v")}
-    feed["mask"] = np.zeros((1, 1, 1, s), np.float32)
-    return _model(nodes, ins, outputs, inits), feed
+    ins = [helper.make_tensor_value_info(t, TensorProto.FLOAT, [1, "S", h * d]) for t in ("q", "k", "v")]
+    ins.append(helper.make_tensor_value_info("mask", TensorProto.FLOAT, [1, 1, 1, "S"]))
+    return _model(nodes, ins, outputs, inits), attention_feed(h, s, d, seed)
+
+
+def attention_feed(batch_heads: int, seq: int, head_dim: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """q, k, v and the (zero) mask of an `attention_graph` at `seq` positions."""
+    rng = np.random.default_rng(seed + 1)
+    feed = {t: rng.standard_normal((1, seq, batch_heads * head_dim), dtype=np.float32) for t in ("q", "k", "v")}
+    feed["mask"] = np.zeros((1, 1, 1, seq), np.float32)
+    return feed
 
 
 ELEMENTWISE = ("add", "layernorm", "gelu")
@@ -215,7 +252,6 @@ def elementwise_graph(op: str, rows: int, width: int, copies: int, seed: int = 0
                       ) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """`copies` of one elementwise op on a 1 x rows x width tensor: add (x + r), layernorm (residual add
     + LayerNormalization, which ORT fuses into SkipLayerNormalization), gelu (com.microsoft Gelu)."""
-    rng = np.random.default_rng(seed)
     inits = [K.f32("gamma", np.ones(width, np.float32)), K.f32("beta", np.zeros(width, np.float32))]
     nodes: list[onnx.NodeProto] = []
     outputs = []
@@ -232,8 +268,12 @@ def elementwise_graph(op: str, rows: int, width: int, copies: int, seed: int = 0
         else:
             raise ValueError(f"unknown elementwise op {op!r}; use one of {ELEMENTWISE}")
         outputs.append(y)
-    ins = [helper.make_tensor_value_info(t, TensorProto.FLOAT, [1, rows, width]) for t in ("x", "r")]
-    feed = {t: rng.standard_normal((1, rows, width)).astype(np.float32) for t in ("x", "r")}
-    if op == "gelu":
-        ins, feed = ins[:1], {"x": feed["x"]}
-    return _model(nodes, ins, outputs, inits), feed
+    ins = [helper.make_tensor_value_info(t, TensorProto.FLOAT, [1, "R", width]) for t in ("x", "r")]
+    return _model(nodes, ins[:1] if op == "gelu" else ins, outputs, inits), elementwise_feed(op, rows, width, seed)
+
+
+def elementwise_feed(op: str, rows: int, width: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """The inputs of an `elementwise_graph` at `rows` rows (gelu has one input, add and layernorm two)."""
+    rng = np.random.default_rng(seed + 1)
+    feed = {t: rng.standard_normal((1, rows, width), dtype=np.float32) for t in ("x", "r")}
+    return {"x": feed["x"]} if op == "gelu" else feed

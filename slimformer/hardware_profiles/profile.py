@@ -17,6 +17,7 @@ import os
 from datetime import date
 from pathlib import Path
 
+import numpy as np
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
@@ -25,6 +26,14 @@ from slimformer.fileio import MAX_DOCUMENT_BYTES, atomic_write, read_text_file, 
 from slimformer.schema import StrictModel
 
 SCHEMA_VERSION = 2
+# Physical bounds a profile must satisfy before it is written (`physical_problems`): the numbers of one CPU
+# core can be no better than this, whatever a noisy or defective calibration measured.
+MIN_NODE_US = 0.05  # one onnxruntime node (dispatch + output): no kernel runs faster
+MIN_CALL_US = 0.5  # one `session.run` from Python
+MAX_GFLOPS_FP32_PER_THREAD = 400.0  # 2 AVX-512 FMA units x 32 fp32 FLOP x 6 GHz (with margin)
+MAX_GFLOPS_INT_PER_THREAD = 8000.0  # AMX int8 (~2048 ops/cycle x 4 GHz); VNNI is 4x fp32
+MAX_BANDWIDTH_GBS_PER_THREAD = 1000.0  # L1/L2-resident copies; DRAM is far below
+SCALE_BOUNDS = (0.8, 1.6)  # a kernel family's in-graph scale in the whole-graph residual (residual.py)
 READABLE_SCHEMAS = (1, 2)
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 DEFAULT_PROFILE = "amd-epyc-avx512-2t-torch"
@@ -96,6 +105,12 @@ class Noise(StrictModel):
     p95_rel_iqr: float
     repeats: int
     loadavg: list[float] = Field(default_factory=list)
+    # between passes (sampling.py): robust relative spread of a cell's pass medians, outlier passes measured
+    # again, and how far the per-call overhead moved between chunks ((max - min) / median)
+    median_pass_rel_sd: float | None = None
+    p95_pass_rel_sd: float | None = None
+    remeasured_passes: int | None = None
+    call_overhead_drift: float | None = None
 
 
 class CalibrationInfo(StrictModel):
@@ -108,6 +123,9 @@ class CalibrationInfo(StrictModel):
     quick: bool = False
     loadavg_before: list[float] = Field(default_factory=list)
     loadavg_after: list[float] = Field(default_factory=list)
+    budget_seconds: float | None = None  # the wall-clock budget the run was planned into
+    planned_seconds: float | None = None  # the micro-benchmarks' plan (cells x passes x runs)
+    micro_seconds: float | None = None  # what the micro-benchmarks took
 
 
 class ValidationResult(StrictModel):
@@ -177,6 +195,39 @@ class HardwareProfile(StrictModel):
         """Whether the profile carries a calibrated latency model (else only the roofline numbers)."""
         return self.latency_model is not None and bool(self.latency_model.linear)
 
+    def physical_problems(self) -> list[str]:
+        """Every field whose value no real machine can have (empty for a physical profile): overheads below
+        one node's dispatch, rates above a core's peak, negative or non-monotone kernel times, negative fit
+        coefficients, residual scales outside their bounds. Rate bounds apply to CPU providers only."""
+        out: list[str] = []
+        t = self.threads
+        cpu = not any("CUDA" in p or "ROCM" in p for p in self.providers)
+        if self.per_op_overhead_us < MIN_NODE_US:
+            out.append(f"per_op_overhead_us = {self.per_op_overhead_us} µs is below one node's {MIN_NODE_US} µs")
+        if cpu and self.peak_gflops_fp32 > MAX_GFLOPS_FP32_PER_THREAD * t:
+            out.append(f"peak_gflops_fp32 = {self.peak_gflops_fp32} is above {MAX_GFLOPS_FP32_PER_THREAD:.0f} "
+                       f"GFLOP/s x {t} thread(s)")
+        if cpu and self.mem_bandwidth_gbs > MAX_BANDWIDTH_GBS_PER_THREAD * t:
+            out.append(f"mem_bandwidth_gbs = {self.mem_bandwidth_gbs} is above {MAX_BANDWIDTH_GBS_PER_THREAD:.0f} "
+                       f"GB/s x {t} thread(s)")
+        for cls, v in self.peak_gflops.items():
+            bound = (MAX_GFLOPS_FP32_PER_THREAD if cls == "matmul" else MAX_GFLOPS_INT_PER_THREAD) * t
+            if cpu and v > bound:
+                out.append(f"peak_gflops[{cls}] = {v} is above {bound:.0f} GFLOP/s")
+        if self.noise is not None and not 0 <= self.noise.median_rel_iqr <= 1:
+            out.append(f"noise.median_rel_iqr = {self.noise.median_rel_iqr} is not in [0, 1]")
+        if self.latency_model is not None:
+            out += _model_problems(self.latency_model, t if cpu else None)
+        return out
+
+    def check_physical(self, where: str) -> None:
+        """ConfigError naming the first unphysical field (and how many more) when `physical_problems` finds any."""
+        bad = self.physical_problems()
+        if bad:
+            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+            raise ConfigError(f"{where}: unphysical hardware profile {self.name}: {bad[0]}{more}; nothing written - "
+                              "calibrate again with `slimformer calibrate` (the measurements were disturbed)")
+
     @property
     def fingerprint(self) -> str:
         """12 hex digits identifying what prices plans: the machine numbers and the fitted model
@@ -190,6 +241,52 @@ class HardwareProfile(StrictModel):
     def version(self) -> str:
         """`schema v2, created date, fingerprint` as one string (what recipes record)."""
         return f"v{self.schema_version}-{self.created.isoformat()}-{self.fingerprint}"
+
+
+def _model_problems(lm: LatencyModel, threads: int | None) -> list[str]:
+    """`physical_problems` of the latency model; `threads` None skips the CPU rate bound."""
+    import math
+
+    out: list[str] = []
+    if lm.call_overhead_us < MIN_CALL_US:
+        out.append(f"latency_model.call_overhead_us = {lm.call_overhead_us} µs is below {MIN_CALL_US} µs")
+    fits = [(f"linear[{c}].fits[{i}]", f) for c, tab in lm.linear.items() for i, f in enumerate(tab.fits)]
+    fits += [(f"embedding[{c}]", f) for c, f in lm.embedding.items()]
+    fits += [(f"elementwise[{c}]", f) for c, f in lm.elementwise.items()]
+    fits += [("attention", lm.attention)] if lm.attention is not None else []
+    for name, f in fits:
+        if any(not math.isfinite(c) or c < 0 for c in f.coef):
+            out.append(f"latency_model.{name}.coef = {f.coef} has a negative or non-finite coefficient")
+    for name, f in lm.elementwise.items():
+        if f.coef and f.coef[0] + sum(f.coef[1:]) < MIN_NODE_US:
+            out.append(f"latency_model.elementwise[{name}] prices one element at {f.coef[0]:.4f} µs, below one "
+                       f"node's {MIN_NODE_US} µs")
+    for cls, tab in lm.linear.items():
+        if not tab.times:
+            continue
+        a = np.array(tab.times, dtype=float)
+        field = f"latency_model.linear[{cls}].times"
+        if not np.isfinite(a).all() or a.min() < MIN_NODE_US:
+            out.append(f"{field} has a time of {np.nanmin(a):.4f} µs, below one node's {MIN_NODE_US} µs")
+            continue
+        if (np.diff(a, axis=0) < -1e-9).any() or (np.diff(a, axis=1) < -1e-9).any() or \
+                (np.diff(a, axis=2) < -1e-9).any():
+            out.append(f"{field} is not non-decreasing in M, K and N")
+        if threads is not None and len(tab.dims) == a.shape[1]:
+            d = np.array(tab.dims, float)
+            work = 2.0 * np.array(tab.m_values, float)[:, None, None] * d[None, :, None] * d[None, None, :]
+            rate = float((work / a / 1e3).max())
+            bound = (MAX_GFLOPS_FP32_PER_THREAD if cls == "matmul" else MAX_GFLOPS_INT_PER_THREAD) * threads
+            if rate > bound:
+                out.append(f"{field} implies {rate:.0f} GFLOP/s, above {bound:.0f} GFLOP/s")
+    for fam, r in lm.residual.items():
+        for k, v in r.class_scale.items():
+            if not SCALE_BOUNDS[0] - 1e-6 <= v <= SCALE_BOUNDS[1] + 1e-6:
+                out.append(f"latency_model.residual[{fam}].class_scale[{k}] = {v} is outside {SCALE_BOUNDS}")
+        glue = (r.per_layer_ms, r.per_layer_token_us, r.per_layer_head_token_us, r.per_score_ns, r.const_ms)
+        if any(not math.isfinite(g) or g < 0 for g in glue):
+            out.append(f"latency_model.residual[{fam}] has a negative or non-finite glue term")
+    return out
 
 
 def list_profiles() -> list[str]:
@@ -279,8 +376,10 @@ def load_profile(name_or_path: str | os.PathLike[str]) -> HardwareProfile:
 
 
 def save_profile(profile: HardwareProfile, path: str | os.PathLike[str]) -> Path:
-    """Write `profile` as plain YAML (atomically: temp file in the same folder, then rename)."""
+    """Write `profile` as plain YAML (atomically: temp file in the same folder, then rename); a profile with
+    unphysical values (`HardwareProfile.physical_problems`) is a ConfigError naming the field, nothing written."""
     dest = Path(path).expanduser()
+    profile.check_physical(str(dest))
     data = profile.model_dump(mode="json", exclude_none=True)
     atomic_write(dest, yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=120))
     return dest

@@ -22,7 +22,6 @@ from slimformer.hardware_profiles.profile import Residual
 from slimformer.models.base import ModelAdapter
 
 FAMILIES = ("matmul", "dequant_gemm:8", "matmulnbits:8", "matmulnbits:4", "lowrank")
-SCALE_BOUNDS = (0.8, 1.6)
 LOWRANK_PREFIX = "lowrank|"  # breakdown key of a low-rank factor's kernel: 'lowrank|matmulnbits:4:32'
 
 

@@ -13,9 +13,9 @@ import numpy as np
 from slimformer.compression.plan import CompressionPlan
 from slimformer.hardware_profiles.model_timing import WARM_REPEAT, measure_plans
 from slimformer.hardware_profiles.predict import predict, require_model
-from slimformer.hardware_profiles.profile import HardwareProfile, LatencyModel, Residual
+from slimformer.hardware_profiles.profile import SCALE_BOUNDS, HardwareProfile, LatencyModel, Residual
 from slimformer.hardware_profiles.references import reference_adapter, reference_plans
-from slimformer.hardware_profiles.residual import FAMILIES, SCALE_BOUNDS, glue_features, kernel_family
+from slimformer.hardware_profiles.residual import FAMILIES, glue_features, kernel_family
 
 
 def reference_runs(est_ms: float, plans: int, budget_ms: float = 2000.0) -> int:

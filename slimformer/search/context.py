@@ -25,6 +25,7 @@ from slimformer.errors import BudgetError, ConfigError
 from slimformer.evaluators.latency import LatencySettings, LatencySource, make_latency_source, resolved_source
 from slimformer.evaluators.quality import FidelityEvaluator
 from slimformer.hardware_profiles import HardwareProfile, load_profile
+from slimformer.hardware_profiles.local_profile import auto_profile
 from slimformer.hardware_profiles.machine import warn_if_mismatched as warn_machine
 from slimformer.hardware_profiles.predict import require_linear_class
 from slimformer.models import ModelAdapter
@@ -177,6 +178,8 @@ def prepare(config: SearchConfig, *, log: Any = None, validated: Callable[[], No
             f"needs {min_bytes / 1e6:.2f} MB ({100 * min_bytes / fp32:.1f}% of fp32); raise the budget or add "
             "cheaper choices (4 bits, lower rank_fraction) to the space"
         )
+    if config.latency.source == "auto" and ("latency" in config.objectives or config.budget.latency is not None):
+        profile = auto_profile(profile, config.latency.threads, log)  # this machine's own model (one line if not)
     measured = config.latency.source == "measured"
     lat_budget: tuple[float, float | None] | None = None
     if config.budget.latency is not None and not measured:  # cheap sources: checked before the teacher outputs

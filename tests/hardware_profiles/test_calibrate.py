@@ -22,7 +22,7 @@ TINY = CalibrationGrid(
     m_values=(1, 4), dims=(16, 32),
     linear=(KernelChoice("matmul", 32), KernelChoice("matmulnbits", 4, 16, 16)),
     embedding=(KernelChoice("gather", 32),), heads=(1, 2), seqs=(8,), head_dims=(8,), elem_rows=(1, 4),
-    elem_widths=(16,), references=(), runs=4, budget_s=0.01)
+    elem_widths=(16,), references=(), seconds=10.0)
 
 
 def test_tiny_calibration_fits_every_class_and_predicts(tiny_bert) -> None:
@@ -89,15 +89,18 @@ def test_validation_metrics_and_random_plans(tiny_bert) -> None:
     assert {s.bits for p in plans for s in p.units.values()} == {32, 16, 8, 4}
 
 
-def test_fast_benchmarks_get_more_runs_within_their_budget() -> None:
-    from slimformer.hardware_profiles.calibrate import _runs
+def test_runs_per_pass_follow_kernel_speed_and_the_plans_fit_their_budgets() -> None:
+    from slimformer.hardware_profiles.sampling import RepeatPolicy
 
-    g = CalibrationGrid.full()
-    assert _runs(g, 3.0, 8) == g.max_runs  # a 3 µs kernel: 100 runs cost 2.4 ms
-    assert _runs(g, 5000.0, 2) == g.runs  # a 5 ms kernel keeps the 12-run cap
-    assert _runs(g, 200_000.0, 2) == 4  # and a very slow one the floor
-    assert g.runs <= _runs(g, 100.0, 4) <= g.max_runs
-    assert _runs(CalibrationGrid.quick(), 3.0, 8) == 6  # quick() stays quick
+    p = RepeatPolicy()
+    assert p.runs(3.0, p.pass_s) == p.max_runs  # a 3 µs kernel: the cap
+    assert p.runs(200_000.0, p.pass_s) == p.min_runs  # a very slow one: the floor
+    assert p.min_runs < p.runs(1000.0, p.pass_s) < p.max_runs
+    full, quick = CalibrationGrid.full(), CalibrationGrid.quick()
+    assert full.seconds <= 600 and quick.seconds <= 180  # the explicit budgets: 10 and 3 minutes
+    assert full.plan_seconds() <= 1.05 * full.micro_share * full.seconds
+    assert quick.plan_seconds() <= quick.micro_share * quick.seconds
+    assert quick.cells() < full.cells() / 3 and quick.quick_mode and not full.quick_mode
 
 
 def test_reference_and_validation_rounds_follow_model_speed() -> None:
@@ -111,10 +114,16 @@ def test_reference_and_validation_rounds_follow_model_speed() -> None:
     assert pass_rounds(25, 0.01) == MAX_ROUNDS
 
 
-def test_calibration_passes_multiply_the_linear_benchmarks() -> None:
+def test_every_cell_gets_its_passes_and_the_profile_says_how_it_was_sampled() -> None:
     from dataclasses import replace
 
-    one = calibrate(1, replace(TINY, passes=1), name="tiny", progress=False)
-    two = calibrate(1, replace(TINY, passes=2), name="tiny", progress=False)
-    n_lin = len(TINY.linear) * len(TINY.m_values) * len(TINY.dims) ** 2
-    assert two.calibration.measurements - one.calibration.measurements == n_lin
+    from slimformer.hardware_profiles.sampling import RepeatPolicy
+
+    prof = calibrate(1, replace(TINY, policy=RepeatPolicy(min_passes=2, max_passes=3)), name="tiny", progress=False)
+    cal, noise = prof.calibration, prof.noise
+    assert cal is not None and noise is not None
+    assert TINY.cells() == noise.repeats and cal.measurements >= 2 * TINY.cells()
+    assert cal.budget_seconds == TINY.seconds and cal.planned_seconds is not None and cal.micro_seconds is not None
+    assert noise.median_pass_rel_sd is not None and noise.remeasured_passes is not None
+    lm = prof.latency_model
+    assert lm is not None and prof.per_op_overhead_us >= 0.05 and lm.call_overhead_us > prof.per_op_overhead_us

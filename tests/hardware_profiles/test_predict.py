@@ -47,7 +47,7 @@ def calibrated_profile(**changes: object) -> HardwareProfile:
         attention=Fit(features=["1", "BH*S*S*D", "BH*S*S", "BH*S*D"], coef=[5.0, 1e-5, 1e-3, 1e-3]),
         elementwise={k: Fit(features=["1", "elements"], coef=[1.0, 1e-4]) for k in ("add", "layernorm", "gelu")},
         residual={"hf": Residual(per_layer_ms=0.01, per_layer_token_us=0.5, rmse_rel=0.02)},
-        flops_ms_per_gflop=10.0)
+        flops_ms_per_gflop=10.0, call_overhead_us=5.0)
     fields: dict[str, object] = dict(
         name="toy-ort", cpu="Toy CPU", cores=4, threads=1, runtime="onnxruntime", runtime_version="0.0.1",
         peak_gflops_fp32=50.0, mem_bandwidth_gbs=10.0, per_op_overhead_us=1.0, created=date(2026, 1, 2),

@@ -1,7 +1,9 @@
 """The latency sources by `latency.source` config value, and the rule that resolves `auto`.
 
 `auto` is no source of its own: it resolves to `calibrated` when the profile has a calibrated latency model,
-else to `estimate` (`resolved_source`). A source registers with `@register_latency_source("name")`.
+else to `estimate` (`resolved_source`); a search with `auto` first swaps a calibrated profile made on
+another machine for this machine's own (hardware_profiles/local_profile.py: cached, else a quick
+calibration). A source registers with `@register_latency_source("name")`.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from collections.abc import Callable
 
 from slimformer.errors import ConfigError
 from slimformer.evaluators.latency.base import LatencySettings, LatencySource
+from slimformer.hardware_profiles.machine import cpu_info
 from slimformer.hardware_profiles.predict import LABEL as CALIBRATED_LABEL
 from slimformer.hardware_profiles.predict import require_model
 from slimformer.hardware_profiles.profile import HardwareProfile
@@ -49,9 +52,12 @@ def resolved_source(source: str, profile: HardwareProfile) -> str:
 
 
 def source_label(source: str, profile: HardwareProfile) -> str:
-    """The label reports carry, e.g. 'calibrated (onnxruntime kernel model; profile X v2-...)'."""
+    """The label reports carry, e.g. 'calibrated (onnxruntime kernel model; profile X v2-...)'; a calibrated
+    model from another CPU model says so: 'calibrated on <that CPU> (...)'."""
     kind = resolved_source(source, profile)
     base = {"calibrated": CALIBRATED_LABEL, "estimate": ESTIMATE_LABEL}.get(kind, kind)
+    if kind == "calibrated" and profile.cpu and profile.cpu != cpu_info()[0]:
+        base = base.replace("calibrated", f"calibrated on {profile.cpu}", 1)
     return f"{base}; profile {profile.name} {profile.version}"
 
 
