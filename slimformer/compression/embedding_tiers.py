@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from slimformer.compression import ops
 from slimformer.errors import PlanError
+from slimformer.models.base import Batch, ModelAdapter
 
 TIER_BITS: dict[str, int] = {"int8": 8, "int4": 4, "int2": 2}
 TIERS_VERSION = 1  # version of the recipe's `embedding_tiers` section
@@ -131,6 +132,55 @@ def ranking_from_counts(counts: Tensor, source: str = "") -> TokenRanking:
     # stable sort by -count keeps ascending id order among equal counts
     order = seen[torch.sort(-c[seen], stable=True).indices]
     return TokenRanking(int(c.numel()), tuple(int(i) for i in order), source)
+
+
+def parse_layout(text: str) -> tuple[Tier, ...]:
+    """A tier layout as the search space writes it: `int8:4000,int4/32:8000,int2/64` = tier[/group][:rows],
+    comma separated, the last without rows (the rest)."""
+    tiers = []
+    for part in text.split(","):
+        head, _, rows = part.strip().partition(":")
+        name, _, group = head.partition("/")
+        try:
+            tiers.append(Tier(name, int(rows) if rows else None, int(group) if group else None))
+        except ValueError as exc:
+            raise PlanError(f"tier layout {text!r}: {exc}") from None
+    if tiers and tiers[-1].rows is not None:
+        raise PlanError(f"tier layout {text!r}: the last tier takes the remaining rows; write it without ':ROWS'")
+    return tuple(tiers)
+
+
+def layout_text(tiers: Sequence[Tier]) -> str:
+    """Inverse of `parse_layout`."""
+    return ",".join(t.name + (f"/{t.group_size}" if t.group_size else "") + (f":{t.rows}" if t.rows else "")
+                    for t in tiers)
+
+
+def ranking_from_batches(batches: Iterable[Batch], vocab: int, source: str = "") -> TokenRanking:
+    """The ranking of the real tokens (attention mask 1) of tokenised batches."""
+    counts = torch.zeros(vocab, dtype=torch.long)
+    for b in batches:
+        ids = b.inputs.get("input_ids")
+        if ids is None:
+            continue
+        mask = b.inputs.get("attention_mask")
+        flat = ids.reshape(-1) if mask is None else ids[mask.bool()].reshape(-1)
+        counts += torch.bincount(flat.to(torch.long).clamp(0, vocab - 1).cpu(), minlength=vocab)
+    return ranking_from_counts(counts, source)
+
+
+def reference_ranking(adapter: ModelAdapter, reference: str | None, batches: Sequence[Batch]) -> TokenRanking:
+    """The ranking a search's tiers use: token counts on `batches` (the search's own search + calibration text;
+    never held-out text) or, when `reference` names a text source, on that corpus."""
+    tables = [u for u in adapter.units if u.kind == "embedding"]
+    if not tables:
+        raise PlanError(f"{adapter.model_id} has no embedding table to tier")
+    vocab = tables[0].shape[0]
+    if reference is None:
+        return ranking_from_batches(batches, vocab, "search and calibration text")
+    from slimformer.data import load_texts
+
+    return ranking_from_batches(adapter.make_batches(load_texts(reference), 64), vocab, reference)
 
 
 @dataclass(frozen=True)
