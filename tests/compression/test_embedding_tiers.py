@@ -136,3 +136,16 @@ def test_bad_tiers_are_plan_errors() -> None:
         UnitSpec(bits=4, tiers=TierSpec((Tier("int2", None, 64),), TokenRanking(10, ())))
     with pytest.raises(PlanError, match="ranking has 10 ids, the table 12 rows"):
         TierSpec((Tier("int2", None, 64),), TokenRanking(10, ())).sizes(12)
+
+
+def test_recovery_keeps_a_tiered_table_frozen(bert64) -> None:
+    from slimformer.recovery.trainable import freeze_, make_trainable_
+
+    vocab, _ = bert64.unit(EMB).shape
+    plan = CompressionPlan({EMB: UnitSpec(tiers=_spec(vocab, tuple(range(50)))),
+                            **{u.name: UnitSpec(bits=8) for u in bert64.units if u.kind == "linear"}})
+    model = apply_plan(bert64, plan)
+    state = make_trainable_(model)
+    table = model.get_submodule(EMB).weight
+    assert not table.requires_grad and all(p is not table for p in state.weights)
+    freeze_(model, state)
