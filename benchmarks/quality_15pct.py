@@ -50,12 +50,14 @@ PLANS: list[tuple[str, str]] = [  # (linears, embedding) candidates within ~15% 
     ("int4 g64", "tiers int8:2000,int4/64:18000,int2/64"),
     ("int4 g32", "tiers int4/64:20000,int2/64"),
     ("attn int8, FFN int4 g64", "tiers int4/64:6000,int2/64"),
+    ("attn int8, FFN int4 g32", "tiers int4/64:6000,int2/64"),
     ("FFN-out int8, rest int4 g64", "tiers int4/64:6000,int2/64"),
     ("FFN-in int8, rest int4 g64", "tiers int4/64:6000,int2/64"),
 ]
 LINEARS: dict[str, Callable[[str, int | None], tuple[int, int | None]]] = {  # (role, layer) -> (bits, group)
     "int8": lambda role, layer: (8, None),
     "attn int8, FFN int4 g64": lambda role, layer: (8, None) if role in ATTN else (4, 64),
+    "attn int8, FFN int4 g32": lambda role, layer: (8, None) if role in ATTN else (4, 32),
     "attn int4 g64, FFN int8": lambda role, layer: (4, 64) if role in ATTN else (8, None),
     "FFN-out int8, rest int4 g64": lambda role, layer: (8, None) if role == "ffn_out" else (4, 64),
     "FFN-in int8, rest int4 g64": lambda role, layer: (8, None) if role == "ffn_in" else (4, 64),
