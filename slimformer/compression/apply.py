@@ -30,6 +30,7 @@ from slimformer.compression.calibration import (  # noqa: F401
     collect_activation_scales,
     collect_hessians,
 )
+from slimformer.compression.embedding_tiers import TieredEmbedding
 from slimformer.compression.gptq import gptq_quantize, inverse_hessian
 from slimformer.compression.modules import (
     FactorizedEmbedding,
@@ -255,9 +256,12 @@ def _compress_embedding(model: nn.Module, unit: Unit, spec: UnitSpec, cache: Dec
     w = old.weight.detach()
     pad = old.padding_idx
     rank = effective_rank(spec, (w.shape[0], w.shape[1]))
-    if rank is not None:
+    if spec.tiers is not None:  # per-row precision tiers by token frequency
+        new: nn.Module = TieredEmbedding(w.shape[0], w.shape[1], spec.tiers, padding_idx=pad)
+        new.set_table(w)
+    elif rank is not None:
         a, b = ops.lowrank_factors(cache.svd(w, None), rank)
-        new: nn.Module = FactorizedEmbedding(w.shape[0], w.shape[1], rank, padding_idx=pad)
+        new = FactorizedEmbedding(w.shape[0], w.shape[1], rank, padding_idx=pad)
         _store(new.table, a, spec)
         _store(new.proj, b.t().contiguous(), spec)
     else:

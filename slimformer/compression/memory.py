@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from slimformer.compression.embedding_tiers import onnx_tiered_bytes, tiered_bytes
 from slimformer.compression.modules import WeightFormat, matrix_bytes, sparse_format
 from slimformer.compression.plan import CompressionPlan, UnitSpec
 from slimformer.compression.plan_semantics import canonical_plan, effective_rank, scope_paths, unit_in_scope
@@ -163,6 +164,8 @@ def unit_bytes(unit: Unit, shape: tuple[int, int], spec: UnitSpec) -> int:
     bias = 4 * out_f if unit.has_bias else 0
     if spec.is_identity:
         return 4 * out_f * in_f + bias
+    if spec.tiers is not None:  # rank map + each tier's codes and scales (embedding_tiers.py)
+        return tiered_bytes(shape, spec.tiers)
     rank = effective_rank(spec, shape)
     if rank is None:
         return stored_matrix_bytes(shape, spec) + bias
@@ -230,6 +233,8 @@ def onnx_unit_bytes(unit: Unit, shape: tuple[int, int], spec: UnitSpec) -> tuple
     rank = None if spec.is_identity else effective_rank(spec, shape)
     if spec.is_identity:
         return 4 * out_f * in_f + bias, 0
+    if spec.tiers is not None:
+        return onnx_tiered_bytes(shape, spec.tiers, unit.name)
     if rank is None:
         b, kind = onnx_matrix((out_f, in_f), spec, table)
         return b + bias, _graph_bytes(kind, unit.name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from slimformer.compression.embedding_tiers import TierSpec
 from slimformer.errors import PlanError
 
 SparsityPattern = Literal["unstructured", "2:4"]
@@ -36,6 +37,8 @@ class UnitSpec:
         matmul runs in fp32; bit-faithful) or "int8" (onnxruntime's int8 GEMM: the weight requantised to int8 per
         output row, the activations quantised to uint8 per tensor at run time; faster, not exact). "int8" is
         valid for 8- and 4-bit linear units only; storage and memory are the same for both.
+    tiers: embedding tables only: per-row precision tiers by token frequency (compression/embedding_tiers.py);
+        the tiers set the precision, so bits stays 32 and rank/sparsity are not combined with them.
     """
 
     rank: int | None = None
@@ -45,6 +48,7 @@ class UnitSpec:
     group_size: int | None = None
     method: QuantMethod = "rtn"
     kernel: ComputeKernel = "exact"
+    tiers: TierSpec | None = None
 
     def __post_init__(self) -> None:
         if self.rank is not None and self.rank < 1:
@@ -66,10 +70,13 @@ class UnitSpec:
                             "or bits 8/4")
         if self.group_size is not None and (self.group_size < 2 or self.group_size % 2):
             raise PlanError(f"group_size must be an even number >= 2 or null (got {self.group_size})")
+        if self.tiers is not None and (self.bits != 32 or self.rank is not None or self.sparsity):
+            raise PlanError("embedding tiers set the table's precision: leave bits 32, rank null and sparsity 0 "
+                            "on a tiered unit")
 
     @property
     def is_identity(self) -> bool:
-        return self.rank is None and self.sparsity == 0.0 and self.bits == 32
+        return self.rank is None and self.sparsity == 0.0 and self.bits == 32 and self.tiers is None
 
     @property
     def quantized(self) -> bool:

@@ -48,6 +48,9 @@ def canonical_plan(adapter: ModelAdapter, plan: CompressionPlan) -> CompressionP
     if not_linear:
         raise PlanError(f"kernel 'int8' applies to linear units, not to {not_linear[0]} (a {kinds[not_linear[0]]}); "
                         "use kernel exact for it")
+    tiered = sorted(n for n, s in plan.units.items() if s.tiers is not None and kinds[n] != "embedding")
+    if tiered:
+        raise PlanError(f"embedding tiers apply to embedding tables, not to {tiered[0]} (a {kinds[tiered[0]]})")
     n_layers = len(adapter.layers)
     for g in plan.sharing.groups:
         bad = [i for i in g if not 0 <= i < n_layers]

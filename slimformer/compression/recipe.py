@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
+from slimformer.compression.embedding_tiers import TIER_BITS, TIERS_VERSION, Tier, TierSpec, TokenRanking
 from slimformer.compression.plan import CompressionPlan, LayerSpec, SharingSpec, StructureSpec, UnitSpec
 from slimformer.compression.plan_semantics import canonical_plan
 from slimformer.compression.records import RecoveryRecord
@@ -87,6 +88,56 @@ class StructureModel(FrozenModel):
         return StructureSpec(self.importance, self.refit)
 
 
+class TierModel(FrozenModel):
+    """One precision tier of a tiered table (`rows` null: every remaining row; the last tier only)."""
+
+    tier: str
+    rows: int | None = Field(None, ge=1, le=MAX_WIDTH)
+    group_size: int | None = Field(None, ge=2, le=MAX_WIDTH)
+
+    @field_validator("tier")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in TIER_BITS:
+            raise ValueError(f"unknown embedding tier {v!r}; tiers are {', '.join(TIER_BITS)}")
+        return v
+
+
+class RankingModel(FrozenModel):
+    """Token ids by frequency on the reference corpus (`ids`: base64 zlib uint32, most frequent first)."""
+
+    vocab: int = Field(ge=1, le=MAX_WIDTH)
+    ids: str
+    source: str = ""
+
+
+class EmbeddingTiersModel(FrozenModel):
+    """Frequency-aware precision of one embedding table (compression/embedding_tiers.py); versioned on its own."""
+
+    version: int = TIERS_VERSION
+    match: str
+    ranking: RankingModel
+    tiers: list[TierModel] = Field(min_length=1)
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, v: int) -> int:
+        if v > TIERS_VERSION:
+            raise ValueError(f"embedding_tiers version {v} is newer than this slimformer reads ({TIERS_VERSION}); "
+                             "upgrade slimformer")
+        return v
+
+    def to_spec(self) -> TierSpec:
+        ranking = TokenRanking(self.ranking.vocab, TokenRanking.decode_ids(self.ranking.ids), self.ranking.source)
+        return TierSpec(tuple(Tier(t.tier, t.rows, t.group_size) for t in self.tiers), ranking)
+
+    @classmethod
+    def from_spec(cls, match: str, spec: TierSpec) -> EmbeddingTiersModel:
+        r = spec.ranking
+        return cls(match=match, ranking=RankingModel(vocab=r.vocab, ids=r.encode_ids(), source=r.source),
+                   tiers=[TierModel(tier=t.name, rows=t.rows, group_size=t.group_size) for t in spec.tiers])
+
+
 class ModelRef(FrozenModel):
     id: str
     sha256: str | None = None
@@ -134,6 +185,7 @@ class Recipe(FrozenModel):
     layers: list[LayerRule] = []
     sharing: SharingModel | None = None
     structure: StructureModel | None = None  # data-driven head/neuron pruning; absent: weight norms, no re-fit
+    embedding_tiers: EmbeddingTiersModel | None = None  # per-row precision of the token table; absent: none
     provenance: Provenance = Provenance()
     recovery: RecoveryRecord | None = None  # distillation the saved weights went through (slimformer.recovery)
 
@@ -168,6 +220,16 @@ class Recipe(FrozenModel):
             sharing = SharingSpec() if self.sharing is None else SharingSpec(
                 tuple(tuple(g) for g in self.sharing.groups), self.sharing.scope)
             structure = StructureSpec() if self.structure is None else self.structure.to_spec()
+            if self.embedding_tiers is not None:  # the tiers decide the table's precision (rules matching it aside)
+                et = self.embedding_tiers
+                if et.match not in adapter.unit_names or adapter.unit(et.match).kind != "embedding":
+                    raise RecipeError(f"embedding_tiers.match {et.match!r} is not an embedding table of "
+                                      f"{adapter.model_id}; run `slimformer inspect MODEL` for the unit names")
+                rows = adapter.unit(et.match).shape[0]
+                if et.ranking.vocab != rows:
+                    raise RecipeError(f"embedding_tiers.ranking.vocab {et.ranking.vocab} != the {rows} rows of "
+                                      f"{et.match}; the recipe was made for another tokenizer")
+                units[et.match] = UnitSpec(tiers=et.to_spec())
             plan = CompressionPlan(units, layers, sharing, structure)
         except PlanError as exc:
             raise RecipeError(f"recipe does not fit {adapter.model_id}: {exc}") from None
@@ -187,7 +249,11 @@ class Recipe(FrozenModel):
         otherwise one exact-name rule per unit, in model order. Identity units get no rule either way."""
         plan = canonical_plan(adapter, plan)
         names = list(adapter.unit_names)
-        kept = [n for n in names if n in plan.units and not plan.units[n].is_identity]
+        tiered = [n for n in names if n in plan.units and plan.units[n].tiers is not None]
+        if len(tiered) > 1:
+            raise PlanError(f"a recipe carries the tiers of one embedding table; the plan tiers {tiered}")
+        tiers = None if not tiered else EmbeddingTiersModel.from_spec(tiered[0], plan.units[tiered[0]].tiers)  # type: ignore[arg-type]
+        kept = [n for n in names if n in plan.units and not plan.units[n].is_identity and n not in tiered]
         rules = [Rule(match=n, spec=SpecModel.from_spec(plan.units[n])) for n in kept] if not compact \
             else _compact_rules({n: plan.units[n] for n in kept}, names)
         layers = [LayerRule(layer=i, heads_kept=s.heads_kept, neurons_kept=s.neurons_kept)
@@ -198,7 +264,7 @@ class Recipe(FrozenModel):
             importance=plan.structure.importance, refit=plan.structure.refit)
         return cls(model=ModelRef(id=adapter.model_id, sha256=adapter.weights_sha256()),
                    hardware_profile=hardware_profile, hardware_profile_version=hardware_profile_version,
-                   rules=rules, layers=layers, sharing=sharing, structure=structure,
+                   rules=rules, layers=layers, sharing=sharing, structure=structure, embedding_tiers=tiers,
                    provenance=Provenance.model_validate(provenance or {}))
 
     # -- YAML ----------------------------------------------------------------------------------------
@@ -208,13 +274,17 @@ class Recipe(FrozenModel):
         data = self.model_dump(mode="json", exclude_none=False)
         data["provenance"] = self.provenance.model_dump(mode="json", exclude_defaults=True)  # the keys written
         for key, empty in (("hardware_profile", None), ("hardware_profile_version", None), ("recovery", None),
-                           ("structure", None), ("sharing", None), ("layers", []), ("provenance", {})):
+                           ("structure", None), ("sharing", None), ("layers", []), ("provenance", {}),
+                           ("embedding_tiers", None)):
             if key in data and data[key] == empty:
                 del data[key]  # the reader's default
         data["rules"] = [{"match": r.match, "spec": _Flow(r.spec.model_dump(mode="json", exclude_defaults=True))}
                          for r in self.rules]
         if self.layers:
             data["layers"] = [_Flow(lr.model_dump(mode="json", exclude_none=True)) for lr in self.layers]
+        if self.embedding_tiers is not None:
+            data["embedding_tiers"]["tiers"] = [_Flow(t.model_dump(mode="json", exclude_none=True))
+                                                for t in self.embedding_tiers.tiers]
         return yaml.dump(data, Dumper=_RecipeDumper, sort_keys=False, width=120, allow_unicode=True)
 
     @classmethod

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from slimformer.compression.apply import apply_plan
+from slimformer.compression.embedding_tiers import TieredEmbedding
 from slimformer.compression.modules import SlimEmbedding, SlimLinear
 from slimformer.compression.recipe import Recipe
 from slimformer.errors import ModelLoadError
@@ -39,7 +40,7 @@ def pack_model(model: nn.Module) -> dict[str, Tensor]:
     seen: set[int] = set()
     slim_params: set[int] = set()
     for path, mod in model.named_modules():  # named_modules yields a shared module once
-        if isinstance(mod, (SlimLinear, SlimEmbedding)):
+        if isinstance(mod, (SlimLinear, SlimEmbedding, TieredEmbedding)):
             out.update(mod.pack(path))
             slim_params.add(id(mod.weight))
             bias = getattr(mod, "bias", None)
@@ -110,12 +111,12 @@ def _load_compressed(model_dir: Path) -> ModelAdapter:
         raise ModelLoadError(f"{model_dir}: no {MODEL_FILE}; not a complete slimformer output directory")
     tensors = load_file(str(wfile))
     for path, mod in model.named_modules():
-        if isinstance(mod, (SlimLinear, SlimEmbedding)):
+        if isinstance(mod, (SlimLinear, SlimEmbedding, TieredEmbedding)):
             mod.unpack(path, tensors)
             if getattr(mod, "bias", None) is not None:
                 with torch.no_grad():
                     mod.bias.copy_(tensors[f"{path}.bias"])
-    slim = {id(m.weight) for m in model.modules() if isinstance(m, (SlimLinear, SlimEmbedding))}
+    slim = {id(m.weight) for m in model.modules() if isinstance(m, (SlimLinear, SlimEmbedding, TieredEmbedding))}
     slim |= {id(m.bias) for m in model.modules() if isinstance(m, SlimLinear) and m.bias is not None}
     seen: set[int] = set()
     for name, p in model.named_parameters():

@@ -21,8 +21,10 @@ from onnx import TensorProto
 from onnx import numpy_helper as nh
 from torch import Tensor, nn
 
+from slimformer.compression.embedding_tiers import TieredEmbedding
 from slimformer.compression.modules import SlimEmbedding, SlimLinear
 from slimformer.export import kernels as K
+from slimformer.export.tiered import lower_tiered_embedding
 
 Int8Kernel = Literal["auto", "dequantize", "matmulnbits"]
 KernelMode = Literal["exact", "fast"]
@@ -163,6 +165,9 @@ class _Rewriter:
             lookup[_digest(w)].append((path, mod, False))
             if isinstance(mod, SlimLinear):
                 lookup[_digest(w.T)].append((path, mod, True))
+        for path, tmod in model.named_modules():  # frequency-tiered tables (export/tiered.py)
+            if isinstance(tmod, TieredEmbedding):
+                lookup[_digest(_np(tmod.weight))].append((path, tmod, False))  # type: ignore[arg-type]
         self.matched: dict[str, list[tuple[str, SlimLinear | SlimEmbedding, bool]]] = {}
         for t in graph.initializer:
             if t.data_type in _FLOAT_TYPES and len(t.dims) == 2:
@@ -254,8 +259,12 @@ class _Rewriter:
         return self._add(low)
 
     def embedding(self, ids: str, y: str, mod: SlimEmbedding, path: str) -> list[onnx.NodeProto]:
-        fmt = mod.fmt
         p = self._prefix(path or "embedding")
+        if isinstance(mod, TieredEmbedding):
+            low = lower_tiered_embedding(ids, y, p, mod)
+            self.report.kernels[path] = low.kernel
+            return self._add(low)
+        fmt = mod.fmt
         w = _np(mod.weight)
         if fmt.bits == 16:
             low = K.fp16_gather(ids, y, p, w)
@@ -310,7 +319,7 @@ class _Rewriter:
                 return None
             return self.linear(node.input[0], mod, path, bias, node.output[0])
         if node.op_type == "Gather" and _attr(node, "axis", 0) == 0:
-            hit = self._pick(node.input[0], SlimEmbedding, False)
+            hit = self._pick(node.input[0], SlimEmbedding, False) or self._pick(node.input[0], TieredEmbedding, False)
             if hit is None:
                 return None
             path, mod = hit

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from slimformer.compression import ops
+from slimformer.compression.embedding_tiers import TieredEmbedding
 from slimformer.compression.modules import SlimEmbedding, SlimLinear
 
 
@@ -167,6 +168,9 @@ def make_trainable_(model: nn.Module, learn_scales: bool = True) -> TrainableMod
     a parametrization; embedding tables a latent table read row-wise by a replaced forward."""
     mods = slim_modules(model)
     model.requires_grad_(True)
+    for m in model.modules():  # a frequency-tiered table stays as stored: its packed tiers are what is saved
+        if isinstance(m, TieredEmbedding):
+            m.weight.requires_grad_(False)
     fqs: list[FakeQuant] = []
     for mod in mods:
         if parametrize.is_parametrized(mod, "weight") or hasattr(mod, "recovery_fq"):

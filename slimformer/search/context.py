@@ -18,6 +18,7 @@ from slimformer.compression.calibration import (
     collect_hessians,
     collect_structure_stats,
 )
+from slimformer.compression.embedding_tiers import reference_ranking
 from slimformer.compression.memory import plan_memory, set_deploy
 from slimformer.compression.plan import CompressionPlan
 from slimformer.compression.saving import load_any
@@ -189,6 +190,9 @@ def prepare(config: SearchConfig, *, log: Any = None, validated: Callable[[], No
     warn_if_mismatched(config, profile, log)
     seed_everything(config.data.seed)
     sets = load_eval_sets(config, adapter)  # before the first log line: bad data is the only line on stderr
+    if space.has_tiers:  # embedding tiers rank rows by token frequency on the search's own text (or a named corpus)
+        reference = [*sets.search, *sets.calibration]
+        space.use_token_ranking(reference_ranking(adapter, config.space.tier_reference, reference))
     say(f"model {adapter.model_id}: {len(adapter.units)} units, fp32 {fp32 / 1e6:.2f} MB, budget "
         f"{budget / 1e6:.2f} MB; computing teacher outputs")
     search_eval = FidelityEvaluator(adapter, sets.search, device=device)

@@ -285,6 +285,8 @@ _NOTATION = ("intN gG: N-bit integer weights, one scale per G inputs (per output
 def _spec_text(spec: dict[str, Any] | None) -> str:
     if not spec:
         return "fp32"
+    if spec.get("tiers"):  # a frequency-tiered embedding table
+        return f"tiers {spec['tiers']}"
     parts = []
     if spec.get("rank"):
         parts.append(f"r{spec['rank']}")

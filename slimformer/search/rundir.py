@@ -26,6 +26,7 @@ import numpy as np
 import optuna
 import yaml
 
+from slimformer.compression.embedding_tiers import layout_text
 from slimformer.compression.plan import CompressionPlan
 from slimformer.compression.recipe import Recipe
 from slimformer.errors import ConfigError
@@ -103,7 +104,8 @@ def plan_summary(plan: CompressionPlan) -> dict[str, Any]:
     """A JSON-able plan: unit specs, layer specs and sharing."""
     return {
         "units": {k: {f: v for f, v in asdict(s).items()
-                      if (v not in (None, 0.0, "unstructured") or f == "bits") and (f, v) != ("kernel", "exact")}
+                      if (v not in (None, 0.0, "unstructured") or f == "bits") and (f, v) != ("kernel", "exact")
+                      and f != "tiers"} | ({} if s.tiers is None else {"tiers": layout_text(s.tiers.tiers)})
                   for k, s in plan.units.items()},
         "layers": {str(i): asdict(s) for i, s in plan.layers.items()},
         "sharing": {"groups": [list(g) for g in plan.sharing.groups], "scope": plan.sharing.scope}

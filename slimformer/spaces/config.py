@@ -7,6 +7,8 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from slimformer.compression.embedding_tiers import parse_layout
+from slimformer.errors import PlanError
 from slimformer.models.base import ROLES
 from slimformer.schema import FrozenModel
 
@@ -79,6 +81,9 @@ class GroupConfig(FrozenModel):
     # compute of 8/4-bit linears: exact (weight-only, fp32 matmul) or int8 (int8 GEMM, activations quantised);
     # ignored for other bits and for embedding tables, like group_size
     kernel: list[Literal["exact", "int8"]] = ["exact"]
+    # embedding tables only: per-row precision tiers by token frequency, each choice a layout such as
+    # "int8:4000,int4/32:8000,int2/64" (tier[/group][:rows], the last tier the rest) or "none" (bits decide)
+    tiers: list[str] = ["none"]
     heads_kept: list[Annotated[int, Field(ge=1, le=MAX_WIDTH)]] | None = None
     # <= 1.0: fraction of the FFN width; > 1: absolute count
     neurons_kept: list[Annotated[float, Field(gt=0, le=MAX_WIDTH)]] | None = None
@@ -113,6 +118,19 @@ class GroupConfig(FrozenModel):
             raise ValueError("bits needs at least one choice (32, 16, 8 or 4)")
         return v
 
+    @field_validator("tiers")
+    @classmethod
+    def _tiers(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("tiers needs at least one choice (a layout such as 'int4/32:8000,int2/64', or none)")
+        for layout in v:
+            if layout != "none":
+                try:
+                    parse_layout(layout)
+                except PlanError as exc:
+                    raise ValueError(str(exc)) from None
+        return v
+
     @field_validator("kernel")
     @classmethod
     def _kernel(cls, v: list[str]) -> list[str]:
@@ -140,6 +158,9 @@ class SpaceConfig(FrozenModel):
     sharing: list[str] = ["none"]
     sharing_scope: list[Literal["attention", "ffn", "block"]] = ["attention"]
     data_aware_lowrank: bool = True
+    # text the embedding tiers rank tokens on: null = this search's search + calibration text (never held-out),
+    # or a named text source (slimformer.data.load_texts)
+    tier_reference: str | None = None
     structure: StructureConfig = StructureConfig()
 
     @field_validator("sharing")

@@ -15,13 +15,14 @@ from typing import Any
 import optuna
 from optuna.distributions import CategoricalDistribution
 
+from slimformer.compression.embedding_tiers import TierSpec, TokenRanking, parse_layout
 from slimformer.compression.memory import deployed_unit_bytes, plan_memory
 from slimformer.compression.plan import CompressionPlan, LayerSpec, StructureSpec, UnitSpec, sharing_pattern
 from slimformer.errors import ConfigError
 from slimformer.models.base import ModelAdapter, Unit
 from slimformer.spaces.config import GroupConfig, SpaceConfig
 
-UNIT_KEYS = ("rank_fraction", "sparsity", "bits", "group_size", "method", "kernel")
+UNIT_KEYS = ("rank_fraction", "sparsity", "bits", "group_size", "method", "kernel", "tiers")
 
 
 @dataclass(frozen=True)
@@ -38,8 +39,14 @@ def rank_from_fraction(frac: float, shape: tuple[int, int]) -> int | None:
     return None if frac >= 1.0 else max(1, round(frac * min(shape)))
 
 
-def spec_from_choice(choice: Mapping[str, Any], shape: tuple[int, int], kind: str = "linear") -> UnitSpec:
-    """The unit spec of one bundle choice; `kernel` counts only for 8/4-bit linears (else exact)."""
+def spec_from_choice(choice: Mapping[str, Any], shape: tuple[int, int], kind: str = "linear",
+                     ranking: TokenRanking | None = None) -> UnitSpec:
+    """The unit spec of one bundle choice; `kernel` counts only for 8/4-bit linears (else exact), `tiers` only for
+    embedding tables (a layout other than none replaces bits/rank/sparsity; rows ranked by `ranking`, by token id
+    when None: the bytes are the same, only which rows land in which tier differs)."""
+    layout = choice.get("tiers", "none")
+    if layout != "none" and kind == "embedding":
+        return UnitSpec(tiers=TierSpec(parse_layout(layout), ranking or TokenRanking(shape[0], ())))
     sparsity = choice.get("sparsity", 0.0)
     pattern = "2:4" if sparsity == "2:4" else "unstructured"
     bits = int(choice.get("bits", 32))
@@ -60,6 +67,7 @@ class SearchSpace:
     def __init__(self, adapter: ModelAdapter, config: SpaceConfig) -> None:
         self.adapter = adapter
         self.config = config
+        self.token_ranking: TokenRanking | None = None  # set by use_token_ranking (the search's text)
         self.bundles = self._bundles()
         n = len(adapter.layers)
         self.sharing_choices = [f"{p}/{s}" if p != "none" else "none"
@@ -74,6 +82,16 @@ class SearchSpace:
                         self._structure_value(key, value, layer)
         self._check_structure_owners()
         self._check_2_4()
+
+    @property
+    def has_tiers(self) -> bool:
+        """Whether some embedding table of the space can take frequency tiers (then it needs a token ranking)."""
+        return any(u.kind == "embedding" and any(t != "none" for t in b.group.tiers)
+                   for b in self.bundles for u in b.units)
+
+    def use_token_ranking(self, ranking: TokenRanking) -> None:
+        """Rank the table's rows for tiered choices by `ranking` (token frequency on the reference text)."""
+        self.token_ranking = ranking
 
     def _check_structure_owners(self) -> None:
         """One group decides a layer's heads_kept (neurons_kept): with two, one would silently override the other."""
@@ -182,7 +200,7 @@ class SearchSpace:
                 choices = getattr(b.group, key)
                 choice[key] = params.get(f"{b.prefix}.{key}", choices[0])
             for u in b.units:
-                spec = spec_from_choice(choice, u.shape, u.kind)
+                spec = spec_from_choice(choice, u.shape, u.kind, self.token_ranking)
                 if not spec.is_identity:
                     units[u.name] = spec
             for key in ("heads_kept", "neurons_kept"):
@@ -218,7 +236,7 @@ class SearchSpace:
             best, best_bytes = None, None
             for combo in itertools.product(*(getattr(b.group, k) for k in keys)):
                 choice = {k: getattr(b.group, k)[0] for k in UNIT_KEYS} | dict(zip(keys, combo))
-                total = sum(deployed_unit_bytes(self.adapter, u, u.shape, spec_from_choice(choice, u.shape))
+                total = sum(deployed_unit_bytes(self.adapter, u, u.shape, spec_from_choice(choice, u.shape, u.kind))
                             for u in b.units)
                 if best_bytes is None or total < best_bytes:
                     best, best_bytes = combo, total
