@@ -112,7 +112,7 @@ def run_search(config: SearchConfig, *, trials: int | None = None, timeout: floa
             study = run_trials(ctx, study_storage, config.study_name, config.trials, config.timeout,
                                progress=progress, single_driver=exclusive, log=say,
                                sensitivity_path=out / "sensitivity.json", label=shown)
-        recovered = recover_in_search(ctx, study, log=say)  # the recovered plans join the study as trials
+        recovered = recover_in_search(ctx, study, log=say, run_dir=out)  # the recovered plans join the study as trials
         summary = write_outputs(ctx, out, study, baselines, config.study_name, shown, time.perf_counter() - start,
                                 log=say, recovered_models=recovered)
     finally:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -27,6 +28,8 @@ from torch import nn
 
 from slimformer import data as data_mod
 from slimformer.compression.plan import CompressionPlan
+from slimformer.compression.recipe import Recipe
+from slimformer.compression.saving import load_compressed, save_compressed
 from slimformer.fileio import read_json, write_json
 from slimformer.models.base import Batch
 from slimformer.recovery import RecoveryRecord, recover
@@ -166,9 +169,15 @@ def recovery_key(t: FrozenTrial, settings: dict[str, Any]) -> str:
     return _key(t, settings)
 
 
-def recover_in_search(ctx: SearchContext, study: optuna.Study, log: Any = None) -> dict[int, nn.Module]:
+RECOVERED_DIR = "recovered"  # run_dir/recovered/trial-N: the compressed model directory of recovered trial N
+
+
+def recover_in_search(ctx: SearchContext, study: optuna.Study, log: Any = None,
+                      run_dir: Path | None = None) -> dict[int, nn.Module]:
     """Distil the most promising structural plans and add each, scored on the search set, as a new trial;
     {new trial number: recovered model} (for held-out scoring afterwards; empty without `recover_in_search`).
+    With `run_dir`, each recovered model is also saved as run_dir/recovered/trial-N (a compressed model
+    directory: `slimformer export` / `bench` take it as it is).
 
     Never reads held-out data: training excludes the search and held-out texts, scoring uses the search set."""
     cfg = ctx.config.recover_in_search
@@ -214,7 +223,23 @@ def recover_in_search(ctx: SearchContext, study: optuna.Study, log: Any = None) 
         say(f"trial {t.number} recovered as trial {number}: search {ctx.quality_metric} "
             f"{q0 if q0 is None else round(q0, 4)} -> {ev.value(ctx.quality_metric):.4f}")
         out[number] = model
+        if run_dir is not None:
+            recipe = Recipe.from_plan(trial_plan(ctx, t), ctx.adapter).model_copy(update={"recovery": RecoveryRecord(
+                settings=settings, steps=res.steps, seconds=round(res.seconds, 1), train_samples=res.train_samples,
+                eval_samples=0, before={}, after={})})
+            save_compressed(ctx.adapter, model, recipe, run_dir / RECOVERED_DIR / f"trial-{number}")
     return out
+
+
+def recovered_model(ctx: SearchContext, t: FrozenTrial, run_dir: Path | None = None,
+                    models: dict[int, nn.Module] | None = None) -> nn.Module:
+    """A recovered trial's model: kept from the stage, else saved in run_dir/recovered, else distilled again."""
+    if models and t.number in models:
+        return models[t.number]
+    saved = None if run_dir is None else run_dir / RECOVERED_DIR / f"trial-{t.number}"
+    if saved is not None and saved.is_dir():
+        return load_compressed(saved).model
+    return rebuild_recovered(ctx, t)
 
 
 def _config_of(settings: dict[str, Any]) -> RecoveryConfig:

@@ -10,6 +10,7 @@
                      where the latency numbers come from
   bench.json         `report --bench N` only: measured latency of the N best plans
   recipes/trial-N.yaml  one recipe per Pareto trial
+  recovered/trial-N/    recover_in_search only: the compressed model directory of recovered trial N
   summary.json       best recipe vs best baseline on held-out data, timings
 """
 
@@ -33,7 +34,7 @@ from slimformer.search.context import SearchContext
 from slimformer.search.evaluate import evaluate_plan, latency_ms, trial_plan
 from slimformer.search.pause import pause_at
 from slimformer.search.records import TrialRecord, is_feasible, is_recovered
-from slimformer.search.recover_stage import in_search_record, rebuild_recovered, recover_front, recovery_summary
+from slimformer.search.recover_stage import in_search_record, recover_front, recovered_model, recovery_summary
 from slimformer.search.report import LatencyNote, ReportInputs, report_units, write_report
 from slimformer.search.report_bench import read_front_bench
 from slimformer.search.report_plot import CloudPoint, PlotInputs, write_pareto_png
@@ -153,8 +154,7 @@ def heldout_for_pareto(ctx: SearchContext, run_dir: Path, front: list[optuna.tri
         if log:
             log(f"held-out scoring of Pareto trial {t.number} ({i + 1}/{len(todo)})")
         if is_recovered(t):
-            model = (recovered_models or {}).get(t.number) or rebuild_recovered(ctx, t)
-            cache[t.number] = ctx.heldout_eval.evaluate(model).metrics
+            cache[t.number] = ctx.heldout_eval.evaluate(recovered_model(ctx, t, run_dir, recovered_models)).metrics
         else:
             cache[t.number] = evaluate_plan(ctx, trial_plan(ctx, t), heldout=True).metrics
         write_json(f, {str(k): v for k, v in sorted(cache.items())})

@@ -14,6 +14,7 @@ from helpers import invoke, tiny_config, write_config
 
 from slimformer.api import search
 from slimformer.compression.recipe import Recipe
+from slimformer.compression.saving import load_compressed
 from slimformer.errors import ConfigError
 from slimformer.recovery import RecoveryConfig
 from slimformer.recovery.config import SearchRecoveryConfig
@@ -63,6 +64,7 @@ def test_recovered_scores_are_stored_on_trials_and_rank_the_front(tmp_path: Path
         source = TrialRecord.from_trial(t).recovered_from
         assert source not in front if gain > 0 else t.number not in front
     entries = json.loads((res.run_dir / "pareto.json").read_text())["trials"]
+    ctx = prepare(SearchConfig.load(cfg_path))
     recovered_entries = [e for e in entries if "recovered_from" in e]
     assert recovered_entries, "no recovered plan on the front"
     for e in recovered_entries:
@@ -73,6 +75,10 @@ def test_recovered_scores_are_stored_on_trials_and_rank_the_front(tmp_path: Path
         assert recipe.recovery.settings["steps"] == RECOVER["steps"] and recipe.recovery.settings["lr"] == RECOVER["lr"]
         assert recipe.recovery.settings["data"] != "auto"  # the source it really trained on
         assert recipe.recovery.after == e["heldout_metrics"]
+        saved = load_compressed(res.run_dir / "recovered" / f"trial-{e['trial']}")  # the recovered weights, kept
+        assert saved.recipe.recovery.settings == recipe.recovery.settings  # type: ignore[attr-defined]
+        assert ctx.search_eval.evaluate(saved.model).metrics["cosine"] == pytest.approx(e["search_metrics"]["cosine"],
+                                                                                       abs=1e-5)
     best = res.summary.best_recipe
     assert best is not None and best.heldout_quality == max(e["heldout_metrics"]["cosine"] for e in entries)
     # resuming the finished search recovers nothing twice
