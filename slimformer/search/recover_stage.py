@@ -187,22 +187,25 @@ def recover_in_search(ctx: SearchContext, study: optuna.Study, log: Any = None,
     trials = study.get_trials(deepcopy=False)
     done = {TrialRecord.from_trial(t).recovery_key for t in trials if is_recovered(t)}
     cands = [t for t in trials if is_feasible(t) and not is_recovered(t) and is_structural(trial_plan(ctx, t))]
-    source, batches = "", []
-    settings: dict[str, Any] = {}
+    settings = recovered_settings(ctx) or {}
+    batches: list[Batch] = []
     out: dict[int, nn.Module] = {}
     chosen = promising(ctx, cands, cfg.top_k)
     for i, t in enumerate(chosen):
-        if not batches:
-            source, batches = in_search_batches(ctx, cfg)
-            settings = {**cfg.settings(), "data": source}
         key = recovery_key(t, settings)
         if key in done:
             continue
+        if not batches:
+            batches = in_search_batches(ctx, cfg)[1]
         say(f"recovery in the search: trial {t.number} ({i + 1}/{len(chosen)}), {cfg.step_budget or cfg.minutes} "
             f"{'steps' if cfg.step_budget else 'min'}")
         model = ctx.compress(trial_plan(ctx, t))
-        with using_threads():
-            res = recover(ctx.adapter, model, batches, _config_of(settings), log=say)
+        try:
+            with using_threads():
+                res = recover(ctx.adapter, model, batches, _config_of(settings), log=say)
+        except (RuntimeError, FloatingPointError, ValueError, MemoryError) as exc:  # one plan, not the search
+            say(f"recovery of trial {t.number} failed ({exc.__class__.__name__}: {str(exc)[:200]}); not added")
+            continue
         ev = ctx.search_eval.evaluate(model)
         if not all(v == v for v in ev.metrics.values()):  # NaN: not a plan to offer
             say(f"recovery of trial {t.number} gave non-finite metrics; not added")
