@@ -87,7 +87,8 @@ _KERNELS_OPTION = click.option(
 @click.option("--onnx", "to_onnx", is_flag=True, help="Also write OUT/onnx/model.onnx (needs --out).")
 @_KERNELS_OPTION
 @click.option("--recover", "do_recover", is_flag=True,
-              help="Distil the compressed model from the uncompressed one before measuring and saving.")
+              help="Distil the compressed model from the uncompressed one before measuring and saving (with the "
+              "recovery settings the recipe records, if any; the options below override them).")
 @click.option("--steps", type=click.IntRange(min=1, max=MAX_TRIALS), help="Recovery optimizer steps (default 300).")
 @click.option("--minutes", type=click.FloatRange(min=0, min_open=True), help="Recovery wall-time budget instead.")
 @click.option("--recover-data", help="Recovery training data (default: debian-fortunes when Debian's fortunes "
@@ -104,10 +105,13 @@ def apply(recipe: Path, model: str, out: Path | None, data: str, samples: int, t
     from slimformer.errors import ConfigError
 
     recover = None
-    if do_recover:
+    if do_recover:  # the recipe's recorded recovery settings (if any) are the defaults
+        from slimformer.compression.recipe import Recipe
         from slimformer.recovery import RecoveryConfig
 
-        recover = RecoveryConfig.make("--recover", steps=steps, minutes=minutes, data=recover_data, lr=lr)
+        recorded = Recipe.load(recipe).recovery
+        recover = RecoveryConfig.from_recorded(None if recorded is None else recorded.settings, "--recover",
+                                               steps=steps, minutes=minutes, data=recover_data, lr=lr)
     elif any(v is not None for v in (steps, minutes, recover_data, lr)):
         raise ConfigError("--steps, --minutes, --recover-data and --lr set recovery; add --recover")
     res = apply_recipe(recipe, model, out_dir=out, data=data, samples=samples, onnx=to_onnx, kernels=kernels,

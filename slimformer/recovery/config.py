@@ -20,6 +20,7 @@ DEFAULT_LOSSES: dict[str, dict[str, float]] = {
     "classifier": {"kl": 1.0, "hidden": 1.0},
 }
 DEFAULT_STEPS = 300
+DEFAULT_SEARCH_STEPS = 200  # recover_in_search: a short distillation per plan
 MAX_COUNT = 10_000_000  # bound on steps, batch sizes and sample counts: a typo is an error, not an overflow hours later
 
 
@@ -66,12 +67,27 @@ class RecoveryConfig(FrozenModel):
         except ValidationError as exc:
             raise ConfigError(f"{source}: {first_validation_error(exc)}") from None
 
+    @classmethod
+    def from_recorded(cls, recorded: dict[str, Any] | None, source: str = "recovery", **given: Any) -> RecoveryConfig:
+        """`make` on top of the settings a recipe recorded (RecoveryRecord.settings): the given (not None) values
+        win; a given `steps` or `minutes` replaces the recorded budget of either kind."""
+        base = {k: v for k, v in (recorded or {}).items() if k in cls.model_fields}
+        if given.get("steps") is not None or given.get("minutes") is not None:
+            base.pop("steps", None)
+            base.pop("minutes", None)
+        return cls.make(source, **{**base, **{k: v for k, v in given.items() if v is not None}})
+
     def loss_weights(self, kind: str) -> dict[str, float]:
         """The losses to use for a model kind ('encoder' or 'classifier'), zero weights dropped."""
         chosen = dict(self.losses) if self.losses is not None else DEFAULT_LOSSES[kind]
         if kind == "encoder" and "kl" in chosen and chosen["kl"] > 0:
             raise ConfigError("recovery losses: kl needs logits; an encoder outputs embeddings (use cosine or mse)")
         return {k: float(v) for k, v in chosen.items() if v > 0}
+
+    def settings(self) -> dict[str, Any]:
+        """The recovery settings alone (a subclass's stage keys such as `top_k` dropped), as recipes record them."""
+        return RecoveryConfig.model_validate(
+            {k: getattr(self, k) for k in RecoveryConfig.model_fields}).model_dump(mode="json", exclude_none=True)
 
     @property
     def step_budget(self) -> int | None:
@@ -86,3 +102,20 @@ class RecoverStageConfig(RecoveryConfig):
     the trials and re-score them on the held-out data."""
 
     top_k: int = Field(5, ge=1, le=MAX_COUNT)
+
+
+class SearchRecoveryConfig(RecoveryConfig):
+    """The search's optional `recover_in_search:` key: after the trials, distil the `top_k` most promising
+    structural plans (pruned heads/neurons, low rank, sparsity, sharing) for `steps` on training data disjoint
+    from the search and held-out sets, score them on the search set and add each as a trial with its recovered
+    score (search/recover_stage.py), so that they compete on the front with quantisation-only plans.
+    Defaults: 4 plans, 200 steps each (a `steps` budget, so that `apply --recover` reproduces the model)."""
+
+    top_k: int = Field(4, ge=1, le=MAX_COUNT)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_steps(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("steps") is None and data.get("minutes") is None:
+            return {**data, "steps": DEFAULT_SEARCH_STEPS}
+        return data

@@ -10,6 +10,7 @@ from typing import Any
 from slimformer.fileio import check_output_path
 from slimformer.search.config import SearchConfig
 from slimformer.search.context import SearchContext, prepare
+from slimformer.search.recover_stage import recover_in_search
 from slimformer.search.results import SearchSummary
 from slimformer.search.rundir import check_or_write_config, run_baselines, write_outputs
 from slimformer.search.runner import run_trials
@@ -111,8 +112,9 @@ def run_search(config: SearchConfig, *, trials: int | None = None, timeout: floa
             study = run_trials(ctx, study_storage, config.study_name, config.trials, config.timeout,
                                progress=progress, single_driver=exclusive, log=say,
                                sensitivity_path=out / "sensitivity.json", label=shown)
+        recovered = recover_in_search(ctx, study, log=say, run_dir=out)  # the recovered plans join the study as trials
         summary = write_outputs(ctx, out, study, baselines, config.study_name, shown, time.perf_counter() - start,
-                                log=say)
+                                log=say, recovered_models=recovered)
     finally:
         close_storage(study_storage)
         unlock_run_dir(lock)

@@ -13,7 +13,7 @@ from pydantic import Field, ValidationError, field_validator
 
 from slimformer.errors import ConfigError
 from slimformer.fileio import first_validation_error, read_text_file, yaml_mapping
-from slimformer.recovery.config import RecoverStageConfig
+from slimformer.recovery.config import RecoverStageConfig, SearchRecoveryConfig
 from slimformer.schema import FrozenModel
 from slimformer.spaces.config import SpaceConfig
 from slimformer.threads import MAX_THREADS
@@ -198,6 +198,8 @@ class SearchConfig(FrozenModel):
     threads: int | None = Field(None, ge=1, le=MAX_THREADS)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     recover: RecoverStageConfig | None = None  # distil the top-k Pareto plans after the trials (recover_stage.py)
+    # distil the most promising structural plans and rank them by their recovered search-set score (recover_stage.py)
+    recover_in_search: SearchRecoveryConfig | None = None
     deploy: Literal["onnx", "safetensors"] = "onnx"  # the artifact budget.memory applies to (compression/memory.py)
 
     @field_validator("objectives")

@@ -57,6 +57,14 @@ class TrialRecord:
     pruned_reason: str | None = None
     fail_reason: str | None = None
     duplicate_of: int | None = None  # same plan as this finished trial: answered from it (PRUNED, not counted)
+    # recover_in_search (search/recover_stage.py): this trial is trial `recovered_from`'s plan after a short
+    # distillation; `metrics` are its search-set metrics after it, `unrecovered_metrics` those before (not counted)
+    recovered_from: int | None = None
+    recovery_key: str | None = None  # digest of the plan's params and the recovery settings
+    recovery_steps: int | None = None
+    recovery_s: float | None = None
+    recovery_samples: int | None = None  # training samples the distillation went through
+    unrecovered_metrics: dict[str, float] | None = None
 
     @classmethod
     def from_user_attrs(cls, attrs: Mapping[str, Any]) -> TrialRecord:
@@ -118,10 +126,16 @@ def is_duplicate(t: FrozenTrial) -> bool:
 
 
 def counted(t: FrozenTrial) -> bool:
-    """Counts toward `trials`: finished, not an over-budget sample, not a duplicate plan, not left behind by a
-    killed driver."""
+    """Counts toward `trials`: finished, not an over-budget sample, not a duplicate plan, not a recovered copy of
+    a trial (recover_in_search), not left behind by a killed driver."""
     rec = TrialRecord.from_trial(t)
-    return t.state in FINISHED and rec.feasible is not False and rec.duplicate_of is None and not was_interrupted(t)
+    return (t.state in FINISHED and rec.feasible is not False and rec.duplicate_of is None
+            and rec.recovered_from is None and not was_interrupted(t))
+
+
+def is_recovered(t: FrozenTrial) -> bool:
+    """A trial recover_in_search added: another trial's plan scored after a short distillation."""
+    return TrialRecord.from_trial(t).recovered_from is not None
 
 
 def _trials(study: optuna.Study | Iterable[FrozenTrial]) -> Iterable[FrozenTrial]:

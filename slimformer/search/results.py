@@ -75,6 +75,8 @@ class ParetoEntry:
     latency_source: str | None = None  # measured latency only
     latency_iqr_ms: float | None = None
     recovery: RecoveryRecord | None = None  # held-out metrics before/after distillation
+    recovered_from: int | None = None  # recover_in_search: the trial whose plan this is, before distillation
+    unrecovered_search_metrics: dict[str, float] | None = None  # recover_in_search: search-set metrics before it
 
     @classmethod
     def from_trial(cls, t: optuna.trial.FrozenTrial, plan: dict[str, Any], heldout: dict[str, float],
@@ -83,7 +85,7 @@ class ParetoEntry:
         assert rec.memory_bytes is not None and rec.memory_percent is not None and rec.latency_ms is not None
         return cls(t.number, rec.memory_bytes, rec.memory_percent, rec.latency_ms, rec.metrics or {}, heldout,
                    t.params, plan, f"recipes/trial-{t.number}.yaml", rec.latency_source, rec.latency_iqr_ms,
-                   recovery)
+                   recovery, rec.recovered_from, rec.unrecovered_metrics)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"trial": self.trial, "memory_bytes": self.memory_bytes,
@@ -97,6 +99,9 @@ class ParetoEntry:
                 "params": self.params, "plan": self.plan, "recipe": self.recipe}
         if self.recovery is not None:
             out["recovery"] = self.recovery.model_dump(mode="json")
+        if self.recovered_from is not None:
+            out["recovered_from"] = self.recovered_from
+            out["unrecovered_search_metrics"] = self.unrecovered_search_metrics
         return out
 
     @classmethod
@@ -104,7 +109,8 @@ class ParetoEntry:
         rec = d.get("recovery")
         return cls(d["trial"], d["memory_bytes"], d["memory_percent"], d["latency_ms_estimate"], d["search_metrics"],
                    d["heldout_metrics"], d["params"], d["plan"], d["recipe"], d.get("latency_source"),
-                   d.get("latency_iqr_ms"), None if rec is None else RecoveryRecord.model_validate(rec))
+                   d.get("latency_iqr_ms"), None if rec is None else RecoveryRecord.model_validate(rec),
+                   d.get("recovered_from"), d.get("unrecovered_search_metrics"))
 
 
 @dataclass(frozen=True)

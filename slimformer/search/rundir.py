@@ -10,6 +10,7 @@
                      where the latency numbers come from
   bench.json         `report --bench N` only: measured latency of the N best plans
   recipes/trial-N.yaml  one recipe per Pareto trial
+  recovered/trial-N/    recover_in_search only: the compressed model directory of recovered trial N
   summary.json       best recipe vs best baseline on held-out data, timings
   splits.json        the calibration, search and held-out samples (source, seed, sizes, a fingerprint per sample):
                      three disjoint sets, so calibration data never scores a trial
@@ -37,8 +38,8 @@ from slimformer.search.config import SearchConfig
 from slimformer.search.context import SearchContext
 from slimformer.search.evaluate import evaluate_plan, latency_ms, trial_plan
 from slimformer.search.pause import pause_at
-from slimformer.search.records import TrialRecord, is_feasible
-from slimformer.search.recover_stage import recover_front, recovery_summary
+from slimformer.search.records import TrialRecord, is_feasible, is_recovered
+from slimformer.search.recover_stage import in_search_record, recover_front, recovered_model, recovery_summary
 from slimformer.search.report import LatencyNote, ReportInputs, report_units, write_report
 from slimformer.search.report_bench import read_front_bench
 from slimformer.search.report_plot import CloudPoint, PlotInputs, write_pareto_png
@@ -149,14 +150,19 @@ def run_baselines(ctx: SearchContext, run_dir: Path, log: Any) -> list[BaselineR
 
 
 def heldout_for_pareto(ctx: SearchContext, run_dir: Path, front: list[optuna.trial.FrozenTrial],
-                       log: Any = None) -> dict[int, dict[str, float]]:
+                       log: Any = None, recovered_models: dict[int, Any] | None = None) -> dict[int, dict[str, float]]:
+    """Held-out metrics of the Pareto trials (cached in heldout.json); a trial recover_in_search added is scored
+    as its recovered model (kept from the stage, or distilled again)."""
     f = run_dir / "heldout.json"
     cache = {int(k): v for k, v in read_json(f, {}).items()}
     todo = [t for t in front if t.number not in cache]
     for i, t in enumerate(todo):
         if log:
             log(f"held-out scoring of Pareto trial {t.number} ({i + 1}/{len(todo)})")
-        cache[t.number] = evaluate_plan(ctx, trial_plan(ctx, t), heldout=True).metrics
+        if is_recovered(t):
+            cache[t.number] = ctx.heldout_eval.evaluate(recovered_model(ctx, t, run_dir, recovered_models)).metrics
+        else:
+            cache[t.number] = evaluate_plan(ctx, trial_plan(ctx, t), heldout=True).metrics
         write_json(f, {str(k): v for k, v in sorted(cache.items())})
     return cache
 
@@ -184,13 +190,18 @@ def write_splits(ctx: SearchContext, run_dir: Path) -> None:
 
 
 def write_outputs(ctx: SearchContext, run_dir: Path, study: optuna.Study, baselines: list[BaselineResult],
-                  study_name: str, storage: str, elapsed_s: float, log: Any = None) -> SearchSummary:
+                  study_name: str, storage: str, elapsed_s: float, log: Any = None,
+                  recovered_models: dict[int, Any] | None = None) -> SearchSummary:
     """Pareto front, recipes, summary and report, from the study as it stands (recovering the top-k plans
-    first when the config has `recover`)."""
+    first when the config has `recover`; `recovered_models`: the models recover_in_search just made)."""
     write_splits(ctx, run_dir)
     front = pareto_trials(study, ctx.config.objectives)
-    heldout = heldout_for_pareto(ctx, run_dir, front, log)
+    heldout = heldout_for_pareto(ctx, run_dir, front, log, recovered_models)
     recovered = recover_front(ctx, run_dir, front, log)
+    records = dict(recovered)  # + the trials recover_in_search added: their recipes carry their distillation
+    for t in front:
+        if t.number not in records and (r := in_search_record(ctx, t, heldout)) is not None:
+            records[t.number] = r
     m = ctx.quality_metric
     entries = []
     recipes_dir = run_dir / "recipes"
@@ -201,13 +212,13 @@ def write_outputs(ctx: SearchContext, run_dir: Path, study: optuna.Study, baseli
             stale.unlink()
     for t in front:
         plan = trial_plan(ctx, t)
-        entry = ParetoEntry.from_trial(t, plan_summary(plan), heldout[t.number], recovered.get(t.number))
+        entry = ParetoEntry.from_trial(t, plan_summary(plan), heldout[t.number], records.get(t.number))
         entries.append(entry)
         provenance = RecipeProvenance.of_trial(study_name, storage, t, heldout=entry.heldout_metrics,
                                                budget_bytes=ctx.budget_bytes, deploy=ctx.config.deploy)
         recipe = Recipe.from_plan(plan, ctx.adapter, hardware_profile=ctx.profile.name,
                                   hardware_profile_version=ctx.profile.version, provenance=provenance.to_json()
-                                  ).model_copy(update={"recovery": recovered.get(t.number)})
+                                  ).model_copy(update={"recovery": records.get(t.number)})
         recipe.save(run_dir / entry.recipe)
     write_json(run_dir / "pareto.json", ParetoFront(ctx.config.objectives, m, ctx.budget_bytes, ctx.fp32_bytes,
                                                     entries, resolved_latency_budget(ctx)).to_json())
