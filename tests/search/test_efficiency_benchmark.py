@@ -62,8 +62,8 @@ def test_docs_sections_are_separate(bench, tmp_path, monkeypatch) -> None:  # no
     doc.parent.mkdir()
     doc.write_text("# B\n<!-- search_efficiency:begin -->\nold quickstart\n<!-- search_efficiency:end -->\n")
     monkeypatch.setattr(bench, "ROOT", tmp_path)
-    norm = {"quality_ref": 0.9, "quality_ref_from": "x", "memory_ref": 13.5e6, "memory_ideal": 12e6, "latency_ref": 35.0,
-            "latency_ideal": 14.0}
+    norm = {"quality_ref": 0.9, "quality_ref_from": "x", "memory_ref": 13.5e6, "memory_ideal": 12e6,
+            "latency_ref": 35.0, "latency_ideal": 14.0}
     run = {"arm": "random", "seed": 0, "finished": True, "trial_seconds": 1.0,
            "100": {"hv": 0.1, "hv_start_points": 0.1, "best_quality": 0.95, "counted": 100, "over_budget": 0,
                    "front": 3, "front_start_points": 1}}
