@@ -295,7 +295,10 @@ def main() -> int:
             f"# recovered by distillation (settings below). benchmarks/speed_front_vit.py, trial {winner['trial']}.\n"
             "#   slimformer apply examples/recipes/vit-speed.yaml --model runs/vit-fmnist-teacher --data fashion-mnist"
             " \\\n#     --samples 1000 --out runs/vit-speed --onnx --recover --steps "
-            f"{winner['recovery_settings']['steps']} --lr {winner['recovery_settings']['lr']}\n" + body)
+            f"{winner['recovery_settings']['steps']} --lr {winner['recovery_settings']['lr']}\n"
+            "# (the CLI distils with batch 32; the benchmark re-runs the recorded settings below, batch "
+            f"{winner['recovery_settings']['batch_size']}, through slimformer.api.apply_recipe). Teacher: "
+            "python benchmarks/train_vit.py --out runs/vit-fmnist-teacher\n" + body)
         say(f"wrote {RECIPE_FILE}")
     for m in models:
         lat = "" if "measured_ms" not in m else (
