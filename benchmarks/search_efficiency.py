@@ -394,7 +394,7 @@ def update_docs(r: dict[str, Any], checkpoints: list[int], marker: str = "search
                        f"{s['counted']} | {s['over_budget']} | {s['front']} ({s['front_start_points']}) | "
                        f"{x['trial_seconds']:.0f} |")
     for arm, s in r["summary"].items():
-        if f"over_start_points_{last}" in s:
+        if f"over_start_points_{last}" in s and not arm.startswith("random"):
             lines.append(f"\n{arm}: mean HV @{last} {s[last]:.5f} over its start points' {s['hv_start_points']:.5f} "
                          f"= **{s[f'over_start_points_{last}']:.3f}x** (seeds {', '.join(map(str, s['seeds']))}); "
                          "RandomSampler given the same start points keeps them, so this bounds its ratio to it.")
