@@ -16,7 +16,15 @@ import optuna
 from optuna.distributions import CategoricalDistribution
 
 from slimformer.compression.memory import deployed_unit_bytes, plan_memory
-from slimformer.compression.plan import CompressionPlan, LayerSpec, StructureSpec, UnitSpec, sharing_pattern
+from slimformer.compression.plan import (
+    INT_BITS,
+    LINEAR_ONLY_BITS,
+    CompressionPlan,
+    LayerSpec,
+    StructureSpec,
+    UnitSpec,
+    sharing_pattern,
+)
 from slimformer.errors import ConfigError
 from slimformer.models.base import ModelAdapter, Unit
 from slimformer.spaces.config import GroupConfig, SpaceConfig
@@ -48,8 +56,8 @@ def spec_from_choice(choice: Mapping[str, Any], shape: tuple[int, int], kind: st
         sparsity=0.5 if pattern == "2:4" else float(sparsity),
         pattern=pattern,  # type: ignore[arg-type]
         bits=bits,
-        group_size=choice.get("group_size") if bits in (8, 4) else None,
-        method=choice.get("method", "rtn") if bits in (8, 4) else "rtn",
+        group_size=choice.get("group_size") if bits in INT_BITS else None,
+        method=choice.get("method", "rtn") if bits in INT_BITS else "rtn",
         kernel=choice.get("kernel", "exact") if bits in (8, 4) and kind == "linear" else "exact",
     )
 
@@ -74,6 +82,18 @@ class SearchSpace:
                         self._structure_value(key, value, layer)
         self._check_structure_owners()
         self._check_2_4()
+        self._check_low_bits()
+
+    def _check_low_bits(self) -> None:
+        """Bits 3 and 2 run exactly for linear units only: a group that offers them for an embedding table is a
+        config error here rather than a failed trial for each plan that picks them."""
+        for b in self.bundles:
+            low = sorted(set(b.group.bits) & set(LINEAR_ONLY_BITS))
+            table = next((u for u in b.units if u.kind != "linear"), None)
+            if low and table is not None:
+                raise ConfigError(
+                    f"space.groups[{b.prefix.split('.')[0][1:]}].bits {low[-1]} applies to linear units, but the "
+                    f"group selects {table.name} (a {table.kind}); select linear roles only or drop bits {low}")
 
     def _check_structure_owners(self) -> None:
         """One group decides a layer's heads_kept (neurons_kept): with two, one would silently override the other."""
