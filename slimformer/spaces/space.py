@@ -284,11 +284,14 @@ class SearchSpace:
         return params
 
     def seed_params(self, budget_bytes: int) -> list[dict[str, Any]]:
-        """Feasible starting points: uniform 4-bit at each group size the space offers, then 8-bit."""
+        """Feasible starting points: uniform 4-bit at each group size the space offers, then 8-bit, each with the
+        best rounding the space offers first (recon, gptq-ao, gptq, rtn: docs/BENCHMARKS.md, rounding)."""
         sizes = sorted({g for grp in self.config.groups for g in grp.group_size}, key=lambda g: (g is None, g))
         base = {"rank_fraction": 1.0, "sparsity": 0.0}
+        offered = {m for grp in self.config.groups for m in grp.method}
+        methods = [m for m in ("recon", "gptq-ao") if m in offered] + ["gptq", "rtn"]
         candidates = [self.uniform_params(bits=b, group_size=g, method=m, **base)
-                      for b in (4, 8) for g in sizes for m in ("gptq", "rtn")]
+                      for b in (4, 8) for g in sizes for m in methods]
         seeds: list[dict[str, Any]] = []
         for p in candidates:
             full = self.default_params() | p
