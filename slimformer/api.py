@@ -166,7 +166,7 @@ def apply_recipe(recipe: str | Path | Recipe, model: str, out_dir: str | Path | 
                f"{adapter.weights_sha256()[:12]}…; applying anyway", stacklevel=2)
     act = hessians = stats = None
     needs_act = any(s.rank is not None for s in plan.units.values())
-    needs_h = any(s.quantized and s.method == "gptq" for s in plan.units.values())
+    needs_h = any(s.needs_hessian for s in plan.units.values())
     needs_s = bool(plan.layers) and plan.structure.needs_data
     if needs_act or needs_h or needs_s:
         say(f"calibrating on {calibration} {data} samples (activation scales / GPTQ Hessians / structure)")

@@ -256,11 +256,14 @@ CASES: dict[str, Case] = {
     "apply-recipe-provenance-metric-text": lambda e, d: (
         ["apply", _recipe(d, {"provenance": {"metrics": {"cosine": "high"}}}), "--model", e.model],
         ("provenance.metrics",)),
-    "apply-recipe-version-2": lambda e, d: (["apply", _recipe(d, {"slimformer_recipe": 2}), "--model", e.model],
-                                            ("unsupported recipe version",)),
-    "apply-recipe-bits-3": lambda e, d: (
-        ["apply", _recipe(d, {"rules": [{"match": QUERY, "spec": {"bits": 3}}]}), "--model", e.model],
+    "apply-recipe-version-3": lambda e, d: (["apply", _recipe(d, {"slimformer_recipe": 3}), "--model", e.model],
+                                            ("recipe version 3 is newer than this slimformer reads",)),
+    "apply-recipe-bits-5": lambda e, d: (
+        ["apply", _recipe(d, {"rules": [{"match": QUERY, "spec": {"bits": 5}}]}), "--model", e.model],
         ("rules.0.spec.bits",)),
+    "apply-recipe-method-unknown": lambda e, d: (
+        ["apply", _recipe(d, {"rules": [{"match": QUERY, "spec": {"bits": 4, "method": "adaround"}}]}), "--model",
+         e.model], ("rules.0.spec.method",)),
     "apply-recipe-bad-regex": lambda e, d: (
         ["apply", _recipe(d, {"rules": [{"match": "re:(", "spec": {"bits": 8}}]}), "--model", e.model],
         ("invalid regex",)),

@@ -31,7 +31,7 @@ from slimformer.compression.calibration import (  # noqa: F401
     collect_hessians,
 )
 from slimformer.compression.embedding_tiers import TieredEmbedding
-from slimformer.compression.gptq import gptq_quantize, inverse_hessian
+from slimformer.compression.gptq import gptq_quantize, gptq_search, inverse_hessian
 from slimformer.compression.modules import (
     FactorizedEmbedding,
     LowRankLinear,
@@ -48,6 +48,7 @@ from slimformer.compression.plan_semantics import (
     scope_paths,
     unit_in_scope,
 )
+from slimformer.compression.reconstruct import reconstruct
 from slimformer.errors import PlanError
 from slimformer.models.base import LayerInfo, ModelAdapter, Unit
 
@@ -219,9 +220,10 @@ def _store(target: SlimLinear | SlimEmbedding, w: Tensor, spec: UnitSpec, hessia
     mask = _mask(w, spec)
     nnz = w.numel() if mask is None else int(mask.sum())
     quant = None
-    if spec.quantized and spec.method == "gptq" and hessian is not None:
+    if spec.needs_hessian and hessian is not None:
         hinv = None if cache is None else cache.inverse_hessian(hessian)
-        quant = gptq_quantize(w, hessian, spec.bits, spec.group_size, mask, hinv=hinv)
+        rounding = {"gptq": gptq_quantize, "gptq-ao": gptq_search, "recon": reconstruct}[spec.method]
+        quant = rounding(w, hessian, spec.bits, spec.group_size, mask, hinv=hinv)
     target.set_weight(w, mask, _weight_format(spec, tuple(w.shape), nnz), quant=quant)
     if isinstance(target, SlimLinear):
         target.kernel = spec.kernel  # how it computes: exact fp32 or the int8 GEMM the exporter emits for it
@@ -278,7 +280,8 @@ def apply_plan(adapter: ModelAdapter, plan: CompressionPlan, cache: Decompositio
     """A freshly compressed copy of the adapter's model (the reference model is never touched).
 
     act_scales (from `collect_activation_scales`) switches low rank to the activation-weighted SVD;
-    hessians (from `collect_hessians`) are required by units whose spec says method "gptq", and
+    hessians (from `collect_hessians`) are required by linear units whose spec says a data-aware method (gptq,
+    gptq-ao, recon), and
     structure_stats (from `collect_structure_stats`) by plans whose `structure` is data-driven, unless
     `rtn_fallback` (used when the values are about to be overwritten, e.g. loading a saved model).
     """
@@ -314,11 +317,11 @@ def apply_plan(adapter: ModelAdapter, plan: CompressionPlan, cache: Decompositio
             continue
         scale = None if act_scales is None or unit.kind == "embedding" else act_scales.get(unit.name)
         hessian = None
-        if spec.quantized and spec.method == "gptq" and unit.kind == "linear":
+        if spec.needs_hessian and unit.kind == "linear":
             hessian = None if hessians is None else hessians.get(unit.name)
             if hessian is None and not rtn_fallback:
-                raise PlanError(f"{unit.name}: method gptq needs calibration data (hessians); pass calibration "
-                                "batches or use method rtn")
+                raise PlanError(f"{unit.name}: method {spec.method} needs calibration data (hessians); pass "
+                                "calibration batches or use method rtn")
         key = (adapter.weights_sha256(), unit.name, spec, _layer_key(plan, unit, structure, structure_stats),
                DecompositionCache._key(scale), hessian is not None)
         cached = cache.get_unit(key)

@@ -15,6 +15,8 @@ Deploy targets (`budget.memory` applies to the artifact the user deploys, search
                once per model by the caller, `set_deploy`) and a per-kernel bound on the nodes and names a
                low-bit kernel or a low-rank factorisation adds (linear in the module path's length, fitted
                with margin on tiny BERTs and all-MiniLM-L6-v2; tests check it never under-estimates).
+               3-bit units (and 2-bit ones without a power-of-two block) as their packed bit stream, scales
+               and unpacking constants (export.kernels.unpack_codes).
                Units with `kernel: int8` (DynamicQuantizeMatMul) are priced as that kernel stores them
                (codes padded to whole groups, scales, smoothing factors); `--kernels fast` overrides every
                unit the same way.
@@ -41,7 +43,8 @@ _MIN_BLOCK, _MAX_BLOCK = 16, 256  # MatMulNBits / GatherBlockQuantized blocks (e
 _FILE_SLACK = 2048  # metadata_props (~300 bytes, not in the fp32 measurement), varint widths, opset imports
 _KERNEL_GRAPH = {"matmulnbits": (160, 6), "dequant_gemm": (400, 18), "fp16": (200, 6),
                  "gather_block_quantized": (160, 6), "gather_dequant": (400, 18), "lowrank": (400, 16),
-                 "dynamic_int8": (1400, 56)}  # unit kernel int8: ~16 weight-folding nodes + DynamicQuantizeMatMul
+                 "dynamic_int8": (1400, 56),  # unit kernel int8: ~16 weight-folding nodes + DynamicQuantizeMatMul
+                 "unpack_gemm": (1400, 48)}  # 3/2-bit bit stream: 12 unpacking nodes + DequantizeLinear+Gemm
 
 
 @dataclass(frozen=True)
@@ -211,6 +214,8 @@ def onnx_matrix(shape: tuple[int, int], spec: UnitSpec, table: bool) -> tuple[in
         kp = n_groups * (k if per_row else group)  # type: ignore[operator]
         codes = (n * kp + 1) // 2 if bits == 4 else n * kp
         return codes + 4 * n * n_groups + 4 * k + 128, "dynamic_int8"
+    if bits == 3 or (bits == 2 and block is None):  # packed bits + scales + the unpacking constants (export)
+        return (n * k * bits + 7) // 8 + 4 * n * n_groups + 200, "unpack_gemm"
     if block is not None and not (bits == 8 and per_row):
         nb = -(-k // block)
         return n * nb * block * bits // 8 + 4 * n * nb, "matmulnbits"

@@ -49,7 +49,7 @@ def matrix_bytes(shape: tuple[int, int], fmt: WeightFormat, nnz: int) -> int:
         total = value_bytes(nnz, fmt.bits) + (n + 7) // 8
     else:
         total = value_bytes(n, fmt.bits)
-    if fmt.bits in (8, 4):
+    if fmt.bits in ops.QUANT_BITS:
         groups = 1 if fmt.group_size is None else -(-cols // fmt.group_size)
         total += rows * groups * 4
     return total
@@ -77,7 +77,7 @@ class _Stored:
         # the pruning mask even when sparsity is stored dense (below break-even): recovery keeps these zeros
         self.prune_mask = None if mask is None else mask.clone()
         w = w if mask is None else w * mask
-        if fmt.bits in (8, 4):
+        if fmt.bits in ops.QUANT_BITS:
             q = quant if quant is not None else ops.quantize(w, fmt.bits, fmt.group_size, mask=mask)
             self.codes, self.scales = q.codes, q.scales
             eff = ops.dequantize(q)
@@ -105,11 +105,11 @@ class _Stored:
             out[f"{prefix}.mask"] = ops.pack_bitmask(self.mask)
         elif self.fmt.sparse == "2:4":
             out[f"{prefix}.idx24"] = ops.pack_2_4_indices(self.mask)
-        if self.fmt.bits in (8, 4):
+        if self.fmt.bits in ops.QUANT_BITS:
             codes = self.codes.reshape(-1)
             if flat_mask is not None:
                 codes = codes[flat_mask]
-            out[f"{prefix}.codes"] = ops.pack_int4(codes) if self.fmt.bits == 4 else codes.contiguous()
+            out[f"{prefix}.codes"] = ops.pack_codes(codes, self.fmt.bits)
             out[f"{prefix}.scales"] = self.scales.contiguous()
         else:
             vals = w.reshape(-1) if flat_mask is None else w.reshape(-1)[flat_mask]
@@ -127,9 +127,9 @@ class _Stored:
         elif self.fmt.sparse == "2:4":
             mask = ops.unpack_2_4_indices(tensors[f"{prefix}.idx24"], shape)
         count = numel if mask is None else int(mask.sum())
-        if self.fmt.bits in (8, 4):
+        if self.fmt.bits in ops.QUANT_BITS:
             raw = tensors[f"{prefix}.codes"]
-            vals = ops.unpack_int4(raw, count, (count,)) if self.fmt.bits == 4 else raw
+            vals = ops.unpack_codes(raw, count, self.fmt.bits)
             codes = torch.zeros(numel, dtype=torch.int8)
             if mask is None:
                 codes = vals.reshape(-1).to(torch.int8)

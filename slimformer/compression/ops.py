@@ -16,6 +16,8 @@ from torch import Tensor
 from slimformer.errors import PlanError
 
 CLIP_RATIOS: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
+CLIP_RATIOS_LOW: tuple[float, ...] = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)  # 3/2 bits: few levels clip harder
+QUANT_BITS: tuple[int, ...] = (8, 4, 3, 2)  # integer widths (codes + fp32 scales); 3/2 bits: linear units only
 
 
 def _check_2d(W: Tensor, name: str = "W") -> None:
@@ -130,8 +132,8 @@ def mask_2_4(W: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class QuantResult:
-    """Symmetric weight-only quantisation: int8 codes (out, in) in [-(2^(b-1)-1), 2^(b-1)-1] and float32
-    scales (out, n_groups); group_size None means one scale per output row."""
+    """Weight-only quantisation: int8 codes (out, in) in `code_range(bits)` and float32 scales (out, n_groups);
+    group_size None means one scale per output row."""
 
     codes: Tensor
     scales: Tensor
@@ -146,37 +148,76 @@ def _group_view(x: Tensor, g: int, n_groups: int) -> Tensor:
     return x.reshape(x.shape[0], n_groups, g)
 
 
-def quantize(W: Tensor, bits: int, group_size: int | None, mask: Tensor | None = None) -> QuantResult:
-    """Symmetric per-row or per-group quantisation with a max-abs scale refined by a small clipping search
-    (least squared error per group); masked-out weights get code 0 and do not influence the scales."""
+def code_range(bits: int) -> tuple[int, int]:
+    """(lowest, highest) integer code of a `bits`-bit weight. 8 and 4 bits are symmetric (+-(2^(b-1)-1), zero
+    point 2^(b-1) in the kernels); 3 and 2 bits use every level, [-2^(b-1), 2^(b-1)-1] (4 levels at 2 bits, not
+    3), with a signed scale: a negative scale puts the wide side of the grid on the positive weights."""
+    if bits not in QUANT_BITS:
+        raise PlanError(f"integer quantisation supports bits {', '.join(map(str, QUANT_BITS))} (got {bits})")
+    half = 2 ** (bits - 1)
+    return (-(half - 1), half - 1) if bits in (8, 4) else (-half, half - 1)
+
+
+def base_scales(wg: Tensor, bits: int) -> Tensor:
+    """Scale per group (last axis) that just covers the group's weights on the `bits` grid (before clipping):
+    max|w| / qmax symmetric; for the asymmetric 3/2-bit grids the side with the larger magnitude takes the
+    -2^(b-1) end (scale sign chosen accordingly). All-zero groups get scale 1."""
+    qmin, qmax = code_range(bits)
+    amax = wg.abs().amax(dim=-1)
+    if qmin == -qmax:
+        scale = amax / qmax
+    else:
+        hi, lo = wg.amax(dim=-1).clamp_min(0.0), (-wg.amin(dim=-1)).clamp_min(0.0)
+        neg_wide = lo >= hi  # most extreme weight is negative: codes -2^(b-1)..qmax times a positive scale
+        pos = torch.maximum(lo / -qmin, hi / qmax)
+        neg = torch.maximum(hi / -qmin, lo / qmax)
+        scale = torch.where(neg_wide, pos, -neg)
+    return torch.where(amax > 0, scale, torch.ones_like(amax))
+
+
+def round_codes(x: Tensor, bits: int) -> Tensor:
+    """round(x) clamped to the `bits` code range (x = w / scale)."""
+    qmin, qmax = code_range(bits)
+    return torch.round(x).clamp_(qmin, qmax)
+
+
+def quantize(W: Tensor, bits: int, group_size: int | None, mask: Tensor | None = None,
+             col_weight: Tensor | None = None) -> QuantResult:
+    """Per-row or per-group quantisation with a max-abs scale refined by a small clipping search (least
+    squared error per group; weighted per input column by `col_weight`, e.g. E[x_j^2], when given: the
+    activation-aware error); masked-out weights get code 0 and do not influence the scales."""
     _check_2d(W)
-    if bits not in (8, 4):
-        raise PlanError(f"integer quantisation supports bits 8 or 4 (got {bits})")
+    code_range(bits)
     if group_size is not None and group_size < 1:
         raise PlanError(f"group_size must be a positive integer or None (got {group_size})")
     out, n_in = W.shape
     g = n_in if group_size is None else group_size
     n_groups = max(1, math.ceil(n_in / g))
-    qmax = float(2 ** (bits - 1) - 1)
 
     w = W.detach().to(torch.float32)
     if mask is not None:
         _check_mask(mask, W)
         w = w * mask
     wg = _group_view(w, g, n_groups)  # (out, n_groups, g); padding and masked entries are 0
+    cw = None if col_weight is None else _group_view(col_weight.to(w).reshape(1, -1), g, n_groups)
+    qmin, qmax = code_range(bits)
     amax = wg.abs().amax(dim=-1)
     nonzero = amax > 0
-    best_scale = torch.where(nonzero, amax / qmax, torch.ones_like(amax))
-    best_err = torch.full_like(amax, float("inf"))
-    for ratio in CLIP_RATIOS:
-        scale = torch.where(nonzero, amax * (ratio / qmax), torch.ones_like(amax))
-        deq = torch.round(wg / scale[..., None]).clamp_(-qmax, qmax) * scale[..., None]
-        err = (deq - wg).square_().sum(dim=-1)
+    base = base_scales(wg, bits)
+    best_scale = base
+    best_err = torch.full_like(base, float("inf"))
+    for ratio in CLIP_RATIOS if qmin == -qmax else CLIP_RATIOS_LOW:
+        if qmin == -qmax:  # symmetric: the same float arithmetic as always (stable codes for 8/4 bits)
+            scale = torch.where(nonzero, amax * (ratio / qmax), torch.ones_like(amax))
+        else:
+            scale = torch.where(nonzero, base * ratio, base)
+        err = (round_codes(wg / scale[..., None], bits) * scale[..., None] - wg).square_()
+        err = (err if cw is None else err * cw).sum(dim=-1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)
 
-    codes = torch.round(wg / best_scale[..., None]).clamp_(-qmax, qmax)
+    codes = round_codes(wg / best_scale[..., None], bits)
     codes = codes.reshape(out, n_groups * g)[:, :n_in].to(torch.int8)
     if mask is not None:
         codes = codes * mask.to(torch.int8)
@@ -267,6 +308,48 @@ def unpack_int4(packed: Tensor, numel: int, shape: Sequence[int]) -> Tensor:
         raise PlanError(f"shape {tuple(shape)} does not hold numel={numel} codes")
     v = _unpack_nibbles(packed, numel)
     return torch.where(v >= 8, v - 16, v).to(torch.int8).reshape(tuple(shape))
+
+
+def pack_codes(codes: Tensor, bits: int) -> Tensor:
+    """Codes of any width in QUANT_BITS -> ceil(numel * bits / 8) bytes: 8 bits as int8, 4 bits as two's
+    complement nibbles (`pack_int4`), 3 and 2 bits as code + 2^(b-1) in a little-endian bit stream (4 codes per
+    byte at 2 bits, 8 per 3 bytes at 3 bits; MatMulNBits' 2-bit layout). Flattened; the last byte zero padded."""
+    if bits == 8:
+        return codes.reshape(-1).to(torch.int8).contiguous()
+    if bits == 4:
+        return pack_int4(codes)
+    qmin, qmax = code_range(bits)
+    if codes.numel() and (int(codes.min()) < qmin or int(codes.max()) > qmax):
+        raise PlanError(f"{bits}-bit codes must lie in [{qmin}, {qmax}]; quantise with bits={bits} before packing")
+    v = (codes.reshape(-1).to(torch.int32) - qmin)
+    per = 8 // math.gcd(8, bits)  # codes per whole number of bytes: 4 (2 bits) or 8 (3 bits)
+    pad = (-v.numel()) % per
+    if pad:
+        v = torch.cat([v, v.new_full((pad,), -qmin)])
+    v = v.reshape(-1, per).to(torch.int64)
+    word = (v << (bits * torch.arange(per, dtype=torch.int64, device=v.device))).sum(dim=1)  # per*bits <= 24 bits
+    n_bytes = per * bits // 8
+    out = ((word[:, None] >> (8 * torch.arange(n_bytes, device=v.device))) & 0xFF).to(torch.uint8).reshape(-1)
+    return out[: (codes.numel() * bits + 7) // 8]  # exactly ceil(numel * bits / 8) bytes (modules.value_bytes)
+
+
+def unpack_codes(packed: Tensor, numel: int, bits: int) -> Tensor:
+    """Inverse of pack_codes: the first numel codes as a flat int8 tensor."""
+    if bits == 8:
+        return packed.reshape(-1)[:numel].to(torch.int8)
+    if bits == 4:
+        return unpack_int4(packed, numel, (numel,))
+    qmin, _ = code_range(bits)
+    per = 8 // math.gcd(8, bits)
+    n_bytes = per * bits // 8
+    b = packed.reshape(-1).to(torch.int64)
+    if b.numel() * 8 < numel * bits:
+        raise PlanError(f"packed buffer of {b.numel()} bytes does not hold {numel} {bits}-bit codes")
+    if b.numel() % n_bytes:
+        b = torch.cat([b, b.new_zeros(n_bytes - b.numel() % n_bytes)])
+    word = (b.reshape(-1, n_bytes) << (8 * torch.arange(n_bytes))).sum(dim=1)
+    v = (word[:, None] >> (bits * torch.arange(per))) & ((1 << bits) - 1)
+    return (v.reshape(-1)[:numel] + qmin).to(torch.int8)
 
 
 def pack_bitmask(mask: Tensor) -> Tensor:

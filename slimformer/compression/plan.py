@@ -14,13 +14,17 @@ from slimformer.compression.embedding_tiers import TierSpec
 from slimformer.errors import PlanError
 
 SparsityPattern = Literal["unstructured", "2:4"]
-QuantMethod = Literal["rtn", "gptq"]
+QuantMethod = Literal["rtn", "gptq", "gptq-ao", "recon"]
+QUANT_METHODS: tuple[str, ...] = ("rtn", "gptq", "gptq-ao", "recon")
+DATA_METHODS: tuple[str, ...] = ("gptq", "gptq-ao", "recon")  # need calibration Hessians (linear units)
 ComputeKernel = Literal["exact", "int8"]
 COMPUTE_KERNELS = ("exact", "int8")
 INT8_KERNEL_BITS = (8, 4)  # stored widths the int8 compute kernel runs (their codes requantise to int8 per row)
 SharingScope = Literal["attention", "ffn", "block"]
 StructureImportance = Literal["weight", "activation"]
-VALID_BITS = (32, 16, 8, 4)
+VALID_BITS = (32, 16, 8, 4, 3, 2)
+INT_BITS = (8, 4, 3, 2)  # integer codes + fp32 scales (= compression.ops.QUANT_BITS)
+LINEAR_ONLY_BITS = (3, 2)  # widths the exporter runs exactly for linear units only (MatMulNBits 2-bit, unpacked 3-bit)
 
 
 @dataclass(frozen=True)
@@ -29,10 +33,13 @@ class UnitSpec:
 
     rank: keep this many singular values (None = full matrix, no factorisation).
     sparsity: share of weights zeroed by magnitude (unstructured) or 0.5 exactly for 2:4.
-    bits: 32 (fp32), 16 (fp16), 8 or 4 (symmetric integer, weight-only).
+    bits: 32 (fp32), 16 (fp16), 8 or 4 (symmetric integer, weight-only), 3 or 2 (all 2^b levels with a signed
+        scale per group; linear units only).
     group_size: quantisation group along the input dimension; None = one scale per output channel.
-    method: rounding for 8/4 bits: "rtn" (round to nearest, clipping search) or "gptq" (error-compensating,
-        needs calibration Hessians). Storage and memory are the same for both.
+    method: rounding for integer bits: "rtn" (round to nearest, clipping search), "gptq" (error-compensating,
+        needs calibration Hessians), "gptq-ao" (GPTQ in activation order with a per-unit damping search) or
+        "recon" (gptq-ao codes, then every scale re-fitted by least squares on the unit's calibration outputs;
+        compression/reconstruct.py). Storage and memory are the same for all.
     kernel: how the unit computes once deployed: "exact" (weight-only: the stored weight is dequantised and the
         matmul runs in fp32; bit-faithful) or "int8" (onnxruntime's int8 GEMM: the weight requantised to int8 per
         output row, the activations quantised to uint8 per tensor at run time; faster, not exact). "int8" is
@@ -61,8 +68,8 @@ class UnitSpec:
             raise PlanError(f"pattern '2:4' means sparsity 0.5 (got {self.sparsity}); set sparsity: 0.5")
         if self.bits not in VALID_BITS:
             raise PlanError(f"bits must be one of {VALID_BITS} (got {self.bits})")
-        if self.method not in ("rtn", "gptq"):
-            raise PlanError(f"method must be 'rtn' or 'gptq' (got {self.method!r})")
+        if self.method not in QUANT_METHODS:
+            raise PlanError(f"method must be one of {', '.join(QUANT_METHODS)} (got {self.method!r})")
         if self.kernel not in COMPUTE_KERNELS:
             raise PlanError(f"kernel must be 'exact' or 'int8' (got {self.kernel!r})")
         if self.kernel == "int8" and self.bits not in INT8_KERNEL_BITS:
@@ -80,7 +87,12 @@ class UnitSpec:
 
     @property
     def quantized(self) -> bool:
-        return self.bits in (8, 4)
+        return self.bits in INT_BITS
+
+    @property
+    def needs_hessian(self) -> bool:
+        """Integer bits rounded by a data-aware method (its linear units need calibration Hessians)."""
+        return self.quantized and self.method in DATA_METHODS
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from slimformer.compression.plan import CompressionPlan, LayerSpec, StructureSpec, UnitSpec
+from slimformer.compression.plan import LINEAR_ONLY_BITS, CompressionPlan, LayerSpec, StructureSpec, UnitSpec
 from slimformer.errors import PlanError
 from slimformer.models.base import LayerInfo, ModelAdapter, Unit
 
@@ -51,6 +51,10 @@ def canonical_plan(adapter: ModelAdapter, plan: CompressionPlan) -> CompressionP
     tiered = sorted(n for n, s in plan.units.items() if s.tiers is not None and kinds[n] != "embedding")
     if tiered:
         raise PlanError(f"embedding tiers apply to embedding tables, not to {tiered[0]} (a {kinds[tiered[0]]})")
+    low = sorted(n for n, s in plan.units.items() if s.bits in LINEAR_ONLY_BITS and kinds[n] != "linear")
+    if low:
+        raise PlanError(f"bits {plan.units[low[0]].bits} apply to linear units, not to {low[0]} (a {kinds[low[0]]}); "
+                        "use bits 4 or 8 for it")
     n_layers = len(adapter.layers)
     for g in plan.sharing.groups:
         bad = [i for i in g if not 0 <= i < n_layers]

@@ -9,7 +9,7 @@ style); the reader accepts that and the long form (one exact-name rule per unit,
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,7 +26,10 @@ from slimformer.fileio import atomic_write, first_validation_error, read_text_fi
 from slimformer.models.base import ModelAdapter
 from slimformer.schema import FrozenModel
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # the newest version this slimformer reads; it reads every older one as well
+# what each version added (a recipe is written with the lowest version that holds it, so older readers still
+# read every recipe they can apply): 2 = bits 3 and 2, methods gptq-ao and recon
+V2_BITS, V2_METHODS = (3, 2), ("gptq-ao", "recon")
 MAX_WIDTH = 1 << 24  # bound on ranks, group sizes and kept counts: above any model, below any integer overflow
 
 
@@ -34,9 +37,9 @@ class SpecModel(FrozenModel):
     rank: int | None = Field(None, ge=1, le=MAX_WIDTH)
     sparsity: float = Field(0.0, ge=0, lt=1, allow_inf_nan=False)
     pattern: Literal["unstructured", "2:4"] = "unstructured"
-    bits: Literal[32, 16, 8, 4] = 32
+    bits: Literal[32, 16, 8, 4, 3, 2] = 32  # 3 and 2: recipe version 2
     group_size: int | None = Field(None, ge=1, le=MAX_WIDTH)
-    method: Literal["rtn", "gptq"] = "rtn"
+    method: Literal["rtn", "gptq", "gptq-ao", "recon"] = "rtn"  # gptq-ao and recon: recipe version 2
     kernel: Literal["exact", "int8"] = "exact"  # written only when "int8" (recipes without it read as before)
 
     def to_spec(self) -> UnitSpec:
@@ -192,8 +195,11 @@ class Recipe(FrozenModel):
     @field_validator("slimformer_recipe")
     @classmethod
     def _version(cls, v: int) -> int:
-        if v != RECIPE_VERSION:
-            raise ValueError(f"unsupported recipe version {v}; this slimformer reads version {RECIPE_VERSION}")
+        if v > RECIPE_VERSION:
+            raise ValueError(f"recipe version {v} is newer than this slimformer reads (versions 1 to "
+                             f"{RECIPE_VERSION}); upgrade slimformer (pip install -U slimformer) to apply it")
+        if v < 1:
+            raise ValueError(f"unsupported recipe version {v}; recipe versions start at 1")
         return v
 
     # -- plan <-> recipe ---------------------------------------------------------------------------
@@ -262,7 +268,8 @@ class Recipe(FrozenModel):
             groups=[list(g) for g in plan.sharing.groups], scope=plan.sharing.scope)
         structure = None if plan.structure == StructureSpec() else StructureModel(
             importance=plan.structure.importance, refit=plan.structure.refit)
-        return cls(model=ModelRef(id=adapter.model_id, sha256=adapter.weights_sha256()),
+        return cls(slimformer_recipe=needed_version(plan.units.values()),
+                   model=ModelRef(id=adapter.model_id, sha256=adapter.weights_sha256()),
                    hardware_profile=hardware_profile, hardware_profile_version=hardware_profile_version,
                    rules=rules, layers=layers, sharing=sharing, structure=structure, embedding_tiers=tiers,
                    provenance=Provenance.model_validate(provenance or {}))
@@ -304,6 +311,11 @@ class Recipe(FrozenModel):
     def save(self, path: str | Path) -> None:
         atomic_write(Path(path), self.to_yaml())
 
+
+
+def needed_version(specs: Iterable[UnitSpec]) -> int:
+    """The lowest recipe version that holds these unit specs (1 unless they use a version-2 field value)."""
+    return 2 if any(s.bits in V2_BITS or s.method in V2_METHODS for s in specs) else 1
 
 
 class _Flow(dict):  # type: ignore[type-arg]

@@ -49,10 +49,10 @@ def _tensor_digest(t: TensorProto) -> tuple[int, tuple[int, ...], str]:
 
 
 def compressed_modules(model: nn.Module) -> list[tuple[str, SlimLinear | SlimEmbedding]]:
-    """Slim modules whose stored form differs from fp32 (int8/int4/fp16), each object once."""
+    """Slim modules whose stored form differs from fp32 (int8/int4/int3/int2/fp16), each object once."""
     out = []
     for path, mod in model.named_modules():  # a shared module is yielded once
-        if isinstance(mod, (SlimLinear, SlimEmbedding)) and mod.fmt.bits in (4, 8, 16):
+        if isinstance(mod, (SlimLinear, SlimEmbedding)) and mod.fmt.bits in (2, 3, 4, 8, 16):
             out.append((path, mod))
     return out
 

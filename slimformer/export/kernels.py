@@ -5,14 +5,15 @@ kernels run fp32 activations; none of them quantises activations), and returns t
 nodes that replace one fp32 MatMul / Gemm / Gather. Layouts (verified numerically against numpy in
 tests/export):
 
-* `com.microsoft.MatMulNBits` (bits 4 or 8): B uint8 (N, k_blocks, block*bits/8), codes stored as
-  code + 2^(bits-1) (the kernel's default zero point when no zero_points input is given: 8 for 4 bits,
-  128 for 8 bits), 4-bit pairs low nibble first; scales float32 (N, k_blocks); K need not be a multiple
-  of the block (the last block is zero padded: code 0 -> stored 8/128 -> 0). block_size must be a power
-  of two >= 16, so a group that is not one is re-blocked with its scale repeated g/block times (exact)
-  and one scale per row is re-blocked with the block that minimises bytes (exact: every block of a row
-  has the same scale). accuracy_level=1 (fp32 compute); level 4 quantises activations to int8 (faster,
-  not exact).
+* `com.microsoft.MatMulNBits` (bits 2, 4 or 8; ORT 1.32's CPU kernel refuses 3: "Only 2b, 4b and 8b
+  quantization is supported"): B uint8 (N, k_blocks, block*bits/8), codes stored as code + 2^(bits-1) (the
+  kernel's default zero point when no zero_points input is given: 2, 8 or 128), 4-bit pairs low nibble first,
+  2-bit codes four per byte from the low bits (all four levels [-2, 1]; scales may be negative); scales
+  float32 (N, k_blocks); K need not be a multiple of the block (the last block is zero padded: code 0 ->
+  stored 2/8/128 -> 0). block_size must be a power of two >= 16, so a group that is not one is re-blocked
+  with its scale repeated g/block times (exact) and one scale per row is re-blocked with the block that
+  minimises bytes (exact: every block of a row has the same scale). accuracy_level=1 (fp32 compute);
+  level 4 quantises activations to int8 (faster, not exact).
 * `DequantizeLinear` (int8 codes (N, K), one scale per row, axis 0) -> `Gemm(transB=1)` on the input
   flattened to 2-D. ORT fuses `DequantizeLinear -> MatMul` into an accuracy-level-4 MatMulNBits (int8
   activations, ~6e-3 relative error per matmul), but not `DequantizeLinear -> Gemm`, so this form stays
@@ -22,6 +23,11 @@ tests/export):
 * `com.microsoft.GatherBlockQuantized` (embedding tables, bits 4 or 8): data uint8 (V, D*bits/8) with
   the same +2^(bits-1) offset (its default zero point for uint8 data), scales (V, ceil(D/block)).
 * int8 table with one scale per row: Gather(codes) -> Cast -> Mul(Gather(scales)), no repeated scales.
+* 3-bit linears (and 2-bit ones without an exact MatMulNBits block): `unpack_gemm`, the codes as a packed
+  little-endian bit stream (uint8, ceil(N*K*bits/8) bytes) that a constant subgraph of standard integer ops
+  (Cast, Mul, ReduceSum, Div, Mod) unpacks to int8 codes when the session loads (constant folding), then
+  `DequantizeLinear` (per row or blocked) -> `Gemm` as above: the file holds the packed bits, the session
+  int8 codes; exact.
 
 Per unit, `UnitSpec.kernel` picks the compute: 'exact' (the above) or 'int8' (`dynamic_int8` below, without
 SmoothQuant: the torch model computes the same thing, `compression.ops.int8_linear`, so the search scores it).
@@ -44,7 +50,7 @@ import torch
 from onnx import TensorProto, helper
 from onnx import numpy_helper as nh
 
-from slimformer.compression.ops import pack_int4, pack_nibbles
+from slimformer.compression.ops import code_range, pack_codes, pack_int4, pack_nibbles
 
 MS_DOMAIN = "com.microsoft"
 MIN_BLOCK, MAX_BLOCK = 16, 256  # MatMulNBits / GatherBlockQuantized blocks: powers of two, MLAS up to 256
@@ -141,8 +147,13 @@ def matmul_nbits(x: str, y: str, p: str, codes: np.ndarray, scales: np.ndarray, 
     """y = x @ W^T (+ bias) with W (N, K) = codes * scales, as one MatMulNBits."""
     n, k = codes.shape
     nb = -(-k // block)
-    u = _offset_codes(codes, bits, nb * block).reshape(n, nb, block)
-    packed = _pack_rows(u) if bits == 4 else u
+    if bits == 2:  # code + 2, four per byte from the low bits (compression's bit-stream packer, per block)
+        padded = np.zeros((n, nb * block), dtype=np.int8)
+        padded[:, :k] = codes
+        packed = pack_codes(torch.from_numpy(padded), 2).numpy().reshape(n, nb, block // 4)
+    else:
+        u = _offset_codes(codes, bits, nb * block).reshape(n, nb, block)
+        packed = _pack_rows(u) if bits == 4 else u
     inits = [nh.from_array(np.ascontiguousarray(packed), f"{p}.qweight"),
              f32(f"{p}.scales", block_scales(scales, k, group, block))]
     inputs = [x, f"{p}.qweight", f"{p}.scales"]
@@ -154,25 +165,31 @@ def matmul_nbits(x: str, y: str, p: str, codes: np.ndarray, scales: np.ndarray, 
 
 
 def dequant_gemm(x: str, y: str, p: str, codes: np.ndarray, scales: np.ndarray, bits: int,
-                 group: int | None, bias: str | None = None) -> Lowered:
+                 group: int | None, bias: str | None = None, unpacked: Lowered | None = None) -> Lowered:
     """y = x @ W^T (+ bias): DequantizeLinear(codes (N, K)) -> Gemm(transB=1) on x reshaped to 2-D.
 
     One scale per row uses DequantizeLinear axis 0 (opset 13); groups use axis 1 with block_size
-    (opset 21; int4 codes are an INT4 tensor, opset 21 too)."""
+    (opset 21; int4 codes are an INT4 tensor, opset 21 too). `unpacked`: a subgraph whose output
+    `{p}/codes8` holds the int8 codes (3/2-bit bit streams, `unpack_codes`) instead of a codes initializer."""
     n, k = codes.shape
-    q = int4_tensor(f"{p}.qweight", codes) if bits == 4 else nh.from_array(
-        np.ascontiguousarray(codes, dtype=np.int8), f"{p}.qweight")
+    if unpacked is not None:
+        pre_inits, pre_nodes, q_name = list(unpacked.initializers), list(unpacked.nodes), f"{p}/codes8"
+    else:
+        q = int4_tensor(f"{p}.qweight", codes) if bits == 4 else nh.from_array(
+            np.ascontiguousarray(codes, dtype=np.int8), f"{p}.qweight")
+        pre_inits, pre_nodes, q_name = [q], [], q.name
     if group is None or group >= k:
         s = f32(f"{p}.scales", scales[:, 0])
-        dq = helper.make_node("DequantizeLinear", [q.name, s.name], [f"{p}/w"], name=f"{p}/Dequantize", axis=0)
+        dq = helper.make_node("DequantizeLinear", [q_name, s.name], [f"{p}/w"], name=f"{p}/Dequantize", axis=0)
     else:
         s = f32(f"{p}.scales", scales)
-        dq = helper.make_node("DequantizeLinear", [q.name, s.name], [f"{p}/w"], name=f"{p}/Dequantize",
+        dq = helper.make_node("DequantizeLinear", [q_name, s.name], [f"{p}/w"], name=f"{p}/Dequantize",
                               axis=1, block_size=group)
     flat, out_shape = f"shape.-1x{k}", f"shape.{n}"
-    inits = [q, s, i64(flat, [-1, k]), i64(out_shape, [n])]
+    inits = [*pre_inits, s, i64(flat, [-1, k]), i64(out_shape, [n])]
     gemm_in = [f"{p}/x2d", f"{p}/w"] + ([bias] if bias is not None else [])
     nodes = [
+        *pre_nodes,
         dq,
         helper.make_node("Reshape", [x, flat], [f"{p}/x2d"], name=f"{p}/Flatten"),
         helper.make_node("Gemm", gemm_in, [f"{p}/y2d"], name=f"{p}/Gemm", transB=1),
@@ -181,7 +198,48 @@ def dequant_gemm(x: str, y: str, p: str, codes: np.ndarray, scales: np.ndarray, 
         helper.make_node("Reshape", [f"{p}/y2d", f"{p}/yshape"], [y], name=f"{p}/Unflatten"),
     ]
     kind = "per-row" if group is None or group >= k else f"group={group}"
-    return Lowered(f"DequantizeLinear(int{bits},{kind})+Gemm", inits, nodes)
+    head = f"unpack(int{bits})+DequantizeLinear(int8" if unpacked is not None else f"DequantizeLinear(int{bits}"
+    return Lowered(f"{head},{kind})+Gemm", inits, nodes)
+
+
+def unpack_codes(p: str, codes: np.ndarray, bits: int) -> Lowered:
+    """Initializer + constant subgraph whose output `{p}/codes8` is `codes` (N, K) as int8: the codes stored as
+    `compression.ops.pack_codes` writes them (code - min as a little-endian bit stream, ceil(N*K*bits/8) bytes),
+    grouped into words of `per` codes (8 at 3 bits, 4 at 2 bits) read with integer Mul/ReduceSum, split with
+    Div/Mod by powers of 2^bits, shifted back by the code minimum and cropped. Every input is constant, so ONNX
+    Runtime folds it when the session loads; the file holds the packed bits only."""
+    n, k = codes.shape
+    qmin, _ = code_range(bits)
+    per = 8 // int(np.gcd(8, bits))
+    n_bytes = per * bits // 8
+    numel = n * k
+    words = -(-numel // per)
+    packed = pack_codes(torch.from_numpy(np.ascontiguousarray(codes, dtype=np.int8)), bits).numpy()
+    inits = [nh.from_array(packed, f"{p}.qbits"),
+             i64(f"{p}.qbits_pad", [0, words * n_bytes - packed.size]),
+             i64(f"shape.words{n_bytes}", [-1, n_bytes]),
+             nh.from_array(np.asarray([256 ** i for i in range(n_bytes)], dtype=np.int32), f"const.bytes{n_bytes}"),
+             nh.from_array(np.asarray([(1 << bits) ** i for i in range(per)], dtype=np.int32),
+                           f"const.levels{bits}x{per}"),
+             nh.from_array(np.asarray(1 << bits, dtype=np.int32), f"const.mod{bits}"),
+             nh.from_array(np.asarray(qmin, dtype=np.int32), f"const.qmin{bits}"),
+             i64("axes.1", [1]), i64("const.0", [0]), i64(f"shape.{numel}", [numel]), i64(f"{p}.shape2", [n, k])]
+    nodes = [
+        helper.make_node("Pad", [f"{p}.qbits", f"{p}.qbits_pad"], [f"{p}/qb"], name=f"{p}/PadBytes"),
+        helper.make_node("Cast", [f"{p}/qb"], [f"{p}/qb32"], name=f"{p}/BytesToInt", to=TensorProto.INT32),
+        helper.make_node("Reshape", [f"{p}/qb32", f"shape.words{n_bytes}"], [f"{p}/qw"], name=f"{p}/Words"),
+        helper.make_node("Mul", [f"{p}/qw", f"const.bytes{n_bytes}"], [f"{p}/qws"], name=f"{p}/ByteWeights"),
+        helper.make_node("ReduceSum", [f"{p}/qws", "axes.1"], [f"{p}/word"], name=f"{p}/Word", keepdims=1),
+        helper.make_node("Div", [f"{p}/word", f"const.levels{bits}x{per}"], [f"{p}/hi"], name=f"{p}/Shift"),
+        helper.make_node("Mod", [f"{p}/hi", f"const.mod{bits}"], [f"{p}/lv"], name=f"{p}/Level"),
+        helper.make_node("Add", [f"{p}/lv", f"const.qmin{bits}"], [f"{p}/cv"], name=f"{p}/Recentre"),
+        helper.make_node("Reshape", [f"{p}/cv", "shape.-1"], [f"{p}/cflat"], name=f"{p}/Flat"),
+        helper.make_node("Slice", [f"{p}/cflat", "const.0", f"shape.{numel}"], [f"{p}/ccrop"], name=f"{p}/Crop"),
+        helper.make_node("Reshape", [f"{p}/ccrop", f"{p}.shape2"], [f"{p}/c2"], name=f"{p}/Matrix"),
+        helper.make_node("Cast", [f"{p}/c2"], [f"{p}/codes8"], name=f"{p}/ToInt8", to=TensorProto.INT8),
+    ]
+    inits.append(i64("shape.-1", [-1]))
+    return Lowered(f"unpack(int{bits})", inits, nodes)
 
 
 def smoothing(act_max: np.ndarray, w: np.ndarray, alpha: float = SMOOTH_ALPHA) -> np.ndarray:
@@ -302,7 +360,7 @@ def fp16_gather(ids: str, y: str, p: str, table: np.ndarray) -> Lowered:
 
 
 # -- choice ------------------------------------------------------------------------------------------
-LINEAR_KERNELS = ("matmul", "fp16_matmul", "matmulnbits", "dequant_gemm", "dynamic_int8")
+LINEAR_KERNELS = ("matmul", "fp16_matmul", "matmulnbits", "dequant_gemm", "dynamic_int8", "unpack_gemm")
 EMBEDDING_KERNELS = ("gather", "fp16_gather", "gather_block_quantized", "gather_dequant")
 
 
@@ -348,6 +406,8 @@ def choose_linear_kernel(bits: int, group_size: int | None, in_features: int, ou
     per_row = group_size is None or group_size >= k
     group = None if per_row else group_size
     block = nbits_block(k, group_size, bits)
+    if bits == 3 or (bits == 2 and block is None):  # no MatMulNBits for them: bit stream unpacked at load
+        return KernelChoice("unpack_gemm", bits, None, group, 21 if not per_row else 13)
     use_nbits = block is not None and not (bits == 8 and (int8_kernel == "dequantize"
                                                            or (int8_kernel == "auto" and per_row)))
     if use_nbits:
@@ -382,7 +442,8 @@ def lower_linear(x: str, y: str, p: str, codes: np.ndarray, scales: np.ndarray, 
         return dynamic_int8(x, y, p, codes, scales, bits, group, bias, smooth, wp, xs), choice.opset
     if choice.kind == "matmulnbits":
         return matmul_nbits(x, y, p, codes, scales, bits, group, choice.block, bias), choice.opset  # type: ignore[arg-type]
-    return dequant_gemm(x, y, p, codes, scales, bits, group, bias), choice.opset
+    unpacked = unpack_codes(p, codes, bits) if choice.kind == "unpack_gemm" else None
+    return dequant_gemm(x, y, p, codes, scales, bits, group, bias, unpacked), choice.opset
 
 
 def lower_embedding(ids: str, y: str, p: str, codes: np.ndarray, scales: np.ndarray, bits: int,

@@ -65,6 +65,8 @@ def kernel_class(choice: KernelChoice) -> str:
         return "matmul"
     if choice.kind == "dequant_gemm":
         return f"dequant_gemm:{choice.bits}:{'row' if choice.group is None else 'group'}"
+    if choice.kind == "unpack_gemm":  # 3/2-bit codes unpacked to int8 at load, then int8 DequantizeLinear+Gemm
+        return f"dequant_gemm:8:{'row' if choice.group is None else 'group'}"
     if choice.kind in ("gather", "fp16_gather", "gather_dequant"):
         return choice.kind if choice.kind != "gather_dequant" else f"gather_dequant:{choice.bits}"
     if choice.kind == "dynamic_int8":

@@ -5,7 +5,8 @@ modules) gets a torch parametrization on `weight`: the trained tensor is a laten
 forward pass sees `fake_quant(latent * mask)`:
 
 * int8/int4: straight-through rounding on the module's own grid (same bits and group size), with the
-  per-group scales learned in log space (LSQ-style gradient through the clamp), codes clamped to ±qmax;
+  per-group scales learned in log space (LSQ-style gradient through the clamp), codes clamped to the width's
+  code range (ops.code_range: ±qmax at 8/4 bits, all 2^b levels at 3/2 bits);
 * fp16: straight-through fp16 rounding; fp32: the latent itself;
 * the pruning mask (bitmask, 2:4 or a sparsity stored dense) multiplies the latent, so pruned weights
   get no gradient and stay exactly zero.
@@ -52,12 +53,12 @@ class _STEQuant(torch.autograd.Function):
     (gradient to w inside the clamp range) and LSQ's gradient to the scales, d/ds = q - (w/s) inside."""
 
     @staticmethod
-    def forward(ctx: Any, w: Tensor, scales: Tensor, qmax: float, group_size: int | None) -> Tensor:
+    def forward(ctx: Any, w: Tensor, scales: Tensor, qrange: tuple[int, int], group_size: int | None) -> Tensor:
         wg, s = _grouped(w, scales, group_size)
         x = wg / s
-        q = x.clamp(-qmax, qmax).round_()
+        q = x.clamp(*qrange).round_()
         ctx.save_for_backward(w, scales)
-        ctx.qmax, ctx.group_size = qmax, group_size
+        ctx.qrange, ctx.group_size = qrange, group_size
         return (q * s).reshape(w.shape[0], -1)[:, :w.shape[1]]
 
     @staticmethod
@@ -66,11 +67,11 @@ class _STEQuant(torch.autograd.Function):
         wg, s = _grouped(w, scales, ctx.group_size)
         gg, _ = _grouped(grad, scales, ctx.group_size)
         x = wg / s
-        inside = x.abs() <= ctx.qmax
+        inside = (x >= ctx.qrange[0]) & (x <= ctx.qrange[1])
         grad_w = (gg * inside).reshape(w.shape[0], -1)[:, :w.shape[1]] if ctx.needs_input_grad[0] else None
         grad_s = None
         if ctx.needs_input_grad[1]:
-            q = x.clamp(-ctx.qmax, ctx.qmax).round_()
+            q = x.clamp(*ctx.qrange).round_()
             grad_s = (gg * torch.where(inside, q - x, q)).sum(-1)
         return grad_w, grad_s, None, None
 
@@ -90,8 +91,8 @@ class FakeQuant(nn.Module):
             self.log_scale = nn.Parameter(torch.zeros_like(self.base_scale))
 
     @property
-    def qmax(self) -> float:
-        return float(2 ** (self.bits - 1) - 1)
+    def qrange(self) -> tuple[int, int]:
+        return ops.code_range(self.bits)
 
     def scales(self, rows: Tensor | None = None) -> Tensor:
         assert self.base_scale is not None
@@ -103,8 +104,8 @@ class FakeQuant(nn.Module):
     def forward(self, w: Tensor, rows: Tensor | None = None) -> Tensor:
         if self.mask is not None:
             w = w * (self.mask if rows is None else self.mask[rows])
-        if self.bits in (8, 4):
-            return _STEQuant.apply(w, self.scales(rows), self.qmax, self.group_size)
+        if self.bits in ops.QUANT_BITS:
+            return _STEQuant.apply(w, self.scales(rows), self.qrange, self.group_size)
         if self.bits == 16:
             return w + (w.to(torch.float16).to(w.dtype) - w).detach()
         return w
@@ -115,7 +116,7 @@ class FakeQuant(nn.Module):
         if self.mask is not None:
             w = w * self.mask
         scales = self.scales().detach().clone()
-        codes = torch.round((w / _expand(scales, self.group_size, w.shape[1])).clamp(-self.qmax, self.qmax))
+        codes = torch.round((w / _expand(scales, self.group_size, w.shape[1])).clamp(*self.qrange))
         codes = codes.to(torch.int8)
         if self.mask is not None:
             codes = codes * self.mask.to(torch.int8)
@@ -155,11 +156,11 @@ def _fake_quant_for(mod: SlimLinear | SlimEmbedding, learn_scales: bool) -> Fake
     fmt, w = mod.fmt, mod.weight
     mask = mod.mask if mod.mask is not None else getattr(mod, "prune_mask", None)
     scales = None
-    if fmt.bits in (8, 4):
+    if fmt.bits in ops.QUANT_BITS:
         if mod.scales is None:
             raise RuntimeError(f"{type(mod).__name__} in {fmt.bits} bits has no scales; cannot recover it")
         scales = mod.scales.to(w.device)
-    return FakeQuant(fmt.bits, fmt.group_size if fmt.bits in (8, 4) else None,
+    return FakeQuant(fmt.bits, fmt.group_size if fmt.bits in ops.QUANT_BITS else None,
                      None if mask is None else mask.to(w.device), scales, learn_scales).to(w.device)
 
 
@@ -204,7 +205,7 @@ def freeze_(model: nn.Module, state: TrainableModel) -> nn.Module:
             fq = mod.parametrizations.weight[0]  # type: ignore[union-attr,index,assignment]
             latent = mod.parametrizations.weight.original.detach().clone()  # type: ignore[union-attr]
             parametrize.remove_parametrizations(mod, "weight", leave_parametrized=False)
-        quant = fq.codes(latent) if fq.bits in (8, 4) else None
+        quant = fq.codes(latent) if fq.bits in ops.QUANT_BITS else None
         mask = None if fq.mask is None else fq.mask.clone()
         mod.set_weight(latent, mask, mod.fmt, quant=quant)  # a dense-stored sparsity keeps prune_mask only
     model.requires_grad_(False)

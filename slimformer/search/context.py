@@ -20,7 +20,7 @@ from slimformer.compression.calibration import (
 )
 from slimformer.compression.embedding_tiers import reference_ranking
 from slimformer.compression.memory import plan_memory, set_deploy
-from slimformer.compression.plan import CompressionPlan
+from slimformer.compression.plan import DATA_METHODS, CompressionPlan
 from slimformer.compression.saving import load_any
 from slimformer.errors import BudgetError, ConfigError
 from slimformer.evaluators.latency import LatencySettings, LatencySource, make_latency_source, resolved_source
@@ -201,7 +201,7 @@ def prepare(config: SearchConfig, *, log: Any = None, validated: Callable[[], No
                           f"choose one of {list(search_eval.metric_names)}")
     heldout_eval = FidelityEvaluator(adapter, sets.heldout, device=device)
     act_scales = collect_activation_scales(adapter, sets.calibration) if config.space.data_aware_lowrank else None
-    uses_gptq = any("gptq" in g.method for g in config.space.groups) or config.baselines
+    uses_gptq = any(m in DATA_METHODS for g in config.space.groups for m in g.method) or config.baselines
     hessians = collect_hessians(adapter, sets.calibration) if uses_gptq else None
     prunes = any(g.heads_kept or g.neurons_kept for g in config.space.groups)
     structure_data = prunes and (config.space.structure.importance == "activation" or config.space.structure.refit)

@@ -293,7 +293,7 @@ def _spec_text(spec: dict[str, Any] | None) -> str:
     if spec.get("sparsity"):
         parts.append("2:4" if spec.get("pattern") == "2:4" else f"s{spec['sparsity']:.2f}")
     bits = spec.get("bits", 32)
-    if bits in (8, 4):
+    if bits in (8, 4, 3, 2):
         parts.append(f"int{bits}" + (f" g{spec['group_size']}" if spec.get("group_size") else ""))
         parts.append(str(spec.get("method") or "rtn"))
     elif bits != 32 or not parts:

@@ -75,9 +75,11 @@ class GroupConfig(FrozenModel):
     select: SelectConfig = SelectConfig()
     rank_fraction: list[float] = [1.0]
     sparsity: list[SparsityChoice] = [0.0]
-    bits: list[Literal[32, 16, 8, 4]] = [32]
+    bits: list[Literal[32, 16, 8, 4, 3, 2]] = [32]  # 3 and 2: linear units only (all 2^b levels, signed scales)
     group_size: list[int | None] = [None]
-    method: list[Literal["rtn", "gptq"]] = ["rtn"]  # rounding for 8/4 bits (gptq uses calibration Hessians)
+    # rounding for integer bits: rtn, or data-aware (calibration Hessians): gptq, gptq-ao (act-order + damping
+    # search), recon (gptq-ao codes + least-squares scales on calibration outputs); compression/reconstruct.py
+    method: list[Literal["rtn", "gptq", "gptq-ao", "recon"]] = ["rtn"]
     # compute of 8/4-bit linears: exact (weight-only, fp32 matmul) or int8 (int8 GEMM, activations quantised);
     # ignored for other bits and for embedding tables, like group_size
     kernel: list[Literal["exact", "int8"]] = ["exact"]
@@ -115,7 +117,7 @@ class GroupConfig(FrozenModel):
     @classmethod
     def _bits(cls, v: list[int]) -> list[int]:
         if not v:
-            raise ValueError("bits needs at least one choice (32, 16, 8 or 4)")
+            raise ValueError("bits needs at least one choice (32, 16, 8, 4, 3 or 2)")
         return v
 
     @field_validator("tiers")

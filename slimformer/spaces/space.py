@@ -17,7 +17,15 @@ from optuna.distributions import CategoricalDistribution
 
 from slimformer.compression.embedding_tiers import TierSpec, TokenRanking, parse_layout
 from slimformer.compression.memory import deployed_unit_bytes, plan_memory
-from slimformer.compression.plan import CompressionPlan, LayerSpec, StructureSpec, UnitSpec, sharing_pattern
+from slimformer.compression.plan import (
+    INT_BITS,
+    LINEAR_ONLY_BITS,
+    CompressionPlan,
+    LayerSpec,
+    StructureSpec,
+    UnitSpec,
+    sharing_pattern,
+)
 from slimformer.errors import ConfigError
 from slimformer.models.base import ModelAdapter, Unit
 from slimformer.spaces.config import GroupConfig, SpaceConfig
@@ -55,8 +63,8 @@ def spec_from_choice(choice: Mapping[str, Any], shape: tuple[int, int], kind: st
         sparsity=0.5 if pattern == "2:4" else float(sparsity),
         pattern=pattern,  # type: ignore[arg-type]
         bits=bits,
-        group_size=choice.get("group_size") if bits in (8, 4) else None,
-        method=choice.get("method", "rtn") if bits in (8, 4) else "rtn",
+        group_size=choice.get("group_size") if bits in INT_BITS else None,
+        method=choice.get("method", "rtn") if bits in INT_BITS else "rtn",
         kernel=choice.get("kernel", "exact") if bits in (8, 4) and kind == "linear" else "exact",
     )
 
@@ -82,6 +90,18 @@ class SearchSpace:
                         self._structure_value(key, value, layer)
         self._check_structure_owners()
         self._check_2_4()
+        self._check_low_bits()
+
+    def _check_low_bits(self) -> None:
+        """Bits 3 and 2 run exactly for linear units only: a group that offers them for an embedding table is a
+        config error here rather than a failed trial for each plan that picks them."""
+        for b in self.bundles:
+            low = sorted(set(b.group.bits) & set(LINEAR_ONLY_BITS))
+            table = next((u for u in b.units if u.kind != "linear"), None)
+            if low and table is not None:
+                raise ConfigError(
+                    f"space.groups[{b.prefix.split('.')[0][1:]}].bits {low[-1]} applies to linear units, but the "
+                    f"group selects {table.name} (a {table.kind}); select linear roles only or drop bits {low}")
 
     @property
     def has_tiers(self) -> bool:
@@ -282,11 +302,14 @@ class SearchSpace:
         return params
 
     def seed_params(self, budget_bytes: int) -> list[dict[str, Any]]:
-        """Feasible starting points: uniform 4-bit at each group size the space offers, then 8-bit."""
+        """Feasible starting points: uniform 4-bit at each group size the space offers, then 8-bit, each with the
+        best rounding the space offers first (recon, gptq-ao, gptq, rtn: docs/BENCHMARKS.md, rounding)."""
         sizes = sorted({g for grp in self.config.groups for g in grp.group_size}, key=lambda g: (g is None, g))
         base = {"rank_fraction": 1.0, "sparsity": 0.0}
+        offered = {m for grp in self.config.groups for m in grp.method}
+        methods = [m for m in ("recon", "gptq-ao") if m in offered] + ["gptq", "rtn"]
         candidates = [self.uniform_params(bits=b, group_size=g, method=m, **base)
-                      for b in (4, 8) for g in sizes for m in ("gptq", "rtn")]
+                      for b in (4, 8) for g in sizes for m in methods]
         seeds: list[dict[str, Any]] = []
         for p in candidates:
             full = self.default_params() | p

@@ -200,8 +200,8 @@ def test_zero_rows_get_unit_scale_and_bad_bits_raise() -> None:
     q = ops.quantize(W, 4, 8)
     assert bool((q.scales[2] == 1.0).all()) and bool((q.codes[2] == 0).all())
     assert bool(torch.isfinite(ops.dequantize(q)).all())
-    with pytest.raises(PlanError, match="bits 8 or 4"):
-        ops.quantize(W, 3, None)
+    with pytest.raises(PlanError, match="supports bits 8, 4, 3, 2"):  # 3 and 2 bits are valid since issue 15
+        ops.quantize(W, 5, None)
     with pytest.raises(PlanError, match="mask must be a bool tensor"):
         ops.quantize(W, 8, None, mask=torch.ones(4, 16))
 
