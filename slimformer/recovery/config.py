@@ -18,6 +18,8 @@ DEFAULT_LOSSES: dict[str, dict[str, float]] = {
     "encoder": {"cosine": 1.0, "hidden": 1.0, "relations": 1.0},
     # classifiers (ViT): softened logits, every block's output
     "classifier": {"kl": 1.0, "hidden": 1.0},
+    # causal LMs: next-token distributions at every position, every block's output
+    "causal_lm": {"kl": 1.0, "hidden": 1.0},
 }
 DEFAULT_STEPS = 300
 MAX_COUNT = 10_000_000  # bound on steps, batch sizes and sample counts: a typo is an error, not an overflow hours later
