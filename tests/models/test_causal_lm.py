@@ -6,6 +6,7 @@ errors users see (hub unreachable, a metric of another kind of model)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -264,3 +265,20 @@ def test_a_metric_of_another_kind_of_model_exits_2_naming_the_valid_ones(lm, tmp
             f"error: quality_metric '{metric}' does not apply to this "
             f"{'causal_lm' if metric == 'cosine' else 'encoder'} model; choose one of [{valid}]"]
         assert not (tmp_path / f"run-{metric}").exists()
+
+
+def test_bench_times_prefill_against_fp32_and_ort_int8(lm, tmp_path) -> None:
+    kind, d, _ = lm
+    if kind != "llama":
+        pytest.skip("one causal LM is enough")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {id: tiny}\nrules:\n  - match: 're:.*'\n    spec: {bits: 4, group_size: 16}\n")
+    res = invoke("bench", recipe, "--model", d, "--samples", 8, "--seq", 16, "--batch", 1, "--runs", 2,
+                 "--warmup", 1, "--threads", 1, "--no-progress", "--json", tmp_path / "bench.json")
+    assert res.exit_code == 0, res.output
+    out = json.loads((tmp_path / "bench.json").read_text())
+    names = [m["name"] for m in out["models"]]
+    assert names == ["fp32", "int8-dynamic-tensor", "int8-dynamic-channel", "target"]
+    target = out["models"][-1]
+    assert target["file_bytes"] < out["models"][0]["file_bytes"] / 3 and target["latency"][0]["seq"] == 16
+    assert 0.5 < target["fidelity"]["agreement"] <= 1.0
