@@ -50,10 +50,12 @@ from slimformer.threads import set_threads
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = Path("~/.cache/slimformer/causal-lm-teacher").expanduser()
-SEQ = 128
-BATCH = 32
-MODEL_ARGS: dict[str, Any] = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 8,
-                              "num_key_value_heads": 4, "intermediate_size": 768, "max_position_embeddings": SEQ,
+SEQ = 64
+BATCH = 16
+STEPS = 150
+LR = 3e-3
+MODEL_ARGS: dict[str, Any] = {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+                              "num_key_value_heads": 2, "intermediate_size": 384, "max_position_embeddings": 128,
                               "tie_word_embeddings": True, "rms_norm_eps": 1e-5, "rope_theta": 10000.0}
 
 
@@ -130,8 +132,8 @@ def train(out: Path, minutes: float, steps: int | None, threads: int, seed: int)
         model.config._attn_implementation = "sdpa"
         params = sum(p.numel() for p in model.parameters())
         total = steps or 10**9
-        warm = 30
-        opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1)
+        warm = min(30, total // 10 + 1)
+        opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.95), weight_decay=0.1)
         gen = torch.Generator().manual_seed(seed)
         order = torch.randperm(len(rows), generator=gen)
         budget_s = minutes * 60 - (time.monotonic() - t0)
@@ -147,7 +149,7 @@ def train(out: Path, minutes: float, steps: int | None, threads: int, seed: int)
             frac = step / max(1, total)
             lr_scale = min(1.0, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
             for g in opt.param_groups:
-                g["lr"] = 2e-3 * max(lr_scale, 0.02)
+                g["lr"] = LR * max(lr_scale, 0.02)
             idx = order[(step * BATCH) % len(rows):][:BATCH]
             if len(idx) < BATCH:
                 order = torch.randperm(len(rows), generator=gen)
@@ -158,7 +160,7 @@ def train(out: Path, minutes: float, steps: int | None, threads: int, seed: int)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             step += 1
             if step % 20 == 0:
                 print(f"step {step}/{total} loss {sum(losses[-20:]) / 20:.3f} "
@@ -188,12 +190,12 @@ def train(out: Path, minutes: float, steps: int | None, threads: int, seed: int)
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    p.add_argument("--minutes", type=float, default=25.0, help="wall-time bound when --steps is not given")
-    p.add_argument("--steps", type=int, default=None, help="exact step count (deterministic schedule)")
+    p.add_argument("--steps", type=int, default=STEPS, help="step count (deterministic schedule); 0: use --minutes")
+    p.add_argument("--minutes", type=float, default=25.0, help="wall-time bound with --steps 0 (not reproducible)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    print(json.dumps(train(a.out.expanduser(), a.minutes, a.steps, a.threads, a.seed), indent=2))
+    print(json.dumps(train(a.out.expanduser(), a.minutes, a.steps or None, a.threads, a.seed), indent=2))
 
 
 if __name__ == "__main__":
