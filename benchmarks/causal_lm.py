@@ -40,7 +40,7 @@ def search_config(teacher: Path, run_dir: Path, budget: str, trials: int, thread
     lin = {"bits": [8, 4], "group_size": [32, 128], "method": ["rtn", "gptq"]}
     cfg: dict[str, Any] = {
         "model": str(teacher),
-        "data": {"source": "fortunes", "search_samples": 32 if smoke else 128, "heldout_samples": 32 if smoke else 400,
+        "data": {"source": "fortunes", "search_samples": 32 if smoke else 128, "heldout_samples": 32 if smoke else 256,
                  "calibration_samples": 16 if smoke else 64, "batch_size": 32, "max_length": 64},
         "space": {"per_layer": True, "groups": [
             {"select": {"role": ["embedding"]}, "bits": [8, 4], "group_size": [32, 128]},
@@ -94,7 +94,7 @@ def run_one(teacher: Path, run_dir: Path, budget: str, trials: int, threads: int
         "recovery": None if s.recovery is None else s.recovery.to_json(m),
     }
     if best is not None:
-        out["best_recipe_python_docs"] = second_domain(run_dir / best.recipe, teacher, 32 if smoke else 400)
+        out["best_recipe_python_docs"] = second_domain(run_dir / best.recipe, teacher, 32 if smoke else 256)
     return out
 
 
@@ -123,7 +123,8 @@ def doc_section(result: dict[str, Any]) -> str:
         BEGIN,
         "## Decoder LM: a Llama-style teacher trained on Debian text (issue 18)",
         "",
-        f"Reproduce: `{COMMAND}` (trains the teacher first with `python benchmarks/train_causal_lm.py` into "
+        f"Reproduce: `{result.get('command', COMMAND)}` (trains the teacher first with "
+        "`python benchmarks/train_causal_lm.py` into "
         "`~/.cache/slimformer/causal-lm-teacher` unless it exists; deterministic).",
         f"Teacher: LlamaForCausalLM, {t['parameters'] / 1e6:.2f} M parameters "
         f"(hidden {ma['hidden_size']}, {ma['num_hidden_layers']} layers, {ma['num_attention_heads']} query / "
@@ -135,7 +136,7 @@ def doc_section(result: dict[str, Any]) -> str:
         "(packaged python-docs). Small on purpose: it trains on a loaded 2-core machine in minutes; the issue's "
         "tens of millions of parameters do not.",
         "",
-        "Held-out perplexity ratio = student ppl / teacher ppl on the next tokens of 400 packaged fortunes "
+        "Held-out perplexity ratio = student ppl / teacher ppl on the next tokens of 256 packaged fortunes "
         "(lower is better, 1 = the teacher); memory = packed tensors (`deploy: safetensors`, the tied table once).",
         "",
         "| plan | % of fp32 | held-out ppl ratio | top-1 agreement | notes |",
@@ -196,7 +197,8 @@ def main() -> int:
     trials = 4 if args.smoke else args.trials
     rec_steps = 5 if args.smoke else args.recover_steps
     result: dict[str, Any] = {
-        "benchmark": "causal_lm", "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": COMMAND,
+        "benchmark": "causal_lm", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "command": " ".join([COMMAND, *sys.argv[1:]]),
         "machine": {"cpu": cpu_model(), "torch": torch.__version__, "python": platform.python_version()},
         "teacher": {"dir": str(teacher_dir), **teacher},
         "search_30": run_one(teacher_dir, args.run_dir / "budget-30", "30%", trials, args.threads, None, args.smoke),

@@ -18,14 +18,18 @@ restricted to the pieces these texts (training and packaged evaluation texts) us
 greedy longest-match WordPiece then tokenises every one of them exactly as the full vocabulary does (checked),
 and the embedding table is ~1/2 the size.
 
-Model: LlamaForCausalLM, hidden 256, 4 layers, 8 query heads / 4 KV heads (grouped-query attention, head
-dim 32), SwiGLU FFN 768, RMSNorm, RoPE, tied embeddings: about 6 M parameters. The issue asked for tens of
-millions; that does not train in 30 minutes on 2 shared cores (a 30 M model does ~1/5 of the steps, well under
-one pass over the ~0.6 M training tokens), so the size is what a CPU-only run can train to a useful teacher.
+Model: LlamaForCausalLM, hidden 128, 4 layers, 4 query heads / 2 KV heads (grouped-query attention, head
+dim 32), SwiGLU FFN 384, RMSNorm, RoPE, tied embeddings (vocabulary ~17,200): about 3 M parameters, 2.2 M of
+them the table. The issue asked for tens of millions; measured here, the machine (2 cores shared by 7 jobs, load
+~18) ran this one at ~18 s per step of 16x64 tokens (a first, 7.5 M-parameter version at 32x128 was far
+slower: no 20 steps within its first minutes), so even this size gets only `STEPS` = 60 steps (~61 k tokens,
+a sixth of one pass over the ~0.4 M training tokens) in the time the benchmark had. It is a weak LM (see
+train_info.json's held-out perplexity), honestly so; on a quiet machine raise `--steps` (and MODEL_ARGS)
+for a stronger teacher.
 
-Training: AdamW (lr 2e-3, betas 0.9/0.95, weight decay 0.1), linear warm-up then cosine decay, batch 32 rows of
-128 tokens, for `--steps` steps or until `--minutes` of wall time (then the schedule ends there); deterministic
-for a seed, thread count and step count. The output directory (a transformers directory `slimformer.models.load`
+Training: AdamW (lr 3e-3, betas 0.9/0.95, weight decay 0.1), linear warm-up then cosine decay, batch 16 rows of
+64 tokens, for `--steps` steps (deterministic for a seed, thread count and step count), or with `--steps 0`
+until `--minutes` of wall time. The output directory (a transformers directory `slimformer.models.load`
 reads, plus train_info.json) is written atomically; `--out` defaults to ~/.cache/slimformer/causal-lm-teacher.
 """
 
@@ -52,7 +56,7 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = Path("~/.cache/slimformer/causal-lm-teacher").expanduser()
 SEQ = 64
 BATCH = 16
-STEPS = 150
+STEPS = 60
 LR = 3e-3
 MODEL_ARGS: dict[str, Any] = {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
                               "num_key_value_heads": 2, "intermediate_size": 384, "max_position_embeddings": 128,
@@ -162,8 +166,8 @@ def train(out: Path, minutes: float, steps: int | None, threads: int, seed: int)
             opt.step()
             losses.append(float(loss.detach()))
             step += 1
-            if step % 20 == 0:
-                print(f"step {step}/{total} loss {sum(losses[-20:]) / 20:.3f} "
+            if step % 10 == 0:
+                print(f"step {step}/{total} loss {sum(losses[-10:]) / 10:.3f} "
                       f"({time.monotonic() - start:.0f} s)", flush=True)
         model.eval()
         model.config._attn_implementation = "eager"
