@@ -123,10 +123,10 @@ def doc_section(result: dict[str, Any]) -> str:
 
     def row(name: str, entry: dict[str, Any] | None, extra: str = "") -> str:
         if entry is None:
-            return f"| {name} | - | - | - | {extra} |"
+            return f"| {name} | - | - | - | - | {extra} |"
         hm = entry["heldout_metrics"]
-        agree = hm.get("agreement", float("nan"))
-        return f"| {name} | {entry['memory_percent']:.2f}% | {ratio(hm):.4f} | {agree:.4f} | {extra} |"
+        agree, kl = hm.get("agreement", float("nan")), hm.get("kl", float("nan"))
+        return f"| {name} | {entry['memory_percent']:.2f}% | {ratio(hm):.6f} | {kl:.2e} | {agree:.4f} | {extra} |"
 
     lines = [
         BEGIN,
@@ -148,20 +148,20 @@ def doc_section(result: dict[str, Any]) -> str:
         "Held-out perplexity ratio = student ppl / teacher ppl on the next tokens of 256 packaged fortunes "
         "(lower is better, 1 = the teacher); memory = packed tensors (`deploy: safetensors`, the tied table once).",
         "",
-        "| plan | % of fp32 | held-out ppl ratio | top-1 agreement | notes |",
-        "|---|---|---|---|---|",
+        "| plan | % of fp32 | held-out ppl ratio | KL per token | top-1 agreement | notes |",
+        "|---|---|---|---|---|---|",
         row("search ≤30%: best recipe", a["best_recipe"],
-            f"python-docs ppl ratio {ratio(a.get('best_recipe_python_docs')) or float('nan'):.4f}"),
+            f"python-docs ppl ratio {ratio(a.get('best_recipe_python_docs')) or float('nan'):.6f}"),
         row(f"≤30%: best uniform baseline ({(a['best_baseline'] or {}).get('name', '-')})", a["best_baseline"]),
         row("search ≤15%: best recipe (before recovery)", b["best_recipe"],
-            f"python-docs ppl ratio {ratio(b.get('best_recipe_python_docs')) or float('nan'):.4f}"),
+            f"python-docs ppl ratio {ratio(b.get('best_recipe_python_docs')) or float('nan'):.6f}"),
         row(f"≤15%: best uniform baseline ({(b['best_baseline'] or {}).get('name', '-')})", b["best_baseline"]),
     ]
     rec = b.get("recovery")
     if rec:
         after = rec.get("best_after_perplexity")
         lines.append(f"| ≤15% after recovery (trial {rec['best_trial']}) | - | "
-                     f"{(1 / after) if after else float('nan'):.4f} | - | {rec['settings'].get('steps')} steps of "
+                     f"{(1 / after) if after else float('nan'):.6f} | - | - | {rec['settings'].get('steps')} steps of "
                      "next-token KL + block outputs |")
     lines += ["", "The teacher is weak (trained 60 steps: what this loaded machine allowed), so its next-token "
               "distributions are flat and uniform int8 is already within noise of it; ratios below 1 are noise "
