@@ -142,18 +142,22 @@ def set_module(model: nn.Module, path: str, new: nn.Module) -> None:
 
 # -- transforms ------------------------------------------------------------------------------------
 def _prune_heads(model: nn.Module, info: LayerInfo, keep: Tensor) -> None:
+    """Keep query heads `keep`; under grouped-query attention `keep` is whole KV groups (key/value keep
+    those groups' heads)."""
     hd = info.head_dim
     idx = (keep[:, None] * hd + torch.arange(hd)[None, :]).reshape(-1)
     if len(info.qkv_units) == 1:  # fused [3, heads, head_dim] rows
         full = info.num_heads * hd
         _select_rows(model, info.qkv_units[0], torch.cat([idx + k * full for k in range(3)]))
     else:
-        for name in info.qkv_units:
-            _select_rows(model, name, idx)
+        kv_keep = keep[::info.kv_group] // info.kv_group
+        kv_idx = (kv_keep[:, None] * hd + torch.arange(hd)[None, :]).reshape(-1)
+        for i, name in enumerate(info.qkv_units):
+            _select_rows(model, name, idx if i == 0 else kv_idx)
     _select_cols(model, info.attn_out_unit, idx)
     attn = get_module(model, info.attention_path)
     setattr(attn, info.heads_attr, int(keep.numel()))
-    for attr in ("all_head_size", "attn_dim"):
+    for attr in ("all_head_size", "attn_dim", "split_size"):  # split_size: GPT-2 splits its fused qkv by it
         if hasattr(attn, attr):
             setattr(attn, attr, int(keep.numel()) * hd)
     params = list(inspect.signature(attn.forward).parameters)
@@ -373,9 +377,15 @@ def _apply_structure(model: nn.Module, adapter: ModelAdapter, plan: CompressionP
                                         centered=structure.refit and out.bias is not None)
             else:
                 q = [get_module(model, n).weight for n in info.qkv_units]
-                scores = ops.head_importance(q if len(q) > 1 else q[0], out.weight, info.num_heads,
-                                             fused_qkv=len(q) == 1)
-            keep = ops.top_k_sorted(scores, ls.heads_kept)
+                if info.kv_group > 1:  # k/v have fewer heads: rank query heads by q rows and output columns
+                    q = q[:1]
+                scores = ops.head_importance(q if len(info.qkv_units) > 1 else q[0], out.weight, info.num_heads,
+                                             fused_qkv=len(info.qkv_units) == 1)
+            if info.kv_group > 1:  # grouped-query attention: keep the KV groups whose heads score highest
+                groups = ops.top_k_sorted(scores.reshape(-1, info.kv_group).sum(1), ls.heads_kept // info.kv_group)
+                keep = (groups[:, None] * info.kv_group + torch.arange(info.kv_group)[None, :]).reshape(-1)
+            else:
+                keep = ops.top_k_sorted(scores, ls.heads_kept)
             hd = info.head_dim
             idx = (keep[:, None] * hd + torch.arange(hd)[None, :]).reshape(-1)
             in_index[info.attn_out_unit] = idx
@@ -393,6 +403,8 @@ def _apply_structure(model: nn.Module, adapter: ModelAdapter, plan: CompressionP
             keep = ops.top_k_sorted(scores, ls.neurons_kept)
             in_index[info.ffn_out_unit] = keep
             _select_rows(model, info.ffn_in_unit, keep)
+            if info.ffn_gate_unit is not None:
+                _select_rows(model, info.ffn_gate_unit, keep)
             _select_cols(model, info.ffn_out_unit, keep)
             if structure.refit and stats is not None:
                 _refit(model, info.ffn_out_unit, out, keep, stats, cache)

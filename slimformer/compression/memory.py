@@ -135,14 +135,12 @@ def unit_shape(adapter: ModelAdapter, unit: Unit, plan: CompressionPlan) -> tupl
     ls = plan.layer(unit.layer)
     if ls.heads_kept is not None:
         dim = ls.heads_kept * info.head_dim
-        if unit.role in ("query", "key", "value"):
-            out_f = dim
-        elif unit.role == "qkv":
-            out_f = 3 * dim
+        if unit.role in ("query", "key", "value", "qkv"):  # key/value: kept KV groups under grouped-query attention
+            out_f = out_f * ls.heads_kept // info.num_heads
         elif unit.role == "attn_out":
             in_f = dim
     if ls.neurons_kept is not None:
-        if unit.role == "ffn_in":
+        if unit.role in ("ffn_in", "ffn_gate"):
             out_f = ls.neurons_kept
         elif unit.role == "ffn_out":
             in_f = ls.neurons_kept
@@ -251,6 +249,18 @@ def onnx_unit_bytes(unit: Unit, shape: tuple[int, int], spec: UnitSpec) -> tuple
     return sum(b for b, _ in parts) + bias, graph
 
 
+def tied_head_onnx_bytes(unit: Unit, shape: tuple[int, int], spec: UnitSpec) -> int:
+    """Bytes the ONNX export adds for a tied LM head reading a compressed table (upper bound): the table again
+    as a linear kernel (vocab out, dim in) with its nodes, and a factorised table's projection in fp32."""
+    if spec.is_identity:
+        return 0  # the fp32 table is one initializer read by the Gather and the head's Einsum
+    rank = effective_rank(spec, shape)
+    rows = shape[1] if rank is None else rank
+    b, kind = onnx_matrix((shape[0], rows), spec, False)
+    extra = 0 if rank is None else 4 * shape[1] * rank + _graph_bytes("lowrank", unit.name)
+    return b + extra + _graph_bytes(kind, unit.name + ".head")
+
+
 def deployed_unit_bytes(adapter: ModelAdapter, unit: Unit, shape: tuple[int, int], spec: UnitSpec) -> int:
     """`unit_bytes` for the adapter's deploy target (onnx: initializers and graph bytes of its kernels)."""
     if deploy_setting(adapter).target == "onnx":
@@ -259,7 +269,7 @@ def deployed_unit_bytes(adapter: ModelAdapter, unit: Unit, shape: tuple[int, int
 
 
 def group_of(unit: Unit) -> str:
-    if unit.role == "embedding":
+    if unit.role in ("embedding", "lm_head"):
         return "embeddings"
     return "attention" if unit.role in ATTENTION_ROLES else "ffn"
 
@@ -283,6 +293,8 @@ def plan_memory(adapter: ModelAdapter, plan: CompressionPlan, deploy: DeployTarg
         if onnx:  # every use has its nodes, even of a shared module
             b, g = onnx_unit_bytes(u, shape, spec)
             graph += g
+            if u.role == "embedding" and adapter.output_shares_embedding:
+                b += tied_head_onnx_bytes(u, shape, spec)
         if u.layer in shared_away and unit_in_scope(u, adapter.layers[u.layer], scope):
             per_unit[u.name] = 0
             continue

@@ -66,6 +66,9 @@ def canonical_plan(adapter: ModelAdapter, plan: CompressionPlan) -> CompressionP
         info = adapter.layers[i]
         if ls.heads_kept is not None and ls.heads_kept > info.num_heads:
             raise PlanError(f"layer {i}: heads_kept {ls.heads_kept} > {info.num_heads} heads")
+        if ls.heads_kept is not None and ls.heads_kept % info.kv_group:
+            raise PlanError(f"layer {i}: heads_kept {ls.heads_kept} is not a multiple of {info.kv_group}, the query "
+                            "heads per key/value group (grouped-query attention prunes whole groups)")
         if ls.neurons_kept is not None and ls.neurons_kept > info.intermediate:
             raise PlanError(f"layer {i}: neurons_kept {ls.neurons_kept} > {info.intermediate} neurons")
     units = dict(plan.units)

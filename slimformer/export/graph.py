@@ -318,6 +318,11 @@ class _Rewriter:
             if bias is not None and (bias not in self.inits or tuple(self.inits[bias].dims) != (mod.out_features,)):
                 return None
             return self.linear(node.input[0], mod, path, bias, node.output[0])
+        if node.op_type == "Einsum" and len(node.input) == 2 and _is_table_product(node):
+            hit = self._pick(node.input[1], SlimEmbedding, False)  # a tied LM head: h · tableᵀ
+            if hit is None:
+                return None
+            return self.linear(node.input[0], hit[1], hit[0], None, node.output[0])  # type: ignore[arg-type]
         if node.op_type == "Gather" and _attr(node, "axis", 0) == 0:
             hit = self._pick(node.input[0], SlimEmbedding, False) or self._pick(node.input[0], TieredEmbedding, False)
             if hit is None:
@@ -325,6 +330,14 @@ class _Rewriter:
             path, mod = hit
             return self.embedding(node.input[1], node.output[0], mod, path)
         return None
+
+
+def _is_table_product(node: onnx.NodeProto) -> bool:
+    """Einsum `...d,vd->...v`: activations times a (vocab, dim) table transposed (a tied LM head)."""
+    eq = next((a.s.decode() for a in node.attribute if a.name == "equation"), "").replace(" ", "")
+    lhs, _, out = eq.partition("->")
+    a, _, b = lhs.partition(",")
+    return len(b) == 2 and a.endswith(b[1]) and out == a[:-1] + b[0]
 
 
 def rewrite(model_proto: onnx.ModelProto, model: nn.Module, int8_kernel: Int8Kernel = "auto",

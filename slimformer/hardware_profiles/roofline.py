@@ -210,7 +210,7 @@ def forward_ops(units: Sequence[Unit], layers: Sequence[LayerInfo], plan: Compre
                 out_f = _scaled(out_f, spec.heads_kept, heads_total)
             elif role == "attn_out":
                 in_f = _scaled(in_f, spec.heads_kept, heads_total)
-            elif role == "ffn_in":
+            elif role in ("ffn_in", "ffn_gate"):
                 out_f = _scaled(out_f, spec.neurons_kept, inter_total)
             elif role == "ffn_out":
                 in_f = _scaled(in_f, spec.neurons_kept, inter_total)

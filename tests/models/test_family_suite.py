@@ -30,7 +30,7 @@ from slimformer.models import (
     unregister_family,
 )
 from slimformer.models.base import ROLES
-from slimformer.models.metrics import CLASSIFIER_METRICS, ENCODER_METRICS
+from slimformer.models.metrics import CAUSAL_LM_METRICS, CLASSIFIER_METRICS, ENCODER_METRICS
 
 HIDDEN, HEADS, INTER, LAYERS, CLASSES = 32, 4, 64, 2, 3
 VIT_ARGS = dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, depth=2, embed_dim=32, num_heads=4)
@@ -82,6 +82,16 @@ def make_vit(out: Path, tokenizer: Any) -> Path:
     return out
 
 
+def make_causal_lm(out: Path, tokenizer: Any) -> Path:
+    """A tiny Llama-style decoder (grouped-query attention, SwiGLU; tests/models/test_causal_lm.py has more)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=30522, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS,
+                      num_attention_heads=HEADS, num_key_value_heads=2, max_position_embeddings=64)
+    return _save_hf(LlamaForCausalLM(cfg), tokenizer, out)
+
+
 @dataclass(frozen=True)
 class Case:
     """One tiny model of a family: how to write it to disk and what `load` must make of it."""
@@ -92,6 +102,7 @@ class Case:
     kind: str
     out_dim: int
     pooling: str | None = None
+    per_token: bool = False  # outputs are one row per next-token position, labels the next tokens
 
 
 CASES = (
@@ -99,6 +110,7 @@ CASES = (
     Case("sentence-transformers", "hf", make_sentence_transformers, "encoder", HIDDEN, "cls"),
     Case("hf-classifier", "hf", make_classifier, "classifier", CLASSES),
     Case("timm-vit", "timm", make_vit, "classifier", 10),
+    Case("causal-lm", "causal_lm", make_causal_lm, "causal_lm", 30522, per_token=True),
 )
 
 
@@ -144,7 +156,8 @@ def test_batches_outputs_and_identity_copy(case) -> None:
     batches = a.make_batches(x, 4)
     assert [len(next(iter(b.inputs.values()))) for b in batches] == [4, 2]
     ref = torch.cat([a.output(a.model, b) for b in batches])
-    assert ref.shape == (6, c.out_dim)
+    rows = sum(len(b.labels) for b in batches) if c.per_token else 6  # type: ignore[arg-type]
+    assert ref.shape == (rows, c.out_dim)
     copy = a.fresh_model()
     assert copy is not a.model
     assert torch.equal(torch.cat([a.output(copy, b) for b in batches]), ref)
@@ -200,11 +213,14 @@ def test_calibration_search_and_heldout_are_disjoint(case) -> None:
 @torch.no_grad()
 def test_metrics_are_known_and_perfect_on_the_teacher(case) -> None:
     c, _, a = case
-    known = set(ENCODER_METRICS) | set(CLASSIFIER_METRICS)
+    known = set(ENCODER_METRICS) | set(CLASSIFIER_METRICS) | set(CAUSAL_LM_METRICS)
     assert set(a.metric_names(True)) <= known and set(a.metric_names(False)) <= known
-    assert a.default_quality_metric in a.metric_names(False)
-    out = torch.cat([a.output(a.model, b) for b in a.make_batches(_samples(a, 12), 6)]).float()
+    batches = a.make_batches(_samples(a, 12), 6)
+    out = torch.cat([a.output(a.model, b) for b in batches]).float()
     labels = out.argmax(-1) if c.kind == "classifier" else None
+    if c.per_token:  # next-token ids come with the batches: the default metric (perplexity) needs them
+        labels = torch.cat([b.labels for b in batches])  # type: ignore[misc]
+    assert a.default_quality_metric in a.metric_names(labels is not None)
     metrics = a.fidelity_metrics(out, out, labels)
     assert set(a.metric_names(labels is not None)) <= set(metrics)
     assert metrics[a.default_quality_metric] == pytest.approx(1.0)
@@ -256,5 +272,5 @@ def test_a_new_family_takes_one_registration(tmp_path, minilm_tokenizer) -> None
     finally:
         unregister_family("toy")
     assert "toy" not in families()
-    with pytest.raises(ModelLoadError, match="unknown model family 'toy'; known families: hf, timm"):
+    with pytest.raises(ModelLoadError, match="unknown model family 'toy'; known families: causal_lm, hf, timm"):
         get_family("toy")
