@@ -7,6 +7,8 @@ under a second. The tiny HF models use the real MiniLM tokenizer (vocab 30522) s
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Callable
 
 import pytest
@@ -26,6 +28,14 @@ TINY_LAYERS = {"bert": 4, "distilbert": 3, "roberta": 3, "mpnet": 3, "vit": 2}
 VIT_ARGS = dict(img_size=28, patch_size=7, in_chans=1, num_classes=10, depth=2, embed_dim=32, num_heads=4)
 VIT_INTER = 4 * 32  # timm's default mlp_ratio 4
 MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """On a CPU the shipped calibrated profile was not made on, `latency: auto` searches calibrate once and cache
+    it: in one folder per test session (inherited by CLI subprocesses), never in the user's ~/.cache."""
+    os.environ.setdefault("SLIMFORMER_CACHE_DIR", tempfile.mkdtemp(prefix="slimformer-test-cache-"))
+
+
 _SINGLE_THREAD_DIRS = ("compression", "models", "recovery")  # recovery: 0.13 vs 1.0 s per step under load
 
 
