@@ -290,6 +290,7 @@ def rescore(args: argparse.Namespace) -> dict:
         fit_ms = {r["name"]: r["measured_ms"] for r in fit_src["rows"]}
         meas = np.array([r["measured_ms"] for r in held])
         flops = np.array([r["flops"] for r in held])
+        kept: dict[str, tuple[np.ndarray, list[np.ndarray]]] = {}  # as-is and per-split few-shot predictions
         for name in args.profiles:
             prof = load_profile(name)
             b, q = st["batch"], st["seq"]
@@ -314,10 +315,25 @@ def rescore(args: argparse.Namespace) -> dict:
                                                           heads[held[i]["name"]]) for i in rest])
                     few.append(metrics(meas[rest], pred))
                     same.append(metrics(meas[rest], as_is[rest]))
+                    kept.setdefault(str(name), (as_is, []))[1].append(pred)
                 entry["fewshot"] = {k: _r(np.mean([m[k] for m in few])) for k in few[0]}
                 entry["as_is_same_plans"] = {k: _r(np.mean([m[k] for m in same])) for k in same[0]}
             out["results"].append(entry)
+        if len(kept) >= 2:  # the first two profiles' predictions of the same plans: as is, and few-shot per split
+            (a0, af), (b0, bf) = list(kept.values())[:2]
+            out.setdefault("agreement", []).append({
+                "measured": st["source"], "model": st["model"], "profiles": list(kept)[:2],
+                "as_is": _agreement(a0, b0), "fewshot": {k: _r(np.mean([_agreement(x, y)[k] for x, y in zip(
+                    af, bf, strict=True)])) for k in ("within_3", "median")}})
     return out
+
+
+def _agreement(a, b) -> dict:  # noqa: ANN001
+    """Share of plans whose two predictions are within 3% of each other (of their mean), and the median gap."""
+    import numpy as np
+
+    d = np.abs(a - b) / ((a + b) / 2)
+    return {"within_3": _r((d <= 0.03).mean()), "median": _r(np.median(d))}
 
 
 def rescore_doc(data: dict) -> str:
@@ -336,6 +352,12 @@ def rescore_doc(data: dict) -> str:
         lines.append(f"| {src} | {e['model'].split('/')[-1]} {e['batch']}x{e['seq']} ({e['plans']}) | "
                      f"`{Path(e['profile']).name}` | {f(e['as_is'])} | {f(e.get('as_is_same_plans'))} | "
                      f"{f(e.get('fewshot'))} | {f(e['flops'])} |")
+    for a in data.get("agreement", []):
+        one, two = (Path(x).name for x in a["profiles"])
+        lines += ["", f"{a['model'].split('/')[-1]}: `{one}` and `{two}` predict within 3% of each other on "
+                      f"{100 * a['as_is']['within_3']:.0f}% of the plans as they are (median gap "
+                      f"{100 * a['as_is']['median']:.1f}%), on {100 * a['fewshot']['within_3']:.0f}% with the "
+                      f"few-shot residual (median gap {100 * a['fewshot']['median']:.1f}%)."]
     return "\n".join(lines)
 
 

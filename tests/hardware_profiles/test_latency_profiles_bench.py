@@ -88,3 +88,15 @@ def test_rescore_of_stored_measurements_shows_the_few_shot_residual_fixing_the_l
     assert e["fewshot"]["mape"] < 0.04 and e["fewshot"]["within_10"] == 1.0 and e["fewshot"]["kendall_tau"] > 0.85
     assert "| 2026-11-28T17:23:30+00:00 (2026-11-28T16:55:42+00:00) | vit-fmnist 1x17 (60) |" in \
         (tmp_path / "B.md").read_text()
+
+
+def test_prepare_exports_what_calibration_and_validation_time(bench, tmp_path: Path) -> None:  # noqa: ANN001
+    work = tmp_path / "work"
+    assert bench.main(["prepare", "--work-dir", str(work), *_args(tmp_path)]) == 0
+    assert sorted(p.stem for p in (work / "validate" / "vit-fmnist").glob("*.onnx")) == \
+        ["fp32", "int4-g128", "int4-g32", "int8", "plan000", "plan001", "plan002"]
+    cal = sorted(p.stem for p in (work / "calibrate" / "vit-fmnist").glob("*.onnx"))
+    assert [c for c in cal if c.startswith("sample")] == [f"sample{i:02d}" for i in range(8)] and "fp32" in cal
+    stamp = (work / "calibrate" / "vit-fmnist" / "sample00.onnx").stat().st_mtime_ns
+    assert bench.main(["prepare", "--work-dir", str(work), *_args(tmp_path)]) == 0  # reused, not exported again
+    assert (work / "calibrate" / "vit-fmnist" / "sample00.onnx").stat().st_mtime_ns == stamp
