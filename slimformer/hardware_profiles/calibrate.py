@@ -7,10 +7,11 @@
    c3*N); embedding kernels by rows x width; the attention core over heads x seq x head_dim;
    residual-add+LayerNorm, GELU, Add by elements. Rates: best fp32 GEMM rate (and per class), best Add
    bandwidth; the per-call overhead and the per-node cost from the one-float Add graphs (sampling.py).
-2. Reference models (`references`, references.py): fp32 and uniform int8 / int4-g32 exports of each, timed
-   round-robin at a few shapes (model_timing.py); the whole-graph residual of their family (glue, dispatch,
-   cache effects) is fitted on them (residual_fit.py), and so is the FLOPs proxy's constant. Validation
-   (validate.py) uses other, random plans.
+2. Reference models (`references`, references.py): fp32 and uniform int8 / int4-g32 exports of each and
+   `samples` random mixed plans (seeded apart from validation's), timed round-robin in interleaved passes at a
+   few shapes (model_timing.py); the whole-graph residuals of their family (glue, dispatch, cache effects) are
+   fitted on them (residual_fit.py: one over all shapes, and one per shape, shape_residual.py), and so is the
+   FLOPs proxy's constant. Validation (validate.py) uses other random plans.
 Noise: the relative IQR of the runs inside a pass and the robust spread of a cell's pass medians. The load
 average is recorded. Before a profile is returned it is checked against physical bounds
 (`HardwareProfile.physical_problems`): a disturbed calibration is an error, never a profile.
@@ -72,7 +73,8 @@ class CalibrationGrid:
     quiet 2-core machine at 1 thread), `quick()` a short run (<= 3 minutes) for steering a search; tests pass
     tiny ones. `seconds` is the wall-clock budget of the whole calibration, `micro_share` the part of it the
     micro-benchmarks are planned into (sampling.py: their repeats adapt to it; the reference models take
-    the rest), `policy` how many passes and runs a cell gets."""
+    the rest), `policy` how many passes and runs a cell gets, `samples` how many sampled plans of each reference
+    model the shape-local residual is fitted on besides the reference plans."""
 
     m_values: tuple[int, ...]
     dims: tuple[int, ...]
@@ -89,6 +91,7 @@ class CalibrationGrid:
     seconds: float = 540.0
     micro_share: float = 0.6
     quick_mode: bool = False
+    samples: int = 8
 
     @classmethod
     def full(cls) -> CalibrationGrid:
@@ -105,7 +108,7 @@ class CalibrationGrid:
                    embedding=EMBEDDING_CLASSES[:3],
                    reference_shapes={MINILM: ((1, 32), (1, 128)), VIT_FMNIST: ((1, 17), (8, 17))},
                    policy=RepeatPolicy(min_passes=2, max_passes=4, pass_s=0.006, max_runs=25, max_remeasure=1),
-                   seconds=170.0, micro_share=0.5, quick_mode=True)
+                   seconds=170.0, micro_share=0.5, quick_mode=True, samples=5)
 
     def cells(self) -> int:
         """Micro-benchmark cells (one median each): linear M x K x N per class, embeddings, attention, elementwise."""
@@ -288,7 +291,8 @@ def calibrate(threads: int, grid: CalibrationGrid | None = None, name: str | Non
     )
     profile.check_physical("calibration")  # before minutes of reference models, and before anything is written
     with tempfile.TemporaryDirectory() as tmp:
-        points = fit_residuals(lm, profile, g.references, threads, Path(work_dir or tmp), step, g.reference_shapes)
+        points = fit_residuals(lm, profile, g.references, threads, Path(work_dir or tmp), step, g.reference_shapes,
+                               samples=g.samples)
     bar.close()
     seconds = time.perf_counter() - t0
     flag = " --quick" if g.quick_mode else ""
@@ -303,7 +307,8 @@ def calibrate(threads: int, grid: CalibrationGrid | None = None, name: str | Non
                      f"load average before {load0}. Micro-benchmarks of the exporter's own kernels "
                      f"({g.cells()} cells, median of {g.policy.min_passes}-{g.policy.max_passes} interleaved passes), "
                      f"timed on the {'thread CPU' if threads == 1 else 'wall'} clock; "
-                     f"whole-graph residual fitted on {', '.join(g.references) or 'no reference models'}.")
+                     f"whole-graph residual fitted on {', '.join(g.references) or 'no reference models'} "
+                     f"({g.samples} sampled plans each besides the reference plans).")
     profile.check_physical("calibration")
     return profile
 

@@ -18,7 +18,9 @@ and prices it with the profile's fitted model:
   (batch*heads, seq, head_dim); residual add + LayerNorm (fused SkipLayerNormalization), GELU, adds by
   elements.
 * whole-graph residual per model family (glue reshapes, per-node dispatch, cache effects), fitted on
-  full reference models at calibration: ms = scale * kernel_ms + layers * (per_layer_ms + M * ...).
+  full reference models at calibration: ms = scale * kernel_ms + layers * (per_layer_ms + M * ...); at a
+  (batch, seq) the calibration timed whole models at, the shape-local residual fitted there instead
+  (shape_residual.py: per-group scales + constant + per kept head, few-shot on sampled plans).
 
 It also returns the FLOPs proxy (flops x one fitted constant) and the roofline bound (sum over ops of
 max(flops / peak of the op's kernel class, bytes / bandwidth): no real run can beat it).
@@ -36,6 +38,7 @@ from slimformer.export.kernels import KernelChoice, choose_embedding_kernel, cho
 from slimformer.hardware_profiles.profile import Fit, HardwareProfile, KernelTable, LatencyModel
 from slimformer.hardware_profiles.residual import LOWRANK_PREFIX, apply_residual, glue_features
 from slimformer.hardware_profiles.roofline import forward_ops
+from slimformer.hardware_profiles.shape_residual import apply_shape_residual, kept_heads, local_for
 from slimformer.models.base import ModelAdapter
 
 LABEL = "calibrated (onnxruntime kernel model)"
@@ -284,7 +287,11 @@ def predict_canonical(adapter: ModelAdapter, plan: CompressionPlan, batch: int, 
         by[cls] = by.get(cls, 0.0) + us * 1e-3
     kernel_ms = sum(by.values())
     res = lm.residual.get(adapter.family) or (next(iter(lm.residual.values())) if lm.residual else None)
-    if res is not None:
+    local = local_for(lm.local_residual.get(adapter.family, ()), batch, seq)
+    if local is not None:
+        ms = apply_shape_residual(local, by, kept_heads(adapter, plan))
+        rel = local.rmse_rel
+    elif res is not None:
         ms = apply_residual(res, by, glue_features(adapter, plan, batch, seq))
         rel = res.rmse_rel
     else:

@@ -34,6 +34,7 @@ MAX_GFLOPS_FP32_PER_THREAD = 400.0  # 2 AVX-512 FMA units x 32 fp32 FLOP x 6 GHz
 MAX_GFLOPS_INT_PER_THREAD = 8000.0  # AMX int8 (~2048 ops/cycle x 4 GHz); VNNI is 4x fp32
 MAX_BANDWIDTH_GBS_PER_THREAD = 1000.0  # L1/L2-resident copies; DRAM is far below
 SCALE_BOUNDS = (0.8, 1.6)  # a kernel family's in-graph scale in the whole-graph residual (residual.py)
+LOCAL_SCALE_BOUNDS = (0.5, 2.0)  # a kernel group's in-graph scale in a shape-local residual (shape_residual.py)
 READABLE_SCHEMAS = (1, 2)
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
 DEFAULT_PROFILE = "amd-epyc-avx512-2t-torch"
@@ -86,8 +87,25 @@ class Residual(StrictModel):
     rmse_rel: float = 0.0
 
 
+class ShapeResidual(StrictModel):
+    """Whole-graph correction for one model family at one (batch, seq) shape (shape_residual.py), fitted at
+    calibration on the reference plans and a few sampled plans timed at that shape (few-shot, HELP-style):
+    ms = sum over kernel groups g of scale[g] * kernel ms of g + const_ms + per_head_ms * kept heads (all layers).
+    Groups missing from `scale` keep 1. pass_spread: median relative spread of the plans' pass medians."""
+
+    batch: int = Field(ge=1)
+    seq: int = Field(ge=1)
+    scale: dict[str, float] = Field(default_factory=dict)
+    const_ms: float = 0.0
+    per_head_ms: float = 0.0
+    fitted_on: list[str] = Field(default_factory=list)
+    rmse_rel: float = 0.0
+    pass_spread: float = 0.0
+
+
 class LatencyModel(StrictModel):
-    """The calibrated latency model: per-kernel-class tables and fits, overheads and residuals."""
+    """The calibrated latency model: per-kernel-class tables and fits, overheads and residuals (`residual`: one
+    per model family over all shapes; `local_residual`: per family, one per calibrated shape, preferred at it)."""
 
     linear: dict[str, KernelTable] = Field(default_factory=dict)
     embedding: dict[str, Fit] = Field(default_factory=dict)
@@ -95,6 +113,7 @@ class LatencyModel(StrictModel):
     elementwise: dict[str, Fit] = Field(default_factory=dict)
     call_overhead_us: float = 0.0
     residual: dict[str, Residual] = Field(default_factory=dict)
+    local_residual: dict[str, list[ShapeResidual]] = Field(default_factory=dict)
     flops_ms_per_gflop: float = 0.0  # the FLOPs proxy's single constant (fitted on the reference models)
 
 
@@ -234,7 +253,10 @@ class HardwareProfile(StrictModel):
         (not notes or validation), so recipes can record exactly which calibration priced them."""
         keys = ("name", "cpu", "threads", "runtime", "runtime_version", "peak_gflops_fp32", "mem_bandwidth_gbs",
                 "per_op_overhead_us", "latency_model")
-        blob = json.dumps(self.model_dump(mode="json", include=set(keys)), sort_keys=True)
+        data = self.model_dump(mode="json", include=set(keys))
+        if data.get("latency_model") and not data["latency_model"].get("local_residual"):
+            data["latency_model"].pop("local_residual", None)  # profiles made before it keep their fingerprint
+        blob = json.dumps(data, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     @property
@@ -286,6 +308,14 @@ def _model_problems(lm: LatencyModel, threads: int | None) -> list[str]:
         glue = (r.per_layer_ms, r.per_layer_token_us, r.per_layer_head_token_us, r.per_score_ns, r.const_ms)
         if any(not math.isfinite(g) or g < 0 for g in glue):
             out.append(f"latency_model.residual[{fam}] has a negative or non-finite glue term")
+    for fam, shapes in lm.local_residual.items():
+        for r in shapes:
+            where = f"latency_model.local_residual[{fam}][{r.batch}x{r.seq}]"
+            for k, v in r.scale.items():
+                if not (math.isfinite(v) and LOCAL_SCALE_BOUNDS[0] - 1e-6 <= v <= LOCAL_SCALE_BOUNDS[1] + 1e-6):
+                    out.append(f"{where}.scale[{k}] = {v} is outside {LOCAL_SCALE_BOUNDS}")
+            if any(not math.isfinite(g) or g < 0 for g in (r.const_ms, r.per_head_ms)):
+                out.append(f"{where} has a negative or non-finite const_ms or per_head_ms")
     return out
 
 

@@ -17,7 +17,10 @@ a different cell first each time and every cell of the chunk alike. Then:
   Adds timed with the chunk's cells, and fitted together (run = call + copies x node): the two are then
   identified from the same graphs at the same moments, and each cell has its chunk's overhead subtracted
   (`CellStats.kernel_us`), where the overhead used to be measured once, at the start, on another graph (see
-  docs/ARCHITECTURE.md, "Hardware profiles").
+  docs/ARCHITECTURE.md, "Hardware profiles"). A chunk's overhead is the running median over it and its
+  `OVERHEAD_WINDOW - 1` nearest chunks (`smooth_overheads`): the per-chunk intercepts from three tiny graphs
+  spanned 1.2-1.4x their median ((max - min) / median) in two quiet calibrations (2026-12-02), far more than the
+  machine drifts in seconds, and subtracted from an 8-copy run of 2 µs kernels every 1 µs is 6% of the kernel.
 
 The budget is explicit: `plan_seconds` prices the cell count x passes x runs before anything runs, and a
 deadline guards the rest (each chunk gets the share of the time left that its planned cost is of the cost
@@ -29,7 +32,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -38,6 +41,7 @@ from slimformer.hardware_profiles import microbench as mb
 
 OVERHEAD_COPIES = (1, 4, 16)
 OVERHEAD_RUNS = 100  # runs per pass of each overhead graph (~10-20 µs each): its fit is subtracted from every cell
+OVERHEAD_WINDOW = 5  # chunks in the running median of the per-call overhead (smooth_overheads)
 Feed = dict[str, np.ndarray]
 
 
@@ -137,6 +141,13 @@ def plan_seconds(benches: list[Bench], policy: RepeatPolicy) -> float:
     return total
 
 
+def smooth_overheads(values: list[float], window: int = OVERHEAD_WINDOW) -> list[float]:
+    """Running median of the per-chunk call overheads over `window` chunks centred on each (clipped at the ends):
+    tracks drift over tens of seconds, not one chunk's estimation noise."""
+    half = max(window, 1) // 2
+    return [float(np.median(values[max(0, i - half):i + half + 1])) for i in range(len(values))]
+
+
 def _robust(v: np.ndarray) -> tuple[float, float]:
     med = float(np.median(v))
     return med, 1.4826 * float(np.median(np.abs(v - med)))
@@ -191,6 +202,7 @@ def measure(benches: list[Bench], threads: int, policy: RepeatPolicy, deadline: 
     left_cost = [plan_seconds(benches[i:], policy) for i in range(len(benches) + 1)]
     out: dict[Hashable, CellStats] = {}
     fits: list[tuple[float, float]] = []
+    chunk_keys: list[list[Hashable]] = []
     for start in range(0, len(benches), max(policy.chunk, 1)):
         chunk = benches[start:start + max(policy.chunk, 1)]
         c0 = time.perf_counter()
@@ -229,6 +241,7 @@ def measure(benches: list[Bench], threads: int, policy: RepeatPolicy, deadline: 
         ys = np.array([float(np.median(ch.vals[i])) for i in range(len(tiny))])
         slope, icept = np.polyfit(np.array(OVERHEAD_COPIES, float), ys, 1)
         fits.append((float(icept), float(slope)))
+        chunk_keys.append([keys[i] for i in cells[len(tiny):]])
         for i in cells[len(tiny):]:
             v = np.array(ch.vals[i])
             kept = v[~_outliers(v, policy)] if len(v) >= 3 else v
@@ -239,6 +252,9 @@ def measure(benches: list[Bench], threads: int, policy: RepeatPolicy, deadline: 
             rep.cells += 1
         if progress is not None:
             progress(len(cells) - len(tiny), chunk[-1].label)
+    for keys_c, call_c in zip(chunk_keys, smooth_overheads([f[0] for f in fits]), strict=True):
+        for key in keys_c:
+            out[key] = replace(out[key], call_us=call_c)
     calls = np.array([f[0] for f in fits]) if fits else np.zeros(1)
     nodes = np.array([f[1] for f in fits]) if fits else np.zeros(1)
     call = float(np.median(calls))
