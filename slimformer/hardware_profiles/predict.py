@@ -14,9 +14,10 @@ and prices it with the profile's fitted model:
   group (the session holds int8 weights with one scale per row); a profile without that table cannot price
   it and says to re-calibrate (no silent fallback to another kernel's times).
 * embeddings: per table kernel, c0 + c1 * rows gathered * width.
-* attention core per block (split heads, QK^T, mask, Softmax, NaN guard, PV, merge) from its fit in
-  (batch*heads, seq, head_dim); residual add + LayerNorm (fused SkipLayerNormalization), GELU, adds by
-  elements.
+* attention core per block from its fit in (batch*heads, seq, head_dim): the exported
+  com.microsoft.MultiHeadAttention (`attention_mha`), or in profiles calibrated before it the decomposed core
+  (split heads, QK^T, mask, Softmax, NaN guard, PV, merge; `attention_fit`); residual add + LayerNorm
+  (fused SkipLayerNormalization), GELU, adds by elements.
 * whole-graph residual per model family (glue reshapes, per-node dispatch, cache effects), fitted on
   full reference models at calibration: ms = scale * kernel_ms + layers * (per_layer_ms + M * ...); at a
   (batch, seq) the calibration timed whole models at, the shape-local residual fitted there instead
@@ -159,6 +160,15 @@ def attention_features(batch_heads: int, seq: int, head_dim: int) -> tuple[float
     return (1.0, bh * s * s * d, bh * s * s, bh * s * d)
 
 
+def attention_fit(lm: LatencyModel) -> Fit | None:
+    """The fit that prices one attention core: the exporter lowers SDPA attention to MultiHeadAttention
+    (export/attention.py), so its own fit when the profile has one; a profile calibrated before it existed
+    falls back to the decomposed core's fit (split heads, QK^T, mask, Softmax, NaN guard, PV, merge), which
+    over-prices the fused node a little (MiniLM shapes, 1 thread, under load: fused <= decomposed) and whose
+    whole-graph residual was fitted on decomposed exports; re-calibrate to price the fused graph exactly."""
+    return lm.attention_mha if lm.attention_mha is not None else lm.attention
+
+
 def _elementwise_class(name: str) -> str | None:
     if name.endswith("_residual"):
         return None  # fused with the following LayerNorm (SkipLayerNormalization)
@@ -275,9 +285,10 @@ def predict_canonical(adapter: ModelAdapter, plan: CompressionPlan, batch: int, 
             roof += nbytes / bw
         elif kind == "attention":
             roof += max(op.flops / peak_fp32, nbytes / bw)
-            if not op.name.endswith("attn_scores") or lm.attention is None:
+            core = attention_fit(lm)
+            if not op.name.endswith("attn_scores") or core is None:
                 continue
-            cls, us = "attention", _fit_us(lm.attention, attention_features(op.m, op.k, op.n))
+            cls, us = "attention", _fit_us(core, attention_features(op.m, op.k, op.n))
         else:
             roof += nbytes / bw
             ecls = _elementwise_class(op.name)
