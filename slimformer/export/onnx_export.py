@@ -95,7 +95,8 @@ class ExportInfo:
     unconverted: tuple[str, ...] = ()  # compressed modules some node still reads as fp32
     # per-unit (each unit's kernel: exact or int8) | exact | fast (overrides: every unit exact / int8 + SmoothQuant)
     kernel_mode: str = K.PER_UNIT
-    n_dynamic_int8: int = 0  # DynamicQuantizeMatMul kernels (int8-kernel units, or every int4/int8 one in fast mode)
+    n_dynamic_int8: int = 0  # matrices on the int8 GEMM (int8-kernel units, or every int4/int8 one in fast mode)
+    n_dynamic_int8_nodes: int = 0  # DynamicQuantizeMatMul nodes (q/k/v reading one input share one: fewer)
 
     @property
     def weight_bytes(self) -> int:
@@ -235,7 +236,8 @@ def _info(proto: onnx.ModelProto, path: Path, file_bytes: int, report: G.Rewrite
                       opset=domains.get("ai.onnx", 0), domains=domains,
                       kernels=dict(report.kernels) if report else {},
                       unconverted=tuple(report.unconverted) if report else (), kernel_mode=kernel_mode,
-                      n_dynamic_int8=counts.get("DynamicQuantizeMatMul", 0))
+                      n_dynamic_int8=sum(k.startswith("DynamicQuantizeMatMul") for k in report.kernels.values())
+                      if report else 0, n_dynamic_int8_nodes=counts.get("DynamicQuantizeMatMul", 0))
 
 
 # -- public API ------------------------------------------------------------------------------------
@@ -269,11 +271,14 @@ def input_abs_max(model: nn.Module, adapter: ModelAdapter, batches: Sequence[Bat
 def export_onnx(adapter: ModelAdapter, model: nn.Module, path: Path | str, *, opset: int = DEFAULT_OPSET,
                 sample_texts: Sequence[Any] | None = None, int8_kernel: G.Int8Kernel = "auto",
                 kernels: G.KernelMode | None = None, calibration: Sequence[Batch] | None = None,
-                metadata: Mapping[str, str] | None = None, fused: bool = True) -> ExportInfo:
+                metadata: Mapping[str, str] | None = None, fused: bool = True,
+                fuse_projections: bool = True) -> ExportInfo:
     """Export a (compressed) model as ONNX with its compression physical (int4/int8 kernels).
 
     fused (default): attention cores as onnxruntime's MultiHeadAttention (`export.attention`; same outputs
     to float rounding); False: torch's own decomposition, as a plain `torch.onnx.export` writes it.
+    fuse_projections (default): int8-GEMM linears reading one input (query/key/value) run as one
+    DynamicQuantizeMatMul on their concatenated weights (identical outputs, same file and session bytes).
 
     sample_texts: inputs to trace with (texts for HF models, uint8 images for timm); the graph has
     dynamic batch/sequence axes either way. int8_kernel: 'auto' (DequantizeLinear+Gemm for one scale
@@ -292,7 +297,8 @@ def export_onnx(adapter: ModelAdapter, model: nn.Module, path: Path | str, *, op
         act_max = input_abs_max(model, adapter, list(calibration) if calibration else [batch]) \
             if kernels == "fast" else None
         proto = trace_onnx(adapter, model, batch, opset, fused=fused)
-    report = G.rewrite(proto, model, int8_kernel=int8_kernel, mode=kernels, act_max=act_max)
+    report = G.rewrite(proto, model, int8_kernel=int8_kernel, mode=kernels, act_max=act_max,
+                       fuse_projections=fuse_projections)
     if report.max_opset_needed > opset:
         raise ValueError(f"this plan's kernels need opset {report.max_opset_needed} (DequantizeLinear with "
                          f"block_size, int4 tensors, ReduceMax axes input); export with "
