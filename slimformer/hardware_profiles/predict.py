@@ -166,7 +166,9 @@ def attention_fit(lm: LatencyModel) -> Fit | None:
     (export/attention.py), so its own fit when the profile has one; a profile calibrated before it existed
     falls back to the decomposed core's fit (split heads, QK^T, mask, Softmax, NaN guard, PV, merge), which
     over-prices the fused node a little (MiniLM shapes, 1 thread, under load: fused <= decomposed) and whose
-    whole-graph residual was fitted on decomposed exports; re-calibrate to price the fused graph exactly."""
+    whole-graph residual was fitted on decomposed exports; re-calibrate to price the fused graph exactly.
+    Families whose attention calls no SDPA (MPNet: relative position bias) keep the decomposition in the export
+    but are priced with the same fit (their family residual absorbs the difference)."""
     return lm.attention_mha if lm.attention_mha is not None else lm.attention
 
 
