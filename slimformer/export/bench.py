@@ -22,6 +22,7 @@ than the ratio of two medians.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import platform
 import tempfile
@@ -199,14 +200,16 @@ def optimized_int8_dynamic(adapter: ModelAdapter, work_dir: Path) -> Path:
     if adapter.ort_optimizer_type is None:
         raise ConfigError(f"--optimized-baseline: onnxruntime's transformers optimizer has no model type for "
                           f"{adapter.family} models; run bench without it")
+    work_dir = Path(work_dir).resolve()
     with adapter.eager_attention(adapter.model):
         eager = export_fp32(adapter, work_dir / "fp32-eager.onnx").path
     layer = adapter.layers[0]
     prev = logging.getLogger().level
     logging.getLogger().setLevel(logging.ERROR)
-    try:
-        fused = optimize_model(str(eager), model_type=adapter.ort_optimizer_type, num_heads=layer.num_heads,
-                               hidden_size=layer.num_heads * layer.head_dim, opt_level=0)
+    try:  # in work_dir: its symbolic shape inference may leave a temp model (and external data) in the cwd
+        with contextlib.chdir(work_dir):
+            fused = optimize_model(str(eager), model_type=adapter.ort_optimizer_type,
+                                   num_heads=layer.num_heads, hidden_size=layer.num_heads * layer.head_dim, opt_level=0)
         fused.save_model_to_file(str(work_dir / "fp32-optimized.onnx"))
     finally:
         logging.getLogger().setLevel(prev)
