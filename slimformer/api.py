@@ -279,9 +279,11 @@ def export_model(model_dir: str | Path, out: str | Path | None = None, kernels: 
 
 def bench(target: str | Path, model: str | None = None, data: str = "fortunes", samples: int = 256,
           threads: int = 1, seqs: tuple[int, ...] = (64, 128), batches: tuple[int, ...] = (1, 32), runs: int = 30,
-          warmup: int = 3, work_dir: str | Path | None = None, log: Any = None, kernels: str | None = None) -> Any:
+          warmup: int = 3, work_dir: str | Path | None = None, log: Any = None, kernels: str | None = None,
+          optimized_baseline: bool = False) -> Any:
     """Benchmark a compressed model (a recipe, a compressed directory or an .onnx file) against fp32 and
-    onnxruntime dynamic-int8 baselines; returns `slimformer.export.bench.BenchResult`.
+    onnxruntime dynamic-int8 baselines (with `optimized_baseline`, also ORT's transformers-optimised dynamic int8);
+    returns `slimformer.export.bench.BenchResult`.
 
     A recipe needs `model` (what it is applied to); an .onnx file needs `model` (the uncompressed model:
     tokenizer and fp32 teacher); a compressed directory uses `model` or else the recipe's model id.
@@ -297,7 +299,7 @@ def bench(target: str | Path, model: str | None = None, data: str = "fortunes", 
     t = Path(target)
     say = log or (lambda _msg: None)
     opts = dict(data=data, samples=samples, threads=threads, seqs=seqs, batches=batches, runs=runs,
-                warmup=warmup, work_dir=work_dir, log=log)
+                warmup=warmup, work_dir=work_dir, log=log, optimized_baseline=optimized_baseline)
     with tempfile.TemporaryDirectory() as tmp:
         if t.is_dir():
             if not (t / RECIPE_FILE).is_file():

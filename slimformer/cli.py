@@ -167,13 +167,16 @@ def export_cmd(model_dir: Path, out: Path | None, kernels: str | None, no_progre
               help="Timed runs per model.")
 @click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0, max=MAX_SAMPLES),
               help="Untimed runs per model before timing.")
+@click.option("--optimized-baseline", is_flag=True,
+              help="Also time ORT's strongest int8: eager-attention export fused by onnxruntime.transformers."
+                   "optimizer, then dynamic int8 per channel.")
 @json_option
 @_KERNELS_OPTION
 @no_progress_option
 @_errors
 def bench(target: Path, model: str | None, data: str, samples: int, threads: int, seqs: tuple[int, ...],
-          batches: tuple[int, ...], runs: int, warmup: int, json_out: str | None, kernels: str | None,
-          no_progress: bool) -> None:
+          batches: tuple[int, ...], runs: int, warmup: int, optimized_baseline: bool, json_out: str | None,
+          kernels: str | None, no_progress: bool) -> None:
     """Benchmark TARGET (recipe, compressed directory or .onnx) against fp32 and ORT dynamic int8 in ONNX Runtime."""
     from slimformer.api import bench as run
     from slimformer.fileio import check_output_path
@@ -181,7 +184,7 @@ def bench(target: Path, model: str | None, data: str, samples: int, threads: int
     if json_out is not None:
         check_output_path(json_out, "--json")
     res = run(target, model, data=data, samples=samples, threads=threads, seqs=seqs, batches=batches, runs=runs,
-              warmup=warmup, log=progress_logger(no_progress), kernels=kernels)
+              warmup=warmup, log=progress_logger(no_progress), kernels=kernels, optimized_baseline=optimized_baseline)
     if json_out != "-":
         click.echo(res.format())
     if json_out is not None:

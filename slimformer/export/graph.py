@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import numpy as np
 import onnx
-from onnx import TensorProto
+from onnx import TensorProto, helper
 from onnx import numpy_helper as nh
 from torch import Tensor, nn
 
@@ -148,7 +148,8 @@ def module_mode(mod: SlimLinear | SlimEmbedding, mode: KernelMode | None) -> str
 
 class _Rewriter:
     def __init__(self, graph: onnx.GraphProto, model: nn.Module, int8_kernel: Int8Kernel,
-                 mode: KernelMode | None = None, act_max: dict[str, np.ndarray] | None = None) -> None:
+                 mode: KernelMode | None = None, act_max: dict[str, np.ndarray] | None = None,
+                 fuse_projections: bool = True) -> None:
         self.g, self.int8_kernel, self.mode, self.act_max = graph, int8_kernel, mode, act_max or {}
         self.report = RewriteReport()
         self.inits = {t.name: t for t in graph.initializer}
@@ -179,6 +180,10 @@ class _Rewriter:
         self.dropped: set[tuple[str, ...]] = set()  # output names of folded Add nodes
         self.produced: set[str] = set()  # outputs of the nodes added so far
         self.readers = self._fast_readers() if mode == "fast" else {}
+        self.fuse = fuse_projections
+        self.groups = self._int8_groups() if fuse_projections else {}
+        self.group_of = {node.output[0]: x for x, members in self.groups.items() for _, _, node in members}
+        self.skip: set[str] = set()  # outputs of member MatMuls computed by their group's fused kernel
 
     # -- helpers ------------------------------------------------------------------------------------
     def _fast_readers(self) -> dict[str, list[tuple[str, SlimLinear]]]:
@@ -200,6 +205,78 @@ class _Rewriter:
             if choice.kind == "dynamic_int8" and all(p != hit[0] for p, _ in out[node.input[0]]):
                 out[node.input[0]].append(hit)
         return out
+
+    def _int8_groups(self) -> dict[str, list[tuple[str, SlimLinear, onnx.NodeProto]]]:
+        """Input tensor -> the MatMuls (>= 2, distinct modules) reading it that all lower to the int8 GEMM
+        (query/key/value of a layer with the same kernel): they run as one DynamicQuantizeMatMul on the
+        concatenated weights, so the input is quantised once. Exact: the activation's per-tensor scale depends
+        on the input only, and each output column keeps its own weight row and scale."""
+        out: dict[str, list[tuple[str, SlimLinear, onnx.NodeProto]]] = defaultdict(list)
+        for node in self.g.node:
+            if node.op_type != "MatMul" or len(node.input) != 2 or node.output[0] in self.outputs:
+                continue
+            hit = self._pick(node.input[1], SlimLinear, True)
+            if hit is None or hit[1].fmt.bits not in (4, 8):
+                continue
+            mod = hit[1]
+            choice = K.choose_linear_kernel(mod.fmt.bits, mod.fmt.group_size, mod.in_features, mod.out_features,
+                                            self.int8_kernel, module_mode(mod, self.mode))
+            if choice.kind == "dynamic_int8" and all(p != hit[0] for p, _, _ in out[node.input[0]]):
+                out[node.input[0]].append((hit[0], mod, node))
+        uses = Counter(path for members in out.values() for path, _, _ in members)
+        groups = {}
+        for x, members in out.items():
+            with_bias = [self._bias_add(n, m.out_features)[0] is not None for _, m, n in members]
+            # a module used twice (shared layers) keeps its own kernel: two groups concatenating it would make
+            # the session fold (and hold) two copies of its weight
+            single = all(uses[p] == 1 for p, _, _ in members)
+            if len(members) >= 2 and single and (all(with_bias) or not any(with_bias)):
+                groups[x] = members
+        return groups
+
+    def fused_group(self, x: str) -> list[onnx.NodeProto]:
+        """One DynamicQuantizeMatMul for every member of `groups[x]` (emitted at the first member's place):
+        each member's weight subgraph as `dynamic_int8` builds it, their int8 weights, scales and biases
+        concatenated (constants: folded at load, so the session holds each weight once, as before), and a
+        Split into the members' outputs."""
+        members = self.groups[x]
+        nodes: list[onnx.NodeProto] = []
+        parts: list[tuple[str, str, str | None, str, int]] = []  # (B, scale, bias, y, N) per member
+        xq = None
+        for path, mod, node in members:
+            bias, add = self._bias_add(node, mod.out_features)
+            y = node.output[0]
+            if add is not None:
+                self.dropped.add(tuple(add.output))
+                y = add.output[0]
+            self.skip.add(node.output[0])
+            lowered = self.linear(node.input[0], mod, path, bias, y)
+            dq = [n for n in lowered if n.op_type == "DynamicQuantizeMatMul"]
+            if len(dq) != 1:  # pragma: no cover - dynamic_int8 always ends in one
+                raise ValueError(f"{path}: expected one DynamicQuantizeMatMul")
+            nodes.extend(n for n in lowered if n is not dq[0])
+            ins = list(dq[0].input) + [""] * (5 - len(dq[0].input))
+            if xq is not None and ins[0] != xq:  # pragma: no cover - members read one input (and one smoothing)
+                raise ValueError(f"{path}: members of a fused projection read different inputs")
+            xq = ins[0]
+            parts.append((ins[1], ins[2], ins[4] or None, y, mod.out_features))
+        p = f"{members[0][2].output[0]}/fused{len(members)}"
+        cat = [helper.make_node("Concat", [b for b, *_ in parts], [f"{p}/B"], name=f"{p}/ConcatB", axis=1),
+               helper.make_node("Concat", [s for _, s, *_ in parts], [f"{p}/scale"], name=f"{p}/ConcatScale",
+                                axis=0)]
+        bias_in = ""
+        if parts[0][2] is not None:
+            cat.append(helper.make_node("Concat", [b for _, _, b, _, _ in parts], [f"{p}/bias"],  # type: ignore[misc]
+                                        name=f"{p}/ConcatBias", axis=0))
+            bias_in = f"{p}/bias"
+        sizes = f"{p}.split"
+        self.new_inits[sizes] = nh.from_array(np.asarray([n for *_, n in parts], dtype=np.int64), sizes)
+        cat += [helper.make_node("DynamicQuantizeMatMul", [xq or x, f"{p}/B", f"{p}/scale", "", bias_in], [f"{p}/y"],
+                                 name=f"{p}/DynamicQuantizeMatMul", domain=K.MS_DOMAIN),
+                helper.make_node("Split", [f"{p}/y", sizes], [y for *_, y, _ in parts], name=f"{p}/Split", axis=-1)]
+        for path, _, _ in members:
+            self.report.kernels[path] += f",fused x{len(members)}"
+        return nodes + cat
 
     def _bias_add(self, node: onnx.NodeProto, n_out: int) -> tuple[str | None, onnx.NodeProto | None]:
         """A single `Add(matmul_out, bias[N])` consumer whose bias is a constant: fold it into the kernel."""
@@ -279,6 +356,11 @@ class _Rewriter:
         for node in self.g.node:
             if node.op_type == "Add" and tuple(node.output) in self.dropped:  # folded into its MatMul's kernel
                 continue
+            if node.output and node.output[0] in self.skip:  # computed by its group's fused kernel
+                continue
+            if node.output and node.output[0] in self.group_of:
+                out_nodes.extend(self.fused_group(self.group_of[node.output[0]]))
+                continue
             repl = self._lower(node)
             out_nodes.extend([node] if repl is None else repl)
         del self.g.node[:]
@@ -341,13 +423,15 @@ def _is_table_product(node: onnx.NodeProto) -> bool:
 
 
 def rewrite(model_proto: onnx.ModelProto, model: nn.Module, int8_kernel: Int8Kernel = "auto",
-            mode: KernelMode | None = None, act_max: dict[str, np.ndarray] | None = None) -> RewriteReport:
+            mode: KernelMode | None = None, act_max: dict[str, np.ndarray] | None = None,
+            fuse_projections: bool = True) -> RewriteReport:
     """Lower every compressed matrix of `model` in its exported graph (in place). mode None: each module's
     own kernel (SlimLinear.kernel; int8 units unsmoothed, as torch computes them); 'exact' / 'fast' override
-    every module; 'fast' uses `act_max` (module path -> max |input| per input feature) for SmoothQuant factors."""
+    every module; 'fast' uses `act_max` (module path -> max |input| per input feature) for SmoothQuant factors.
+    fuse_projections: int8-GEMM linears reading one input (q/k/v) run as one kernel (`_Rewriter.fused_group`)."""
     g = model_proto.graph
     normalise(g)
-    report = _Rewriter(g, model, int8_kernel, mode, act_max).run()
+    report = _Rewriter(g, model, int8_kernel, mode, act_max, fuse_projections).run()
     dedup_initializers(g)
     prune_initializers(g)
     return report

@@ -69,6 +69,7 @@ from slimformer.compression.modules import SlimLinear, exact_compute
 from slimformer.errors import ConfigError
 from slimformer.export import graph as G
 from slimformer.export import kernels as K
+from slimformer.export.attention import cancel_layout_pairs, drop_untyped_value_info, fused_attention
 from slimformer.fileio import atomic_write
 from slimformer.models.base import Batch, ModelAdapter
 from slimformer.models.modalities import SAMPLE_TEXTS  # noqa: F401 - re-exported: the texts traced with
@@ -94,7 +95,8 @@ class ExportInfo:
     unconverted: tuple[str, ...] = ()  # compressed modules some node still reads as fp32
     # per-unit (each unit's kernel: exact or int8) | exact | fast (overrides: every unit exact / int8 + SmoothQuant)
     kernel_mode: str = K.PER_UNIT
-    n_dynamic_int8: int = 0  # DynamicQuantizeMatMul kernels (int8-kernel units, or every int4/int8 one in fast mode)
+    n_dynamic_int8: int = 0  # matrices on the int8 GEMM (int8-kernel units, or every int4/int8 one in fast mode)
+    n_dynamic_int8_nodes: int = 0  # DynamicQuantizeMatMul nodes (q/k/v reading one input share one: fewer)
 
     @property
     def weight_bytes(self) -> int:
@@ -122,8 +124,10 @@ def sample_batch(adapter: ModelAdapter, sample_texts: Sequence[Any] | None = Non
     return adapter.trace_batch()
 
 
-def trace_onnx(adapter: ModelAdapter, model: nn.Module, batch: Batch, opset: int) -> onnx.ModelProto:
-    """Export `adapter.export_outputs(model, .)` at `opset` (TorchScript exporter; converted above opset 20)."""
+def trace_onnx(adapter: ModelAdapter, model: nn.Module, batch: Batch, opset: int, fused: bool = False
+               ) -> onnx.ModelProto:
+    """Export `adapter.export_outputs(model, .)` at `opset` (TorchScript exporter; converted above opset 20).
+    fused: attention cores as onnxruntime's MultiHeadAttention (`export.attention`), else torch's own nodes."""
     if opset < MIN_OPSET:
         raise ValueError(f"opset must be >= {MIN_OPSET} (got {opset})")
     names = list(batch.inputs)
@@ -135,7 +139,7 @@ def trace_onnx(adapter: ModelAdapter, model: nn.Module, batch: Batch, opset: int
     with tempfile.TemporaryDirectory() as tmp:
         f = Path(tmp) / "traced.onnx"
         try:
-            with warnings.catch_warnings(), torch.no_grad():
+            with warnings.catch_warnings(), torch.no_grad(), fused_attention(fused):
                 warnings.simplefilter("ignore")
                 torch.onnx.export(wrapper, args, str(f), dynamo=False, opset_version=min(opset, TORCHSCRIPT_MAX_OPSET),
                                   input_names=names, output_names=list(adapter.export_output_names()), dynamic_axes=dyn,
@@ -144,6 +148,9 @@ def trace_onnx(adapter: ModelAdapter, model: nn.Module, batch: Batch, opset: int
             for m, training in modes.items():  # the TorchScript exporter leaves modules in training mode
                 m.train(training)
         proto = onnx.load(str(f))
+    if fused:
+        drop_untyped_value_info(proto.graph)
+        cancel_layout_pairs(proto.graph)
     if opset > TORCHSCRIPT_MAX_OPSET:
         proto = onnx.version_converter.convert_version(proto, opset)
     return proto
@@ -229,7 +236,8 @@ def _info(proto: onnx.ModelProto, path: Path, file_bytes: int, report: G.Rewrite
                       opset=domains.get("ai.onnx", 0), domains=domains,
                       kernels=dict(report.kernels) if report else {},
                       unconverted=tuple(report.unconverted) if report else (), kernel_mode=kernel_mode,
-                      n_dynamic_int8=counts.get("DynamicQuantizeMatMul", 0))
+                      n_dynamic_int8=sum(k.startswith("DynamicQuantizeMatMul") for k in report.kernels.values())
+                      if report else 0, n_dynamic_int8_nodes=counts.get("DynamicQuantizeMatMul", 0))
 
 
 # -- public API ------------------------------------------------------------------------------------
@@ -263,8 +271,14 @@ def input_abs_max(model: nn.Module, adapter: ModelAdapter, batches: Sequence[Bat
 def export_onnx(adapter: ModelAdapter, model: nn.Module, path: Path | str, *, opset: int = DEFAULT_OPSET,
                 sample_texts: Sequence[Any] | None = None, int8_kernel: G.Int8Kernel = "auto",
                 kernels: G.KernelMode | None = None, calibration: Sequence[Batch] | None = None,
-                metadata: Mapping[str, str] | None = None) -> ExportInfo:
+                metadata: Mapping[str, str] | None = None, fused: bool = True,
+                fuse_projections: bool = True) -> ExportInfo:
     """Export a (compressed) model as ONNX with its compression physical (int4/int8 kernels).
+
+    fused (default): attention cores as onnxruntime's MultiHeadAttention (`export.attention`; same outputs
+    to float rounding); False: torch's own decomposition, as a plain `torch.onnx.export` writes it.
+    fuse_projections (default): int8-GEMM linears reading one input (query/key/value) run as one
+    DynamicQuantizeMatMul on their concatenated weights (identical outputs, same file and session bytes).
 
     sample_texts: inputs to trace with (texts for HF models, uint8 images for timm); the graph has
     dynamic batch/sequence axes either way. int8_kernel: 'auto' (DequantizeLinear+Gemm for one scale
@@ -282,8 +296,9 @@ def export_onnx(adapter: ModelAdapter, model: nn.Module, path: Path | str, *, op
     with exact_compute(model):  # trace plain MatMuls (lowered below per unit) and take fp32 statistics
         act_max = input_abs_max(model, adapter, list(calibration) if calibration else [batch]) \
             if kernels == "fast" else None
-        proto = trace_onnx(adapter, model, batch, opset)
-    report = G.rewrite(proto, model, int8_kernel=int8_kernel, mode=kernels, act_max=act_max)
+        proto = trace_onnx(adapter, model, batch, opset, fused=fused)
+    report = G.rewrite(proto, model, int8_kernel=int8_kernel, mode=kernels, act_max=act_max,
+                       fuse_projections=fuse_projections)
     if report.max_opset_needed > opset:
         raise ValueError(f"this plan's kernels need opset {report.max_opset_needed} (DequantizeLinear with "
                          f"block_size, int4 tensors, ReduceMax axes input); export with "
@@ -297,10 +312,11 @@ def export_onnx(adapter: ModelAdapter, model: nn.Module, path: Path | str, *, op
 
 
 def export_fp32(adapter: ModelAdapter, path: Path | str, *, opset: int = DEFAULT_OPSET,
-                sample_texts: Sequence[Any] | None = None) -> ExportInfo:
-    """Export the uncompressed reference model (the baseline a benchmark compares against)."""
+                sample_texts: Sequence[Any] | None = None, fused: bool = False) -> ExportInfo:
+    """Export the uncompressed reference model (the baseline a benchmark compares against): by default as a
+    plain `torch.onnx.export` writes it (what users have today); fused=True lowers attention as `export_onnx`."""
     path = Path(path)
-    proto = trace_onnx(adapter, adapter.model, sample_batch(adapter, sample_texts), opset)
+    proto = trace_onnx(adapter, adapter.model, sample_batch(adapter, sample_texts), opset, fused=fused)
     G.normalise(proto.graph)
     G.dedup_initializers(proto.graph)
     G.prune_initializers(proto.graph)
@@ -320,7 +336,7 @@ def graph_overhead_bytes(adapter: ModelAdapter) -> int:
     from slimformer.compression.plan import CompressionPlan
 
     with tempfile.TemporaryDirectory() as tmp:
-        proto = onnx.load(str(export_fp32(adapter, Path(tmp) / "fp32.onnx").path))
+        proto = onnx.load(str(export_fp32(adapter, Path(tmp) / "fp32.onnx", fused=True).path))
     del proto.metadata_props[:]  # metadata (max_length...) varies with how the model was loaded: in the slack
     return max(0, proto.ByteSize() - plan_memory(adapter, CompressionPlan(), "safetensors").total_bytes)
 

@@ -114,12 +114,12 @@ class CalibrationGrid:
         """Micro-benchmark cells (one median each): linear M x K x N per class, embeddings, attention, elementwise."""
         return (len(self.linear) * len(self.m_values) * len(self.dims) ** 2
                 + len(self.embedding) * 2 * len(sorted({1, *self.m_values}))
-                + len(self.heads) * len(self.seqs) * len(self.head_dims)
+                + 2 * len(self.heads) * len(self.seqs) * len(self.head_dims)  # decomposed and fused attention
                 + len(mb.ELEMENTWISE) * len(self.elem_rows) * len(self.elem_widths))
 
     def benches(self) -> list[Bench]:
         """Every micro-benchmark graph with its cells (keys: ('linear', class index, m, k, n), ('embedding',
-        class index, dim, m), ('attention', h, s, d), (op, rows, width))."""
+        class index, dim, m), ('attention' | 'mha', h, s, d), (op, rows, width))."""
         out: list[Bench] = []
         for c, choice in enumerate(self.linear):
             cls = kernel_class(choice)
@@ -144,6 +144,9 @@ class CalibrationGrid:
                 est = {("attention", h, s, d): 4 * (4 * h * s * s * d / 20e3 + 10) for s in self.seqs}
                 out.append(Bench(f"attention h{h} d{d}", partial(_graph, mb.attention_graph, h, 1, d, 4),
                                  {key: partial(mb.attention_feed, h, key[2], d) for key in est}, est, 4))
+                est = {("mha", h, s, d): 4 * (2 * h * s * s * d / 20e3 + 10) for s in self.seqs}
+                out.append(Bench(f"mha h{h} d{d}", partial(_graph, mb.mha_graph, h, 1, d, 4),
+                                 {key: partial(mb.mha_feed, h, key[2], d) for key in est}, est, 4))
         for op in mb.ELEMENTWISE:
             for w in self.elem_widths:
                 est = {(op, r, w): 4 * (r * w / 200 + 5) for r in self.elem_rows}
@@ -218,11 +221,12 @@ class _Fitter:
             out[kernel_class(choice)] = fit_nnls(np.array(rows, float), np.array(ts), ["1", "rows*width"])
         return out
 
-    def attention(self) -> Fit:
+    def attention(self, kind: str = "attention") -> Fit:
+        """The attention core's fit: kind 'attention' (torch's decomposition) or 'mha' (MultiHeadAttention)."""
         g = self.grid
         keys = [(h, s, d) for d in g.head_dims for h in g.heads for s in g.seqs]
         rows = [attention_features(h, s, d) for h, s, d in keys]
-        ts = [self.us(("attention", h, s, d)) for h, s, d in keys]
+        ts = [self.us((kind, h, s, d)) for h, s, d in keys]
         return fit_nnls(np.array(rows, float), np.array(ts), ["1", "BH*S*S*D", "BH*S*S", "BH*S*D"])
 
     def elementwise(self) -> dict[str, Fit]:
@@ -273,6 +277,7 @@ def calibrate(threads: int, grid: CalibrationGrid | None = None, name: str | Non
     fit = _Fitter(g, cells)
     tables, peaks = fit.linear()
     lm = LatencyModel(linear=tables, embedding=fit.embedding(), attention=fit.attention(),
+                      attention_mha=fit.attention("mha"),
                       elementwise=fit.elementwise(), call_overhead_us=round(over.call_us, 3))
     cpu, isa = cpu_info()
     iq = np.array([c.rel_iqr for c in cells.values()])

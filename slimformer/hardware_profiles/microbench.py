@@ -245,6 +245,26 @@ def attention_feed(batch_heads: int, seq: int, head_dim: int, seed: int = 0) -> 
     return feed
 
 
+def mha_graph(batch_heads: int, seq: int, head_dim: int, copies: int, seed: int = 0
+              ) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """The attention core as slimformer's export lowers it (export/attention.py): one
+    com.microsoft.MultiHeadAttention on q/k/v (1, S, heads*head_dim) with an additive (1, 1, S, S) mask bias."""
+    h, d = batch_heads, head_dim
+    nodes = [helper.make_node("MultiHeadAttention", ["q", "k", "v", "", "", "bias"], [f"y{i}"], name=f"c{i}/MHA",
+                              domain=K.MS_DOMAIN, num_heads=h) for i in range(copies)]
+    ins = [helper.make_tensor_value_info(t, TensorProto.FLOAT, [1, "S", h * d]) for t in ("q", "k", "v")]
+    ins.append(helper.make_tensor_value_info("bias", TensorProto.FLOAT, [1, 1, "S", "S"]))
+    return _model(nodes, ins, [f"y{i}" for i in range(copies)], []), mha_feed(h, seq, d, seed)
+
+
+def mha_feed(batch_heads: int, seq: int, head_dim: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """q, k, v and the (zero) mask bias of an `mha_graph` at `seq` positions."""
+    feed = attention_feed(batch_heads, seq, head_dim, seed)
+    del feed["mask"]
+    feed["bias"] = np.zeros((1, 1, seq, seq), np.float32)
+    return feed
+
+
 ELEMENTWISE = ("add", "layernorm", "gelu")
 
 

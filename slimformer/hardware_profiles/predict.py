@@ -12,11 +12,13 @@ and prices it with the profile's fitted model:
   shrinks K/N; unstructured sparsity and 2:4 change nothing (ORT's CPU kernels are dense). A unit whose
   kernel is "int8" runs DynamicQuantizeMatMul, one class (`dynamic_int8`) whatever its stored bits and
   group (the session holds int8 weights with one scale per row); a profile without that table cannot price
-  it and says to re-calibrate (no silent fallback to another kernel's times).
+  it and says to re-calibrate (no silent fallback to another kernel's times). A layer's q/k/v on it run as
+  one kernel in the export, so they are priced as one linear of their summed width.
 * embeddings: per table kernel, c0 + c1 * rows gathered * width.
-* attention core per block (split heads, QK^T, mask, Softmax, NaN guard, PV, merge) from its fit in
-  (batch*heads, seq, head_dim); residual add + LayerNorm (fused SkipLayerNormalization), GELU, adds by
-  elements.
+* attention core per block from its fit in (batch*heads, seq, head_dim): the exported
+  com.microsoft.MultiHeadAttention (`attention_mha`), or in profiles calibrated before it the decomposed core
+  (split heads, QK^T, mask, Softmax, NaN guard, PV, merge; `attention_fit`); residual add + LayerNorm
+  (fused SkipLayerNormalization), GELU, adds by elements.
 * whole-graph residual per model family (glue reshapes, per-node dispatch, cache effects), fitted on
   full reference models at calibration: ms = scale * kernel_ms + layers * (per_layer_ms + M * ...); at a
   (batch, seq) the calibration timed whole models at, the shape-local residual fitted there instead
@@ -37,7 +39,7 @@ from slimformer.errors import ConfigError
 from slimformer.export.kernels import KernelChoice, choose_embedding_kernel, choose_linear_kernel, unit_kernel_mode
 from slimformer.hardware_profiles.profile import Fit, HardwareProfile, KernelTable, LatencyModel
 from slimformer.hardware_profiles.residual import LOWRANK_PREFIX, apply_residual, glue_features
-from slimformer.hardware_profiles.roofline import forward_ops
+from slimformer.hardware_profiles.roofline import ForwardOp, forward_ops
 from slimformer.hardware_profiles.shape_residual import apply_shape_residual, kept_heads, local_for
 from slimformer.models.base import ModelAdapter
 
@@ -159,6 +161,17 @@ def attention_features(batch_heads: int, seq: int, head_dim: int) -> tuple[float
     return (1.0, bh * s * s * d, bh * s * s, bh * s * d)
 
 
+def attention_fit(lm: LatencyModel) -> Fit | None:
+    """The fit that prices one attention core: the exporter lowers SDPA attention to MultiHeadAttention
+    (export/attention.py), so its own fit when the profile has one; a profile calibrated before it existed
+    falls back to the decomposed core's fit (split heads, QK^T, mask, Softmax, NaN guard, PV, merge), which
+    over-prices the fused node a little (MiniLM shapes, 1 thread, under load: fused <= decomposed) and whose
+    whole-graph residual was fitted on decomposed exports; re-calibrate to price the fused graph exactly.
+    Families whose attention calls no SDPA (MPNet: relative position bias) keep the decomposition in the export
+    but are priced with the same fit (their family residual absorbs the difference)."""
+    return lm.attention_mha if lm.attention_mha is not None else lm.attention
+
+
 def _elementwise_class(name: str) -> str | None:
     if name.endswith("_residual"):
         return None  # fused with the following LayerNorm (SkipLayerNormalization)
@@ -236,6 +249,34 @@ def _compiled(profile: HardwareProfile, lm: LatencyModel) -> _Compiled:
     return entry[1]
 
 
+def _fused_int8_projections(adapter: ModelAdapter, plan: CompressionPlan, ops: list[ForwardOp],
+                            c: _Compiled) -> dict[str, int]:
+    """Linear op name -> the output width it is priced at, for a layer's q/k/v that the exporter runs as one
+    int8 GEMM (export/graph.py `fused_group`: >= 2 of them on `dynamic_int8`, not low rank, the layer's
+    attention not shared): the first at the members' summed width, the others at 0 (they cost nothing more)."""
+    shared = {i for g in plan.sharing.groups if len(g) > 1 and plan.sharing.scope in ("attention", "block")
+              for i in g}
+    lin = {op.name: op for op in ops if op.kind == "linear"}
+    out: dict[str, int] = {}
+    for layer in adapter.layers:
+        if layer.index in shared:
+            continue
+        members = []
+        for u in layer.qkv_units:
+            op = lin.get(u)
+            spec = op.spec if op is not None else None
+            if op is None or spec is None or spec.rank is not None:
+                continue
+            cls, _ = c.linear_us(spec.bits, spec.group_size if spec.quantized else None, op.m, op.k, op.n,
+                                 spec.kernel)
+            if cls == "dynamic_int8":
+                members.append(op)
+        if len(members) >= 2:
+            out[members[0].name] = sum(op.n for op in members)
+            out.update({op.name: 0 for op in members[1:]})
+    return out
+
+
 def predict(adapter: ModelAdapter, plan: CompressionPlan, batch: int, seq: int,
             profile: HardwareProfile) -> LatencyPrediction:
     """Predicted onnxruntime latency (ms) of the plan-compressed model's exported graph on `profile`.
@@ -256,15 +297,18 @@ def predict_canonical(adapter: ModelAdapter, plan: CompressionPlan, batch: int, 
     elw, bw, peak_fp32 = c.elw, c.bw, c.peak_fp32
     by: dict[str, float] = {}
     flops = roof = 0.0
-    for op in forward_ops(adapter.units, adapter.layers, plan, batch, seq):
+    ops = list(forward_ops(adapter.units, adapter.layers, plan, batch, seq))
+    fused = _fused_int8_projections(adapter, plan, ops, c)
+    for op in ops:
         kind = op.kind
         flops += op.flops
         nbytes = op.weight_bytes + op.activation_bytes
         if kind == "linear":
             spec = op.spec
             assert spec is not None
-            cls, us = c.linear_us(spec.bits, spec.group_size if spec.quantized else None, op.m, op.k, op.n,
-                                  spec.kernel)
+            cls, us = c.linear_us(spec.bits, spec.group_size if spec.quantized else None, op.m, op.k,
+                                  fused.get(op.name) or op.n, spec.kernel)
+            us = 0.0 if fused.get(op.name) == 0 else us  # computed by its layer's fused q/k/v kernel
             roof += max(op.flops / c.peak.get(cls, peak_fp32), nbytes / bw)
             if spec.rank is not None:  # a low-rank factor: its own residual family (residual.LOWRANK)
                 cls = LOWRANK_PREFIX + cls
@@ -275,9 +319,10 @@ def predict_canonical(adapter: ModelAdapter, plan: CompressionPlan, batch: int, 
             roof += nbytes / bw
         elif kind == "attention":
             roof += max(op.flops / peak_fp32, nbytes / bw)
-            if not op.name.endswith("attn_scores") or lm.attention is None:
+            core = attention_fit(lm)
+            if not op.name.endswith("attn_scores") or core is None:
                 continue
-            cls, us = "attention", _fit_us(lm.attention, attention_features(op.m, op.k, op.n))
+            cls, us = "attention", _fit_us(core, attention_features(op.m, op.k, op.n))
         else:
             roof += nbytes / bw
             ecls = _elementwise_class(op.name)

@@ -109,7 +109,10 @@ class LatencyModel(StrictModel):
 
     linear: dict[str, KernelTable] = Field(default_factory=dict)
     embedding: dict[str, Fit] = Field(default_factory=dict)
-    attention: Fit | None = None
+    attention: Fit | None = None  # the attention core as torch's decomposition (MatMul, Softmax, NaN guard...)
+    # the core as slimformer's export lowers it (com.microsoft.MultiHeadAttention); None in profiles calibrated
+    # before it existed: those price the fused core with `attention` (measured at most that slow, see predict.py)
+    attention_mha: Fit | None = None
     elementwise: dict[str, Fit] = Field(default_factory=dict)
     call_overhead_us: float = 0.0
     residual: dict[str, Residual] = Field(default_factory=dict)
@@ -276,6 +279,7 @@ def _model_problems(lm: LatencyModel, threads: int | None) -> list[str]:
     fits += [(f"embedding[{c}]", f) for c, f in lm.embedding.items()]
     fits += [(f"elementwise[{c}]", f) for c, f in lm.elementwise.items()]
     fits += [("attention", lm.attention)] if lm.attention is not None else []
+    fits += [("attention_mha", lm.attention_mha)] if lm.attention_mha is not None else []
     for name, f in fits:
         if any(not math.isfinite(c) or c < 0 for c in f.coef):
             out.append(f"latency_model.{name}.coef = {f.coef} has a negative or non-finite coefficient")

@@ -16,6 +16,7 @@ import copy
 import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -138,6 +139,14 @@ class ModelAdapter(ABC):
     """True when the output head multiplies by the input embedding table (tied LM head): one tensor, but the
     ONNX export reads it with a second kernel (a MatMul beside the Gather) when the table is compressed."""
     """Names of the exported ONNX graph's outputs (the family's default; `export_output_names` decides)."""
+    ort_optimizer_type: ClassVar[str | None] = None
+    """`onnxruntime.transformers.optimizer` model_type that fuses this family's eager-attention export (bench's
+    optimised ORT baseline); None: the family has no such baseline."""
+
+    def eager_attention(self, model: nn.Module) -> AbstractContextManager[None]:
+        """While active, `model` computes attention with explicit matmuls/softmax (the graph onnxruntime's
+        transformers optimizer recognises), not SDPA; restored afterwards. Default: unchanged."""
+        return nullcontext()
 
     def __init__(self, model: nn.Module, model_id: str, source_dir: Path | None = None) -> None:
         self.model = model.eval()

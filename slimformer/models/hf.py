@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,22 @@ class HFEncoderAdapter(TextFamily):
     only in `kind` (encoder / classifier, hence metrics) and `pooling`, both attributes of the adapter."""
 
     catch_all = True  # any transformers directory no more specific family claims
+    ort_optimizer_type = "bert"
+
+    @contextmanager
+    def eager_attention(self, model: nn.Module) -> Iterator[None]:
+        """transformers' eager attention (the pattern onnxruntime's BERT optimizer fuses) while active."""
+        base = getattr(model, "base_model", model)
+        before = getattr(base.config, "_attn_implementation", None)
+        setter = getattr(model, "set_attn_implementation", None)
+        if setter is None or before in (None, "eager"):
+            yield
+            return
+        setter("eager")
+        try:
+            yield
+        finally:
+            setter(before)
 
     def __init__(self, model: nn.Module, model_id: str, tokenizer: Any = None, pooling: str = "mean",
                  max_length: int = 128, source_dir: Path | None = None, normalize: bool = False) -> None:

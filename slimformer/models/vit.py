@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,20 @@ class TimmViTAdapter(ImageFamily):
     """A timm VisionTransformer classifier; quality is measured on its logits."""
 
     kind = "classifier"
+    ort_optimizer_type = "vit"
+
+    @contextmanager
+    def eager_attention(self, model: nn.Module) -> Iterator[None]:
+        """timm's explicit attention (q @ k^T, softmax, @ v) instead of SDPA while active."""
+        mods = [m for m in model.modules() if isinstance(getattr(m, "fused_attn", None), bool)]
+        before = [m.fused_attn for m in mods]
+        for m in mods:
+            m.fused_attn = False
+        try:
+            yield
+        finally:
+            for m, b in zip(mods, before, strict=True):
+                m.fused_attn = b
 
     def __init__(self, model: nn.Module, model_id: str, architecture: str, model_args: dict[str, Any],
                  source_dir: Path | None = None) -> None:

@@ -176,3 +176,31 @@ def test_round_robin_runs_each_turn_repeat_times_back_to_back(repeat: int) -> No
     times = time_round_robin(sessions, {}, runs=2, warmup=1, repeat=repeat)  # type: ignore[arg-type]
     assert {n: len(t) for n, t in times.items()} == {"a": 2, "b": 2}  # one timing per turn, the last run
     assert log == ["a", "b"] + ["a"] * repeat + ["b"] * repeat + ["b"] * repeat + ["a"] * repeat
+
+
+def test_optimized_baseline_is_opt_in_and_fused(applied, tiny_dir, tmp_path: Path) -> None:
+    """--optimized-baseline adds ORT's optimised dynamic int8 (eager-attention export fused by the transformers
+    optimizer: com.microsoft Attention, then quantised per channel) beside the three unchanged baselines, with its
+    own target ratio rows; the default bench has no such model."""
+    from slimformer.export.bench import INT8_OPTIMIZED
+
+    out, _ = applied
+    res = invoke("bench", out / "onnx" / "model.onnx", "--model", tiny_dir, *FAST, "--optimized-baseline",
+                 "--json", tmp_path / "b.json")
+    assert res.exit_code == 0, res.output
+    d = json.loads((tmp_path / "b.json").read_text())
+    models = {m["name"]: m for m in d["models"]}
+    assert set(models) == {FP32, INT8_TENSOR, INT8_CHANNEL, INT8_OPTIMIZED, TARGET}
+    assert models[INT8_OPTIMIZED]["fidelity"]["cosine"] > 0.9
+    assert models[INT8_OPTIMIZED]["resident_bytes"] < models[FP32]["resident_bytes"]
+    assert {r["baseline"] for r in d["target_ratios"]} == {*BASELINES, INT8_OPTIMIZED}
+
+
+def test_optimized_baseline_fuses_attention(tiny_bert, tmp_path: Path) -> None:
+    """The optimised baseline's graph has ORT's fused Attention (quantised: QAttention) and no Softmax."""
+    import onnx
+
+    from slimformer.export.bench import optimized_int8_dynamic
+
+    ops = {n.op_type for n in onnx.load(str(optimized_int8_dynamic(tiny_bert, tmp_path))).graph.node}
+    assert ops & {"Attention", "QAttention"} and "Softmax" not in ops

@@ -24,7 +24,8 @@ from slimformer.export import kernels as K  # noqa: E402
 L0, L1 = "encoder.layer.0.", "encoder.layer.1."
 
 
-# 6 int8-kernel matrices: 5 units, the low-rank one is two DynamicQuantizeMatMuls
+# 6 int8-kernel matrices: 5 units, the low-rank one is two DynamicQuantizeMatMuls; layer 0's query and key read
+# one input and run as one fused DynamicQuantizeMatMul (export.graph: `fused_group`), so 5 kernels in the graph
 MIXED = CompressionPlan(
     units={
         "embeddings.word_embeddings": UnitSpec(bits=4, group_size=32),
@@ -40,6 +41,7 @@ MIXED = CompressionPlan(
     layers={1: LayerSpec(heads_kept=2, neurons_kept=96)},
 )
 N_INT8 = 6
+N_INT8_NODES = 5
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -52,7 +54,8 @@ def _torch_out(adapter, model, batches) -> np.ndarray:
 
 
 def test_int8_units_reach_the_graph_and_torch_computes_the_same(bert64, texts, tmp_path) -> None:
-    """One DynamicQuantizeMatMul per int8-kernel matrix, none smoothed; the other units keep their exact kernels.
+    """One DynamicQuantizeMatMul per int8-kernel matrix (query and key of layer 0 share one: same input), none
+    smoothed; the other units keep their exact kernels.
     Torch and ONNX agree to float rounding plus its rare flips of an activation code (measured on this model:
     per-text cosine >= 0.9999998, max |diff| 9e-6 of outputs up to 2.2; the exact override is 4.8e-4 away)."""
     batches = bert64.make_batches(texts[:32], 8)
@@ -60,7 +63,9 @@ def test_int8_units_reach_the_graph_and_torch_computes_the_same(bert64, texts, t
     info = export_onnx(bert64, model, tmp_path / "unit.onnx")
     nodes = onnx.load(str(info.path)).graph.node
     used = Counter(n.op_type for n in nodes)
-    assert info.kernel_mode == K.PER_UNIT and info.n_dynamic_int8 == used["DynamicQuantizeMatMul"] == N_INT8
+    assert info.kernel_mode == K.PER_UNIT and info.n_dynamic_int8 == N_INT8
+    assert info.n_dynamic_int8_nodes == used["DynamicQuantizeMatMul"] == N_INT8_NODES
+    assert info.kernels[L0 + "attention.self.query"].endswith("fused x2")
     assert not any(n.name.endswith("/SmoothInput") for n in nodes)  # torch does not smooth: neither does ONNX
     assert info.kernels[L0 + "attention.self.value"] == "MatMulNBits(bits=8,block=32)"
     assert info.kernels[L0 + "attention.self.key"].startswith("DynamicQuantizeMatMul(int8 stored")
@@ -129,3 +134,31 @@ def test_minilm_int8_kernel_scores_agree_between_torch_and_onnx(minilm, tmp_path
     with exact_compute(model):
         exact_score = float(_cos(_torch_out(minilm, model, batches), teacher).mean())
     assert torch_score < exact_score - 0.002  # the search sees what quantised activations cost (~0.948 vs ~0.957)
+
+
+@pytest.mark.parametrize("kernels", [None, "fast"])
+def test_qkv_on_the_int8_gemm_run_as_one_kernel_with_identical_outputs_and_bytes(bert64, texts, tmp_path,
+                                                                                   kernels) -> None:
+    """query/key/value on the int8 GEMM (per-unit int8 kernels, or the fast override) run as one
+    DynamicQuantizeMatMul per layer: outputs identical to three kernels (the activation's per-tensor scale
+    depends on the input only), the stored codes and scales byte for byte the same, the session's weights
+    within a few bytes (the split sizes); test_deploy_memory's "kernel int8" plan checks the file stays within
+    what plan_memory prices."""
+    from slimformer.export import resident_weight_bytes
+
+    qkv = ("attention.self.query", "attention.self.key", "attention.self.value")
+    plan = CompressionPlan(units={p + u: UnitSpec(bits=8 if u.endswith("key") else 4, group_size=32, kernel="int8")
+                                  for p in (L0, L1) for u in qkv})
+    model = apply_plan(bert64, plan)
+    batches = bert64.make_batches(texts[:16], 8)
+    cal = batches if kernels == "fast" else None
+    one = export_onnx(bert64, model, tmp_path / "one.onnx", kernels=kernels, calibration=cal)
+    three = export_onnx(bert64, model, tmp_path / "three.onnx", kernels=kernels, calibration=cal,
+                        fuse_projections=False)
+    assert (one.n_dynamic_int8_nodes, three.n_dynamic_int8_nodes) == (2, 6)
+    assert one.n_dynamic_int8 == three.n_dynamic_int8 == 6
+    np.testing.assert_array_equal(onnx_outputs(one.path, batches, threads=1),
+                                  onnx_outputs(three.path, batches, threads=1))
+    assert {k: v for k, v in one.initializer_bytes.items() if k != "int64"} == \
+        {k: v for k, v in three.initializer_bytes.items() if k != "int64"}
+    assert 0 <= resident_weight_bytes(one.path) - resident_weight_bytes(three.path) <= 2 * 3 * 8

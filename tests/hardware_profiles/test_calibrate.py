@@ -32,6 +32,7 @@ def test_tiny_calibration_fits_every_class_and_predicts(tiny_bert) -> None:
     assert set(lm.linear) == {"matmul", "matmulnbits:4:16"}
     assert all(len(t.fits) == 2 and all(min(f.coef) >= 0 for f in t.fits) for t in lm.linear.values())
     assert lm.attention is not None and set(lm.elementwise) == {"add", "layernorm", "gelu"}
+    assert lm.attention_mha is not None and min(lm.attention_mha.coef) >= 0  # the fused core the exporter writes
     assert prof.noise is not None and prof.calibration is not None and prof.calibration.clock == "thread_cpu"
     assert prof.peak_gflops_fp32 > 0 and prof.mem_bandwidth_gbs > 0
     p = predict(tiny_bert, CompressionPlan(units={u.name: UnitSpec(bits=4, group_size=16) for u in tiny_bert.units}),
@@ -127,3 +128,22 @@ def test_every_cell_gets_its_passes_and_the_profile_says_how_it_was_sampled() ->
     assert noise.median_pass_rel_sd is not None and noise.remeasured_passes is not None
     lm = prof.latency_model
     assert lm is not None and prof.per_op_overhead_us >= 0.05 and lm.call_overhead_us > prof.per_op_overhead_us
+
+
+def test_fused_attention_bench_computes_the_decomposed_core() -> None:
+    """The MultiHeadAttention micro-benchmark graph computes what the decomposed one does (same feed, zero
+    mask), so the two fits price the same work."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from slimformer.hardware_profiles import microbench as mb
+
+    outs = []
+    for make in (mb.attention_graph, mb.mha_graph):
+        model, feed = make(4, 24, 16, 2)
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        names = {i.name for i in sess.get_inputs()}
+        outs.append(sess.run(None, {k: v for k, v in feed.items() if k in names}))
+    assert [o.shape for o in outs[1]] == [(1, 24, 64)] * 2
+    for a, b in zip(*outs, strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)

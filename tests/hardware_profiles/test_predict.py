@@ -228,3 +228,19 @@ def test_low_rank_factors_are_their_own_residual_family(tiny_bert) -> None:
     dense = CompressionPlan()
     assert predict(tiny_bert, dense, 1, 16, with_scales(matmul=1.0, lowrank=0.5)).ms == pytest.approx(
         predict(tiny_bert, dense, 1, 16, with_scales(matmul=1.0)).ms)
+
+
+def test_fused_attention_is_priced_by_its_own_fit_with_a_fallback(tiny_bert) -> None:
+    """Exports lower attention to MultiHeadAttention: a profile with `attention_mha` prices the core with it;
+    one calibrated before it existed prices it with the decomposed core's fit (same prediction as before)."""
+    old = calibrated_profile()
+    assert old.latency_model is not None and old.latency_model.attention is not None
+    same = calibrated_profile(latency_model=old.latency_model.model_copy(
+        update={"attention_mha": old.latency_model.attention}))
+    half = calibrated_profile(latency_model=old.latency_model.model_copy(update={"attention_mha": Fit(
+        features=old.latency_model.attention.features, coef=[c / 2 for c in old.latency_model.attention.coef])}))
+    plan = CompressionPlan()
+    p_old, p_same, p_half = (predict(tiny_bert, plan, 1, 16, p) for p in (old, same, half))
+    assert p_old.breakdown["attention"] == pytest.approx(p_same.breakdown["attention"])
+    assert p_half.breakdown["attention"] == pytest.approx(p_old.breakdown["attention"] / 2)
+    assert p_half.ms < p_old.ms

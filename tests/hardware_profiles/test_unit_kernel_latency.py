@@ -148,3 +148,26 @@ def test_search_over_the_kernel_axis_writes_int8_recipes(tmp_path: Path,
         linear = [r for r in rules if "embeddings" not in r["match"]]
         assert all(r["spec"].get("kernel", "exact") == kern for r in linear), (kern, linear)
     assert res.summary is not None
+
+
+def test_qkv_on_the_int8_gemm_are_priced_as_the_one_kernel_the_export_runs(tiny_bert) -> None:
+    """A layer's query/key/value on the int8 GEMM are exported as one DynamicQuantizeMatMul
+    (export/graph.py `fused_group`): priced as one linear of their summed width; with only one of them on
+    the int8 GEMM, or the layer's attention shared, as separate linears."""
+    from slimformer.compression.plan import SharingSpec
+    from slimformer.hardware_profiles.predict import table_us
+
+    prof = load_profile(SHIPPED)
+    lm = prof.latency_model
+    assert lm is not None
+    plan = _linear_plan(tiny_bert, "int8", bits=8)
+    got = predict(tiny_bert, plan, 1, 32, prof).breakdown["dynamic_int8"]
+    layers, hidden = len(tiny_bert.layers), tiny_bert.layers[0].num_heads * tiny_bert.layers[0].head_dim
+    others = sum(table_us(lm.linear["dynamic_int8"], 32, u.shape[1], u.shape[0]) for u in tiny_bert.units
+                 if u.kind == "linear" and not any(u.name in layer.qkv_units for layer in tiny_bert.layers))
+    one = table_us(lm.linear["dynamic_int8"], 32, hidden, 3 * hidden)
+    assert got == pytest.approx((layers * one + others) * 1e-3)
+    three = table_us(lm.linear["dynamic_int8"], 32, hidden, hidden) * 3
+    shared = CompressionPlan(units=plan.units, sharing=SharingSpec(groups=((0, 1),), scope="attention"))
+    got_shared = predict(tiny_bert, shared, 1, 32, prof).breakdown["dynamic_int8"]
+    assert got_shared == pytest.approx(got + 2 * (three - one) * 1e-3)
