@@ -257,8 +257,10 @@ class HardwareProfile(StrictModel):
         keys = ("name", "cpu", "threads", "runtime", "runtime_version", "peak_gflops_fp32", "mem_bandwidth_gbs",
                 "per_op_overhead_us", "latency_model")
         data = self.model_dump(mode="json", include=set(keys))
-        if data.get("latency_model") and not data["latency_model"].get("local_residual"):
-            data["latency_model"].pop("local_residual", None)  # profiles made before it keep their fingerprint
+        lm = data.get("latency_model") or {}
+        for optional in ("local_residual", "attention_mha"):  # profiles made before these keep their fingerprint
+            if optional in lm and not lm[optional]:
+                lm.pop(optional)
         blob = json.dumps(data, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
