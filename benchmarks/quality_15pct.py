@@ -5,12 +5,14 @@
 What it measures (all-MiniLM-L6-v2, deploy onnx: bytes are the accounted ONNX file, an upper bound checked against
 the exported file for the chosen plan):
   1. the embedding table alone: fp32, uniform int4 g64, and tier layouts (rows ranked by token frequency on the
-     fortunes search split, 600 texts, disjoint from the held-out texts) -> bytes freed, fidelity with int8 linears;
+     fortunes search split, 600 texts, disjoint from the held-out texts; rare rows int2 g64 or product-quantised
+     `pq/4`, `pq/8`) -> bytes freed, fidelity with int8 linears;
   2. candidate plans (linear settings x embedding settings): bytes and held-out fidelity (cosine, top-10 neighbour
      agreement) on the packaged held-out fortunes and on python-docs (`heldout_samples`, what `slimformer bench
      --data X --samples N` scores); the best plan within the budget (highest min cosine over both domains) is
      exported to ONNX and scored again (torch vs ONNX must agree within 0.002);
-  3. the ablation: the chosen plan's linears with the embedding tiers off (uniform int4 g64 table).
+  3. the ablations: the chosen plan's linears with the embedding tiers off (uniform int4 g64 table), and the pq
+     codec off (the same tier boundaries with int2 g64 rare rows).
 Writes benchmarks/results/quality_15pct.json, the table between the `quality-15pct` markers of docs/BENCHMARKS.md
 and, with --write-recipe, examples/recipes/minilm-15pct.yaml (the chosen plan; the token ranking is stored in it).
 `slimformer bench examples/recipes/minilm-15pct.yaml --model ... --data TEXT --kernels exact` reproduces its size on
@@ -43,7 +45,12 @@ EMB_CHOICES: dict[str, str] = {  # name -> tier layout ("uniform:BITS/GROUP" = n
     "tiers int8:2000,int4/64:18000,int2/64": "int8:2000,int4/64:18000,int2/64",
     "tiers int4/64:12000,int2/64": "int4/64:12000,int2/64",
     "tiers int4/64:6000,int2/64": "int4/64:6000,int2/64",
+    "tiers int4/64:6000,pq/4": "int4/64:6000,pq/4",  # product quantisation of the rare rows (compression/pq.py)
+    "tiers int4/64:6000,pq/8": "int4/64:6000,pq/8",
+    "pq/4 (every row)": "pq/4",
+    "tiers int4/64:9000,pq/4": "int4/64:9000,pq/4",
 }
+TABLE_ONLY = [e for e in EMB_CHOICES if e != "tiers int4/64:9000,pq/4"]
 PLANS: list[tuple[str, str]] = [  # (linears, embedding) candidates within ~15% (bytes in the JSON)
     ("int4 g64", "tiers int4/64:20000,int2/64"),
     ("int4 g64", "tiers int4/64:26000,int2/64"),
@@ -53,6 +60,8 @@ PLANS: list[tuple[str, str]] = [  # (linears, embedding) candidates within ~15% 
     ("attn int8, FFN int4 g32", "tiers int4/64:6000,int2/64"),
     ("FFN-out int8, rest int4 g64", "tiers int4/64:6000,int2/64"),
     ("FFN-in int8, rest int4 g64", "tiers int4/64:6000,int2/64"),
+    ("attn int8, FFN int4 g32", "tiers int4/64:6000,pq/4"),
+    ("attn int8, FFN int4 g32", "tiers int4/64:9000,pq/4"),
 ]
 LINEARS: dict[str, Callable[[str, int | None], tuple[int, int | None]]] = {  # (role, layer) -> (bits, group)
     "int8": lambda role, layer: (8, None),
@@ -101,10 +110,21 @@ def onnx_fidelity(adapter: Any, model: Any, batches: dict[str, list[Any]], path:
     return out, info.file_bytes
 
 
+def pq_ablation(plans: list[dict[str, Any]], linears: str) -> dict[str, Any] | None:
+    """The pq codec on/off at equal linears and tier boundaries: a `...,pq/4` plan and its `...,int2/64` twin."""
+    rows = {p["emb"]: {k: v for k, v in p.items() if not k.startswith("_")} for p in plans if p["linears"] == linears}
+    for emb, on in rows.items():
+        off = rows.get(emb.replace("pq/4", "int2/64"))
+        if "pq/4" in emb and off is not None:
+            return {"on": on, "off": off}
+    return None
+
+
 def table(res: dict[str, Any]) -> str:
     pct = res["budget_percent"]
     lines = [f"MiniLM (all-MiniLM-L6-v2) at <= {pct}% of fp32 ({res['fp32_bytes'] / 1e6:.2f} MB), no recovery, "
-             f"linears rounded with {res['method']} (embedding rows: nearest); held-out fidelity on "
+             f"linears rounded with {res['method']} (embedding rows: nearest; pq rows: Zipf-weighted k-means "
+             "codebooks); held-out fidelity on "
              f"{res['samples']} fortunes / {res['samples']} "
              "python-docs texts; bytes = accounted ONNX file (deploy onnx). Rows ranked by token frequency on the "
              "fortunes search split (600 texts, disjoint from held-out). Command: "
@@ -140,6 +160,17 @@ def table(res: dict[str, Any]) -> str:
                   f"; tiers off (uniform int4 g64 table) {ab['off']['percent']:.2f}% cos "
                   f"{ab['off']['fidelity']['fortunes']['cosine']:.4f} / "
                   f"{ab['off']['fidelity']['python-docs']['cosine']:.4f} (fortunes / python-docs)."]
+    abl = res.get("ablation_pq")
+    if abl:
+        pq = abl["off"]
+        on_f, on_p = abl["on"]["fidelity"]["fortunes"], abl["on"]["fidelity"]["python-docs"]
+        lines.append(f"Ablation of the pq codec (linears `{abl['on']['linears']}`, same tier boundaries): rare rows "
+                     f"pq/4 (`{abl['on']['emb']}`) {abl['on']['percent']:.2f}% "
+                     f"cos {on_f['cosine']:.4f} / {on_p['cosine']:.4f}, top-10 {on_f['neighbours']:.3f} / "
+                     f"{on_p['neighbours']:.3f}; rare rows int2 g64 (`{pq['emb']}`) {pq['percent']:.2f}% cos "
+                     f"{pq['fidelity']['fortunes']['cosine']:.4f} / {pq['fidelity']['python-docs']['cosine']:.4f}, "
+                     f"top-10 {pq['fidelity']['fortunes']['neighbours']:.3f} / "
+                     f"{pq['fidelity']['python-docs']['neighbours']:.3f}.")
     lines.append(f"\nMeasured {res['date']}, {res['seconds']:.0f} s.")
     return "\n".join(lines)
 
@@ -195,7 +226,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         return row | {"_plan": plan, "_model": model}
 
-    tables_emb = ["fp32", "int4 g64 (no tiers)", "tiers int4/64:20000,int2/64"] if args.quick else list(EMB_CHOICES)
+    tables_emb = ["fp32", "int4 g64 (no tiers)", "tiers int4/64:20000,int2/64"] if args.quick else TABLE_ONLY
     tables = [score("int8", e) for e in tables_emb]
     plans = [score(lin, emb) for lin, emb in (PLANS[:1] if args.quick else PLANS)]
     feasible = [p for p in plans if p["bytes"] <= budget]
@@ -214,6 +245,7 @@ def main() -> None:
             off = score(best["linears"], "int4 g64 (no tiers)")
         res["ablation"] = {"linears": best["linears"], "on": {k: v for k, v in best.items() if not k.startswith("_")},
                            "off": {k: v for k, v in off.items() if not k.startswith("_")}}
+        res["ablation_pq"] = pq_ablation(plans, best["linears"])
         if args.write_recipe:
             rec = Recipe.from_plan(best["_plan"], adapter, provenance=Provenance(
                 metrics={"heldout_cosine_fortunes": best["fidelity"]["fortunes"]["cosine"],

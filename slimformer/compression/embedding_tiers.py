@@ -31,11 +31,12 @@ import torch
 from torch import Tensor, nn
 
 from slimformer.compression import ops
+from slimformer.compression.pq import PQ_CENTROIDS, check_subdim, pq_bytes, pq_decode, pq_fit, zipf_weights
 from slimformer.errors import PlanError
 from slimformer.models.base import Batch, ModelAdapter
 
-TIER_BITS: dict[str, int] = {"int8": 8, "int4": 4, "int2": 2}
-TIERS_VERSION = 1  # version of the recipe's `embedding_tiers` section
+TIER_BITS: dict[str, int] = {"int8": 8, "int4": 4, "int2": 2, "pq": 8}  # pq: uint8 codebook indexes (pq.py)
+TIERS_VERSION = 2  # version of the recipe's `embedding_tiers` section; 2 = the `pq` tier (written only with it)
 _CLIP2 = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.45, 0.4)  # int2 scale = ratio * max|w| (levels -2..1)
 # graph bytes of a tiered table in the ONNX export, beyond its initializers: (fixed, per tier), per character of
 # the module path (Gather of the rank map, Cast, per tier: Sub, Clip, GatherBlockQuantized/Gather+Mul, Less, Where)
@@ -55,7 +56,9 @@ class Tier:
             raise PlanError(f"unknown embedding tier {self.name!r}; tiers are {', '.join(TIER_BITS)}")
         if self.rows is not None and self.rows < 1:
             raise PlanError(f"tier {self.name}: rows must be >= 1 (got {self.rows}); use null for the rest")
-        if self.group_size is not None and (self.group_size < 2 or self.group_size % 2):
+        if self.name == "pq":  # group_size = the sub-vector width d
+            check_subdim(self.group_size or 0, self.group_size)
+        elif self.group_size is not None and (self.group_size < 2 or self.group_size % 2):
             raise PlanError(f"tier {self.name}: group_size must be an even number >= 2 or null "
                             f"(got {self.group_size})")
         if self.name == "int2" and self.group_size is None:
@@ -287,6 +290,9 @@ def tier_matrix_bytes(rows: int, dim: int, tier: Tier) -> int:
     """Packed codes + fp32 scales of one tier (as `TieredEmbedding.pack` writes them)."""
     if rows == 0:
         return 0
+    if tier.name == "pq":  # uint8 codes + fp16 codebook
+        check_subdim(dim, tier.group_size)
+        return pq_bytes(rows, dim, tier.group_size)  # type: ignore[arg-type]
     groups = 1 if tier.group_size is None else -(-dim // tier.group_size)
     return (rows * dim * tier.bits + 7) // 8 + 4 * rows * groups
 
@@ -300,7 +306,7 @@ def tiered_bytes(shape: tuple[int, int], spec: TierSpec) -> int:
 
 def onnx_tier_block(dim: int, tier: Tier) -> int | None:
     """GatherBlockQuantized block of a tier (a power of two 16..256 dividing its group), None: Gather + Mul."""
-    if tier.bits == 8 and tier.group_size is None:
+    if tier.name == "pq" or (tier.bits == 8 and tier.group_size is None):
         return None
     g = tier.group_size if tier.group_size is not None and tier.group_size < dim else None
     if g is None:
@@ -324,6 +330,8 @@ def onnx_tier_bytes(rows: int, dim: int, tier: Tier) -> int:
     """Initializer bytes of one tier in the ONNX export (export/tiered.py)."""
     if rows == 0:
         return 0
+    if tier.name == "pq":  # codes, fp16 codebook, int64 sub-space offsets and the output width (export/tiered.py)
+        return pq_bytes(rows, dim, tier.group_size) + 8 * (dim // tier.group_size) + 8  # type: ignore[operator]
     block = onnx_tier_block(dim, tier)
     groups = 1 if tier.group_size is None else -(-dim // tier.group_size)
     if block is None:  # int8 codes, Gather + Cast + Mul (+ the group index of grouped scales)
@@ -340,7 +348,8 @@ def onnx_tiered_bytes(shape: tuple[int, int], spec: TierSpec, path: str) -> tupl
     inits = rank + sum(onnx_tier_bytes(n, dim, t) for n, t in zip(sizes, spec.tiers, strict=True)) + 16 * len(sizes)
     fixed, per_tier, per_char = _ONNX_GRAPH
     used = sum(1 for n in sizes if n)
-    return inits, fixed + used * per_tier + per_char * (used + 1) * (len(path) + 16)
+    pq = sum(1 for n, t in zip(sizes, spec.tiers, strict=True) if n and t.name == "pq")
+    return inits, fixed + (used + pq) * per_tier + per_char * (used + 2 * pq + 1) * (len(path) + 16)
 
 
 # -- the module ------------------------------------------------------------------------------------------
@@ -370,6 +379,13 @@ class TieredEmbedding(nn.Embedding):
         codes, scales, eff_ranked, start = [], [], [], 0
         for n, tier in zip(self.sizes, self.spec.tiers, strict=True):
             rows = w.detach()[order[start:start + n]].to(torch.float32)
+            if tier.name == "pq":  # codes (n, M) uint8 in tier_codes, codebook (M, K, d) fp16 in tier_scales
+                c, book = pq_fit(rows, tier.group_size, zipf_weights(start, n))  # type: ignore[arg-type]
+                codes.append(c)
+                scales.append(book)
+                eff_ranked.append(pq_decode(c, book))
+                start += n
+                continue
             q = quantize_tier(rows, tier) if n else ops.QuantResult(
                 torch.zeros(0, w.shape[1], dtype=torch.int8), torch.zeros(0, 1), tier.bits, tier.group_size)
             codes.append(q.codes)
@@ -392,6 +408,10 @@ class TieredEmbedding(nn.Embedding):
         for i, (tier, c, s) in enumerate(zip(self.spec.tiers, self.tier_codes, self.tier_scales, strict=True)):
             if c.shape[0] == 0:
                 continue
+            if tier.name == "pq":  # uint8 codes as they are, fp16 codebook
+                out[f"{prefix}.tier{i}.codes"] = c.to(torch.uint8).contiguous()
+                out[f"{prefix}.tier{i}.codebook"] = s.to(torch.float16).contiguous()
+                continue
             out[f"{prefix}.tier{i}.codes"] = pack_codes(c, tier.bits)
             out[f"{prefix}.tier{i}.scales"] = s.to(torch.float32).contiguous()
         return out
@@ -404,6 +424,14 @@ class TieredEmbedding(nn.Embedding):
             if n == 0:
                 codes.append(torch.zeros(0, self.embedding_dim, dtype=torch.int8))
                 scales.append(torch.zeros(0, 1))
+                continue
+            if tier.name == "pq":
+                m = self.embedding_dim // tier.group_size  # type: ignore[operator]
+                c = tensors[f"{prefix}.tier{i}.codes"].to(torch.uint8).reshape(n, m)
+                book = tensors[f"{prefix}.tier{i}.codebook"].to(torch.float16).reshape(m, PQ_CENTROIDS, -1)
+                codes.append(c)
+                scales.append(book)
+                eff.append(pq_decode(c, book))
                 continue
             c = unpack_codes(tensors[f"{prefix}.tier{i}.codes"], tier.bits, (n, self.embedding_dim))
             s = tensors[f"{prefix}.tier{i}.scales"].to(torch.float32)

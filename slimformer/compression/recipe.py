@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from slimformer.compression.embedding_tiers import TIER_BITS, TIERS_VERSION, Tier, TierSpec, TokenRanking
 from slimformer.compression.plan import CompressionPlan, LayerSpec, SharingSpec, StructureSpec, UnitSpec
@@ -130,6 +130,12 @@ class EmbeddingTiersModel(FrozenModel):
                              "upgrade slimformer")
         return v
 
+    @model_validator(mode="after")
+    def _pq_needs_v2(self) -> EmbeddingTiersModel:
+        if self.version < 2 and any(t.tier == "pq" for t in self.tiers):
+            raise ValueError("tier pq needs `version: 2` (written by a newer slimformer)")
+        return self
+
     def to_spec(self) -> TierSpec:
         ranking = TokenRanking(self.ranking.vocab, TokenRanking.decode_ids(self.ranking.ids), self.ranking.source)
         return TierSpec(tuple(Tier(t.tier, t.rows, t.group_size) for t in self.tiers), ranking)
@@ -137,7 +143,9 @@ class EmbeddingTiersModel(FrozenModel):
     @classmethod
     def from_spec(cls, match: str, spec: TierSpec) -> EmbeddingTiersModel:
         r = spec.ranking
-        return cls(match=match, ranking=RankingModel(vocab=r.vocab, ids=r.encode_ids(), source=r.source),
+        version = 2 if any(t.name == "pq" for t in spec.tiers) else 1  # the lowest version that holds it
+        return cls(version=version, match=match,
+                   ranking=RankingModel(vocab=r.vocab, ids=r.encode_ids(), source=r.source),
                    tiers=[TierModel(tier=t.name, rows=t.rows, group_size=t.group_size) for t in spec.tiers])
 
 

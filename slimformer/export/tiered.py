@@ -38,6 +38,25 @@ def _gbq(ids: str, y: str, p: str, codes: np.ndarray, scales: np.ndarray, bits: 
     return K.Lowered(f"GatherBlockQuantized(bits={bits},block={block})", inits, [node])
 
 
+def _pq(ids: str, y: str, p: str, codes: np.ndarray, book: np.ndarray) -> K.Lowered:
+    """A product-quantised tier (compression/pq.py): codes (n, M) uint8, codebook (M, K, d) fp16 ->
+    Reshape(Cast<f32>(Gather(book (M*K, d), Cast<int64>(Gather(codes, ids)) + m*K)), ids.shape + [M*d])."""
+    m, k, d = book.shape
+    inits = [nh.from_array(np.ascontiguousarray(codes.astype(np.uint8)), f"{p}.codes"),
+             nh.from_array(np.ascontiguousarray(book.astype(np.float16).reshape(m * k, d)), f"{p}.codebook"),
+             K.i64(f"{p}.offsets", [j * k for j in range(m)]), K.i64(f"{p}.width", [m * d])]
+    nodes = [helper.make_node("Gather", [inits[0].name, ids], [f"{p}/c8"], name=f"{p}/GatherCodes", axis=0),
+             helper.make_node("Cast", [f"{p}/c8"], [f"{p}/c"], name=f"{p}/CastCodes", to=TensorProto.INT64),
+             helper.make_node("Add", [f"{p}/c", inits[2].name], [f"{p}/idx"], name=f"{p}/AddOffsets"),
+             helper.make_node("Gather", [inits[1].name, f"{p}/idx"], [f"{p}/v16"], name=f"{p}/GatherBook", axis=0),
+             helper.make_node("Cast", [f"{p}/v16"], [f"{p}/v"], name=f"{p}/CastBook", to=TensorProto.FLOAT),
+             helper.make_node("Shape", [ids], [f"{p}/ids_shape"], name=f"{p}/Shape"),
+             helper.make_node("Concat", [f"{p}/ids_shape", inits[3].name], [f"{p}/shape"], name=f"{p}/Concat",
+                              axis=0),
+             helper.make_node("Reshape", [f"{p}/v", f"{p}/shape"], [y], name=f"{p}/Reshape")]
+    return K.Lowered(f"pq(d={d})", inits, nodes)
+
+
 def lower_tiered_embedding(ids: str, y: str, p: str, mod: TieredEmbedding) -> K.Lowered:
     """The nodes and initializers that replace `Gather(table, ids)` for a tiered table."""
     vocab, dim = mod.num_embeddings, mod.embedding_dim
@@ -63,7 +82,9 @@ def lower_tiered_embedding(ids: str, y: str, p: str, mod: TieredEmbedding) -> K.
         codes = mod.tier_codes[i].numpy()
         scales = mod.tier_scales[i].numpy()
         block = onnx_tier_block(dim, tier)
-        if block is None:
+        if tier.name == "pq":
+            low = _pq(f"{q}/local", f"{q}/rows", q, mod.tier_codes[i].numpy(), mod.tier_scales[i].numpy())
+        elif block is None:
             low = K.gather_dequant(f"{q}/local", f"{q}/rows", q, codes, scales, tier.group_size)
         else:
             low = _gbq(f"{q}/local", f"{q}/rows", q, codes, scales, tier.bits, tier.group_size, block)

@@ -52,7 +52,10 @@ def test_old_recipes_have_no_tiers(model_dir: Path) -> None:
 
 @pytest.mark.parametrize("change,needle", [
     ({"tiers": [{"tier": "int3", "rows": 10}, {"tier": "int2", "group_size": 16}]}, "unknown embedding tier 'int3'"),
-    ({"version": 2}, "embedding_tiers version 2 is newer"),
+    ({"version": 3}, "embedding_tiers version 3 is newer"),
+    ({"tiers": [{"tier": "pq4", "rows": 10}, {"tier": "int2", "group_size": 16}]}, "unknown embedding tier 'pq4'"),
+    ({"version": 2, "tiers": [{"tier": "pq", "group_size": 3}]}, "tier pq needs a sub-vector width"),
+    ({"tiers": [{"tier": "pq", "group_size": 8}]}, "tier pq needs `version: 2`"),
     ({"ranking": {"vocab": 30522, "ids": "AAAA"}}, "ranking.ids is not base64 zlib data"),
     ({"ranking": {"vocab": 5, "ids": "eJxjYGBgAAAABAAB"}}, "the recipe was made for another tokenizer"),
     ({"match": "encoder.layer.0.attention.self.query"}, "is not an embedding table"),

@@ -30,6 +30,8 @@ LAYOUTS = {
     "int4 per row / int8 g32 / int2 g64": (Tier("int4", 700), Tier("int8", 200, 32), Tier("int2", None, 64)),
     "int2 g32 only": (Tier("int2", None, 32),),
     "int4 g24 (no block) / int2 g48": (Tier("int4", 900, 24), Tier("int2", None, 48)),
+    "int4 g16 / pq d8": (Tier("int4", 600, 16), Tier("pq", None, 8)),
+    "int8 / pq d4 / int2 g16": (Tier("int8", 300, 16), Tier("pq", 1500, 4), Tier("int2", None, 16)),
 }
 
 
@@ -53,14 +55,19 @@ def test_tiered_rows_are_bit_exact_in_onnxruntime(name) -> None:
     assert "GatherBlockQuantized" in {n.op_type for n in low.nodes} or name.startswith("int4 g24")
 
 
-def test_tiered_plan_exports_exactly_and_within_the_accounting(bert64, texts, tmp_path) -> None:
+@pytest.mark.parametrize("layout", ["int8 / int4 g16 / int2 g16", "int4 g16 / pq d8"])
+def test_tiered_plan_exports_exactly_and_within_the_accounting(bert64, texts, tmp_path, layout) -> None:
     vocab, _ = bert64.unit(EMB).shape
-    plan = CompressionPlan({EMB: UnitSpec(tiers=_tiers(vocab, *LAYOUTS["int8 / int4 g16 / int2 g16"])),
+    plan = CompressionPlan({EMB: UnitSpec(tiers=_tiers(vocab, *LAYOUTS[layout])),
                             **{u.name: UnitSpec(bits=8) for u in bert64.units if u.kind == "linear"}})
     model = apply_plan(bert64, plan)
     info = export_onnx(bert64, model, tmp_path / "tiered.onnx")
-    assert info.kernels[EMB].startswith("tiered[int8x300:Gather(int8)+Cast+Mul, int4x500:GatherBlockQuantized(bits=4")
-    assert "int2x29722:GatherBlockQuantized(bits=2,block=16)" in info.kernels[EMB]
+    if layout.endswith("pq d8"):
+        assert "pqx29922:pq(d=8)" in info.kernels[EMB]
+    else:
+        assert info.kernels[EMB].startswith(
+            "tiered[int8x300:Gather(int8)+Cast+Mul, int4x500:GatherBlockQuantized(bits=4")
+        assert "int2x29722:GatherBlockQuantized(bits=2,block=16)" in info.kernels[EMB]
     batches = bert64.make_batches(texts[:16], 8)
     with torch.no_grad():
         ref = torch.cat([bert64.export_outputs(model, b)[0] for b in batches]).numpy()
@@ -72,4 +79,5 @@ def test_tiered_plan_exports_exactly_and_within_the_accounting(bert64, texts, tm
     finally:
         set_deploy(bert64, "safetensors")
     margin = mem.total_bytes - info.file_bytes
-    assert 0 <= margin <= 0.01 * info.file_bytes, (info.file_bytes, mem.total_bytes)
+    # the graph-bytes bound of a tier is loose against this tiny (0.5 MB) model's file: 1% of it, plus 2% per pq tier
+    assert 0 <= margin <= (0.03 if "pq" in layout else 0.01) * info.file_bytes, (info.file_bytes, mem.total_bytes)

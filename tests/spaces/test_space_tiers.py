@@ -59,7 +59,19 @@ def test_tiers_are_a_categorical_axis_of_the_embedding(adapter) -> None:
 
 @pytest.mark.parametrize("layout,match", [("int3:10,int2/64", "unknown embedding tier 'int3'"),
                                           ("int8:100,int4/32:200", "the last tier takes the remaining rows"),
-                                          ("int2", "tier int2 needs a group_size")])
+                                          ("int2", "tier int2 needs a group_size"),
+                                          ("int4/16:100,pq/3", "tier pq needs a sub-vector width")])
 def test_bad_layouts_are_rejected_with_the_reason(layout, match) -> None:
     with pytest.raises(ValidationError, match=match):
         SpaceConfig.model_validate({"groups": [{"select": {"role": ["embedding"]}, "tiers": [layout]}]})
+
+
+def test_a_pq_layout_is_a_choice_with_fewer_bytes_than_int2(adapter) -> None:
+    space = SearchSpace(adapter, SpaceConfig.model_validate({"groups": [
+        {"select": {"role": ["embedding"]}, "tiers": ["int4/16:100,int2/16", "int4/16:100,pq/8"]}]}))
+    name = next(n for n in space.distributions() if n.endswith(".tiers"))
+    emb = next(u for u in adapter.units if u.kind == "embedding")
+    space.use_token_ranking(TokenRanking(emb.shape[0], (7, 3, 11), "test"))
+    int2, pq = (plan_memory(adapter, space.plan_from_params({name: c})).total_bytes
+                for c in ("int4/16:100,int2/16", "int4/16:100,pq/8"))
+    assert parse_layout("int4/16:100,pq/8")[-1] == Tier("pq", None, 8) and pq < int2
