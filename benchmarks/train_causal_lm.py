@@ -18,19 +18,19 @@ restricted to the pieces these texts (training and packaged evaluation texts) us
 greedy longest-match WordPiece then tokenises every one of them exactly as the full vocabulary does (checked),
 and the embedding table is ~1/2 the size.
 
-Model (v2): LlamaForCausalLM, hidden 256, 4 layers, 8 query heads / 2 KV heads (grouped-query attention, head
-dim 32), SwiGLU FFN 768, RMSNorm, RoPE, tied embeddings (vocabulary ~17,200): 7.5 M parameters, 4.4 M of them
-the table. Why this size: measured on the 2-core machine, a training step of 16x64 tokens took 0.33 s (3 M
-parameters, hidden 128), 0.49 s (7.5 M, hidden 256 x 4) and 0.72 s (9.1 M, 6 layers) when quiet, and ~4.5 s per
-1,024 tokens for 7.5 M with four other jobs running: the tied 17,200-word head is ~60% of the compute at hidden
-256, so "tens of millions" of parameters would buy little but width of the table, and with only ~0.39 M training
-tokens a larger model would see each token fewer times in the same minutes. `STEPS` = 220 steps of 16x64 tokens
-(~0.23 M tokens, ~0.6 of a pass) is what ~30 min of this machine allowed on the day (load 9-11 from other jobs: ~7-9
-s per step); a 360-step schedule of 32x64 was stopped at step 100 when its pace put it past the time. The held-out
-loss curve (train_info.json `heldout_loss_curve`, monitoring only: nothing is selected on it) shows where it
-stands; on a quiet machine raise STEPS for a stronger teacher. The v1 teacher (hidden 128, 60 steps of 16x64:
-held-out perplexity 873 on fortunes) was too weak: its flat next-token distributions made uniform int8 and the
-searched plans equal within noise.
+Model (v2): LlamaForCausalLM, hidden 256, 4 layers, 8 query heads / 2 KV heads (grouped-query attention, head dim
+32), SwiGLU FFN 768, RMSNorm, RoPE, tied embeddings (vocabulary ~17,200): 7.4 M parameters, 4.4 M of them the
+table. Why this size: measured on the 2-core machine, a training step of 16x64 tokens took 0.33 s (3 M parameters,
+hidden 128), 0.49 s (7.4 M, hidden 256 x 4) and 0.72 s (9.1 M, 6 layers) when quiet, and ~4.5 s per 1,024 tokens
+for 7.4 M with four other jobs running: the tied 17,200-word head is ~60% of the compute at hidden 256, so "tens of
+millions" of parameters would buy little but width of the table, and with only ~0.39 M training tokens a larger
+model would see fewer tokens in the same minutes. `STEPS` = 220 steps of 16x64 tokens (~0.23 M tokens,
+~0.6 of a pass) took 28 min on the day (load 8-11 from other jobs: ~6-9 s per step) and reached held-out perplexity
+439 (packaged fortunes) / 761 (python-docs), still falling; a 360-step schedule of 32x64 was stopped at step 100
+when its pace put it past the time. The held-out loss curve (train_info.json `heldout_loss_curve`, monitoring only:
+nothing is selected on it) shows where it stands; on a quiet machine raise STEPS for a stronger teacher. The v1
+teacher (hidden 128, 60 steps of 16x64: held-out perplexity 873 on fortunes) was too weak: its flat next-token
+distributions made uniform int8 and the searched plans equal within noise.
 
 Training: AdamW (lr 3e-3, betas 0.9/0.95, weight decay 0.1), linear warm-up then cosine decay, batch 16 rows of
 64 tokens, for `--steps` steps (deterministic for a seed, thread count and step count), or with `--steps 0`
