@@ -54,6 +54,7 @@ def search(config: Path | None, trials: int | None, timeout: float | None, stora
     Several processes given one --storage URL (postgresql://..., journal:PATH) and study work on one study.
     """
     from slimformer.api import search as run
+    from slimformer.models.metrics import format_quality
 
     res = run(config, trials=trials, timeout=timeout, storage=storage, run_dir=run_dir,
               progress=not no_progress, log=progress_logger(no_progress), backend=backend,
@@ -64,10 +65,11 @@ def search(config: Path | None, trials: int | None, timeout: float | None, stora
     click.echo(f"trials: {s.trial_states} ({s.infeasible_trials} over budget, not evaluated)")
     if s.best_recipe:
         click.echo(f"best recipe: {res.run_dir / s.best_recipe.recipe}  {s.best_recipe.memory_percent:.2f}% of fp32, "
-                   f"held-out {m} {s.best_recipe.heldout_quality:.4f}")
+                   f"held-out {m} {format_quality(s.best_recipe.heldout_quality)}")
     if s.best_baseline:
         click.echo(f"best uniform baseline in budget: {s.best_baseline.name}  "
-                   f"{s.best_baseline.memory_percent:.2f}% of fp32, held-out {m} {s.best_baseline.heldout_quality:.4f}")
+                   f"{s.best_baseline.memory_percent:.2f}% of fp32, "
+                   f"held-out {m} {format_quality(s.best_baseline.heldout_quality)}")
     click.echo(f"report: {res.run_dir / 'report.html'}")
 
 

@@ -19,6 +19,10 @@ Quality is fidelity to the teacher's next-token distribution at every real posit
 mean KL(teacher || student), top-1 agreement, and the perplexity ratio on the actual next tokens
 (`perplexity` = teacher ppl / student ppl, higher is better, 1.0 = the teacher; `ppl_ratio` = its inverse,
 student / teacher, is reported alongside). Texts are chunked into rows of at most `max_length` tokens.
+The default search objective is `neg_kl`: KL(teacher || student) is the expected rise in next-token loss under
+the teacher's own distribution, so it grades every position by the whole distribution, where the perplexity
+ratio sees one sampled token per position; near-lossless plans (8-bit) differ by less than the ratio's
+sampling noise but still by measurable KL (docs/BENCHMARKS.md, Decoder LM). Perplexity stays selectable.
 
 The deployed ONNX graph is the full-sequence forward (input_ids, attention_mask -> logits, no KV cache):
 what scoring and prefill need. KV-cache decoding and the onnxruntime-genai format are not produced.
@@ -248,7 +252,8 @@ class CausalLMAdapter(TextFamily):
 
     @property
     def default_quality_metric(self) -> str:
-        return "perplexity"
+        """-KL(teacher || student) per position: ranks plans where the perplexity ratio is within noise."""
+        return "neg_kl"
 
     def fidelity_metrics(self, teacher: Tensor, student: Tensor, labels: Tensor | None = None) -> dict[str, float]:
         return M.causal_lm_metrics(teacher, student, labels)

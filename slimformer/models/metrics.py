@@ -20,6 +20,12 @@ CAUSAL_LM_METRICS: tuple[str, ...] = ("perplexity", "agreement", "neg_kl")
 (higher is better, 1.0 = the teacher; needs the targets), top-1 agreement and -KL(teacher || student)."""
 
 
+def format_quality(v: float) -> str:
+    """A quality value for people: 4 decimals, or 4 significant digits when it is KL-sized (0 < |v| < 0.01), so
+    `neg_kl` of near-lossless plans does not print as -0.0000."""
+    return f"{v:.3e}" if 0 < abs(v) < 0.01 else f"{v:.4f}"
+
+
 def mean_cosine(teacher: Tensor, student: Tensor) -> float:
     """Mean cosine similarity of matching rows (pooled embeddings)."""
     return float(F.cosine_similarity(student, teacher, dim=-1).mean())

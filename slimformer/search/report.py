@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from slimformer.fileio import atomic_write
+from slimformer.models.metrics import format_quality
 from slimformer.search.report_bench import FrontBench
 from slimformer.search.report_html import Raw, details, sortable_table, trial_states_text
 from slimformer.search.results import BaselineResult, ParetoEntry, SearchSummary
@@ -104,21 +105,23 @@ def verdict(inp: ReportInputs) -> str:
     base = _best_baseline(inp)
     q = best.heldout_metrics[m]
     rows: list[list[Any]] = [[Raw(f"<b>best plan: trial {best.trial}</b>"), _mb(best.memory_bytes),
-                              f"{best.memory_percent:.2f}", f"{q:.4f}", f"{best.latency_ms_estimate:.2f}"]]
+                              f"{best.memory_percent:.2f}", format_quality(q), f"{best.latency_ms_estimate:.2f}"]]
     if base is not None and base.heldout_metrics:
         qb = base.heldout_metrics[m]
         rows.append([f"best uniform baseline: {base.name}", _mb(base.memory_bytes), f"{base.memory_percent:.2f}",
-                     f"{qb:.4f}", "" if base.latency_ms is None else f"{base.latency_ms:.2f}"])
+                     format_quality(qb), "" if base.latency_ms is None else f"{base.latency_ms:.2f}"])
         diff = q - qb
+        sign = "+" if diff >= 0 else ""
         word = "beats" if diff >= 5e-5 else "matches" if diff > -5e-5 else "does not beat"
         lat = ""
         if base.latency_ms:
             lat = f", {kind} latency {best.latency_ms_estimate / base.latency_ms:.2f}x the baseline's"
         sentence = (f"Trial {best.trial} {word} the best uniform baseline ({base.name}) on held-out data: "
-                    f"{m} {q:.4f} vs {qb:.4f} ({diff:+.4f}), at {_mb(best.memory_bytes)} MB vs "
+                    f"{m} {format_quality(q)} vs {format_quality(qb)} ({sign}{format_quality(diff)}), "
+                    f"at {_mb(best.memory_bytes)} MB vs "
                     f"{_mb(base.memory_bytes)} MB{lat}.")
     else:
-        sentence = (f"Trial {best.trial}: held-out {m} {q:.4f} at {_mb(best.memory_bytes)} MB "
+        sentence = (f"Trial {best.trial}: held-out {m} {format_quality(q)} at {_mb(best.memory_bytes)} MB "
                     f"({best.memory_percent:.2f}% of fp32); no uniform baseline fits the budget.")
     table = sortable_table(["", "size MB", "% of fp32", f"held-out {m}", f"latency ms ({kind})"], rows,
                            sortable=False)
@@ -230,7 +233,7 @@ def front_table(inp: ReportInputs) -> str:
 
 
 def _num(v: float | None) -> str:
-    return "" if v is None else f"{v:.4f}"
+    return "" if v is None else format_quality(v)
 
 
 def baseline_table(inp: ReportInputs) -> str:
@@ -327,7 +330,7 @@ def per_layer_sections(inp: ReportInputs) -> str:
     out = []
     for e in sorted(inp.entries, key=lambda e: -e.heldout_metrics[m]):
         title = (f"trial {e.trial}{' (best)' if e.trial == best else ''}: {_mb(e.memory_bytes)} MB "
-                 f"({e.memory_percent:.2f}% of fp32), held-out {m} {e.heldout_metrics[m]:.4f}")
+                 f"({e.memory_percent:.2f}% of fp32), held-out {m} {format_quality(e.heldout_metrics[m])}")
         body = (f"<p><a href='{_esc(e.recipe)}'>{_esc(e.recipe)}</a></p>" + per_layer_table(inp, e))
         out.append(details(f"trial-{e.trial}", title, body, opened=e.trial == best))
     return "".join(out)

@@ -225,7 +225,7 @@ def test_texts_are_chunked_to_max_length_and_targets_are_next_tokens(lm) -> None
 
 def test_metrics_on_teacher_and_student(lm, texts) -> None:
     _, _, a = lm
-    assert a.default_quality_metric == "perplexity" and a.metric_names(True) == ("perplexity", "agreement", "neg_kl")
+    assert a.default_quality_metric == "neg_kl" and a.metric_names(True) == ("perplexity", "agreement", "neg_kl")
     batches = a.make_batches(texts, 3)
     labels = torch.cat([b.labels for b in batches])
     with torch.no_grad():
@@ -236,6 +236,14 @@ def test_metrics_on_teacher_and_student(lm, texts) -> None:
     m = a.fidelity_metrics(t, s, labels)
     assert m["kl"] > 0 and m["ppl_ratio"] == pytest.approx(m["student_perplexity"] / m["teacher_perplexity"])
     assert m["perplexity"] == pytest.approx(1 / m["ppl_ratio"])
+
+
+def test_kl_sized_quality_values_print_with_significant_digits() -> None:
+    """neg_kl (the causal-LM default) of near-lossless plans is ~1e-5: 4 decimals would print -0.0000."""
+    from slimformer.models.metrics import format_quality
+
+    assert format_quality(-3.826e-06) == "-3.826e-06" and format_quality(0.98123) == "0.9812"
+    assert format_quality(0.0) == "0.0000" and format_quality(-0.05) == "-0.0500"
 
 
 # -- user errors -------------------------------------------------------------------------------------------------
