@@ -159,8 +159,8 @@ def apply_recipe(recipe: str | Path | Recipe, model: str, out_dir: str | Path | 
     if recover is not None:
         from slimformer.recovery.data import training_batches
 
-        train = training_batches(adapter, recover.data, recover.batch_size, adapter.recovery_exclusions(data, samples),
-                                 recover.samples, recover.seed)
+        train = training_batches(adapter, recover.data, recover.batch_size, _recovery_exclusions(adapter, recover.data,
+                                 data, samples), recover.samples, recover.seed)
     if rec.model.sha256 and rec.model.sha256 != adapter.weights_sha256():
         notice(f"recipe was made for weights {rec.model.sha256[:12]}…, this model has "
                f"{adapter.weights_sha256()[:12]}…; applying anyway", stacklevel=2)
@@ -207,6 +207,20 @@ def apply_recipe(recipe: str | Path | Recipe, model: str, out_dir: str | Path | 
         if exported is not None:
             exported = replace(exported, path=saved / ONNX_FILE)
     return ApplyResult(saved, mem, result.metrics, result.n_samples, exported, recovered)
+
+
+def _recovery_exclusions(adapter: ModelAdapter, recover_data: str, data: str, samples: int) -> list[str]:
+    """Texts recovery must not train on: the held-out samples of the fidelity source `data` and, for a `+` mixture
+    of recovery sources (e.g. debian-fortunes+python-docs*4), the held-out samples of each of its parts too."""
+    from slimformer.data.training import mixture_parts
+
+    out = list(adapter.recovery_exclusions(data, samples))
+    parts = mixture_parts(recover_data)
+    if len(parts) > 1:
+        for part, _ in parts:
+            if part != data:
+                out.extend(adapter.recovery_exclusions(part, samples))
+    return out
 
 
 def _recipe_budget(rec: Recipe) -> dict[str, Any]:
