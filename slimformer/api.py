@@ -293,14 +293,16 @@ def export_model(model_dir: str | Path, out: str | Path | None = None, kernels: 
 
 def bench(target: str | Path, model: str | None = None, data: str = "fortunes", samples: int = 256,
           threads: int = 1, seqs: tuple[int, ...] = (64, 128), batches: tuple[int, ...] = (1, 32), runs: int = 30,
-          warmup: int = 3, work_dir: str | Path | None = None, log: Any = None, kernels: str | None = None) -> Any:
+          warmup: int = 3, work_dir: str | Path | None = None, log: Any = None, kernels: str | None = None,
+          recover: Any = None) -> Any:
     """Benchmark a compressed model (a recipe, a compressed directory or an .onnx file) against fp32 and
     onnxruntime dynamic-int8 baselines; returns `slimformer.export.bench.BenchResult`.
 
     A recipe needs `model` (what it is applied to); an .onnx file needs `model` (the uncompressed model:
     tokenizer and fp32 teacher); a compressed directory uses `model` or else the recipe's model id.
     `kernels` (None: each unit's recipe kernel; 'exact' | 'fast': an override of every unit) is how a recipe or
-    directory target is exported (recorded in `extra`).
+    directory target is exported (recorded in `extra`). `recover` (a slimformer.recovery.RecoveryConfig, recipe
+    targets only) distils the applied recipe first, so the fidelity columns are the recovered model's.
     """
     import tempfile
 
@@ -309,7 +311,11 @@ def bench(target: str | Path, model: str | None = None, data: str = "fortunes", 
     from slimformer.export.bench import bench_models
 
     t = Path(target)
+    if recover is not None and (t.is_dir() or t.suffix.lower() == ".onnx"):
+        raise ConfigError(f"--recover applies to a recipe TARGET; {t} already holds its weights (bench it without "
+                          "--recover, or bench the recipe)")
     say = log or (lambda _msg: None)
+    recovered = None  # the recipe target's RecoveryRecord (as JSON) when `recover` is given
     opts = dict(data=data, samples=samples, threads=threads, seqs=seqs, batches=batches, runs=runs,
                 warmup=warmup, work_dir=work_dir, log=log)
     with tempfile.TemporaryDirectory() as tmp:
@@ -335,12 +341,15 @@ def bench(target: str | Path, model: str | None = None, data: str = "fortunes", 
                 raise ConfigError(f"bench on a recipe needs --model (the model {t.name} is applied to)")
             say(f"applying {t} to {model}")
             res = apply_recipe(t, model, out_dir=Path(tmp) / "compressed", data=data, samples=samples, onnx=True,
-                               kernels=kernels, log=log)
+                               kernels=kernels, recover=recover, log=log)
             assert res.onnx is not None
             ref_id, onnx_path = model, res.onnx.path
+            recovered = None if res.recovery is None else res.recovery.record().model_dump(mode="json")
         reference = load_any(ref_id)
         result = bench_models(reference, onnx_path, target_name=str(t), **opts)  # type: ignore[arg-type]
         result.extra["kernels"] = "as stored in the file" if t.suffix.lower() == ".onnx" else kernels or "per-unit"
+        if recover is not None:
+            result.extra["recovery"] = recovered
         return result
 
 
