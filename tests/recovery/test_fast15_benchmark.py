@@ -59,3 +59,22 @@ def test_candidates_fit_15_percent_of_the_fp32_onnx_bytes(bench, tmp_path) -> No
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(bench.recipe_dict(name, BUDGET), sort_keys=False))
         assert plan_memory(adapter, Recipe.load(path).to_plan(adapter)).total_bytes <= BUDGET, name
+
+
+@pytest.mark.slow
+def test_the_committed_minilm_fast15_recipe(bench) -> None:  # noqa: ANN001
+    """int8 kernels on every linear, within 15% of the fp32 ONNX bytes, and a recovery record that `apply --recover`
+    and `bench --recover` replay (the two-domain mixture)."""
+    from slimformer.api import load_model
+    from slimformer.compression.memory import plan_memory, set_deploy
+    from slimformer.export import graph_overhead_bytes
+
+    rec = Recipe.load(ROOT / "examples" / "recipes" / "minilm-fast15.yaml")
+    adapter = load_model(bench.MODEL)
+    set_deploy(adapter, "onnx", graph_overhead_bytes(adapter))
+    plan = rec.to_plan(adapter)
+    linears = [u.name for u in adapter.units if u.kind == "linear"]
+    assert len(linears) == 36 and all(plan.units[n].kernel == "int8" for n in linears)
+    assert plan_memory(adapter, plan).total_bytes <= BUDGET
+    assert rec.recovery is not None and rec.recovery.settings["data"] == bench.RECOVER_DATA
+    assert rec.recovery.after["cosine"] > rec.recovery.before["cosine"]
