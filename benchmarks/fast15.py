@@ -45,6 +45,7 @@ FFN_IN = r"re:encoder\.layer\.\d+\.intermediate\.dense"
 FFN_OUT = r"re:encoder\.layer\.\d+\.output\.dense"
 I8 = {"bits": 8, "method": "gptq", "kernel": "int8"}
 I4 = {"bits": 4, "group_size": 32, "method": "gptq", "kernel": "int8"}
+I4G128 = {"bits": 4, "group_size": 128, "method": "gptq", "kernel": "int8"}
 
 
 def tiers(rows: int) -> list[dict[str, Any]]:
@@ -59,6 +60,9 @@ CANDIDATES: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any], int,
     "b125w": (I8, I4, I4, 10500, 1344, "weight"),
     "b25": (I8, I4, I4, 16000, 1152, "activation"),  # FFN -25%
     "b25w": (I8, I4, I4, 16000, 1152, "weight"),
+    # (c) no tiers (0 rows): a per-row int4 table that recovery trains, int4 g128 GPTQ linears (13.89% with exact
+    # kernels reached 0.9837 after 480 steps, docs/BENCHMARKS.md "Recovery by distillation")
+    "c": (I4G128, I4G128, I4G128, 0, None, ""),
 }
 
 
@@ -69,6 +73,9 @@ def recipe_dict(name: str, budget_bytes: int) -> dict[str, Any]:
     r = copy.deepcopy(base)
     r["rules"] = [{"match": m, "spec": dict(spec)} for m, spec in ((ATT, att), (FFN_IN, fin), (FFN_OUT, fout))]
     r["embedding_tiers"]["tiers"] = tiers(rows)
+    if rows == 0:  # no tiers: one int4 per-row table, trainable in recovery (a tiered table stays frozen)
+        del r["embedding_tiers"]
+        r["rules"].insert(0, {"match": "embeddings.word_embeddings", "spec": {"bits": 4}})
     r["provenance"] = {"budget": {"bytes": budget_bytes, "deploy": "onnx"}}
     if neurons is not None:
         r["layers"] = [{"layer": i, "neurons_kept": neurons} for i in range(6)]
