@@ -63,6 +63,7 @@ CANDIDATES: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any], int,
     # (c) no tiers (0 rows): a per-row int4 table that recovery trains, int4 g128 GPTQ linears (13.89% with exact
     # kernels reached 0.9837 after 480 steps, docs/BENCHMARKS.md "Recovery by distillation")
     "c": (I4G128, I4G128, I4G128, 0, None, ""),
+    "c2": (I4G128, I4G128, I4G128, 0, None, ""),  # c again, run with another step count
 }
 
 
@@ -186,19 +187,22 @@ def write_recipe(out_dir: Path, path: Path, row: dict[str, Any]) -> None:
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = ["all-MiniLM-L6-v2, every linear `kernel: int8` (activations quantised per tensor at run time, simulated "
-             "in torch), attention int8 GPTQ, FFN int4 g32 GPTQ, token table tiered int4 g64 / int2 g64 by token "
-             f"frequency; recovery data `{RECOVER_DATA}` less every held-out text; held-out cosine to fp32 on "
+             "in torch); token table tiered int4 g64 / int2 g64 by token frequency (or one per-row int4 table); "
+             f"recovery data `{RECOVER_DATA}` less every held-out text; held-out cosine to fp32 on "
              "256 fortunes / 256 python-docs texts. `python benchmarks/fast15.py`",
              "",
-             "| candidate | FFN neurons | table int4 rows | ONNX file % of fp32 | before (fortunes / docs) | steps | "
-             "s/step (load) | after, torch | after, ONNX | ONNX - torch | >= 0.98 both |",
-             "|---|---:|---:|---:|---|---:|---:|---|---|---:|---|"]
+             "| candidate | linears (GPTQ) | FFN neurons | table int4 rows | ONNX file % of fp32 | "
+             "before (fortunes / docs) | steps | s/step (load) | after, torch | after, ONNX | ONNX - torch | "
+             ">= 0.98 both |",
+             "|---|---|---:|---:|---:|---|---:|---:|---|---|---:|---|"]
     for r in rows:
         att, fin, fout, nrows, neurons, imp = CANDIDATES.get(r["candidate"], ({}, {}, {}, 0, None, ""))
         ffn = "1536" if neurons is None else f"{neurons} ({imp} + re-fit)"
+        table_rows = str(nrows) if nrows else "all (per-row, no tiers)"
+        lin = "int4 g128" if att.get("group_size") == 128 else "attn int8, FFN int4 g32"
         rec = r.get("recovery", {})
         lines.append(
-            f"| {r['candidate']} | {ffn} | {nrows} | {r.get('onnx_percent', r['percent_bound']):.2f} | "
+            f"| {r['candidate']} | {lin} | {ffn} | {table_rows} | {r.get('onnx_percent', r['percent_bound']):.2f} | "
             f"{r['before']['fortunes']:.4f} / {r['before']['python-docs']:.4f} | {rec.get('steps', '-')} | "
             f"{rec.get('seconds_per_step', float('nan')):.2f} ({r.get('load_average_end', float('nan')):.1f}) | "
             f"{r['after']['fortunes']:.4f} / {r['after']['python-docs']:.4f} | "

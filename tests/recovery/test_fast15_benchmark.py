@@ -45,7 +45,8 @@ def test_table_reports_both_domains_and_the_verdict(bench) -> None:  # noqa: ANN
            "after": {"fortunes": 0.981, "python-docs": 0.979}, "after_onnx": {"fortunes": 0.9808, "python-docs": 0.979},
            "onnx_torch_gap": 0.0002, "met": False}
     text = bench.table([row])
-    assert "| a5 | 1536 | 5000 | 14.81 | 0.9680 / 0.9660 | 160 | 9.00 (11.0) | 0.9810 / 0.9790 |" in text
+    assert ("| a5 | attn int8, FFN int4 g32 | 1536 | 5000 | 14.81 | 0.9680 / 0.9660 | 160 | 9.00 (11.0) | "
+            "0.9810 / 0.9790 |") in text
     assert text.rstrip().endswith("| no |")
 
 
