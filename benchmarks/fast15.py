@@ -166,10 +166,13 @@ def write_recipe(out_dir: Path, path: Path, row: dict[str, Any]) -> None:
     ffn = "all 1536 FFN neurons" if neurons is None else f"{neurons} of 1536 FFN neurons ({importance} + re-fit)"
     rec = row["recovery"]
     verdict = "met" if row["met"] else "NOT met"
+    lin = "int4 g128 GPTQ linears" if att.get("group_size") == 128 else "attention int8 GPTQ, FFN int4 g32 GPTQ"
+    table = (f"token table int4 g64 for the {rows} most frequent rows and int2 g64 for the rest" if rows else
+             "one per-row int4 token table (no tiers: recovery trains it)")
     head = (
         "# MiniLM within 15% of fp32 with int8 compute kernels on every linear (issue 13, first acceptance line,\n"
-        f"# quality side): attention int8 GPTQ, FFN int4 g32 GPTQ, {ffn},\n"
-        f"# token table int4 g64 for the {rows} most frequent rows and int2 g64 for the rest; every linear\n"
+        f"# quality side): {lin}, {ffn},\n"
+        f"# {table}; every linear\n"
         "# `kernel: int8` (DynamicQuantizeMatMul, activations quantised per tensor).\n"
         f"# ONNX file {row['onnx_file_bytes']:,d} bytes = {row['onnx_percent']:.2f}% of fp32.\n"
         f"# Held-out cosine (256 texts per domain; benchmarks/fast15.py candidate {row['candidate']}, {row['date']}):\n"
