@@ -159,8 +159,8 @@ def apply_recipe(recipe: str | Path | Recipe, model: str, out_dir: str | Path | 
     if recover is not None:
         from slimformer.recovery.data import training_batches
 
-        train = training_batches(adapter, recover.data, recover.batch_size, adapter.recovery_exclusions(data, samples),
-                                 recover.samples, recover.seed)
+        train = training_batches(adapter, recover.data, recover.batch_size, _recovery_exclusions(adapter, recover.data,
+                                 data, samples), recover.samples, recover.seed)
     if rec.model.sha256 and rec.model.sha256 != adapter.weights_sha256():
         notice(f"recipe was made for weights {rec.model.sha256[:12]}…, this model has "
                f"{adapter.weights_sha256()[:12]}…; applying anyway", stacklevel=2)
@@ -207,6 +207,20 @@ def apply_recipe(recipe: str | Path | Recipe, model: str, out_dir: str | Path | 
         if exported is not None:
             exported = replace(exported, path=saved / ONNX_FILE)
     return ApplyResult(saved, mem, result.metrics, result.n_samples, exported, recovered)
+
+
+def _recovery_exclusions(adapter: ModelAdapter, recover_data: str, data: str, samples: int) -> list[str]:
+    """Texts recovery must not train on: the held-out samples of the fidelity source `data` and, for a `+` mixture
+    of recovery sources (e.g. debian-fortunes+python-docs*4), the held-out samples of each of its parts too."""
+    from slimformer.data.training import mixture_parts
+
+    out = list(adapter.recovery_exclusions(data, samples))
+    parts = mixture_parts(recover_data)
+    if len(parts) > 1:
+        for part, _ in parts:
+            if part != data:
+                out.extend(adapter.recovery_exclusions(part, samples))
+    return out
 
 
 def _recipe_budget(rec: Recipe) -> dict[str, Any]:
@@ -280,7 +294,7 @@ def export_model(model_dir: str | Path, out: str | Path | None = None, kernels: 
 def bench(target: str | Path, model: str | None = None, data: str = "fortunes", samples: int = 256,
           threads: int = 1, seqs: tuple[int, ...] = (64, 128), batches: tuple[int, ...] = (1, 32), runs: int = 30,
           warmup: int = 3, work_dir: str | Path | None = None, log: Any = None, kernels: str | None = None,
-          optimized_baseline: bool = False) -> Any:
+          optimized_baseline: bool = False, recover: Any = None) -> Any:
     """Benchmark a compressed model (a recipe, a compressed directory or an .onnx file) against fp32 and
     onnxruntime dynamic-int8 baselines (with `optimized_baseline`, also ORT's transformers-optimised dynamic int8);
     returns `slimformer.export.bench.BenchResult`.
@@ -288,7 +302,8 @@ def bench(target: str | Path, model: str | None = None, data: str = "fortunes", 
     A recipe needs `model` (what it is applied to); an .onnx file needs `model` (the uncompressed model:
     tokenizer and fp32 teacher); a compressed directory uses `model` or else the recipe's model id.
     `kernels` (None: each unit's recipe kernel; 'exact' | 'fast': an override of every unit) is how a recipe or
-    directory target is exported (recorded in `extra`).
+    directory target is exported (recorded in `extra`). `recover` (a slimformer.recovery.RecoveryConfig, recipe
+    targets only) distils the applied recipe first, so the fidelity columns are the recovered model's.
     """
     import tempfile
 
@@ -297,7 +312,11 @@ def bench(target: str | Path, model: str | None = None, data: str = "fortunes", 
     from slimformer.export.bench import bench_models
 
     t = Path(target)
+    if recover is not None and (t.is_dir() or t.suffix.lower() == ".onnx"):
+        raise ConfigError(f"--recover applies to a recipe TARGET; {t} already holds its weights (bench it without "
+                          "--recover, or bench the recipe)")
     say = log or (lambda _msg: None)
+    recovered = None  # the recipe target's RecoveryRecord (as JSON) when `recover` is given
     opts = dict(data=data, samples=samples, threads=threads, seqs=seqs, batches=batches, runs=runs,
                 warmup=warmup, work_dir=work_dir, log=log, optimized_baseline=optimized_baseline)
     with tempfile.TemporaryDirectory() as tmp:
@@ -323,12 +342,15 @@ def bench(target: str | Path, model: str | None = None, data: str = "fortunes", 
                 raise ConfigError(f"bench on a recipe needs --model (the model {t.name} is applied to)")
             say(f"applying {t} to {model}")
             res = apply_recipe(t, model, out_dir=Path(tmp) / "compressed", data=data, samples=samples, onnx=True,
-                               kernels=kernels, log=log)
+                               kernels=kernels, recover=recover, log=log)
             assert res.onnx is not None
             ref_id, onnx_path = model, res.onnx.path
+            recovered = None if res.recovery is None else res.recovery.record().model_dump(mode="json")
         reference = load_any(ref_id)
         result = bench_models(reference, onnx_path, target_name=str(t), **opts)  # type: ignore[arg-type]
         result.extra["kernels"] = "as stored in the file" if t.suffix.lower() == ".onnx" else kernels or "per-unit"
+        if recover is not None:
+            result.extra["recovery"] = recovered
         return result
 
 

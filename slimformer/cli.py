@@ -172,12 +172,16 @@ def export_cmd(model_dir: Path, out: Path | None, kernels: str | None, no_progre
 @click.option("--optimized-baseline", is_flag=True,
               help="Also time ORT's strongest int8: eager-attention export fused by onnxruntime.transformers."
                    "optimizer, then dynamic int8 per channel.")
+@click.option("--recover", "do_recover", is_flag=True,
+              help="Recipe TARGET: distil the applied recipe with its recorded recovery settings (else the defaults) "
+                   "before timing, so the fidelity columns are the recovered model's; latency does not depend on it.")
 @json_option
 @_KERNELS_OPTION
 @no_progress_option
 @_errors
 def bench(target: Path, model: str | None, data: str, samples: int, threads: int, seqs: tuple[int, ...],
-          batches: tuple[int, ...], runs: int, warmup: int, optimized_baseline: bool, json_out: str | None,
+          batches: tuple[int, ...], runs: int, warmup: int, optimized_baseline: bool, do_recover: bool,
+          json_out: str | None,
           kernels: str | None, no_progress: bool) -> None:
     """Benchmark TARGET (recipe, compressed directory or .onnx) against fp32 and ORT dynamic int8 in ONNX Runtime."""
     from slimformer.api import bench as run
@@ -185,8 +189,21 @@ def bench(target: Path, model: str | None, data: str, samples: int, threads: int
 
     if json_out is not None:
         check_output_path(json_out, "--json")
+    recover = None
+    if do_recover:  # a recipe's recorded settings; a directory or .onnx TARGET is refused by api.bench
+        from slimformer.compression.recipe import Recipe
+        from slimformer.recovery import RecoveryConfig
+
+        is_recipe = target.is_file() and target.suffix.lower() != ".onnx"
+        recorded = Recipe.load(target).recovery if is_recipe else None
+        recover = RecoveryConfig.from_recorded(None if recorded is None else recorded.settings, "--recover")
     res = run(target, model, data=data, samples=samples, threads=threads, seqs=seqs, batches=batches, runs=runs,
-              warmup=warmup, log=progress_logger(no_progress), kernels=kernels, optimized_baseline=optimized_baseline)
+              warmup=warmup, log=progress_logger(no_progress), kernels=kernels, optimized_baseline=optimized_baseline,
+              recover=recover)
+    rec = res.extra.get("recovery")
+    if rec is not None and json_out != "-":
+        click.echo(f"recovery: {rec['steps']} steps in {rec['seconds']:.0f} s; held-out {rec['before']} before, "
+                   f"{rec['after']} after (the target's fidelity column)")
     if json_out != "-":
         click.echo(res.format())
     if json_out is not None:

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable
+from pathlib import Path
 
 from slimformer import data as data_mod
 from slimformer.errors import ConfigError
 
-__all__ = ["default_text_source", "training_texts"]
+__all__ = ["default_text_source", "mixture_parts", "training_texts"]
+
+MAX_REPEAT = 100
 
 
 def default_text_source() -> str:
@@ -21,11 +24,36 @@ def default_text_source() -> str:
     return data_mod.DEBIAN_FORTUNES if installed() else "fortunes"
 
 
+def mixture_parts(source: str) -> list[tuple[str, int]]:
+    """`A+B*4` -> [(A, 1), (B, 4)]: a recovery mixture of text sources, each text of B repeated 4 times (so a small
+    second domain weighs in next to a large first one); a plain source (or an existing file whose name has a `+`)
+    is one part."""
+    if "+" not in source or Path(source).is_file():
+        return [(source, 1)]
+    parts = []
+    for raw in source.split("+"):
+        name, k = raw.strip(), 1
+        if "*" in name:
+            name, _, count = (x.strip() for x in name.rpartition("*"))
+            if not count.isdigit() or not 1 <= int(count) <= MAX_REPEAT:
+                raise ConfigError(f"recovery data {source!r}: repeat count {count!r} of {name!r} must be an "
+                                  f"integer from 1 to {MAX_REPEAT}, e.g. debian-fortunes+python-docs*4")
+            k = int(count)
+        if not name:
+            raise ConfigError(f"recovery data {source!r}: an empty part; write sources joined by '+', "
+                              "e.g. debian-fortunes+python-docs*4")
+        parts.append((name, k))
+    return parts
+
+
 def training_texts(source: str, exclude: Iterable[str], limit: int | None = None, seed: int = 0) -> list[str]:
-    """Texts of `source` that are not in `exclude` (compared case-folded), shuffled under `seed`."""
+    """Texts of `source` (one source, or a `+` mixture: mixture_parts) that are not in `exclude` (compared
+    case-folded), shuffled under `seed`."""
     held = {t.casefold() for t in exclude}
-    texts = data_mod.load_texts(source)
-    texts = [t for t in dict.fromkeys(texts) if t.casefold() not in held]
+    texts = []
+    for part, k in mixture_parts(source):
+        kept = [t for t in dict.fromkeys(data_mod.load_texts(part)) if t.casefold() not in held]
+        texts.extend(kept * k)
     random.Random(seed).shuffle(texts)
     if limit is not None:
         texts = texts[:limit]

@@ -14,10 +14,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from slimformer.data.fashion_mnist import IMAGE_SOURCES
-from slimformer.data.training import default_text_source, training_texts
+from slimformer.data.training import default_text_source, mixture_parts, training_texts
 from slimformer.models.base import Batch, ModelAdapter
 
-__all__ = ["IMAGE_SOURCES", "default_text_source", "training_batches", "training_texts"]
+__all__ = ["IMAGE_SOURCES", "default_text_source", "mixture_parts", "training_batches", "training_texts"]
 
 
 def training_batches(adapter: ModelAdapter, source: str, batch_size: int, exclude_texts: Iterable[str] = (),

@@ -204,3 +204,30 @@ def test_optimized_baseline_fuses_attention(tiny_bert, tmp_path: Path) -> None:
 
     ops = {n.op_type for n in onnx.load(str(optimized_int8_dynamic(tiny_bert, tmp_path))).graph.node}
     assert ops & {"Attention", "QAttention"} and "Softmax" not in ops
+
+
+def test_bench_recover_distils_a_recipe_with_its_recorded_settings(tiny_dir, recipe, tmp_path: Path) -> None:
+    """`bench RECIPE --recover` applies the recipe's recorded recovery before timing: the JSON records it and the
+    target's fidelity column is the recovered model's."""
+    rec = yaml.safe_load(recipe.read_text())
+    rec["recovery"] = {"settings": {"steps": 2, "batch_size": 8, "samples": 16, "data": "fortunes"}, "steps": 2,
+                       "seconds": 1.0, "train_samples": 16, "eval_samples": 8, "before": {}, "after": {}}
+    with_rec = tmp_path / "recovered.yaml"
+    with_rec.write_text(yaml.safe_dump(rec))
+    js = tmp_path / "b.json"
+    res = invoke("bench", with_rec, "--model", tiny_dir, "--recover", "--samples", 8, "--runs", 1, "--warmup", 0,
+                 "--seq", 8, "--batch", 1, "--json", js)
+    assert res.exit_code == 0, res.output
+    assert "recovery: 2 steps" in res.stdout
+    got = json.loads(js.read_text())
+    assert got["extra"]["recovery"]["steps"] == 2 and got["extra"]["recovery"]["settings"]["batch_size"] == 8
+    target = next(m for m in got["models"] if m["name"] == TARGET)
+    assert target["fidelity"]["cosine"] == pytest.approx(got["extra"]["recovery"]["after"]["cosine"], abs=1e-4)
+
+
+def test_bench_recover_on_a_directory_exits_2_with_one_line(applied) -> None:
+    out, _ = applied
+    res = invoke("bench", out, "--recover", "--runs", 1)
+    assert res.exit_code == 2
+    err = res.stderr.strip().splitlines()
+    assert len(err) == 1 and "--recover applies to a recipe TARGET" in err[0]

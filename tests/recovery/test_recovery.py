@@ -206,3 +206,44 @@ def test_text_batches_are_length_buckets_of_every_training_text(tiny_bert) -> No
     assert widths == sorted(widths)  # buckets in length order (the loop shuffles their order)
     padded = sum(b.inputs["input_ids"].numel() for b in bucketed)
     assert padded < 0.8 * sum(b.inputs["input_ids"].numel() for b in plain)  # much less padding
+
+
+def test_a_mixture_of_sources_weights_each_part_and_keeps_a_single_source_as_before() -> None:
+    from slimformer.data import load_texts
+    from slimformer.recovery.data import mixture_parts, training_texts
+
+    assert mixture_parts("fortunes") == [("fortunes", 1)]
+    assert mixture_parts("fortunes + python-docs*3") == [("fortunes", 1), ("python-docs", 3)]
+    held = load_texts("python-docs")[:5]
+    mixed = training_texts("fortunes+python-docs*3", held)
+    docs = set(load_texts("python-docs")) - set(held)
+    assert len(mixed) == len(set(load_texts("fortunes"))) + 3 * len(docs)
+    assert not set(held) & set(mixed)  # every part less the excluded texts
+    assert all(mixed.count(t) == 3 for t in list(docs)[:20])
+    import random
+
+    before = list(dict.fromkeys(load_texts("fortunes")))  # one source: the same texts and order as before mixtures
+    random.Random(0).shuffle(before)
+    assert training_texts("fortunes", []) == before
+
+
+@pytest.mark.parametrize("source, needle", [
+    ("fortunes+python-docs*0", "repeat count '0'"),
+    ("fortunes+python-docs*x", "repeat count 'x'"),
+    ("fortunes++python-docs", "an empty part"),
+])
+def test_bad_mixtures_are_one_line_errors(source: str, needle: str) -> None:
+    from slimformer.recovery.data import training_texts
+
+    with pytest.raises(ConfigError, match=needle) as exc:
+        training_texts(source, [])
+    assert "\n" not in str(exc.value)
+
+
+def test_a_mixture_excludes_the_held_out_texts_of_every_part(tiny_bert) -> None:
+    from slimformer.api import _recovery_exclusions
+
+    plain = _recovery_exclusions(tiny_bert, "fortunes", "fortunes", 16)
+    assert plain == list(tiny_bert.heldout_samples("fortunes", 16).inputs)
+    mixed = _recovery_exclusions(tiny_bert, "fortunes+python-docs*4", "fortunes", 16)
+    assert set(mixed) == set(plain) | set(tiny_bert.heldout_samples("python-docs", 16).inputs)

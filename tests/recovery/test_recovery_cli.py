@@ -55,6 +55,8 @@ def test_apply_recover_writes_the_record_and_a_loadable_model(int4_recipe: Path,
     (["--steps", "3"], "add --recover"),
     (["--recover", "--steps", "3", "--minutes", "1"], "steps or minutes, not both"),
     (["--recover", "--recover-data", "nope.txt"], "nope.txt"),
+    (["--recover", "--recover-data", "fortunes+python-docs*0"], "repeat count '0'"),
+    (["--recover", "--recover-data", "fortunes+nope.txt"], "nope.txt"),
 ])
 def test_bad_recovery_options_exit_2(int4_recipe: Path, tiny_model_dir: Path, tmp_path: Path, args: list[str],
                                      needle: str) -> None:
