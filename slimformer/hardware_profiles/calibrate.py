@@ -38,6 +38,7 @@ from slimformer.hardware_profiles import microbench as mb
 from slimformer.hardware_profiles.machine import cpu_info, default_name
 from slimformer.hardware_profiles.predict import attention_features, kernel_class
 from slimformer.hardware_profiles.profile import (
+    MIN_NODE_US,
     CalibrationInfo,
     Fit,
     HardwareProfile,
@@ -170,10 +171,13 @@ def _copies(weight_bytes: float) -> int:
     return int(min(8, max(2, np.ceil(24e6 / max(weight_bytes, 1.0)))))
 
 
-def fit_nnls(x: np.ndarray, t: np.ndarray, names: list[str]) -> Fit:
-    """Non-negative least squares on relative error (rows scaled by 1/t)."""
+def fit_nnls(x: np.ndarray, t: np.ndarray, names: list[str], floor: float = 0.0) -> Fit:
+    """Non-negative least squares on relative error (rows scaled by 1/t). With `floor`, the first feature
+    (the constant "1") is at least `floor`: a known lower bound (one node's dispatch) that an unconstrained
+    intercept can undershoot when per-element cost dominates every cell (it then fits 0 µs per node)."""
     w = 1.0 / np.maximum(t, 1e-9)
-    coef, _ = nnls(x * w[:, None], t * w)
+    coef, _ = nnls(x * w[:, None], (t - floor * x[:, 0]) * w)
+    coef[0] += floor
     pred = x @ coef
     rmse = float(np.sqrt(np.mean(((pred - t) / t) ** 2)))
     return Fit(features=names, coef=[float(c) for c in coef], rmse_rel=round(rmse, 4), n=int(len(t)))
@@ -241,7 +245,7 @@ class _Fitter:
                     ts.append(t)
                     if op == "add" and r * w >= BANDWIDTH_MIN_ELEMENTS and t > 0:  # bytes-bound sizes only
                         self.rates["bandwidth"] = max(self.rates.get("bandwidth", 0.0), 12.0 * r * w / t / 1e3)
-            out[op] = fit_nnls(np.array(rows, float), np.array(ts), ["1", "elements"])
+            out[op] = fit_nnls(np.array(rows, float), np.array(ts), ["1", "elements"], floor=MIN_NODE_US)
         return out
 
 

@@ -147,3 +147,23 @@ def test_fused_attention_bench_computes_the_decomposed_core() -> None:
     assert [o.shape for o in outs[1]] == [(1, 24, 64)] * 2
     for a, b in zip(*outs, strict=True):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_elementwise_fit_keeps_one_node_dispatch_when_elements_dominate() -> None:
+    """Cells whose time is all per-element cost (intercept 0, as overhead subtraction can leave them) used to fit
+    0 µs per node, which physical_problems refuses, so a quiet calibration failed; the floored fit keeps a node at
+    >= MIN_NODE_US and still fits the per-element slope."""
+    import numpy as np
+
+    from slimformer.hardware_profiles.calibrate import fit_nnls
+    from slimformer.hardware_profiles.profile import MIN_NODE_US
+
+    n = np.array([256.0, 1024, 4096, 16384, 65536])
+    x = np.stack([np.ones_like(n), n], axis=1)
+    t = 0.002 * n
+    free = fit_nnls(x, t, ["1", "elements"])
+    floored = fit_nnls(x, t, ["1", "elements"], floor=MIN_NODE_US)
+    assert free.coef[0] + free.coef[1] < MIN_NODE_US  # what made the profile unphysical
+    assert floored.coef[0] >= MIN_NODE_US
+    assert floored.coef[1] == pytest.approx(0.002, rel=0.05)
+    assert floored.rmse_rel < 0.2
