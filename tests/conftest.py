@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -178,3 +179,19 @@ def minilm(minilm_dir) -> HFEncoderAdapter:
     adapter = load(MINILM_ID)
     assert isinstance(adapter, HFEncoderAdapter)
     return adapter
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():  # noqa: ANN201 - a loader of benchmarks/NAME.py as a module
+    """Import a script of benchmarks/ as a module (they are scripts, not a package): `load_benchmark("fast15")`."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+
+    def load(name: str):  # noqa: ANN202
+        spec = importlib.util.spec_from_file_location(name, root / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    return load

@@ -3,7 +3,6 @@ JSON and the docs section written where told."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -15,11 +14,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def bench():  # noqa: ANN201 - the benchmark module
-    spec = importlib.util.spec_from_file_location("latency_profiles", ROOT / "benchmarks" / "latency_profiles.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def bench(load_benchmark):  # noqa: ANN001, ANN201 - the benchmark module
+    return load_benchmark("latency_profiles")
 
 
 def _args(tmp_path: Path) -> list[str]:
@@ -79,7 +75,7 @@ def test_rescore_of_stored_measurements_shows_the_few_shot_residual_fixing_the_l
     res = ROOT / "benchmarks" / "results"
     args = ["rescore", "--measured", str(res / "profile-validate-amd-epyc-avx512-1t-ort1-32-vit-fmnist.json"),
             "--fit-measured", str(res / "latency_measured" / "validate-2026-11-28T16-54-vit-fmnist.json"),
-            "--profiles", str(res / "profiles" / "calibration-2026-12-02-full_a.yaml"), "--splits", "5",
+            "--profiles", str(res / "profiles" / "calibration-2026-12-02-s6-full_a.yaml"), "--splits", "5",
             "--results", str(tmp_path), "--doc", str(tmp_path / "B.md")]
     (tmp_path / "B.md").write_text("# B\n")
     assert bench.main(args) == 0

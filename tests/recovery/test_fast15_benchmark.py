@@ -3,7 +3,6 @@ its docs table; the committed examples/recipes/minilm-fast15.yaml."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -16,11 +15,8 @@ BUDGET = 13_539_225  # 15% of the fp32 ONNX bytes of all-MiniLM-L6-v2 (90,261,50
 
 
 @pytest.fixture(scope="module")
-def bench():  # noqa: ANN201 - the benchmark module
-    spec = importlib.util.spec_from_file_location("fast15", ROOT / "benchmarks" / "fast15.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def bench(load_benchmark):  # noqa: ANN001, ANN201 - the benchmark module
+    return load_benchmark("fast15")
 
 
 def test_every_candidate_is_a_valid_recipe_with_int8_kernels_on_every_linear(bench, tmp_path) -> None:  # noqa: ANN001

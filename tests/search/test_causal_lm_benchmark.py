@@ -3,7 +3,6 @@ baseline, the acceptance sentence and the docs section, on a run directory writt
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -15,11 +14,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def bench():  # noqa: ANN201 - the benchmark module
-    spec = importlib.util.spec_from_file_location("causal_lm_bench", ROOT / "benchmarks" / "causal_lm.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def bench(load_benchmark):  # noqa: ANN001, ANN201 - the benchmark module
+    return load_benchmark("causal_lm")
 
 
 def _m(ppl_ratio: float, kl: float, agree: float = 0.99) -> dict[str, float]:
