@@ -65,7 +65,6 @@ def test_measure_gives_every_cell_a_median_and_fits_the_overheads_together() -> 
     assert over.chunks == 1 and 0.05 <= over.node_us < over.call_us
     assert all(c.run_us > over.call_us for c in cells.values())  # a cell is never below the bare call
     assert all(c.call_us > 0 and c.kernel_us == (c.run_us - c.call_us) / 4 for c in cells.values())
-    assert cells[("linear", 0, 8, 32, 32)].run_us > cells[("linear", 0, 1, 32, 32)].run_us * 0.9
 
 
 def test_an_outlier_pass_is_measured_again() -> None:
