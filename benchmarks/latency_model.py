@@ -63,7 +63,7 @@ def compare(profile: str, others: list[str]) -> list[dict]:
     from slimformer.hardware_profiles import load_profile
     from slimformer.hardware_profiles.predict import predict
     from slimformer.hardware_profiles.references import reference_adapter
-    from slimformer.hardware_profiles.validate import metrics, results_stem, validation_plans
+    from slimformer.hardware_profiles.validate import drew_kernels, metrics, results_stem, validation_plans
 
     out = []
     shipped = load_profile(profile).name
@@ -71,7 +71,7 @@ def compare(profile: str, others: list[str]) -> list[dict]:
         rows = [r for r in json.loads((ROOT / "benchmarks/results" / f"{results_stem(shipped, model)}.json")
                                       .read_text())["rows"] if r["held_out"]]
         adapter = reference_adapter(model)
-        plans, _ = validation_plans(adapter, len(rows))
+        plans, _ = validation_plans(adapter, len(rows), kernels=drew_kernels([r.get("description", "") for r in rows]))
         measured = np.array([r["measured_ms"] for r in rows])
         for name in (profile, *others):
             prof = load_profile(name)

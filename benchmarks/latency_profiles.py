@@ -131,7 +131,8 @@ def _tiny_grid(quick: bool):  # noqa: ANN202
 
     return CalibrationGrid(m_values=(1, 17), dims=(16, 48, 96, 384),
                            linear=(KernelChoice("matmul", 32), KernelChoice("dequant_gemm", 8),
-                                   KernelChoice("matmulnbits", 8, 32, 32), KernelChoice("matmulnbits", 4, 32, 32)),
+                                   KernelChoice("matmulnbits", 8, 32, 32), KernelChoice("matmulnbits", 4, 32, 32),
+                                   KernelChoice("dynamic_int8", 8)),
                            embedding=(KernelChoice("gather", 32),), heads=(4,), seqs=(17,), head_dims=(24,),
                            elem_rows=(1, 17), elem_widths=(96, 384), references=(VIT_FMNIST,),
                            reference_shapes={VIT_FMNIST: ((1, 17),)},
@@ -276,7 +277,7 @@ def rescore(args: argparse.Namespace) -> dict:
         group_ms,
         kept_heads,
     )
-    from slimformer.hardware_profiles.validate import metrics, validation_plans
+    from slimformer.hardware_profiles.validate import drew_kernels, metrics, validation_plans
 
     fit_sets = {(s["model"], s["batch"], s["seq"]): s for f in args.fit_measured for s in _measured_sets(f)}
     out: dict = {"fewshot": args.fewshot, "splits": args.splits, "results": []}
@@ -284,7 +285,8 @@ def rescore(args: argparse.Namespace) -> dict:
         adapter = reference_adapter(st["model"])
         held = [r for r in st["rows"] if r["held_out"]]
         base = [r for r in st["rows"] if not r["held_out"]]
-        plans, _ = validation_plans(adapter, 1 + max(int(r["name"][4:]) for r in held))
+        plans, _ = validation_plans(adapter, 1 + max(int(r["name"][4:]) for r in held),
+                                    kernels=drew_kernels([r.get("description", "") for r in held]))
         canon = {r["name"]: canonical_plan(adapter, plans[r["name"]]) for r in st["rows"]}
         fit_src = fit_sets.get((st["model"], st["batch"], st["seq"]), st)
         fit_ms = {r["name"]: r["measured_ms"] for r in fit_src["rows"]}

@@ -1,10 +1,11 @@
 """This machine's own calibrated profile, for `latency.source: auto`: a search prices the machine it runs on.
 
 When the configured profile is a calibrated one made on another machine (CPU model, ISA flags, onnxruntime
-version or thread count differ), `auto_profile` returns this machine's profile instead: from the user's cache
-directory when an earlier search made it, else made now by the quick calibration (`CalibrationGrid.quick()`,
-planned into 3 minutes) and cached, keyed by exactly those four things. One line says which. The cache is
-`$SLIMFORMER_CACHE_DIR/profiles`, else `$XDG_CACHE_HOME/slimformer/profiles`, else `~/.cache/slimformer/profiles`.
+version or thread count differ), `auto_profile` returns this machine's profile instead: a shipped profile made on
+this machine's CPU when there is one, else the user's cached one when an earlier search made it, else one made now
+by the quick calibration (`CalibrationGrid.quick()`, planned into 3 minutes) and cached, keyed by exactly those
+four things. One line says which. The cache is `$SLIMFORMER_CACHE_DIR/profiles`, else
+`$XDG_CACHE_HOME/slimformer/profiles`, else `~/.cache/slimformer/profiles`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 from slimformer.errors import ConfigError, notice
 from slimformer.hardware_profiles.calibrate import CalibrationGrid, calibrate
 from slimformer.hardware_profiles.machine import cpu_info, default_name
-from slimformer.hardware_profiles.profile import HardwareProfile, load_profile, save_profile
+from slimformer.hardware_profiles.profile import HardwareProfile, list_profiles, load_profile, save_profile
 
 CACHE_ENV = "SLIMFORMER_CACHE_DIR"
 # what `auto` calibrates with; tests set a tiny grid here (the calibration itself still runs, on real timing)
@@ -67,6 +68,19 @@ def made_here(profile: HardwareProfile, threads: int) -> bool:
     return profile.runtime == "onnxruntime" and MachineKey.of(profile) == MachineKey.here(threads)
 
 
+def shipped_made_here(threads: int) -> HardwareProfile | None:
+    """The first shipped calibrated profile (hardware_profiles/profiles/, by name) made on this CPU model, ISA
+    flags, onnxruntime version and thread count, or None: a CPU we calibrated on needs no calibration."""
+    for name in list_profiles():
+        try:
+            prof = load_profile(name)
+        except ConfigError:  # pragma: no cover - shipped files are tested to load
+            continue
+        if prof.calibrated and made_here(prof, threads):
+            return prof
+    return None
+
+
 def deploy_threads(profile: HardwareProfile, threads: int | None) -> int:
     """The intra-op threads latency is priced at: `latency.threads`, else the profile's, at most the CPUs here."""
     return max(1, min(threads or profile.threads, os.cpu_count() or 1))
@@ -81,6 +95,11 @@ def auto_profile(profile: HardwareProfile, threads: int | None, log: Callable[[s
     if not profile.calibrated or made_here(profile, n):
         return profile
     say = log or (lambda msg: notice(msg, stacklevel=3))
+    shipped = shipped_made_here(n)
+    if shipped is not None:
+        say(f"latency: hardware profile {profile.name} was calibrated on {profile.cpu}; pricing with the shipped "
+            f"profile {shipped.name}, calibrated on this machine's CPU ({shipped.cpu}, {n} thread(s))")
+        return shipped
     key = MachineKey.here(n)
     path = cache_dir() / key.file_name()
     if path.is_file():

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from slimformer.compression.plan import CompressionPlan
-from slimformer.hardware_profiles.model_timing import WARM_REPEAT, measure_plan_passes
+from slimformer.hardware_profiles.model_timing import WARM_REPEAT, measure_plan_passes, warm_repeat
 from slimformer.hardware_profiles.predict import predict, require_model
 from slimformer.hardware_profiles.profile import SCALE_BOUNDS, HardwareProfile, LatencyModel, Residual
 from slimformer.hardware_profiles.references import reference_adapter, reference_plans
@@ -27,18 +27,20 @@ REFERENCE_PASSES = 3  # interleaved round-robin passes per reference shape (medi
 
 
 def sampled_plans(adapter: ModelAdapter, n: int, seed: int = SAMPLE_SEED) -> dict[str, CompressionPlan]:
-    """`n` random mixed plans (validate.random_plan) drawn from `seed`, named sample00...: the few-shot plans the
-    shape-local residual is fitted on besides the fixed reference plans."""
-    from slimformer.hardware_profiles.validate import random_plan
+    """`n` random mixed plans (validate.random_plan, compute kernels drawn too) drawn from `seed`, named
+    sample00...: the few-shot plans the shape-local residual is fitted on besides the fixed reference plans."""
+    from slimformer.hardware_profiles.validate import KERNEL_SEED, random_plan
 
-    rng = random.Random(seed)
-    return {f"sample{i:02d}": random_plan(adapter, rng)[0] for i in range(n)}
+    rng, krng = random.Random(seed), random.Random(seed + KERNEL_SEED)
+    return {f"sample{i:02d}": random_plan(adapter, rng, krng)[0] for i in range(n)}
 
 
-def reference_runs(est_ms: float, plans: int, budget_ms: float = 2000.0) -> int:
-    """Round-robin rounds for the reference models: 15, or up to 100 while all of them fit in `budget_ms`
-    (a 0.3 ms ViT gets 100 rounds for the price of a few MiniLM ones; its residual is fitted on them)."""
-    return int(min(100, max(15, budget_ms / max(plans * WARM_REPEAT * est_ms, 1e-3))))
+def reference_runs(est_ms: float, plans: int, budget_ms: float = 5000.0, repeat: int = WARM_REPEAT) -> int:
+    """Round-robin rounds for the reference models: 15, or up to 200 while all of them fit in `budget_ms`
+    (a 0.3 ms ViT gets more rounds for the price of a few MiniLM ones; its residual is fitted on them). 5 s a
+    pass: on a shared host a sub-millisecond model's level drifts by a few % over seconds (other tenants' use
+    of the shared L3), and the residual's level is only as good as the time it averages over."""
+    return int(min(200, max(15, budget_ms / max(plans * repeat * est_ms, 1e-3))))
 
 
 def fit_residuals(lm: LatencyModel, profile: HardwareProfile, references: tuple[str, ...], threads: int,
@@ -54,9 +56,11 @@ def fit_residuals(lm: LatencyModel, profile: HardwareProfile, references: tuple[
         adapter = reference_adapter(ref)
         plans = {**reference_plans(adapter), **sampled_plans(adapter, samples)}
         for batch, seq in (shapes or {}).get(ref, adapter.default_latency_shapes()):
-            runs = reference_runs(predict(adapter, CompressionPlan(), batch, seq, bare).ms, len(plans))
+            est = predict(adapter, CompressionPlan(), batch, seq, bare).ms
+            rep = warm_repeat(est)  # as warm as validation's and the bench's turns (model_timing.warm_repeat)
+            runs = reference_runs(est, len(plans), repeat=rep)
             measured = measure_plan_passes(adapter, plans, batch, seq, threads, work / ref.replace("/", "_"), runs=runs,
-                                           passes=passes)
+                                           passes=passes, repeat=rep)
             for name, pass_ms in measured.items():
                 ms = float(np.median(pass_ms))
                 p = predict(adapter, plans[name], batch, seq, bare)

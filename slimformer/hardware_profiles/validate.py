@@ -15,13 +15,26 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from slimformer.compression.plan import CompressionPlan, LayerSpec, SharingSpec, UnitSpec, sharing_pattern
-from slimformer.hardware_profiles.model_timing import WARM_REPEAT, export_plans, input_feed, time_round_robin
+from slimformer.compression.plan import (
+    INT8_KERNEL_BITS,
+    CompressionPlan,
+    LayerSpec,
+    SharingSpec,
+    UnitSpec,
+    sharing_pattern,
+)
+from slimformer.hardware_profiles.model_timing import (
+    WARM_REPEAT,
+    export_plans,
+    input_feed,
+    time_round_robin,
+    warm_repeat,
+)
 from slimformer.hardware_profiles.predict import predict_canonical, require_model
 from slimformer.hardware_profiles.profile import HardwareProfile, ValidationResult
 from slimformer.hardware_profiles.roofline import estimate_latency
@@ -53,8 +66,16 @@ def baseline_plans(adapter: ModelAdapter) -> dict[str, CompressionPlan]:
             "int4-g128": CompressionPlan(units={n: UnitSpec(bits=4, group_size=128) for n in u})}
 
 
-def random_plan(adapter: ModelAdapter, rng: random.Random) -> tuple[CompressionPlan, str]:
-    """One random mixed plan and a short description of what it mixes."""
+KERNEL_SEED = 7_919  # offset of the compute-kernel draws' own generator from the plans' seed
+KERNEL_TAG = "int8 kernel"  # in a plan's description when its units' compute kernels were drawn
+
+
+def random_plan(adapter: ModelAdapter, rng: random.Random,
+                kernel_rng: random.Random | None = None) -> tuple[CompressionPlan, str]:
+    """One random mixed plan and a short description of what it mixes. With `kernel_rng`, a random share of the
+    units that can run the int8 compute kernel (8/4-bit, full rank, dense, not an embedding) run it: drawn from
+    their own generator, so every other choice is the plan `rng` alone gives (stored measurements of plans
+    drawn before the kernel axis existed are re-made with kernel_rng None)."""
     thrift = rng.random()  # how aggressive this plan is overall
     units: dict[str, UnitSpec] = {}
     for u in adapter.units:
@@ -65,6 +86,15 @@ def random_plan(adapter: ModelAdapter, rng: random.Random) -> tuple[CompressionP
             rank = max(8, int(min(u.shape) * rng.choice((0.75, 0.5, 0.25, 0.125))))
         sparsity = rng.choice((0.3, 0.5)) if rng.random() < 0.1 else 0.0
         units[u.name] = UnitSpec(rank=rank, sparsity=sparsity, bits=bits, group_size=group)
+    int8 = 0
+    if kernel_rng is not None:
+        share = kernel_rng.choice((0.0, 0.5, 1.0, kernel_rng.random()))
+        roles = {u.name: u.role for u in adapter.units}
+        for name, spec in units.items():
+            fits = spec.bits in INT8_KERNEL_BITS and spec.rank is None and not spec.sparsity
+            if kernel_rng.random() < share and fits and roles[name] != "embedding":
+                units[name] = replace(spec, kernel="int8")
+                int8 += 1
     layers: dict[int, LayerSpec] = {}
     for info in adapter.layers:
         heads = rng.randint(1, info.num_heads) if rng.random() < 0.4 * thrift + 0.1 else None
@@ -78,7 +108,8 @@ def random_plan(adapter: ModelAdapter, rng: random.Random) -> tuple[CompressionP
     bits = sorted({s.bits for s in units.values()})
     desc = (f"bits {bits}, {sum(s.rank is not None for s in units.values())} low-rank, "
             f"{len(layers)} pruned layers, {sum(s.sparsity > 0 for s in units.values())} sparse"
-            + (f", sharing {sharing.scope}" if sharing.groups else ""))
+            + (f", sharing {sharing.scope}" if sharing.groups else "")
+            + (f", {int8} {KERNEL_TAG}" if kernel_rng is not None else ""))
     return CompressionPlan(units=units, layers=layers, sharing=sharing), desc
 
 
@@ -86,24 +117,31 @@ MIN_PASS_S = 20.0  # each timing pass lasts at least this long (more rounds for 
 MAX_ROUNDS = 400
 
 
-def pass_rounds(runs: int, round_ms: float, min_pass_s: float = MIN_PASS_S) -> int:
+def pass_rounds(runs: int, round_ms: float, min_pass_s: float = MIN_PASS_S, repeat: int = WARM_REPEAT) -> int:
     """Rounds per timing pass: `runs`, or more so that a pass lasts `min_pass_s` (a round runs every model
-    WARM_REPEAT times; `round_ms` is one run of each). On this shared VM 25 rounds of the 0.35 ms ViT models
+    `repeat` times; `round_ms` is one run of each). On this shared VM 25 rounds of the 0.35 ms ViT models
     (2 s a pass) left the two passes 4-7% apart when other tenants were busy; 200 rounds: 0.4%."""
-    need = int(np.ceil(min_pass_s * 1e3 / max(WARM_REPEAT * round_ms, 1e-6)))
+    need = int(np.ceil(min_pass_s * 1e3 / max(repeat * round_ms, 1e-6)))
     return max(runs, min(MAX_ROUNDS, need))
 
 
-def validation_plans(adapter: ModelAdapter, configs: int, seed: int = 0
+def validation_plans(adapter: ModelAdapter, configs: int, seed: int = 0, kernels: bool = True
                      ) -> tuple[dict[str, CompressionPlan], dict[str, str]]:
     """The uniform baselines and `configs` random held-out plans (plan000...) drawn from `seed`, with a short
-    description of each: the same plans for the same arguments (benchmarks re-score them with other profiles)."""
+    description of each: the same plans for the same arguments (benchmarks re-score them with other profiles).
+    `kernels`: draw compute kernels too (int8 or exact per unit); False re-makes the plans measured before."""
     rng = random.Random(seed)
+    krng = random.Random(seed + KERNEL_SEED) if kernels else None
     plans = dict(baseline_plans(adapter))
     desc = {n: "uniform baseline" for n in plans}
     for i in range(configs):
-        plans[f"plan{i:03d}"], desc[f"plan{i:03d}"] = random_plan(adapter, rng)
+        plans[f"plan{i:03d}"], desc[f"plan{i:03d}"] = random_plan(adapter, rng, krng)
     return plans, desc
+
+
+def drew_kernels(descriptions: list[str]) -> bool:
+    """Whether stored plan descriptions come from plans drawn with compute kernels (validation_plans(kernels=))."""
+    return any(KERNEL_TAG in d for d in descriptions)
 
 
 def results_stem(profile_name: str, model: str) -> str:
@@ -138,10 +176,12 @@ def validate(profile: HardwareProfile, adapter: ModelAdapter, configs: int, batc
     paths = export_plans(adapter, plans, work_dir, log=log)
     feed = input_feed(adapter, batch, seq)
     preds = {name: predict_canonical(adapter, plan, batch, seq, profile) for name, plan in canonical.items()}
-    runs = pass_rounds(runs, sum(p.ms for p in preds.values()), min_pass_s)
-    log(f"timing {len(paths)} models round-robin, 2 passes x {runs} runs")
-    first = time_round_robin(paths, feed, threads, runs)
-    second = time_round_robin(paths, feed, threads, runs)
+    round_ms = sum(p.ms for p in preds.values())
+    rep = warm_repeat(round_ms / max(len(preds), 1))
+    runs = pass_rounds(runs, round_ms, min_pass_s, rep)
+    log(f"timing {len(paths)} models round-robin, 2 passes x {runs} runs, {rep} runs per turn")
+    first = time_round_robin(paths, feed, threads, runs, repeat=rep)
+    second = time_round_robin(paths, feed, threads, runs, repeat=rep)
     rows = []
     for name, plan in canonical.items():
         p = preds[name]

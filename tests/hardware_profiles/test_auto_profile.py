@@ -108,3 +108,26 @@ def test_same_cpu_name_with_other_isa_flags_is_another_machine() -> None:
     assert not made_here(other, other.threads)
     msg = mismatch(other)
     assert msg is not None and "ISA flags" in msg and "amx_int8" in msg
+
+
+def test_a_shipped_profile_made_on_this_cpu_is_used_without_calibrating(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, foreign_profile: Path) -> None:
+    import slimformer.hardware_profiles.profile as profile_mod
+
+    key = MachineKey.here(1)
+    shipped_dir = tmp_path / "shipped"
+    shipped_dir.mkdir()
+    mine = load_profile(SHIPPED).model_dump(mode="json") | {
+        "name": "this-cpu-1t", "cpu": key.cpu, "isa_flags": list(key.isa_flags), "runtime_version": key.runtime_version,
+        "threads": 1}
+    (shipped_dir / "this-cpu-1t.yaml").write_text(yaml.safe_dump(mine, sort_keys=False))
+    (shipped_dir / "a-foreign-one.yaml").write_text(foreign_profile.read_text())
+    monkeypatch.setattr(profile_mod, "PROFILES_DIR", shipped_dir)
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(local_profile, "AUTO_GRID", TINY_GRID)
+    said: list[str] = []
+    got = local_profile.auto_profile(load_profile(foreign_profile), 1, log=said.append)
+    assert got.name == "this-cpu-1t" and made_here(got, 1)
+    assert len(said) == 1 and "shipped profile this-cpu-1t" in said[0] and "Some Other CPU" in said[0], said
+    assert not (tmp_path / "cache").exists(), "no calibration, nothing cached"
+    assert local_profile.shipped_made_here(2) is None, "another thread count is another machine"

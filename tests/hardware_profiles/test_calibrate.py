@@ -108,7 +108,13 @@ def test_reference_and_validation_rounds_follow_model_speed() -> None:
     from slimformer.hardware_profiles.residual_fit import reference_runs
     from slimformer.hardware_profiles.validate import MAX_ROUNDS, pass_rounds
 
-    assert reference_runs(0.3, 7) == 100 and reference_runs(35.0, 7) == 15
+    assert reference_runs(0.3, 7) == 200 and reference_runs(35.0, 7) == 15 and reference_runs(0.3, 15, repeat=17) < 200
+    from slimformer.hardware_profiles.model_timing import MAX_REPEAT, WARM_MS, WARM_REPEAT, warm_repeat
+
+    assert warm_repeat(35.0) == WARM_REPEAT, "a MiniLM run is long enough"
+    assert warm_repeat(0.4) * 0.4 >= WARM_MS > (warm_repeat(0.4) - 1) * 0.4, "a ViT turn lasts >= WARM_MS"
+    assert warm_repeat(1e-6) == MAX_REPEAT and warm_repeat(0.2) > warm_repeat(0.4) >= warm_repeat(2.0)
+    assert pass_rounds(25, 64 * 0.35, repeat=12) < pass_rounds(25, 64 * 0.35), "longer turns, fewer rounds"
     assert pass_rounds(25, 64 * 35.0) == 25  # MiniLM: 25 rounds already take minutes
     vit = pass_rounds(25, 64 * 0.35)  # the ViT: enough rounds for a 20 s pass
     assert vit > 200 and vit * 4 * 64 * 0.35 >= 20e3

@@ -24,8 +24,10 @@ SHIPPED = "amd-epyc-avx512-1t-ort1-32"
 
 def test_search_with_the_calibrated_profile(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     model = tiny_model_dir(tmp_path_factory)
+    # source calibrated: the shipped profile prices the search on any machine (with `auto` a machine of another
+    # CPU would calibrate itself instead: test_auto_profile.py)
     cfg = tiny_config(model, tmp_path / "run", trials=3, baselines=False, hardware_profile=SHIPPED,
-                      latency={"source": "auto", "batch": 1, "seq": 16})
+                      latency={"source": "calibrated", "batch": 1, "seq": 16})
     res = search(write_config(tmp_path / "s.yaml", cfg), progress=False)
     prof = load_profile(SHIPPED)
     assert res.summary.latency_source == "calibrated"
