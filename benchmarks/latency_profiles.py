@@ -147,20 +147,20 @@ def calibration(args: argparse.Namespace) -> dict:
     from slimformer.hardware_profiles.calibrate import CalibrationGrid, calibrate
     from slimformer.hardware_profiles.predict import predict
     from slimformer.hardware_profiles.profile import save_profile
-    from slimformer.hardware_profiles.validate import kendall_tau, metrics, validation_plans
+    from slimformer.hardware_profiles.validate import kendall_tau, metrics, validation_plans, with_result
 
     runs = {"full_a": CalibrationGrid.full(), "full_b": CalibrationGrid.full(), "quick": CalibrationGrid.quick()}
     if args.tiny:
         runs = {"full_a": _tiny_grid(False), "full_b": _tiny_grid(False), "quick": _tiny_grid(True)}
     if args.no_second_full:
         del runs["full_b"]
-    profiles, timing = {}, {}
+    profiles, timing, paths = {}, {}, {}
     for key, grid in runs.items():
         with tempfile.TemporaryDirectory() as tmp:
             prof = calibrate(1, grid, progress=False, work_dir=_work(args, tmp, "calibrate"),
                              log=lambda m: print(f"[latency_profiles] {m}", file=sys.stderr))
         profiles[key] = prof
-        path = save_profile(prof, args.results / "profiles" / f"calibration-{prof.created}-{key}.yaml")
+        path = paths[key] = save_profile(prof, args.results / "profiles" / f"calibration-{prof.created}-{key}.yaml")
         cal = prof.calibration
         assert cal is not None
         timing[key] = {"seconds": cal.seconds, "budget_seconds": cal.budget_seconds, "loadavg_before":
@@ -175,6 +175,8 @@ def calibration(args: argparse.Namespace) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             adapter, res, rows = _validate(profiles["full_a"], model, batch, seq, args,
                                            _work(args, tmp, "validate", _stem(model)))
+        profiles["full_a"] = with_result(profiles["full_a"], res)  # the profile to ship carries its validation
+        save_profile(profiles["full_a"], paths["full_a"])
         plans, _ = validation_plans(adapter, args.configs)
         held = [r for r in rows if r.held_out]
         meas = np.array([r.measured_ms for r in held])

@@ -6,7 +6,9 @@ means dim), works on W's device, is deterministic and returns new tensors withou
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -241,12 +243,38 @@ def fake_quant(W: Tensor, bits: int, group_size: int | None, mask: Tensor | None
 
 
 # -- int8 compute kernel (what onnxruntime's DynamicQuantizeMatMul computes) ----------------------------------
-def requantize_rows_int8(w: Tensor) -> tuple[Tensor, Tensor]:
+INT8_QMAX_ENV = "SLIMFORMER_INT8_WEIGHT_QMAX"
+_VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+
+
+@functools.lru_cache(maxsize=1)
+def int8_weight_qmax() -> int:
+    """Largest |code| of the int8 compute kernel's weights on this machine: 127, or 63 on an x86 CPU with AVX2 but
+    no VNNI/AMX. There onnxruntime's uint8 x int8 GEMM (vpmaddubsw) adds each pair of products in saturating int16:
+    measured on an AMD EPYC Zen 3 (2026-12-02), DynamicQuantizeMatMul equals that saturating sum to 4e-7 and
+    differs from the exact product by up to 70% of the output on an input with an outlier channel; with 7-bit
+    weights no pair can exceed 255 * 63 * 2 < 2^15, so the kernel is exact again (onnxruntime's own remedy:
+    `reduce_range` on non-VNNI machines). `SLIMFORMER_INT8_WEIGHT_QMAX` (63 or 127) overrides the detection, e.g.
+    to export for another CPU than the one at hand. Read once per process."""
+    env = os.environ.get(INT8_QMAX_ENV)
+    if env:
+        if env.strip() not in ("63", "127"):
+            raise PlanError(f"{INT8_QMAX_ENV} must be 63 or 127 (got {env!r})")
+        return int(env)
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
+    except OSError:
+        flags = []
+    return 63 if "avx2" in flags and not any(v in flags for v in _VNNI_FLAGS) else 127
+
+
+def requantize_rows_int8(w: Tensor, qmax: int | None = None) -> tuple[Tensor, Tensor]:
     """W (N, K) -> (int8 values as float32 (N, K), scale per row (N,)): the requantisation that
-    export.kernels.dynamic_int8's folded subgraph applies (scale = max(max|row|, 1e-30) / 127, round half to
-    even), op for op in float32, so the torch and ONNX weights are equal."""
+    export.kernels.dynamic_int8's folded subgraph applies (scale = max(max|row|, 1e-30) / qmax, round half to
+    even; qmax `int8_weight_qmax()` unless given), op for op in float32, so the torch and ONNX weights are equal."""
     w = w.detach().to(torch.float32)
-    s8 = torch.clamp(w.abs().amax(dim=1), min=1e-30) / 127.0
+    s8 = torch.clamp(w.abs().amax(dim=1), min=1e-30) / float(qmax or int8_weight_qmax())
     return torch.round(w / s8[:, None]), s8
 
 

@@ -50,7 +50,7 @@ import torch
 from onnx import TensorProto, helper
 from onnx import numpy_helper as nh
 
-from slimformer.compression.ops import code_range, pack_codes, pack_int4, pack_nibbles
+from slimformer.compression.ops import code_range, int8_weight_qmax, pack_codes, pack_int4, pack_nibbles
 
 MS_DOMAIN = "com.microsoft"
 MIN_BLOCK, MAX_BLOCK = 16, 256  # MatMulNBits / GatherBlockQuantized blocks: powers of two, MLAS up to 256
@@ -266,6 +266,8 @@ def dynamic_int8(x: str, y: str, p: str, codes: np.ndarray, scales: np.ndarray, 
     set of factors (query/key/value) pass the same name, so x / smooth is computed once for all of them.
     """
     use, p = p, wp or p
+    qmax = int8_weight_qmax()  # 63 on x86 without VNNI (saturating int16 pairs), as torch simulates it
+    qmax_name = f"const.{qmax}"
     n, k = codes.shape
     g = k if group is None or group >= k else group
     ng = -(-k // g)
@@ -275,7 +277,7 @@ def dynamic_int8(x: str, y: str, p: str, codes: np.ndarray, scales: np.ndarray, 
     q = int4_tensor(f"{p}.qweight", padded) if bits == 4 else nh.from_array(padded, f"{p}.qweight")
     inits = [q, f32(f"{p}.scales", np.asarray(scales, dtype=np.float32).reshape(n, ng, 1)),
              i64(f"{p}.shape3", [n, ng, g]), i64(f"{p}.shape2", [n, kp]), i64("axes.1", [1]),
-             f32("const.127", np.asarray(127.0)), f32("const.tiny", np.asarray(1e-30))]
+             f32(qmax_name, np.asarray(float(qmax))), f32("const.tiny", np.asarray(1e-30))]
     w = f"{p}/w"
     nodes = [helper.make_node("Cast", [q.name], [f"{p}/codes"], name=f"{p}/Widen", to=TensorProto.FLOAT),
              helper.make_node("Reshape", [f"{p}/codes", f"{p}.shape3"], [f"{p}/codes3"], name=f"{p}/Groups"),
@@ -295,7 +297,7 @@ def dynamic_int8(x: str, y: str, p: str, codes: np.ndarray, scales: np.ndarray, 
               helper.make_node("ReduceMax", [f"{p}/absw", "axes.1"], [f"{p}/rowmax"], name=f"{p}/RowMax",
                                keepdims=0),
               helper.make_node("Max", [f"{p}/rowmax", "const.tiny"], [f"{p}/rowmax1"], name=f"{p}/NonZero"),
-              helper.make_node("Div", [f"{p}/rowmax1", "const.127"], [f"{p}/s8"], name=f"{p}/Scale8"),
+              helper.make_node("Div", [f"{p}/rowmax1", qmax_name], [f"{p}/s8"], name=f"{p}/Scale8"),
               helper.make_node("Unsqueeze", [f"{p}/s8", "axes.1"], [f"{p}/s8col"], name=f"{p}/ScaleCol"),
               helper.make_node("Div", [w, f"{p}/s8col"], [f"{p}/wq"], name=f"{p}/Requantise"),
               helper.make_node("Round", [f"{p}/wq"], [f"{p}/wr"], name=f"{p}/Round"),

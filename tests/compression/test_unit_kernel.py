@@ -117,9 +117,32 @@ def test_dynamic_quantisation_rule() -> None:
     assert float(ops.dynamic_quantize_uint8(positive)[1]) == pytest.approx(2.0 / 255.0)  # range includes 0
     assert float(ops.dynamic_quantize_uint8(torch.zeros(3))[1]) == 1.0  # empty range: scale 1
     w = torch.tensor([[0.4, -1.0, 0.2], [0.0, 0.0, 0.0]])
-    wq, s8 = ops.requantize_rows_int8(w)
+    wq, s8 = ops.requantize_rows_int8(w, 127)
     assert torch.equal(wq[0], torch.tensor([51.0, -127.0, 25.0])) and torch.equal(wq[1], torch.zeros(3))
     assert np.isclose(float(s8[0]), 1.0 / 127.0)
+    wq7, s7 = ops.requantize_rows_int8(w, 63)  # 7-bit weights (x86 without VNNI)
+    assert torch.equal(wq7[0], torch.tensor([25.0, -63.0, 13.0])) and np.isclose(float(s7[0]), 1.0 / 63.0)
+
+
+def test_int8_weight_range_follows_the_cpu_and_the_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    """127 on CPUs whose u8 x s8 GEMM accumulates exactly (VNNI/AMX, non-x86), 63 on AVX2 without VNNI (saturating
+    int16 pairs); the environment variable overrides, and a bad value is a one-line error."""
+    flags = open("/proc/cpuinfo").read().split("flags", 1)[1].split("\n", 1)[0].split() if \
+        Path("/proc/cpuinfo").is_file() else []
+    ops.int8_weight_qmax.cache_clear()
+    try:
+        monkeypatch.delenv(ops.INT8_QMAX_ENV, raising=False)
+        expected = 63 if "avx2" in flags and not {"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags) else 127
+        assert ops.int8_weight_qmax() == expected
+        ops.int8_weight_qmax.cache_clear()
+        monkeypatch.setenv(ops.INT8_QMAX_ENV, "63" if expected == 127 else "127")
+        assert ops.int8_weight_qmax() == 190 - expected
+        ops.int8_weight_qmax.cache_clear()
+        monkeypatch.setenv(ops.INT8_QMAX_ENV, "100")
+        with pytest.raises(PlanError, match="SLIMFORMER_INT8_WEIGHT_QMAX must be 63 or 127"):
+            ops.int8_weight_qmax()
+    finally:
+        ops.int8_weight_qmax.cache_clear()
 
 
 def test_int8_linear_is_straight_through_under_gradients() -> None:
