@@ -386,7 +386,7 @@ def _context_for_run(run_dir: Path) -> tuple[Any, Any, str]:
         raise ConfigError(f"{run_dir}: no study.db; the search has not run yet")
     if cfg.storage is not None:
         check_storage_url(cfg.storage)
-    ctx = prepare(cfg)
+    ctx = prepare(cfg, log=lambda _msg: None)  # re-opening a run: no machine or progress lines before its answer
     url = cfg.storage or default_storage(run_dir)
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -183,6 +183,8 @@ def prepare(config: SearchConfig, *, log: Any = None, validated: Callable[[], No
             f"needs {min_bytes / 1e6:.2f} MB ({100 * min_bytes / fp32:.1f}% of fp32); raise the budget or add "
             "cheaper choices (4 bits, lower rank_fraction) to the space"
         )
+    seed_everything(config.data.seed)
+    sets = load_eval_sets(config, adapter)  # before any line on stderr: bad data is the only line
     if config.latency.source == "auto" and ("latency" in config.objectives or config.budget.latency is not None):
         profile = auto_profile(profile, config.latency.threads, log)  # this machine's own model (one line if not)
     measured = config.latency.source == "measured"
@@ -192,8 +194,6 @@ def prepare(config: SearchConfig, *, log: Any = None, validated: Callable[[], No
     if validated is not None:
         validated()
     warn_if_mismatched(config, profile, log)
-    seed_everything(config.data.seed)
-    sets = load_eval_sets(config, adapter)  # before the first log line: bad data is the only line on stderr
     if space.has_tiers:  # embedding tiers rank rows by token frequency on the search's own text (or a named corpus)
         reference = [*sets.search, *sets.calibration]
         space.use_token_ranking(reference_ranking(adapter, config.space.tier_reference, reference))
