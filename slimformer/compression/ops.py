@@ -241,12 +241,12 @@ def fake_quant(W: Tensor, bits: int, group_size: int | None, mask: Tensor | None
 
 
 # -- int8 compute kernel (what onnxruntime's DynamicQuantizeMatMul computes) ----------------------------------
-def requantize_rows_int8(w: Tensor) -> tuple[Tensor, Tensor]:
+def requantize_rows_int8(w: Tensor, qmax: int = 127) -> tuple[Tensor, Tensor]:
     """W (N, K) -> (int8 values as float32 (N, K), scale per row (N,)): the requantisation that
-    export.kernels.dynamic_int8's folded subgraph applies (scale = max(max|row|, 1e-30) / 127, round half to
+    export.kernels.dynamic_int8's folded subgraph applies (scale = max(max|row|, 1e-30) / qmax, round half to
     even), op for op in float32, so the torch and ONNX weights are equal."""
     w = w.detach().to(torch.float32)
-    s8 = torch.clamp(w.abs().amax(dim=1), min=1e-30) / 127.0
+    s8 = torch.clamp(w.abs().amax(dim=1), min=1e-30) / float(qmax)
     return torch.round(w / s8[:, None]), s8
 
 
@@ -262,12 +262,40 @@ def dynamic_quantize_uint8(x: Tensor) -> tuple[Tensor, Tensor]:
     return q - zp, scale
 
 
-def int8_linear(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
+SMOOTH_ALPHA = 0.8  # SmoothQuant migration strength of `--kernels fast` (a unit's own: UnitSpec.smooth)
+# weight codes of a smoothed unit's int8 GEMM stay within +-64: onnxruntime's u8 x s8 GEMM on AVX2 without VNNI
+# (vpmaddubsw) adds the products of adjacent K pairs in int16 with saturation, and 2 * 255 * 64 = 32640 fits, so
+# the kernel is exact on every CPU. Smoothing puts the outlier channel's weight at the row maximum and its codes
+# near 255, where full-range codes (2 * 255 * 127) saturate: measured on this machine, a torch/ORT gap of ~4% of
+# the output on those tokens. Unsmoothed units keep +-127 (their outlier weights are rarely the row maximum).
+SMOOTH_WEIGHT_QMAX = 64
+
+
+def smoothing_factors(act_max: Tensor, w: Tensor, alpha: float = SMOOTH_ALPHA) -> Tensor:
+    """SmoothQuant factors s (K,) for y = x W^T: x/s has flatter channels, W*s absorbs the outliers.
+    s = max|x_j|^alpha / max|W_:,j|^(1-alpha) (float64), geometric mean 1 (the int8 scales are scale-free);
+    `w` holds every weight row that reads x (query/key/value share one set: SmoothQuant's shared-input rule)."""
+    a = torch.clamp(act_max.detach().to(torch.float64).reshape(-1), min=1e-5)
+    wm = torch.clamp(w.detach().abs().amax(dim=0).to(torch.float64), min=1e-5)
+    if a.shape != wm.shape:
+        raise PlanError(f"act_max has {a.numel()} features, the weight {wm.numel()} input columns")
+    s = a ** alpha / wm ** (1.0 - alpha)
+    return (s / torch.exp(torch.log(s).mean())).to(torch.float32)
+
+
+def int8_linear(x: Tensor, w: Tensor, bias: Tensor | None, smooth: Tensor | None = None) -> Tensor:
     """y = x W^T (+ bias) as the int8 compute kernel runs it: uint8 activations (per tensor) times the int8
-    weight (per row), the integer products rescaled by scale_x * scale_row. With gradients on (recovery), the
+    weight (per row), the integer products rescaled by scale_x * scale_row. With SmoothQuant factors `smooth`
+    (K,), x * (1/smooth) is quantised and W * smooth requantised (codes within +-SMOOTH_WEIGHT_QMAX), op for op
+    in float32 as export.kernels.dynamic_int8 computes them (Reciprocal, Mul). With gradients on (recovery), the
     rounding is straight-through: the value is the int8 kernel's, the gradient the fp32 linear's."""
-    wq, s8 = requantize_rows_int8(w)
-    xq, sx = dynamic_quantize_uint8(x.detach())
+    xs, ws, qmax = x.detach(), w, 127
+    if smooth is not None:
+        s = smooth.to(torch.float32)
+        xs, ws = xs.to(torch.float32) * torch.reciprocal(s), w.detach().to(torch.float32) * s
+        qmax = SMOOTH_WEIGHT_QMAX
+    wq, s8 = requantize_rows_int8(ws, qmax)
+    xq, sx = dynamic_quantize_uint8(xs)
     y = torch.nn.functional.linear(xq, wq) * (sx * s8)
     y = y if bias is None else y + bias.detach()
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (bias is not None and bias.requires_grad)):
