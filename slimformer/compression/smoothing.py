@@ -55,9 +55,12 @@ def smooth_units(model: nn.Module, adapter: ModelAdapter, plan: CompressionPlan,
     alpha: dict[int, float] = {}
     stats: dict[int, Tensor] = {}
     for name in names:
-        r = _reader(model.get_submodule(name))
+        mod = model.get_submodule(name)
+        r = _reader(mod)
         if r is None or r.kernel != "int8":  # pragma: no cover - the plan checks kernel int8 on linear units
             raise PlanError(f"{name}: smooth applies to linear units computing with kernel int8")
+        if isinstance(mod, LowRankLinear):  # no statistics for its intermediate: unit factors
+            mod.up.smooth = torch.ones(mod.up.in_features, device=mod.up.weight.device)
         x = None if act_max is None else act_max.get(name)
         if x is None:
             if not rtn_fallback:
@@ -72,9 +75,6 @@ def smooth_units(model: nn.Module, adapter: ModelAdapter, plan: CompressionPlan,
             raise PlanError(f"{name}: input statistics have {x.numel()} features, the unit reads {r.in_features}")
         key = id(r)
         readers[key], alpha[key] = r, float(plan.unit(name).smooth)  # type: ignore[arg-type]
-        mod = model.get_submodule(name)
-        if isinstance(mod, LowRankLinear):  # no statistics for its intermediate: unit factors
-            mod.up.smooth = torch.ones(mod.up.in_features, device=mod.up.weight.device)
         stats[key] = torch.maximum(stats[key], x) if key in stats else x
     groups: list[list[int]] = []
     grouped: set[int] = set()
