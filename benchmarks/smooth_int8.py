@@ -4,7 +4,8 @@
 
 Two MiniLM plans whose linears all run the int8 GEMM (activations quantised per tensor at run time, simulated in
 torch exactly as the export runs it), without recovery:
-  fast15  examples/recipes/minilm-fast15.yaml (int4 g128 GPTQ linears, per-row int4 token table);
+  fast15  examples/recipes/minilm-fast15.yaml (int4 g128 GPTQ linears, per-row int4 token table; its own `smooth`
+          is replaced by each alpha below, or removed);
   15pct   examples/recipes/minilm-15pct.yaml with `kernel: int8` forced on every linear (tiered token table).
 Each is compressed once (GPTQ Hessians and SmoothQuant statistics from the 64 fortunes calibration texts that
 `slimformer apply`/`bench` use), then scored unsmoothed and smoothed with each alpha (factors re-set on the same
