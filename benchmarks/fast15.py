@@ -46,6 +46,8 @@ FFN_OUT = r"re:encoder\.layer\.\d+\.output\.dense"
 I8 = {"bits": 8, "method": "gptq", "kernel": "int8"}
 I4 = {"bits": 4, "group_size": 32, "method": "gptq", "kernel": "int8"}
 I4G128 = {"bits": 4, "group_size": 128, "method": "gptq", "kernel": "int8"}
+SMOOTH = 0.65  # = compression.plan.DEFAULT_SMOOTH, chosen on the search split (benchmarks/smooth_int8.py)
+I4G128S = {**I4G128, "smooth": SMOOTH}  # per-unit SmoothQuant (compression/smoothing.py)
 
 
 def tiers(rows: int) -> list[dict[str, Any]]:
@@ -64,6 +66,7 @@ CANDIDATES: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any], int,
     # kernels reached 0.9837 after 480 steps, docs/BENCHMARKS.md "Recovery by distillation")
     "c": (I4G128, I4G128, I4G128, 0, None, ""),
     "c2": (I4G128, I4G128, I4G128, 0, None, ""),  # c again, run with another step count
+    "c2s": (I4G128S, I4G128S, I4G128S, 0, None, ""),  # c2 with every int8 unit smoothed (session 8)
 }
 
 
@@ -167,6 +170,7 @@ def write_recipe(out_dir: Path, path: Path, row: dict[str, Any]) -> None:
     rec = row["recovery"]
     verdict = "met" if row["met"] else "NOT met"
     lin = "int4 g128 GPTQ linears" if att.get("group_size") == 128 else "attention int8 GPTQ, FFN int4 g32 GPTQ"
+    lin += f" (SmoothQuant alpha {att['smooth']})" if att.get("smooth") is not None else ""
     table = (f"token table int4 g64 for the {rows} most frequent rows and int2 g64 for the rest" if rows else
              "one per-row int4 token table (no tiers: recovery trains it)")
     head = (
@@ -203,6 +207,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         ffn = "1536" if neurons is None else f"{neurons} ({imp} + re-fit)"
         table_rows = str(nrows) if nrows else "all (per-row, no tiers)"
         lin = "int4 g128" if att.get("group_size") == 128 else "attn int8, FFN int4 g32"
+        lin += f", smooth {att['smooth']}" if att.get("smooth") is not None else ""
         rec = r.get("recovery", {})
         lines.append(
             f"| {r['candidate']} | {lin} | {ffn} | {table_rows} | {r.get('onnx_percent', r['percent_bound']):.2f} | "

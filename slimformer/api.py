@@ -7,11 +7,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from slimformer.compression.apply import apply_plan
-from slimformer.compression.calibration import collect_activation_scales, collect_hessians, collect_structure_stats
+from slimformer.compression.calibration import (
+    collect_activation_scales,
+    collect_hessians,
+    collect_input_abs_max,
+    collect_structure_stats,
+)
 from slimformer.compression.memory import MemoryReport, plan_memory, set_deploy
 from slimformer.compression.plan import CompressionPlan
 from slimformer.compression.recipe import Recipe
 from slimformer.compression.saving import ONNX_FILE, RECIPE_FILE, check_out_dir, load_any, write_compressed
+from slimformer.compression.smoothing import smoothed_units
 from slimformer.errors import BudgetError, ConfigError, notice
 from slimformer.fileio import atomic_dir, check_output_path
 from slimformer.models import ModelAdapter
@@ -164,18 +170,22 @@ def apply_recipe(recipe: str | Path | Recipe, model: str, out_dir: str | Path | 
     if rec.model.sha256 and rec.model.sha256 != adapter.weights_sha256():
         notice(f"recipe was made for weights {rec.model.sha256[:12]}…, this model has "
                f"{adapter.weights_sha256()[:12]}…; applying anyway", stacklevel=2)
-    act = hessians = stats = None
+    act = hessians = stats = act_max = None
     needs_act = any(s.rank is not None for s in plan.units.values())
     needs_h = any(s.needs_hessian for s in plan.units.values())
     needs_s = bool(plan.layers) and plan.structure.needs_data
-    if needs_act or needs_h or needs_s:
-        say(f"calibrating on {calibration} {data} samples (activation scales / GPTQ Hessians / structure)")
+    smoothed = smoothed_units(plan)
+    if needs_act or needs_h or needs_s or smoothed:
+        say(f"calibrating on {calibration} {data} samples (activation scales / GPTQ Hessians / structure / "
+            "SmoothQuant)")
         cal = _calibration_batches(adapter, data, calibration)
         act = collect_activation_scales(adapter, cal) if needs_act else None
         hessians = collect_hessians(adapter, cal) if needs_h else None
         stats = collect_structure_stats(adapter, cal) if needs_s else None
+        act_max = collect_input_abs_max(adapter, cal, smoothed) if smoothed else None
     say(f"applying the plan ({len(plan.units)} units)")
-    compressed = apply_plan(adapter, plan, act_scales=act, hessians=hessians, structure_stats=stats)
+    compressed = apply_plan(adapter, plan, act_scales=act, hessians=hessians, structure_stats=stats,
+                            act_max=act_max)
     say(f"scoring fidelity on {samples} held-out {data} samples")
     evaluator = FidelityEvaluator(adapter, held_out)
     result = evaluator.evaluate(compressed)

@@ -49,6 +49,7 @@ from slimformer.compression.plan_semantics import (
     unit_in_scope,
 )
 from slimformer.compression.reconstruct import reconstruct
+from slimformer.compression.smoothing import smooth_units
 from slimformer.errors import PlanError
 from slimformer.models.base import LayerInfo, ModelAdapter, Unit
 
@@ -280,13 +281,15 @@ def _compress_embedding(model: nn.Module, unit: Unit, spec: UnitSpec, cache: Dec
 def apply_plan(adapter: ModelAdapter, plan: CompressionPlan, cache: DecompositionCache | None = None,
                act_scales: dict[str, Tensor] | None = None, model: nn.Module | None = None,
                hessians: dict[str, Tensor] | None = None, rtn_fallback: bool = False,
-               structure_stats: StructureStats | None = None) -> nn.Module:
+               structure_stats: StructureStats | None = None, act_max: dict[str, Tensor] | None = None
+               ) -> nn.Module:
     """A freshly compressed copy of the adapter's model (the reference model is never touched).
 
     act_scales (from `collect_activation_scales`) switches low rank to the activation-weighted SVD;
     hessians (from `collect_hessians`) are required by linear units whose spec says a data-aware method (gptq,
     gptq-ao, recon), and
-    structure_stats (from `collect_structure_stats`) by plans whose `structure` is data-driven, unless
+    structure_stats (from `collect_structure_stats`) by plans whose `structure` is data-driven, and act_max (from
+    `collect_input_abs_max`) by units with `smooth` (SmoothQuant, compression/smoothing.py), unless
     `rtn_fallback` (used when the values are about to be overwritten, e.g. loading a saved model).
     """
     plan = canonical_plan(adapter, plan)
@@ -343,6 +346,7 @@ def apply_plan(adapter: ModelAdapter, plan: CompressionPlan, cache: Decompositio
             cache.put_unit(key, get_module(model, unit.name))
         done.add(id(get_module(model, unit.name)))
         _realias(model, adapter, plan, unit, shared_away)
+    smooth_units(model, adapter, plan, act_max, in_index, rtn_fallback)  # after all units: q/k/v share factors
     return model.eval()
 
 

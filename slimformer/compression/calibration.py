@@ -2,6 +2,8 @@
 
 - activation scales (mean |x| per input feature): the activation-weighted SVD for low rank;
 - Hessians H = sum x x^T (input dim squared): GPTQ rounding;
+- max |x| per input feature: SmoothQuant factors of `kernel: int8` units (compression/smoothing.py; the statistic
+  `--kernels fast` takes at export, export.onnx_export.input_abs_max);
 - input moments (mean and E[x x^T]) of the projections that read heads / FFN neurons: data-driven
   structured pruning and the least-squares re-fit (compression/structure.py).
 Padding positions (attention_mask == 0) are left out: their activations never reach the output.
@@ -62,6 +64,19 @@ def collect_activation_scales(adapter: ModelAdapter, batches: Sequence[Batch]) -
 
     _run_hooks(adapter, batches, observe)
     return {k: ops.activation_scale((sums[k] / counts[k]).to(torch.float32)) for k in sums}
+
+
+def collect_input_abs_max(adapter: ModelAdapter, batches: Sequence[Batch],
+                          units: Collection[str] | None = None) -> dict[str, Tensor]:
+    """max |input| per input feature of every linear unit (or the named ones), float32 (in,), over real tokens."""
+    out: dict[str, Tensor] = {}
+
+    def observe(name: str, x: Tensor) -> None:
+        m = x.abs().amax(0).to(torch.float32).cpu() if x.shape[0] else torch.zeros(x.shape[-1])
+        out[name] = torch.maximum(out[name], m) if name in out else m
+
+    _run_hooks(adapter, batches, observe, units)
+    return out
 
 
 def collect_hessians(adapter: ModelAdapter, batches: Sequence[Batch]) -> dict[str, Tensor]:

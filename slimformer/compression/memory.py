@@ -18,8 +18,10 @@ Deploy targets (`budget.memory` applies to the artifact the user deploys, search
                3-bit units (and 2-bit ones without a power-of-two block) as their packed bit stream, scales
                and unpacking constants (export.kernels.unpack_codes).
                Units with `kernel: int8` (DynamicQuantizeMatMul) are priced as that kernel stores them
-               (codes padded to whole groups, scales, smoothing factors); `--kernels fast` overrides every
-               unit the same way.
+               (codes padded to whole groups, scales, smoothing factors: whether or not the unit has
+               `smooth`); `--kernels fast` overrides every unit the same way.
+A unit with `smooth` (SmoothQuant, compression/smoothing.py) also packs its factors: 4 bytes per input feature
+(plus 4 per rank for a low-rank unit's `up` factor, which smooths with ones), in both targets.
 """
 
 from __future__ import annotations
@@ -168,10 +170,14 @@ def unit_bytes(unit: Unit, shape: tuple[int, int], spec: UnitSpec) -> int:
     if spec.tiers is not None:  # rank map + each tier's codes and scales (embedding_tiers.py)
         return tiered_bytes(shape, spec.tiers)
     rank = effective_rank(spec, shape)
+    if spec.smooth is not None:  # SmoothQuant factors: fp32, one per input feature, packed beside the weight
+        bias += 4 * in_f
     if rank is None:
         return stored_matrix_bytes(shape, spec) + bias
     if unit.kind == "embedding":  # table (V, r) and projection stored as (dim, r)
         return stored_matrix_bytes((out_f, rank), spec) + stored_matrix_bytes((in_f, rank), spec)
+    if spec.smooth is not None:  # the `up` factor's unit factors (compression/smoothing.py)
+        bias += 4 * rank
     return stored_matrix_bytes((rank, in_f), spec) + stored_matrix_bytes((out_f, rank), spec) + bias
 
 

@@ -157,22 +157,38 @@ class SlimLinear(nn.Linear, _Stored):
 
     kernel "exact": y = x W^T + b in fp32 (the weight-only kernels the exporter emits compute this exactly);
     "int8": the int8 GEMM the exporter emits for it (`ops.int8_linear`: weight requantised to int8 per row,
-    activations to uint8 per tensor), so the search scores the numerics the deployed model runs."""
+    activations to uint8 per tensor), so the search scores the numerics the deployed model runs.
+    `smooth` (K,) fp32 or None: the unit's SmoothQuant factors (int8 kernel only; set from calibration data
+    when the plan is applied, compression/smoothing.py): x / smooth is quantised, W * smooth requantised. The
+    stored weight stays W, so the exact kernel (and export's `kernels exact`) ignore them; they are packed."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  fmt: WeightFormat | None = None, kernel: str = "exact") -> None:
         super().__init__(in_features, out_features, bias=bias)
         self._init_store(fmt or WeightFormat())
         self.kernel = kernel
+        self.register_buffer("smooth", None)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.kernel == "int8":
-            return ops.int8_linear(x, self.weight, self.bias)
+            return ops.int8_linear(x, self.weight, self.bias, self.smooth)
         return super().forward(x)
+
+    def pack(self, prefix: str) -> dict[str, Tensor]:
+        out = super().pack(prefix)
+        if self.smooth is not None:
+            out[f"{prefix}.smooth"] = self.smooth.detach().to(torch.float32).contiguous()
+        return out
+
+    def unpack(self, prefix: str, tensors: dict[str, Tensor]) -> None:
+        super().unpack(prefix, tensors)
+        if self.smooth is not None:  # the plan says smoothed (a placeholder was set when it was applied)
+            self.smooth = tensors[f"{prefix}.smooth"].to(torch.float32).clone()
 
     def extra_repr(self) -> str:
         kern = "" if self.kernel == "exact" else f", kernel={self.kernel}"
-        return f"{super().extra_repr()}, fmt={self.fmt}{kern}"
+        smooth = "" if self.smooth is None else ", smoothed"
+        return f"{super().extra_repr()}, fmt={self.fmt}{kern}{smooth}"
 
 
 class SlimEmbedding(nn.Embedding, _Stored):

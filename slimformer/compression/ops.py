@@ -249,24 +249,24 @@ _VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 @functools.lru_cache(maxsize=1)
 def int8_weight_qmax() -> int:
-    """Largest |code| of the int8 compute kernel's weights on this machine: 127, or 63 on an x86 CPU with AVX2 but
+    """Largest |code| of the int8 compute kernel's weights on this machine: 127, or 64 on an x86 CPU with AVX2 but
     no VNNI/AMX. There onnxruntime's uint8 x int8 GEMM (vpmaddubsw) adds each pair of products in saturating int16:
     measured on an AMD EPYC Zen 3 (2026-12-02), DynamicQuantizeMatMul equals that saturating sum to 4e-7 and
-    differs from the exact product by up to 70% of the output on an input with an outlier channel; with 7-bit
-    weights no pair can exceed 255 * 63 * 2 < 2^15, so the kernel is exact again (onnxruntime's own remedy:
-    `reduce_range` on non-VNNI machines). `SLIMFORMER_INT8_WEIGHT_QMAX` (63 or 127) overrides the detection, e.g.
+    differs from the exact product by up to 70% of the output on an input with an outlier channel; with ±64
+    weights no pair can exceed 255 * 64 * 2 < 2^15, so the kernel is exact again (onnxruntime's own remedy:
+    `reduce_range` on non-VNNI machines). `SLIMFORMER_INT8_WEIGHT_QMAX` (64 or 127) overrides the detection, e.g.
     to export for another CPU than the one at hand. Read once per process."""
     env = os.environ.get(INT8_QMAX_ENV)
     if env:
-        if env.strip() not in ("63", "127"):
-            raise PlanError(f"{INT8_QMAX_ENV} must be 63 or 127 (got {env!r})")
+        if env.strip() not in ("64", "127"):
+            raise PlanError(f"{INT8_QMAX_ENV} must be 64 or 127 (got {env!r})")
         return int(env)
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), [])
     except OSError:
         flags = []
-    return 63 if "avx2" in flags and not any(v in flags for v in _VNNI_FLAGS) else 127
+    return 64 if "avx2" in flags and not any(v in flags for v in _VNNI_FLAGS) else 127
 
 
 def requantize_rows_int8(w: Tensor, qmax: int | None = None) -> tuple[Tensor, Tensor]:
@@ -290,12 +290,33 @@ def dynamic_quantize_uint8(x: Tensor) -> tuple[Tensor, Tensor]:
     return q - zp, scale
 
 
-def int8_linear(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
+SMOOTH_ALPHA = 0.8  # SmoothQuant migration strength of `--kernels fast` (a unit's own: UnitSpec.smooth)
+
+
+def smoothing_factors(act_max: Tensor, w: Tensor, alpha: float = SMOOTH_ALPHA) -> Tensor:
+    """SmoothQuant factors s (K,) for y = x W^T: x/s has flatter channels, W*s absorbs the outliers.
+    s = max|x_j|^alpha / max|W_:,j|^(1-alpha) (float64), geometric mean 1 (the int8 scales are scale-free);
+    `w` holds every weight row that reads x (query/key/value share one set: SmoothQuant's shared-input rule)."""
+    a = torch.clamp(act_max.detach().to(torch.float64).reshape(-1), min=1e-5)
+    wm = torch.clamp(w.detach().abs().amax(dim=0).to(torch.float64), min=1e-5)
+    if a.shape != wm.shape:
+        raise PlanError(f"act_max has {a.numel()} features, the weight {wm.numel()} input columns")
+    s = a ** alpha / wm ** (1.0 - alpha)
+    return (s / torch.exp(torch.log(s).mean())).to(torch.float32)
+
+
+def int8_linear(x: Tensor, w: Tensor, bias: Tensor | None, smooth: Tensor | None = None) -> Tensor:
     """y = x W^T (+ bias) as the int8 compute kernel runs it: uint8 activations (per tensor) times the int8
-    weight (per row), the integer products rescaled by scale_x * scale_row. With gradients on (recovery), the
+    weight (per row), the integer products rescaled by scale_x * scale_row. With SmoothQuant factors `smooth`
+    (K,), x * (1/smooth) is quantised and W * smooth requantised (codes within +-int8_weight_qmax()), op for op
+    in float32 as export.kernels.dynamic_int8 computes them (Reciprocal, Mul). With gradients on (recovery), the
     rounding is straight-through: the value is the int8 kernel's, the gradient the fp32 linear's."""
-    wq, s8 = requantize_rows_int8(w)
-    xq, sx = dynamic_quantize_uint8(x.detach())
+    xs, ws = x.detach(), w
+    if smooth is not None:
+        s = smooth.to(torch.float32)
+        xs, ws = xs.to(torch.float32) * torch.reciprocal(s), w.detach().to(torch.float32) * s
+    wq, s8 = requantize_rows_int8(ws)  # codes within +-int8_weight_qmax(), as the exporter requantises
+    xq, sx = dynamic_quantize_uint8(xs)
     y = torch.nn.functional.linear(xq, wq) * (sx * s8)
     y = y if bias is None else y + bias.detach()
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (bias is not None and bias.requires_grad)):

@@ -19,6 +19,7 @@ QUANT_METHODS: tuple[str, ...] = ("rtn", "gptq", "gptq-ao", "recon")
 DATA_METHODS: tuple[str, ...] = ("gptq", "gptq-ao", "recon")  # need calibration Hessians (linear units)
 ComputeKernel = Literal["exact", "int8"]
 COMPUTE_KERNELS = ("exact", "int8")
+DEFAULT_SMOOTH = 0.65  # SmoothQuant alpha new searches give int8-kernel units (chosen on MiniLM's search split)
 INT8_KERNEL_BITS = (8, 4)  # stored widths the int8 compute kernel runs (their codes requantise to int8 per row)
 SharingScope = Literal["attention", "ffn", "block"]
 StructureImportance = Literal["weight", "activation"]
@@ -44,6 +45,10 @@ class UnitSpec:
         matmul runs in fp32; bit-faithful) or "int8" (onnxruntime's int8 GEMM: the weight requantised to int8 per
         output row, the activations quantised to uint8 per tensor at run time; faster, not exact). "int8" is
         valid for 8- and 4-bit linear units only; storage and memory are the same for both.
+    smooth: SmoothQuant migration strength alpha in [0, 1] of a `kernel: int8` unit, or None (unsmoothed: what
+        plans and recipes without the field mean). Set, the unit's factors s = max|x|^alpha / max|W|^(1-alpha)
+        per input feature (calibration activations) are computed when the plan is applied and stored (4 bytes per
+        input feature); the int8 kernel quantises x / s and requantises W * s (compression/smoothing.py).
     tiers: embedding tables only: per-row precision tiers by token frequency (compression/embedding_tiers.py);
         the tiers set the precision, so bits stays 32 and rank/sparsity are not combined with them.
     """
@@ -56,6 +61,7 @@ class UnitSpec:
     method: QuantMethod = "rtn"
     kernel: ComputeKernel = "exact"
     tiers: TierSpec | None = None
+    smooth: float | None = None
 
     def __post_init__(self) -> None:
         if self.rank is not None and self.rank < 1:
@@ -75,6 +81,12 @@ class UnitSpec:
         if self.kernel == "int8" and self.bits not in INT8_KERNEL_BITS:
             raise PlanError(f"kernel 'int8' runs 8- or 4-bit weights (got bits {self.bits}); use kernel exact "
                             "or bits 8/4")
+        if self.smooth is not None:
+            if not 0.0 <= self.smooth <= 1.0:  # NaN fails this too
+                raise PlanError(f"smooth (SmoothQuant alpha) must be in [0, 1] or null (got {self.smooth})")
+            if self.kernel != "int8":
+                raise PlanError(f"smooth (SmoothQuant alpha) applies to kernel int8 units only (got smooth "
+                                f"{self.smooth} with kernel {self.kernel}); drop smooth or set kernel int8")
         if self.group_size is not None and (self.group_size < 2 or self.group_size % 2):
             raise PlanError(f"group_size must be an even number >= 2 or null (got {self.group_size})")
         if self.tiers is not None and (self.bits != 32 or self.rank is not None or self.sparsity):

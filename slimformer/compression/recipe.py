@@ -41,14 +41,18 @@ class SpecModel(FrozenModel):
     group_size: int | None = Field(None, ge=1, le=MAX_WIDTH)
     method: Literal["rtn", "gptq", "gptq-ao", "recon"] = "rtn"  # gptq-ao and recon: recipe version 2
     kernel: Literal["exact", "int8"] = "exact"  # written only when "int8" (recipes without it read as before)
+    # SmoothQuant alpha of a kernel-int8 unit; written only when set (recipes without it apply unsmoothed, as
+    # before). Like `kernel`, no version bump: a reader without the field rejects it as an unknown key
+    smooth: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
 
     def to_spec(self) -> UnitSpec:
-        return UnitSpec(self.rank, self.sparsity, self.pattern, self.bits, self.group_size, self.method, self.kernel)
+        return UnitSpec(self.rank, self.sparsity, self.pattern, self.bits, self.group_size, self.method, self.kernel,
+                        smooth=self.smooth)
 
     @classmethod
     def from_spec(cls, s: UnitSpec) -> SpecModel:
         return cls(rank=s.rank, sparsity=s.sparsity, pattern=s.pattern, bits=s.bits, group_size=s.group_size,
-                   method=s.method, kernel=s.kernel)
+                   method=s.method, kernel=s.kernel, smooth=s.smooth)
 
 
 class Rule(FrozenModel):

@@ -179,7 +179,7 @@ class _Rewriter:
         self.uses: Counter[str] = Counter()
         self.dropped: set[tuple[str, ...]] = set()  # output names of folded Add nodes
         self.produced: set[str] = set()  # outputs of the nodes added so far
-        self.readers = self._fast_readers() if mode == "fast" else {}
+        self.readers = self._fast_readers() if mode != "exact" else {}
         self.fuse = fuse_projections
         self.groups = self._int8_groups() if fuse_projections else {}
         self.group_of = {node.output[0]: x for x, members in self.groups.items() for _, _, node in members}
@@ -188,7 +188,8 @@ class _Rewriter:
     # -- helpers ------------------------------------------------------------------------------------
     def _fast_readers(self) -> dict[str, list[tuple[str, SlimLinear]]]:
         """Input tensor -> the distinct int4/int8 linears (path, module) whose MatMul/Gemm reads it and
-        that the fast mode lowers to the int8 GEMM (the ones that can share SmoothQuant factors)."""
+        that lower to the int8 GEMM (per-unit int8 kernels or the fast mode: the ones that can share SmoothQuant
+        factors)."""
         out: dict[str, list[tuple[str, SlimLinear]]] = defaultdict(list)
         for node in self.g.node:
             if node.op_type == "MatMul" and len(node.input) == 2:
@@ -230,7 +231,9 @@ class _Rewriter:
             # a module used twice (shared layers) keeps its own kernel: two groups concatenating it would make
             # the session fold (and hold) two copies of its weight
             single = all(uses[p] == 1 for p, _, _ in members)
-            if len(members) >= 2 and single and (all(with_bias) or not any(with_bias)):
+            # one quantised input: every member smooths it with the same factors (or none does)
+            same = len({self._smoothing_key(x, p, m) for p, m, _ in members}) == 1
+            if len(members) >= 2 and single and same and (all(with_bias) or not any(with_bias)):
                 groups[x] = members
         return groups
 
@@ -308,6 +311,37 @@ class _Rewriter:
             self.produced.update(n.output)
         return nodes
 
+    def _smoothing(self, x: str, path: str, mod: SlimLinear) -> tuple[np.ndarray | None, str | None]:
+        """(SmoothQuant factors, shared smoothed-input name) of the int8-GEMM linear `mod` reading `x`: its own
+        factors (`SlimLinear.smooth`, what torch computes) when it has them, else under mode 'fast' factors from
+        `act_max`; the smoothed input is shared (one x / s node) when every int8-GEMM reader of x uses the same
+        factors (query/key/value: SmoothQuant's shared-input rule), else each linear smooths its own copy."""
+        if getattr(mod, "kernel", None) is None:  # a tied LM head reading a table: never the int8 GEMM
+            return None, None
+        siblings = self.readers.get(x, [])
+        own = getattr(mod, "smooth", None)
+        if own is not None:
+            if all(p != path for p, _ in siblings):  # not lowered to the int8 GEMM (mode 'exact' or a 3-bit unit)
+                return None, None
+            smooth = _np(own).astype(np.float32)
+            shared = len(siblings) > 1 and all(m.smooth is not None and np.array_equal(_np(m.smooth), smooth)
+                                               for _, m in siblings)
+            return smooth, f"{x}/smoothed" if shared else None
+        if self.mode != "fast" or path not in self.act_max:
+            return None, None
+        if len(siblings) > 1 and all(s in self.act_max and m.smooth is None for s, m in siblings):
+            # one set of factors for every linear reading x (query/key/value: SmoothQuant's shared-input
+            # rule, max |W| over all their rows), so x / smooth is one node, not one per linear
+            w_all = np.concatenate([K.dequantized(*_stored(s, m), m.fmt.group_size) for s, m in siblings])
+            return K.smoothing(self.act_max[path], w_all), f"{x}/smoothed"
+        codes, scales = _stored(path, mod)
+        return K.smoothing(self.act_max[path], K.dequantized(codes, scales, mod.fmt.group_size)), None
+
+    def _smoothing_key(self, x: str, path: str, mod: SlimLinear) -> str:
+        """Equal for linears that quantise the same tensor: no smoothing, or one shared smoothed input."""
+        smooth, xs = self._smoothing(x, path, mod)
+        return "" if smooth is None else xs or f"own:{path}"
+
     # -- lowering -----------------------------------------------------------------------------------
     def linear(self, x: str, mod: SlimLinear, path: str, bias: str | None, y: str) -> list[onnx.NodeProto]:
         fmt = mod.fmt
@@ -319,16 +353,7 @@ class _Rewriter:
             self.report.kernels[path] = "fp16 weight + Cast + MatMul"
             return nodes
         codes, scales = _stored(path, mod)
-        smooth, xs = None, None
-        if self.mode == "fast" and path in self.act_max:
-            siblings = self.readers.get(x, [])
-            if len(siblings) > 1 and all(s in self.act_max for s, _ in siblings):
-                # one set of factors for every linear reading x (query/key/value: SmoothQuant's shared-input
-                # rule, max |W| over all their rows), so x / smooth is one node, not one per linear
-                w_all = np.concatenate([K.dequantized(*_stored(s, m), m.fmt.group_size) for s, m in siblings])
-                smooth, xs = K.smoothing(self.act_max[path], w_all), f"{x}/smoothed"
-            else:
-                smooth = K.smoothing(self.act_max[path], K.dequantized(codes, scales, fmt.group_size))
+        smooth, xs = self._smoothing(x, path, mod)
         low, need = K.lower_linear(x, y, p, codes, scales, fmt.bits, fmt.group_size, bias, self.int8_kernel,
                                    module_mode(mod, self.mode), smooth, wp=path or "linear", xs=xs)
         self.report.max_opset_needed = max(self.report.max_opset_needed, need)
@@ -426,8 +451,9 @@ def rewrite(model_proto: onnx.ModelProto, model: nn.Module, int8_kernel: Int8Ker
             mode: KernelMode | None = None, act_max: dict[str, np.ndarray] | None = None,
             fuse_projections: bool = True) -> RewriteReport:
     """Lower every compressed matrix of `model` in its exported graph (in place). mode None: each module's
-    own kernel (SlimLinear.kernel; int8 units unsmoothed, as torch computes them); 'exact' / 'fast' override
-    every module; 'fast' uses `act_max` (module path -> max |input| per input feature) for SmoothQuant factors.
+    own kernel (SlimLinear.kernel; int8 units with their own SmoothQuant factors `SlimLinear.smooth` when set,
+    as torch computes them); 'exact' / 'fast' override every module; 'fast' uses a module's own factors, else
+    `act_max` (module path -> max |input| per input feature) for SmoothQuant factors.
     fuse_projections: int8-GEMM linears reading one input (q/k/v) run as one kernel (`_Rewriter.fused_group`)."""
     g = model_proto.graph
     normalise(g)

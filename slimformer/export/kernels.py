@@ -29,8 +29,9 @@ tests/export):
   `DequantizeLinear` (per row or blocked) -> `Gemm` as above: the file holds the packed bits, the session
   int8 codes; exact.
 
-Per unit, `UnitSpec.kernel` picks the compute: 'exact' (the above) or 'int8' (`dynamic_int8` below, without
-SmoothQuant: the torch model computes the same thing, `compression.ops.int8_linear`, so the search scores it).
+Per unit, `UnitSpec.kernel` picks the compute: 'exact' (the above) or 'int8' (`dynamic_int8` below; with the
+unit's own SmoothQuant factors when `UnitSpec.smooth` is set, stored on the module from calibration data: the
+torch model computes the same thing, `compression.ops.int8_linear`, so the search scores it).
 The exporter follows each unit's kernel unless a mode overrides every unit.
 
 Kernel modes (overrides): 'exact' (the above) and 'fast': every int4/int8 linear runs as
@@ -50,11 +51,18 @@ import torch
 from onnx import TensorProto, helper
 from onnx import numpy_helper as nh
 
-from slimformer.compression.ops import code_range, int8_weight_qmax, pack_codes, pack_int4, pack_nibbles
+from slimformer.compression.ops import (
+    SMOOTH_ALPHA,
+    code_range,
+    int8_weight_qmax,
+    pack_codes,
+    pack_int4,
+    pack_nibbles,
+    smoothing_factors,
+)
 
 MS_DOMAIN = "com.microsoft"
 MIN_BLOCK, MAX_BLOCK = 16, 256  # MatMulNBits / GatherBlockQuantized blocks: powers of two, MLAS up to 256
-SMOOTH_ALPHA = 0.8  # SmoothQuant migration strength of the fast kernels (0.7-0.85 measured alike on MiniLM)
 KERNEL_MODES = ("exact", "fast")
 PER_UNIT = "per-unit"  # no override: each unit's own kernel (what export and records call it)
 
@@ -243,17 +251,15 @@ def unpack_codes(p: str, codes: np.ndarray, bits: int) -> Lowered:
 
 
 def smoothing(act_max: np.ndarray, w: np.ndarray, alpha: float = SMOOTH_ALPHA) -> np.ndarray:
-    """SmoothQuant factors s (K,) for y = x W^T: x/s has flatter channels, W*s absorbs the outliers.
-    s = max|x_j|^alpha / max|W_:,j|^(1-alpha), geometric mean 1 (the int8 scales are scale-free)."""
-    a = np.maximum(np.asarray(act_max, dtype=np.float64), 1e-5)
-    wm = np.maximum(np.abs(w).max(axis=0).astype(np.float64), 1e-5)
-    s = a ** alpha / wm ** (1.0 - alpha)
-    return (s / np.exp(np.log(s).mean())).astype(np.float32)
+    """SmoothQuant factors s (K,) of the fast kernels: `compression.ops.smoothing_factors` (the one rule, which
+    per-unit smoothing uses too) on numpy arrays. SMOOTH_ALPHA: 0.7-0.85 measured alike on MiniLM."""
+    return smoothing_factors(torch.from_numpy(np.asarray(act_max, dtype=np.float32)),
+                             torch.from_numpy(np.asarray(w, dtype=np.float32)), alpha).numpy()
 
 
 def dynamic_int8(x: str, y: str, p: str, codes: np.ndarray, scales: np.ndarray, bits: int, group: int | None,
                  bias: str | None = None, smooth: np.ndarray | None = None, wp: str | None = None,
-                 xs: str | None = None) -> Lowered:
+                 xs: str | None = None, qmax: int | None = None) -> Lowered:
     """y ~ x @ W^T (+ bias) on onnxruntime's int8 GEMM (`com.microsoft.DynamicQuantizeMatMul`): NOT exact.
 
     The file keeps the stored codes (INT4 / INT8 (N, K) and the group scales). A constant subgraph,
@@ -264,9 +270,11 @@ def dynamic_int8(x: str, y: str, p: str, codes: np.ndarray, scales: np.ndarray, 
     subgraph is named by `wp` (default `p`): the uses of a shared module pass the same `wp`, so it is built
     (and folded, and kept in memory) once. `xs` names the smoothed input: linears that read one input with one
     set of factors (query/key/value) pass the same name, so x / smooth is computed once for all of them.
+    `qmax`: the requantised codes' range (+-qmax), by default this machine's (compression.ops.int8_weight_qmax: 64
+    on x86 without VNNI, where ORT's int16 pair sums would saturate, else 127), as torch simulates it.
     """
     use, p = p, wp or p
-    qmax = int8_weight_qmax()  # 63 on x86 without VNNI (saturating int16 pairs), as torch simulates it
+    qmax = qmax or int8_weight_qmax()
     qmax_name = f"const.{qmax}"
     n, k = codes.shape
     g = k if group is None or group >= k else group
@@ -434,14 +442,15 @@ def choose_embedding_kernel(bits: int, group_size: int | None, dim: int) -> Kern
 
 def lower_linear(x: str, y: str, p: str, codes: np.ndarray, scales: np.ndarray, bits: int, group: int | None,
                  bias: str | None = None, int8_kernel: str = "auto", mode: str = "exact",
-                 smooth: np.ndarray | None = None, wp: str | None = None, xs: str | None = None
+                 smooth: np.ndarray | None = None, wp: str | None = None, xs: str | None = None,
+                 qmax: int | None = None
                  ) -> tuple[Lowered, int]:
     """The kernel for one int4/int8 linear (as `choose_linear_kernel` decides) and the opset it needs;
     `smooth` (SmoothQuant factors) and `xs` (the smoothed input's name) apply to the fast kernel only."""
     n, k = codes.shape
     choice = choose_linear_kernel(bits, group, k, n, int8_kernel, mode)
     if choice.kind == "dynamic_int8":
-        return dynamic_int8(x, y, p, codes, scales, bits, group, bias, smooth, wp, xs), choice.opset
+        return dynamic_int8(x, y, p, codes, scales, bits, group, bias, smooth, wp, xs, qmax), choice.opset
     if choice.kind == "matmulnbits":
         return matmul_nbits(x, y, p, codes, scales, bits, group, choice.block, bias), choice.opset  # type: ignore[arg-type]
     unpacked = unpack_codes(p, codes, bits) if choice.kind == "unpack_gemm" else None

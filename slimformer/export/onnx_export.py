@@ -39,8 +39,9 @@ runs interleaved across variants on a loaded machine, so +-10%):
   activations (cosine 0.9996-0.9987, max abs error 2e-2 to 4e-2 on MiniLM embeddings), so they are
   not used. `DequantizeLinear -> MatMul` is rewritten by ORT into exactly that inexact kernel at load,
   which rules out the plain QDQ form for weights feeding a MatMul.
-Per unit, `kernel: int8` lowers that unit to kernels.dynamic_int8 without smoothing (what the torch model
-computes for it, so the search scores the deployed numerics); `kernels='fast'` overrides every unit and trades
+Per unit, `kernel: int8` lowers that unit to kernels.dynamic_int8, with the unit's own SmoothQuant factors when
+its spec has `smooth` (compression/smoothing.py) and unsmoothed otherwise: what the torch model computes for it,
+so the search scores the deployed numerics; `kernels='fast'` overrides every unit and trades
 exactness for ORT's int8 GEMM (kernels.dynamic_int8): MiniLM, 2 threads, batch 1,
 round-robin vs ORT per-channel dynamic int8 on the Quickstart 15% recipe: exact x1.6-2.7, MatMulNBits
 accuracy_level=4 x1.4-1.8 (cosine 0.9805), DynamicQuantizeMatMul x0.87-0.96 (cosine 0.9730 unsmoothed,
@@ -283,8 +284,8 @@ def export_onnx(adapter: ModelAdapter, model: nn.Module, path: Path | str, *, op
     sample_texts: inputs to trace with (texts for HF models, uint8 images for timm); the graph has
     dynamic batch/sequence axes either way. int8_kernel: 'auto' (DequantizeLinear+Gemm for one scale
     per row, MatMulNBits for groups), 'dequantize' or 'matmulnbits'. kernels: None (default: each unit's
-    own kernel, `UnitSpec.kernel`: exact units as above, int8 units as DynamicQuantizeMatMul without
-    smoothing, which the torch model computes too) or an override of every unit: 'exact' (outputs equal
+    own kernel, `UnitSpec.kernel`: exact units as above, int8 units as DynamicQuantizeMatMul with their own
+    SmoothQuant factors or none, as the torch model computes them) or an override of every unit: 'exact' (outputs equal
     the torch model's exact-kernel outputs to float rounding) or 'fast' (every int4/int8 linear an int8
     GEMM with activations quantised; SmoothQuant factors from `calibration` batches, or from the trace
     batch when None).

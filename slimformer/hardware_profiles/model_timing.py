@@ -60,10 +60,10 @@ def _export_plans(adapter: ModelAdapter, plans: Mapping[str, CompressionPlan], w
             paths[name] = out  # exported earlier from the same plan (a kept --work-dir)
             continue
         rtn = CompressionPlan(units={u: UnitSpec(s.rank, s.sparsity, s.pattern, s.bits, s.group_size, "rtn",
-                                                 s.kernel) for u, s in plan.units.items()},
+                                                 s.kernel, smooth=s.smooth) for u, s in plan.units.items()},
                               layers=plan.layers, sharing=plan.sharing)
         t0 = time.perf_counter()
-        model = apply_plan(adapter, rtn, cache)
+        model = apply_plan(adapter, rtn, cache, rtn_fallback=True)  # smoothed units: unit factors (same graph)
         paths[name] = export_onnx(adapter, model, out).path
         stamp.write_text(repr(plan))
         if log:

@@ -16,6 +16,7 @@ from slimformer.compression.calibration import (
     StructureStats,
     collect_activation_scales,
     collect_hessians,
+    collect_input_abs_max,
     collect_structure_stats,
 )
 from slimformer.compression.embedding_tiers import reference_ranking
@@ -87,6 +88,7 @@ class SearchContext:
     fp32_latency_ms: float | None = None  # the uncompressed model, priced by the search's source (relative budgets)
     predictor: LatencySource | None = None  # cheap pricing for repair and start points (latency_predictor)
     structure_stats: StructureStats | None = None  # head/neuron input moments, when the space prunes by data
+    act_max: dict[str, Tensor] | None = None  # max |input| per feature, when int8-kernel units are smoothed
 
     def memory(self, plan: CompressionPlan) -> int:
         return plan_memory(self.adapter, plan).total_bytes
@@ -138,7 +140,7 @@ class SearchContext:
         """
         with using_threads(1):
             return apply_plan(self.adapter, plan, self.cache, self.act_scales, hessians=self.hessians,
-                              structure_stats=self.structure_stats)
+                              structure_stats=self.structure_stats, act_max=self.act_max)
 
 
 def seed_everything(seed: int) -> None:
@@ -210,9 +212,11 @@ def prepare(config: SearchConfig, *, log: Any = None, validated: Callable[[], No
     prunes = any(g.heads_kept or g.neurons_kept for g in config.space.groups)
     structure_data = prunes and (config.space.structure.importance == "activation" or config.space.structure.refit)
     structure_stats = collect_structure_stats(adapter, sets.calibration) if structure_data else None
+    smooths = any("int8" in g.kernel and g.smooth is not None for g in config.space.groups)
+    act_max = collect_input_abs_max(adapter, sets.calibration) if smooths else None  # SmoothQuant factors
     ctx = SearchContext(config, adapter, space, profile, fp32, budget, min_bytes, sets, search_eval,
                         heldout_eval, act_scales, DecompositionCache(), metric, device, hessians,
-                        structure_stats=structure_stats)
+                        structure_stats=structure_stats, act_max=act_max)
     if config.budget.latency is not None and measured:  # the fp32 reference and the fastest plan are timed
         lat_budget = latency_budget(config, adapter, space, profile, replace(
             _settings(config, profile), sample=sets.search[0] if sets.search else None, compress=ctx.compress,

@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 
 from slimformer.compression.embedding_tiers import parse_layout
+from slimformer.compression.plan import DEFAULT_SMOOTH
 from slimformer.errors import PlanError
 from slimformer.models.base import ROLES
 from slimformer.schema import FrozenModel
@@ -83,6 +84,9 @@ class GroupConfig(FrozenModel):
     # compute of 8/4-bit linears: exact (weight-only, fp32 matmul) or int8 (int8 GEMM, activations quantised);
     # ignored for other bits and for embedding tables, like group_size
     kernel: list[Literal["exact", "int8"]] = ["exact"]
+    # SmoothQuant alpha of the group's int8-kernel units (factors from calibration activations, stored with the
+    # unit: compression/smoothing.py); null: unsmoothed. Not a search dimension: one setting per group
+    smooth: float | None = Field(DEFAULT_SMOOTH, ge=0, le=1, allow_inf_nan=False)
     # embedding tables only: per-row precision tiers by token frequency, each choice a layout such as
     # "int8:4000,int4/32:8000,int2/64" (tier[/group][:rows], the last tier the rest) or "none" (bits decide)
     tiers: list[str] = ["none"]

@@ -48,16 +48,18 @@ def rank_from_fraction(frac: float, shape: tuple[int, int]) -> int | None:
 
 
 def spec_from_choice(choice: Mapping[str, Any], shape: tuple[int, int], kind: str = "linear",
-                     ranking: TokenRanking | None = None) -> UnitSpec:
+                     ranking: TokenRanking | None = None, smooth: float | None = None) -> UnitSpec:
     """The unit spec of one bundle choice; `kernel` counts only for 8/4-bit linears (else exact), `tiers` only for
     embedding tables (a layout other than none replaces bits/rank/sparsity; rows ranked by `ranking`, by token id
-    when None: the bytes are the same, only which rows land in which tier differs)."""
+    when None: the bytes are the same, only which rows land in which tier differs); `smooth` (the group's
+    SmoothQuant alpha) only for units whose kernel is int8."""
     layout = choice.get("tiers", "none")
     if layout != "none" and kind == "embedding":
         return UnitSpec(tiers=TierSpec(parse_layout(layout), ranking or TokenRanking(shape[0], ())))
     sparsity = choice.get("sparsity", 0.0)
     pattern = "2:4" if sparsity == "2:4" else "unstructured"
     bits = int(choice.get("bits", 32))
+    kernel = choice.get("kernel", "exact") if bits in (8, 4) and kind == "linear" else "exact"
     return UnitSpec(
         rank=rank_from_fraction(float(choice.get("rank_fraction", 1.0)), shape),
         sparsity=0.5 if pattern == "2:4" else float(sparsity),
@@ -65,7 +67,8 @@ def spec_from_choice(choice: Mapping[str, Any], shape: tuple[int, int], kind: st
         bits=bits,
         group_size=choice.get("group_size") if bits in INT_BITS else None,
         method=choice.get("method", "rtn") if bits in INT_BITS else "rtn",
-        kernel=choice.get("kernel", "exact") if bits in (8, 4) and kind == "linear" else "exact",
+        kernel=kernel,
+        smooth=smooth if kernel == "int8" else None,
     )
 
 
@@ -220,7 +223,7 @@ class SearchSpace:
                 choices = getattr(b.group, key)
                 choice[key] = params.get(f"{b.prefix}.{key}", choices[0])
             for u in b.units:
-                spec = spec_from_choice(choice, u.shape, u.kind, self.token_ranking)
+                spec = spec_from_choice(choice, u.shape, u.kind, self.token_ranking, b.group.smooth)
                 if not spec.is_identity:
                     units[u.name] = spec
             for key in ("heads_kept", "neurons_kept"):
@@ -256,7 +259,8 @@ class SearchSpace:
             best, best_bytes = None, None
             for combo in itertools.product(*(getattr(b.group, k) for k in keys)):
                 choice = {k: getattr(b.group, k)[0] for k in UNIT_KEYS} | dict(zip(keys, combo))
-                total = sum(deployed_unit_bytes(self.adapter, u, u.shape, spec_from_choice(choice, u.shape, u.kind))
+                total = sum(deployed_unit_bytes(self.adapter, u, u.shape, spec_from_choice(choice, u.shape, u.kind,
+                                                                                     smooth=b.group.smooth))
                             for u in b.units)
                 if best_bytes is None or total < best_bytes:
                     best, best_bytes = combo, total

@@ -120,26 +120,26 @@ def test_dynamic_quantisation_rule() -> None:
     wq, s8 = ops.requantize_rows_int8(w, 127)
     assert torch.equal(wq[0], torch.tensor([51.0, -127.0, 25.0])) and torch.equal(wq[1], torch.zeros(3))
     assert np.isclose(float(s8[0]), 1.0 / 127.0)
-    wq7, s7 = ops.requantize_rows_int8(w, 63)  # 7-bit weights (x86 without VNNI)
-    assert torch.equal(wq7[0], torch.tensor([25.0, -63.0, 13.0])) and np.isclose(float(s7[0]), 1.0 / 63.0)
+    wq7, s7 = ops.requantize_rows_int8(w, 64)  # +-64 (x86 without VNNI)
+    assert torch.equal(wq7[0], torch.tensor([26.0, -64.0, 13.0])) and np.isclose(float(s7[0]), 1.0 / 64.0)
 
 
 def test_int8_weight_range_follows_the_cpu_and_the_override(monkeypatch: pytest.MonkeyPatch) -> None:
-    """127 on CPUs whose u8 x s8 GEMM accumulates exactly (VNNI/AMX, non-x86), 63 on AVX2 without VNNI (saturating
+    """127 on CPUs whose u8 x s8 GEMM accumulates exactly (VNNI/AMX, non-x86), 64 on AVX2 without VNNI (saturating
     int16 pairs); the environment variable overrides, and a bad value is a one-line error."""
     flags = open("/proc/cpuinfo").read().split("flags", 1)[1].split("\n", 1)[0].split() if \
         Path("/proc/cpuinfo").is_file() else []
     ops.int8_weight_qmax.cache_clear()
     try:
         monkeypatch.delenv(ops.INT8_QMAX_ENV, raising=False)
-        expected = 63 if "avx2" in flags and not {"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags) else 127
+        expected = 64 if "avx2" in flags and not {"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags) else 127
         assert ops.int8_weight_qmax() == expected
         ops.int8_weight_qmax.cache_clear()
-        monkeypatch.setenv(ops.INT8_QMAX_ENV, "63" if expected == 127 else "127")
-        assert ops.int8_weight_qmax() == 190 - expected
+        monkeypatch.setenv(ops.INT8_QMAX_ENV, "64" if expected == 127 else "127")
+        assert ops.int8_weight_qmax() == 191 - expected
         ops.int8_weight_qmax.cache_clear()
         monkeypatch.setenv(ops.INT8_QMAX_ENV, "100")
-        with pytest.raises(PlanError, match="SLIMFORMER_INT8_WEIGHT_QMAX must be 63 or 127"):
+        with pytest.raises(PlanError, match="SLIMFORMER_INT8_WEIGHT_QMAX must be 64 or 127"):
             ops.int8_weight_qmax()
     finally:
         ops.int8_weight_qmax.cache_clear()

@@ -55,6 +55,10 @@ def _plans(a: HFEncoderAdapter) -> dict[str, CompressionPlan]:
         "sparse 2:4 int4": CompressionPlan({n: UnitSpec(sparsity=0.5, pattern="2:4", bits=4, group_size=32)
                                             for n in linears}),
         "kernel int8": CompressionPlan({n: UnitSpec(bits=4, group_size=32, kernel="int8") for n in linears}),
+        "kernel int8 smoothed": CompressionPlan({n: UnitSpec(bits=4, group_size=32, kernel="int8", smooth=0.8)
+                                                 for n in linears}),
+        "kernel int8 rank 8 smoothed": CompressionPlan({n: UnitSpec(rank=8, bits=8, kernel="int8", smooth=0.5)
+                                                        for n in linears}),
     }
 
 

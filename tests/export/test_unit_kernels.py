@@ -90,7 +90,7 @@ def test_fast_override_lowers_every_quantised_unit(bert64, texts, tmp_path) -> N
 def test_torch_int8_linear_equals_onnxruntime_dynamic_quantize_matmul() -> None:
     """The kernel itself: ops.int8_linear and ORT's DynamicQuantizeMatMul (built by the exporter) agree to fp32
     rounding of the final rescale (measured: bit-equal on this CPU). The last case has an input channel 20x the
-    others: on x86 without VNNI that saturates ORT's int16 pair sums unless the weights are 7-bit
+    others: on x86 without VNNI that saturates ORT's int16 pair sums unless the weights are within ±64
     (ops.int8_weight_qmax), and then it agrees too."""
     rng = np.random.default_rng(0)
     for bits, group, (n, k), outlier in ((8, None, (48, 96), 1), (4, 32, (40, 96), 1), (4, None, (24, 80), 1),
