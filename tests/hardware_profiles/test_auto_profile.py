@@ -64,8 +64,11 @@ def test_cache_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_
 def test_auto_calibrates_a_foreign_profile_once_and_reuses_the_cache(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory,
         foreign_profile: Path) -> None:
+    import slimformer.hardware_profiles.profile as profile_mod
+
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.setattr(local_profile, "AUTO_GRID", TINY_GRID)  # a tiny grid: the calibration still runs for real
+    monkeypatch.setattr(profile_mod, "PROFILES_DIR", tmp_path / "none-shipped")  # as on a CPU we never calibrated
     model = tiny_model_dir(tmp_path_factory)
     lines, summary = _search(tmp_path, model, foreign_profile, "run1")
     said = [ln for ln in lines if "calibrat" in ln]
